@@ -1,0 +1,464 @@
+"""The reconciler: billing facts into the status table, deadlines on time,
+and release of resources (R10) only when it is certain.
+
+Any number of replicas may run. Ingest is shared through the sources (the
+stream's consumer group); deadline work and release are done by the holder
+of a Redis lease, and release is additionally fenced and compare-and-set on
+the account's fact sequence, so a paused or stale leader cannot commit it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from lcic_guard.checker import wall_clock
+from lcic_guard.facts import (
+    ApplicationRegistered,
+    Fact,
+    InvalidEvent,
+    Millis,
+    ResourcesReleased,
+    account_of,
+    app_of,
+    format_time,
+    parse_event_json,
+)
+from lcic_guard.policy import (
+    HOUR,
+    AppStatus,
+    PolicyConfig,
+    Reason,
+    Segment,
+    compute_account,
+)
+from lcic_guard.sources import BillingSource, Delivery
+from lcic_guard.store import Coordination, Outbox, Store, meta_key, status_key
+
+log = logging.getLogger(__name__)
+
+ANNOUNCED_FIELD = "announced"
+RELEASE_FIELD = "released"
+# An outbox older than this was left by a writer that died before announcing.
+STALE_OUTBOX_MS = 10_000
+RETRY_MS = 5_000
+ALREADY_RELEASED = "already released"
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcilerConfig:
+    batch_size: int = 500
+    block_ms: int = 500
+    lease_ttl_ms: int = 5_000
+    tick_ms: int = 250
+    release_margin_ms: int = HOUR
+    """R10: how far past ``release_at`` the feed must be confirmed read."""
+    release_dry_run: bool = False
+    """Report releases that fall due without performing them."""
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    parked: int = 0
+    accounts: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasePlan:
+    account_id: str
+    app_ids: tuple[str, ...]
+    release_at: Millis
+    eligible: bool
+    why: str
+
+
+def _state_key(seg: Segment) -> str:
+    return json.dumps([seg.state.value, [r.value for r in seg.reasons]], separators=(",", ":"))
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        policy: PolicyConfig,
+        config: ReconcilerConfig | None = None,
+        sources: Sequence[BillingSource] = (),
+        *,
+        clock: Callable[[], Millis] = wall_clock,
+        name: str | None = None,
+    ) -> None:
+        self.store = store
+        self.coord = Coordination(store)
+        self.policy = policy
+        self.config = config or ReconcilerConfig()
+        self.sources = list(sources)
+        self.clock = clock
+        self.name = name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.token = 0
+        self.releases_done: list[str] = []
+        self.releases_planned: list[ReleasePlan] = []
+
+    # -- ingest ---------------------------------------------------------------
+
+    async def ingest(self, deliveries: Sequence[Delivery]) -> IngestStats:
+        """Apply a batch of raw events. Durable in Redis when it returns; the
+        caller then acknowledges the deliveries."""
+        stats = IngestStats(received=len(deliveries))
+        by_account: dict[str, list[Fact]] = defaultdict(list)
+        parked_moved: dict[str, list[str]] = defaultdict(list)
+        for d in deliveries:
+            try:
+                fact = parse_event_json(d.raw)
+            except InvalidEvent as exc:
+                await self.store.dead_letter(d.raw, exc.reason, d.source)
+                stats.dead_lettered += 1
+                continue
+            if isinstance(fact, ApplicationRegistered):
+                owner, parked = await self.store.claim_app(fact.app_id, fact.account_id)
+                if owner != fact.account_id:
+                    await self.store.dead_letter(
+                        d.raw, f"app_id: already registered to account {owner}", d.source
+                    )
+                    stats.dead_lettered += 1
+                    continue
+                by_account[owner] += [fact, *parked]
+                parked_moved[fact.app_id] += [p.event_id for p in parked]
+                continue
+            account = account_of(fact)
+            if account is None:
+                app_id = app_of(fact) or ""
+                account = await self.store.route_app_fact(app_id, fact)
+                if account is None:
+                    # Kept, and applied when the app's registration arrives:
+                    # events may come in any order.
+                    await self.store.dead_letter(
+                        d.raw,
+                        f"app_id: unknown application {app_id} (parked until it is registered)",
+                        d.source,
+                    )
+                    stats.parked += 1
+                    continue
+            by_account[account].append(fact)
+        for account, facts in by_account.items():
+            res = await self.store.add_facts(account, facts)
+            stats.applied += res.added
+            stats.duplicates += len(facts) - res.added - len(res.conflicts)
+            for event_id in res.conflicts:
+                await self.store.dead_letter(
+                    json.dumps({"event_id": event_id}),
+                    "event_id: reused with different content (the first one is kept)",
+                    "reconciler",
+                )
+                stats.dead_lettered += 1
+            stats.accounts.add(account)
+        for app_id, ids in parked_moved.items():
+            await self.store.drop_parked(app_id, ids)
+        for account in sorted(stats.accounts):
+            unknown = await self.recompute(account)
+            if unknown:
+                stats.parked += len(by_account[account])
+        return stats
+
+    async def recompute(self, account_id: str) -> bool:
+        """Recompute and write every status of the account. Returns True if
+        the account has no registered application yet."""
+        seq, facts = await self.store.load_account(account_id)
+        statuses = compute_account(facts, self.policy)
+        now = self.clock()
+        for status in statuses.values():
+            status = AppStatus(
+                status.app_id, account_id, status.segments, version=seq, updated_at=now
+            )
+            result = await self.store.write_status(status)
+            if result.written:
+                await self.store.publish_change(status.app_id, seq)
+            await self.announce_change(status, now)
+            await self._schedule_app(status, now)
+        await self._schedule_release(account_id, statuses, now)
+        return not statuses
+
+    async def _schedule_app(self, status: AppStatus, now: Millis) -> None:
+        upcoming = status.upcoming(now)
+        member = f"app:{status.app_id}"
+        if upcoming:
+            await self.coord.schedule(member, upcoming[0].starts_at)
+        else:
+            await self.coord.unschedule(member)
+
+    async def _schedule_release(
+        self, account_id: str, statuses: dict[str, AppStatus], now: Millis
+    ) -> None:
+        if not statuses:
+            return
+        status = next(iter(statuses.values()))
+        member = f"release:{account_id}"
+        current = status.at(now)
+        if Reason.RESOURCES_RELEASED in current.reasons:
+            return  # the leader removes it once the release is announced
+        for seg in (current, *status.upcoming(now)):
+            if Reason.ACCOUNT_OVERDUE in seg.reasons and seg.release_at is not None:
+                await self.coord.schedule(member, seg.release_at + self.config.release_margin_ms)
+                return
+        await self.coord.unschedule(member)
+
+    # -- announcements ----------------------------------------------------------
+
+    async def announce_change(self, status: AppStatus, now: Millis) -> None:
+        """Announce the app's state at ``now`` if it differs from the last one
+        announced: claimed atomically, so racing replicas announce it once."""
+        key = status_key(status.app_id)
+        announced, outbox = await self.coord.cursor(key, ANNOUNCED_FIELD)
+        if outbox is not None and now - outbox.at >= STALE_OUTBOX_MS:
+            await self._flush(key, ANNOUNCED_FIELD, outbox)
+        seg = status.at(now)
+        new = _state_key(seg)
+        if new == announced:
+            return
+        old = json.loads(announced) if announced else [None, []]
+        at = seg.starts_at if seg.starts_at <= now else now
+        event = {
+            "type": "status_changed",
+            "announcement_id": f"{status.app_id}:{status.version}:{at}:{new}",
+            "occurred_at": format_time(at),
+            "app_id": status.app_id,
+            "account_id": status.account_id,
+            "old_state": old[0],
+            "old_reasons": old[1],
+            "new_state": seg.state.value,
+            "reasons": [r.value for r in seg.reasons],
+            "version": status.version,
+            "suspended_at": format_time(seg.suspended_at) if seg.suspended_at else None,
+            "grace_ends_at": format_time(seg.grace_ends_at) if seg.grace_ends_at else None,
+            "release_at": format_time(seg.release_at) if seg.release_at else None,
+        }
+        payload = json.dumps(event, sort_keys=True)
+        # A writer that dies between the claim and the stream leaves the
+        # outbox; this deadline makes the leader finish it.
+        await self.coord.schedule(f"app:{status.app_id}", now + STALE_OUTBOX_MS, only_earlier=True)
+        if await self.coord.claim(key, ANNOUNCED_FIELD, announced, new, payload, now):
+            await self.store.announce(event)
+            await self.coord.finish(key, ANNOUNCED_FIELD, payload)
+
+    async def _flush(self, key: str, cursor: str, outbox: Outbox) -> None:
+        """Finish an announcement a writer claimed but may not have made."""
+        event = json.loads(outbox.payload)
+        if not await self.coord.on_stream(event["announcement_id"], outbox.at - 1000):
+            await self.store.announce(event)
+        await self.coord.finish(key, cursor, outbox.payload)
+
+    # -- deadlines and release (leader only) -----------------------------------
+
+    async def run_deadlines(self, now: Millis | None = None) -> int:
+        """Process every deadline due at ``now``. Returns how many were."""
+        now = self.clock() if now is None else now
+        done = 0
+        for member, _due in await self.coord.due(now):
+            kind, _, ident = member.partition(":")
+            if kind == "app":
+                status, _ = await self.store.read_status(ident)
+                if status is None:
+                    await self.coord.unschedule(member)
+                    continue
+                await self.announce_change(status, now)
+                await self._schedule_app(status, now)
+            elif kind == "release":
+                await self.try_release(ident, now)
+            else:
+                await self.coord.unschedule(member)
+            done += 1
+        return done
+
+    async def watermark(self) -> Millis | None:
+        """The time before which every source's events are applied."""
+        # A fully applied file vouches only for the moment it was loaded; once
+        # a live feed exists, that feed alone bounds what may still arrive.
+        live = [s for s in self.sources if not getattr(s, "exhausted", False)]
+        if any(getattr(s, "exhausted", False) is False and hasattr(s, "exhausted") for s in live):
+            return None  # a file is still being applied
+        marks = [await s.watermark() for s in (live or self.sources)]
+        if not marks or any(m is None for m in marks):
+            return None
+        return min(m for m in marks if m is not None)
+
+    async def release_plan(self, account_id: str, now: Millis) -> tuple[ReleasePlan, int]:
+        """Whether the account's release (R10) could be done now, and the fact
+        sequence that judgement rests on."""
+        seq, facts = await self.store.load_account(account_id)
+        statuses = compute_account(facts, self.policy)
+        apps = tuple(sorted(statuses))
+
+        def plan(release_at: Millis, eligible: bool, why: str) -> tuple[ReleasePlan, int]:
+            return ReleasePlan(account_id, apps, release_at, eligible, why), seq
+
+        if not statuses:
+            return plan(0, False, "no registered application")
+        seg = statuses[apps[0]].at(now)
+        if Reason.RESOURCES_RELEASED in seg.reasons:
+            return plan(seg.release_at or 0, False, ALREADY_RELEASED)
+        if Reason.ACCOUNT_OVERDUE not in seg.reasons or seg.release_at is None:
+            return plan(0, False, "not suspended for overdue")
+        due = seg.release_at + self.config.release_margin_ms
+        if now < due:
+            return plan(seg.release_at, False, f"due at {format_time(due)}")
+        mark = await self.watermark()
+        if mark is None or mark < due:
+            seen = format_time(mark) if mark is not None else "unknown"
+            return plan(seg.release_at, False, f"billing feed confirmed read only up to {seen}")
+        return plan(seg.release_at, True, "due")
+
+    async def try_release(self, account_id: str, now: Millis) -> ReleasePlan:
+        """R10: release the account if, on the facts as they are now in Redis
+        and with the feed confirmed read past ``release_at``, it is due."""
+        member = f"release:{account_id}"
+        plan, seq = await self.release_plan(account_id, now)
+        if plan.why == ALREADY_RELEASED:
+            await self._announce_release(account_id, plan.app_ids, now)
+            await self.coord.unschedule(member)
+            return plan
+        if not plan.eligible:
+            if plan.release_at:
+                due = plan.release_at + self.config.release_margin_ms
+                await self.coord.schedule(member, max(now + RETRY_MS, due))
+            else:
+                await self.coord.unschedule(member)
+            return plan
+        if self.config.release_dry_run:
+            log.warning(
+                "dry run: would release account %s (apps %s), release_at %s",
+                account_id,
+                ",".join(plan.app_ids),
+                format_time(plan.release_at),
+            )
+            self.releases_planned.append(plan)
+            await self.coord.schedule(member, now + 60_000)
+            return plan
+        fact = ResourcesReleased(
+            event_id=f"lcic-guard:release:{account_id}:{plan.release_at}",
+            occurred_at=now,
+            account_id=account_id,
+        )
+        res = await self.coord.record_release(account_id, self.token, seq, fact)
+        if res == -1:
+            log.warning("release of %s refused: a newer leader holds the lease", account_id)
+            return plan
+        if res == -2:
+            # New facts arrived between the decision and the commit: decide again.
+            await self.coord.schedule(member, now)
+            return plan
+        log.warning("released account %s (apps %s)", account_id, ",".join(plan.app_ids))
+        await self.recompute(account_id)
+        await self._announce_release(account_id, plan.app_ids, now)
+        await self.coord.unschedule(member)
+        self.releases_done.append(account_id)
+        return plan
+
+    async def _announce_release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> None:
+        """Exactly once per account: claim in the account's meta hash, add to
+        the stream, clear the outbox; a leftover outbox is finished by checking
+        the stream first."""
+        key = meta_key(account_id)
+        cursor, outbox = await self.coord.cursor(key, RELEASE_FIELD)
+        if outbox is not None:
+            await self._flush(key, RELEASE_FIELD, outbox)
+            return
+        if cursor:
+            return
+        event = {
+            "type": "resources_released",
+            "announcement_id": f"release:{account_id}",
+            "occurred_at": format_time(now),
+            "account_id": account_id,
+            "app_ids": sorted(app_ids),
+        }
+        payload = json.dumps(event, sort_keys=True)
+        if await self.coord.claim(key, RELEASE_FIELD, "", "1", payload, now):
+            await self.store.announce(event)
+            await self.coord.finish(key, RELEASE_FIELD, payload)
+
+    async def plan_releases(self, now: Millis | None = None) -> list[ReleasePlan]:
+        """Every scheduled release and whether it could happen now (dry run)."""
+        now = self.clock() if now is None else now
+        out = []
+        for member, _ in await self.coord.scheduled("release:"):
+            plan, _ = await self.release_plan(member.partition(":")[2], now)
+            out.append(plan)
+        return out
+
+    # -- loops ----------------------------------------------------------------
+
+    async def ingest_source(self, source: BillingSource) -> IngestStats:
+        """One fetch-apply-ack round for one source."""
+        deliveries = await source.fetch(self.config.batch_size, self.config.block_ms)
+        if not deliveries:
+            return IngestStats()
+        stats = await self.ingest(deliveries)
+        await source.ack(deliveries)
+        return stats
+
+    async def drain(self, source: BillingSource) -> IngestStats:
+        """Apply everything a finite source holds (a snapshot file)."""
+        total = IngestStats()
+        while True:
+            stats = await self.ingest_source(source)
+            if stats.received == 0:
+                return total
+            total.received += stats.received
+            total.applied += stats.applied
+            total.dead_lettered += stats.dead_lettered
+
+    async def _source_loop(self, source: BillingSource, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.ingest_source(source)
+                if getattr(source, "exhausted", False):
+                    await asyncio.sleep(self.config.block_ms / 1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "ingest from %s failed (%s: %s); retrying", source.name, type(exc).__name__, exc
+                )
+                await asyncio.sleep(1.0)
+
+    async def _leader_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                now = self.clock()
+                await self.coord.heartbeat(now)
+                token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
+                if token and token != self.token:
+                    log.info("%s is now the leader (token %d)", self.name, token)
+                elif not token and self.token:
+                    log.info("%s lost the lead", self.name)
+                self.token = token
+                if token:
+                    await self.run_deadlines(now)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("deadline work failed (%s: %s); retrying", type(exc).__name__, exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.tick_ms / 1000)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [asyncio.create_task(self._source_loop(s, stop)) for s in self.sources]
+        tasks.append(asyncio.create_task(self._leader_loop(stop)))
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.coord.resign(self.name)

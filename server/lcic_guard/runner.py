@@ -1,0 +1,180 @@
+"""The runner: the one place that knows every concrete part and wires them.
+
+``serve`` runs the sidecar; ``reconcile`` runs the reconciler; without a
+Redis URL ``serve`` is the embedded default: a private redis-server, the
+reconciler fed with sample (or given) billing events, and the sidecar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from lcic_guard.checker import Checker, wall_clock
+from lcic_guard.embedded import EmbeddedRedis
+from lcic_guard.facts import Millis
+from lcic_guard.policy import Room, protected_until
+from lcic_guard.reconciler import Reconciler
+from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl
+from lcic_guard.settings import Settings
+from lcic_guard.sidecar import EnforcementServicer, RunningServer, TlsFiles, start_server
+from lcic_guard.sources import BillingSource, FileSource, StreamSource
+from lcic_guard.store import Store, connect
+
+log = logging.getLogger("lcic_guard")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@contextlib.asynccontextmanager
+async def redis_for(settings: Settings) -> AsyncIterator[tuple[str, EmbeddedRedis | None]]:
+    """The Redis URL to use, starting a private redis-server if none is given."""
+    if settings.redis_url:
+        yield settings.redis_url, None
+        return
+    embedded = EmbeddedRedis()
+    await asyncio.to_thread(embedded.start)
+    log.info("started a private redis-server on 127.0.0.1:%d", embedded.port)
+    try:
+        yield embedded.url, embedded
+    finally:
+        embedded.stop()
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def build_reconciler(
+    settings: Settings, store: Store, events: Path | None, *, clock: Callable[[], Millis]
+) -> Reconciler:
+    sources: list[BillingSource] = []
+    if events is not None:
+        sources.append(FileSource(events, clock_ms=store.server_time))
+    if settings.consume_stream:
+        sources.append(StreamSource(store.redis))
+    return Reconciler(store, settings.policy, settings.reconciler, sources, clock=clock)
+
+
+async def build_sidecar(
+    settings: Settings, store: Store, *, clock: Callable[[], Millis] = wall_clock
+) -> RunningServer:
+    checker = Checker(
+        store, settings.policy, read_timeout=settings.redis_timeout_ms / 1000, clock=clock
+    )
+    servicer = EnforcementServicer(checker, store)
+    tls = (
+        TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if (settings.tls_cert and settings.tls_key)
+        else None
+    )
+    return await start_server(servicer, settings.listen, tls=tls)
+
+
+async def _report_sample_rooms(store: Store, settings: Settings, now: Millis) -> None:
+    for app_id, room_id, start, end in SAMPLE_ROOMS:
+        room = Room(started_at=now + start, scheduled_end=now + end)
+        await store.report_room(
+            app_id,
+            room_id,
+            now=now,
+            until=protected_until(room, settings.policy),
+            started_at=room.started_at,
+            scheduled_end=room.scheduled_end,
+        )
+
+
+def _print_howto(port: int, embedded: bool) -> None:
+    host = f"127.0.0.1:{port}"
+    lines = [
+        "",
+        f"lcic-guard is serving on {host}"
+        + (" (embedded default: private Redis, sample billing data)" if embedded else ""),
+        "",
+    ]
+    if embedded:
+        lines.append("Sample applications:")
+        lines += [f"  {app:<14} {what}" for app, what in SAMPLE_APPS.items()]
+        lines.append("")
+    lines += [
+        "Try it from Python (in the project's virtual environment):",
+        "  from lcic_guard_client import GuardClient",
+        f"  with GuardClient('{host}') as guard:",
+        "      print(guard.can_create_classroom('app-grace'))",
+        "      print(guard.can_enter_classroom('app-quota', 'room-live'))",
+        "",
+        "or with the command line:",
+        f"  lcic-guard check create app-overdue --target {host}",
+        f"  lcic-guard check enter app-quota --room room-live --target {host}",
+        "",
+        "Press Ctrl-C to stop.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the sidecar (and, in the embedded default, Redis and the reconciler)."""
+    stop = stop or _stop_event()
+    async with redis_for(settings) as (url, embedded):
+        store = Store(connect(url))
+        reconciler_task = None
+        try:
+            if embedded is not None:
+                with tempfile.TemporaryDirectory(prefix="lcic-sample-") as tmp:
+                    events = settings.events
+                    if events is None:
+                        events = Path(tmp) / "sample-events.jsonl"
+                        await asyncio.to_thread(events.write_text, sample_jsonl(wall_clock()))
+                    reconciler = build_reconciler(settings, store, events, clock=wall_clock)
+                    await reconciler.drain(reconciler.sources[0])
+                if settings.events is None:
+                    await _report_sample_rooms(store, settings, wall_clock())
+                reconciler_task = asyncio.create_task(reconciler.run(stop))
+            running = await build_sidecar(settings, store)
+            _print_howto(running.port, embedded is not None)
+            if ready:
+                ready(running.port)
+            await stop.wait()
+            log.info("stopping: health NOT_SERVING, finishing in-flight calls")
+            await running.stop(grace=5.0)
+        finally:
+            stop.set()
+            if reconciler_task is not None:
+                await reconciler_task
+            await store.close()
+
+
+async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run the reconciler until stopped."""
+    stop = stop or _stop_event()
+    async with redis_for(settings) as (url, _embedded):
+        store = Store(connect(url, timeout=10.0))
+        try:
+            reconciler = build_reconciler(settings, store, settings.events, clock=wall_clock)
+            log.info("reconciler %s started", reconciler.name)
+            await reconciler.run(stop)
+        finally:
+            await store.close()

@@ -1,0 +1,265 @@
+"""One settings object, read from command-line flags and the environment.
+
+Every flag ``--some-flag`` can also be given as ``LCIC_GUARD_SOME_FLAG``; a
+flag on the command line wins over the environment, which wins over the
+default. Durations take a unit: ``500ms``, ``30s``, ``5m``, ``24h``, ``60d``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcic_guard.policy import DAY, HOUR, MINUTE, SECOND, Check, PolicyConfig
+from lcic_guard.reconciler import ReconcilerConfig
+
+ENV_PREFIX = "LCIC_GUARD_"
+_UNITS = {"ms": 1, "s": SECOND, "m": MINUTE, "h": HOUR, "d": DAY}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+
+
+def parse_duration(text: str) -> int:
+    """Parse a duration such as ``24h`` into milliseconds."""
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), e.g. 24h"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in ("open", "closed"):
+        raise argparse.ArgumentTypeError(f"invalid failure mode {text!r}: use open or closed")
+    return mode
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
+
+
+@dataclass
+class Settings:
+    """Everything a process of lcic-guard can be told."""
+
+    redis_url: str | None = None
+    listen: str = "127.0.0.1:50051"
+    redis_timeout_ms: int = 5
+    events: Path | None = None
+    log_level: str = "INFO"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
+    consume_stream: bool = True
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+
+
+class _EnvDefault(argparse.Action):
+    """Takes its default from LCIC_GUARD_<FLAG> when set (shown in --help)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        flag = option_strings[-1].lstrip("-")
+        env_value = _env(flag)
+        conv = kwargs.get("type") or str
+        if env_value is not None:
+            try:
+                kwargs["default"] = conv(env_value)
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise SystemExit(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}: {exc}") from None
+            kwargs["required"] = False
+        env_name = ENV_PREFIX + flag.upper().replace("-", "_")
+        kwargs["help"] = f"{kwargs.get('help', '')} [env {env_name}; default: %(default)s]"
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+
+
+def add_store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redis-url",
+        action=_EnvDefault,
+        default=None,
+        help="Redis to use (redis://, rediss://). Without it, a private "
+        "redis-server is started and stopped with the process",
+    )
+    p.add_argument(
+        "--log-level",
+        action=_EnvDefault,
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity",
+    )
+
+
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (SPEC rules)")
+    d = PolicyConfig()
+    g.add_argument(
+        "--grace",
+        action=_EnvDefault,
+        type=parse_duration,
+        default=d.grace_ms,
+        help="R1: grace after an overdue alert, in ms or with a unit",
+    )
+    g.add_argument(
+        "--release-after",
+        action=_EnvDefault,
+        type=parse_duration,
+        default=d.release_after_ms,
+        help="R10: overdue suspension length before release",
+    )
+    g.add_argument(
+        "--overrun",
+        action=_EnvDefault,
+        type=parse_duration,
+        default=d.overrun_ms,
+        help="R6: protection of a class past its scheduled end",
+    )
+    g.add_argument(
+        "--max-class",
+        action=_EnvDefault,
+        type=parse_duration,
+        default=d.max_class_ms,
+        help="R6: protection of a class with no scheduled end, from its start",
+    )
+    g.add_argument(
+        "--protect-when-banned",
+        action=_EnvDefault,
+        type=parse_bool,
+        default=False,
+        help="R6: keep classes in progress running after a compliance ban",
+    )
+    g.add_argument(
+        "--stale-bound",
+        action=_EnvDefault,
+        type=parse_duration,
+        default=d.stale_bound_ms,
+        help="R13: how old a last-seen status may be and still answer",
+    )
+    for check in Check:
+        g.add_argument(
+            f"--failure-mode-{check.value}",
+            action=_EnvDefault,
+            type=parse_mode,
+            default="open",
+            help=f"R13: answer to {check.value} checks when no usable status "
+            "exists (open = allow, closed = deny)",
+        )
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sidecar")
+    g.add_argument(
+        "--listen",
+        action=_EnvDefault,
+        default="127.0.0.1:50051",
+        help="gRPC listen address, HOST:PORT",
+    )
+    g.add_argument(
+        "--redis-timeout",
+        action=_EnvDefault,
+        type=parse_duration,
+        default=5,
+        help="R13: longest a check waits on Redis before answering without it",
+    )
+    g.add_argument(
+        "--tls-cert",
+        action=_EnvDefault,
+        default=None,
+        help="server certificate (PEM); with --tls-key enables TLS",
+    )
+    g.add_argument("--tls-key", action=_EnvDefault, default=None, help="server private key (PEM)")
+    g.add_argument(
+        "--tls-client-ca",
+        action=_EnvDefault,
+        default=None,
+        help="CA (PEM) that client certificates must chain to; enables mutual TLS",
+    )
+
+
+def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
+    g = p.add_argument_group("reconciler")
+    g.add_argument(
+        "--events",
+        action=_EnvDefault,
+        type=Path,
+        default=None,
+        help="file of billing events (one JSON object a line) applied at start"
+        + ("; without --redis-url, built-in sample data" if embedded else ""),
+    )
+    g.add_argument(
+        "--release-margin",
+        action=_EnvDefault,
+        type=parse_duration,
+        default=ReconcilerConfig().release_margin_ms,
+        help="R10: how far past release_at the feed must be confirmed read",
+    )
+    g.add_argument(
+        "--release-dry-run",
+        action=_EnvDefault,
+        type=parse_bool,
+        default=False,
+        help="log releases that fall due instead of performing them",
+    )
+    g.add_argument(
+        "--batch-size",
+        action=_EnvDefault,
+        type=int,
+        default=ReconcilerConfig().batch_size,
+        help="billing events applied per round",
+    )
+
+
+def settings_from(ns: argparse.Namespace) -> Settings:
+    """Build :class:`Settings` from parsed flags (absent groups keep defaults)."""
+    s = Settings()
+    get = ns.__dict__.get
+    s.redis_url = get("redis_url")
+    s.log_level = get("log_level") or "INFO"
+    if get("grace") is not None:
+        fail_open = frozenset(c for c in Check if get(f"failure_mode_{c.value}", "open") == "open")
+        s.policy = PolicyConfig(
+            grace_ms=ns.grace,
+            release_after_ms=ns.release_after,
+            overrun_ms=ns.overrun,
+            max_class_ms=ns.max_class,
+            protect_when_banned=ns.protect_when_banned,
+            stale_bound_ms=ns.stale_bound,
+            fail_open=fail_open,
+        )
+    if get("listen") is not None:
+        s.listen = ns.listen
+        s.redis_timeout_ms = ns.redis_timeout
+        s.tls_cert, s.tls_key, s.tls_client_ca = ns.tls_cert, ns.tls_key, ns.tls_client_ca
+        if bool(s.tls_cert) != bool(s.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+    if get("release_margin") is not None:
+        s.events = ns.events
+        s.reconciler = ReconcilerConfig(
+            batch_size=ns.batch_size,
+            release_margin_ms=ns.release_margin,
+            release_dry_run=ns.release_dry_run,
+        )
+    return s
