@@ -23,6 +23,7 @@ from lcic.guard.v1.enforcement_pb2 import (
     DecisionReason,
 )
 
+from lcic_guard_client._cached import CachedGuardClient
 from lcic_guard_client._client import (
     DEFAULT_TIMEOUT,
     AsyncGuardClient,
@@ -41,6 +42,7 @@ __all__ = [
     "ApplicationState",
     "ApplicationStatus",
     "AsyncGuardClient",
+    "CachedGuardClient",
     "Check",
     "ClassroomRole",
     "Decision",

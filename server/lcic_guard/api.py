@@ -16,7 +16,17 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard.checker import CheckRequest
 from lcic_guard.facts import MAX_TIME, MIN_TIME, Millis, valid_id
-from lcic_guard.policy import AppStatus, Check, Decision, Reason, Segment, State, explain
+from lcic_guard.policy import (
+    AppStatus,
+    Check,
+    Decision,
+    PolicyConfig,
+    Reason,
+    Segment,
+    State,
+    decide,
+    explain,
+)
 
 MAX_BATCH: Final = 1000
 MAX_WATCH_IDS: Final = 1000
@@ -182,3 +192,31 @@ def status_to_pb(status: AppStatus, now: Millis, *, degraded: bool = False) -> p
     _set_time(out, "release_at", seg.release_at)
     _set_time(out, "updated_at", status.updated_at or None)
     return out
+
+
+def schedule_to_pb(
+    status: AppStatus, now: Millis, cfg: PolicyConfig
+) -> list[pb.ScheduledDecisions]:
+    """The decisions of every segment from the one in force at ``now`` on."""
+    out = []
+    current = status.at(now)
+    for seg in status.segments:
+        if seg.starts_at < current.starts_at:
+            continue
+        at = max(seg.starts_at, now) if seg is current else seg.starts_at
+        entry = pb.ScheduledDecisions(
+            create_classroom=decision_to_pb(decide(Check.CREATE_CLASSROOM, status, at, cfg)),
+            enter_classroom=decision_to_pb(decide(Check.ENTER_CLASSROOM, status, at, cfg)),
+            access_recording=decision_to_pb(decide(Check.ACCESS_RECORDING, status, at, cfg)),
+        )
+        entry.starts_at.FromMilliseconds(seg.starts_at)
+        out.append(entry)
+    return out
+
+
+def watch_response(
+    status: AppStatus, now: Millis, cfg: PolicyConfig
+) -> pb.WatchApplicationStatusResponse:
+    return pb.WatchApplicationStatusResponse(
+        status=status_to_pb(status, now), schedule=schedule_to_pb(status, now, cfg)
+    )

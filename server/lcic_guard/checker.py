@@ -1,5 +1,5 @@
-"""Answers checks: reads statuses, never waits on the store for long, and
-falls back on what it last saw when the store is in trouble (R13).
+"""Answers checks: from the cache when it is fresh, else from Redis within a
+sub-deadline, else from what was last seen (R13).
 
 Knows nothing of gRPC. The store is anything with the two read methods of
 :class:`StatusReader`, so a unit test can hand it a small fake.
@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol
 
+from lcic_guard.cache import CircuitBreaker, Entry, StatusCache
 from lcic_guard.facts import Millis
 from lcic_guard.policy import (
     AppStatus,
@@ -24,12 +24,10 @@ from lcic_guard.policy import (
     Room,
     decide,
     decide_without_store,
+    r4_r5_allowed,
 )
 
 log = logging.getLogger(__name__)
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 
 def wall_clock() -> Millis:
@@ -46,34 +44,6 @@ class StatusReader(Protocol):
     ) -> list[tuple[AppStatus | None, Room | None]]: ...
 
 
-class LRU(Generic[K, V]):
-    """A bounded mapping that forgets the least recently used entry."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
-        self.capacity = capacity
-        self._data: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        if len(self._data) > self.capacity:
-            self._data.popitem(last=False)
-
-    def pop(self, key: K) -> None:
-        self._data.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 @dataclass(frozen=True, slots=True)
 class CheckRequest:
     check: Check
@@ -81,18 +51,13 @@ class CheckRequest:
     room_id: str | None = None
 
 
-@dataclass(slots=True)
-class _Seen:
-    status: AppStatus | None
-    seen_at: Millis
-
-
 class Checker:
     """Turns check requests into decisions.
 
-    Each read of the store is bounded by ``read_timeout`` seconds; when it
-    fails or times out the decision comes from the last status seen for the
-    application (:func:`decide_without_store`).
+    A check is answered from the cache when its entry is fresh (no Redis
+    call). Otherwise Redis is read, bounded by ``read_timeout`` seconds and
+    skipped while the circuit breaker is open; when that fails the decision
+    comes from the last status seen (:func:`decide_without_store`).
     """
 
     def __init__(
@@ -102,68 +67,111 @@ class Checker:
         *,
         read_timeout: float = 0.005,
         clock: Callable[[], Millis] = wall_clock,
-        remember: int = 100_000,
+        cache: StatusCache | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.reader = reader
         self.cfg = cfg
         self.read_timeout = read_timeout
         self.clock = clock
-        self._seen: LRU[str, _Seen] = LRU(remember)
-        self._rooms: LRU[tuple[str, str], Room] = LRU(remember)
+        self.cache = cache if cache is not None else StatusCache(100_000, max_age_ms=60_000)
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.store_errors = 0
 
-    def remember_room(self, app_id: str, room_id: str, room: Room) -> None:
-        self._rooms.put((app_id, room_id), room)
-
-    async def check(self, req: CheckRequest) -> Decision:
-        room_id = req.room_id if req.check is Check.ENTER_CLASSROOM else None
-        try:
-            status, room = await asyncio.wait_for(
-                self.reader.read_status(req.app_id, room_id), self.read_timeout
-            )
-        except Exception as exc:  # any store fault: R13, never an RPC error
-            self._note_error(exc)
-            return self._fallback(req)
-        return self._answer(req, status, room)
-
-    async def check_many(self, reqs: Sequence[CheckRequest]) -> list[Decision]:
-        keys = [(r.app_id, r.room_id if r.check is Check.ENTER_CLASSROOM else None) for r in reqs]
-        try:
-            rows = await asyncio.wait_for(self.reader.read_statuses(keys), self.read_timeout)
-        except Exception as exc:
-            self._note_error(exc)
-            return [self._fallback(r) for r in reqs]
-        return [self._answer(r, s, room) for r, (s, room) in zip(reqs, rows, strict=True)]
-
-    def _answer(self, req: CheckRequest, status: AppStatus | None, room: Room | None) -> Decision:
-        now = self.clock()
-        self._seen.put(req.app_id, _Seen(status, now))
-        if room is not None and req.room_id:
-            self._rooms.put((req.app_id, req.room_id), room)
+    def _from_cache(self, req: CheckRequest, now: Millis) -> Decision | None:
+        entry = self.cache.get(req.app_id)
+        if entry is None or not self.cache.is_fresh(entry, now):
+            return None
+        status = entry.status
+        room: Room | None = None
+        if (
+            req.check is Check.ENTER_CLASSROOM
+            and status is not None
+            and not r4_r5_allowed(status.at(now))
+        ):
+            # Only a suspension makes the room matter (R6).
+            if entry.rooms is None or req.room_id not in entry.rooms:
+                return None
+            room = entry.rooms[req.room_id or ""]
+        self.cache.hits += 1
         return decide(req.check, status, now, self.cfg, room)
 
-    def _fallback(self, req: CheckRequest) -> Decision:
+    def _room_key(self, req: CheckRequest) -> str | None:
+        return req.room_id if req.check is Check.ENTER_CLASSROOM else None
+
+    async def check(self, req: CheckRequest) -> Decision:
         now = self.clock()
-        seen = self._seen.get(req.app_id)
-        room = self._rooms.get((req.app_id, req.room_id)) if req.room_id else None
-        if (
-            seen is not None
-            and seen.status is None
-            and now - seen.seen_at <= self.cfg.stale_bound_ms
-        ):
+        cached = self._from_cache(req, now)
+        if cached is not None:
+            return cached
+        self.cache.misses += 1
+        if not self.breaker.allows(now):
+            return self._fallback(req, now)
+        try:
+            status, room = await asyncio.wait_for(
+                self.reader.read_status(req.app_id, self._room_key(req)), self.read_timeout
+            )
+        except Exception as exc:  # any store fault: R13, never an RPC error
+            self._note_error(exc, now)
+            return self._fallback(req, now)
+        self.breaker.success()
+        return self._answer(req, status, room, self.clock())
+
+    async def check_many(self, reqs: Sequence[CheckRequest]) -> list[Decision]:
+        """One pass over the cache; the misses in one pipelined read."""
+        now = self.clock()
+        out: list[Decision | None] = [self._from_cache(r, now) for r in reqs]
+        missing = [i for i, d in enumerate(out) if d is None]
+        if missing:
+            self.cache.misses += len(missing)
+            rows: list[tuple[AppStatus | None, Room | None]] | None = None
+            if self.breaker.allows(now):
+                keys = [(reqs[i].app_id, self._room_key(reqs[i])) for i in missing]
+                try:
+                    rows = await asyncio.wait_for(
+                        self.reader.read_statuses(keys), self.read_timeout
+                    )
+                    self.breaker.success()
+                except Exception as exc:
+                    self._note_error(exc, now)
+            now = self.clock()
+            for n, i in enumerate(missing):
+                if rows is None:
+                    out[i] = self._fallback(reqs[i], now)
+                else:
+                    status, room = rows[n]
+                    out[i] = self._answer(reqs[i], status, room, now)
+        return [d for d in out if d is not None]
+
+    def _answer(
+        self, req: CheckRequest, status: AppStatus | None, room: Room | None, now: Millis
+    ) -> Decision:
+        self.cache.put(req.app_id, status, now)
+        room_id = self._room_key(req)
+        if room_id is not None:
+            self.cache.put_room(req.app_id, room_id, room)
+        return decide(req.check, status, now, self.cfg, room)
+
+    def _fallback(self, req: CheckRequest, now: Millis) -> Decision:
+        entry: Entry | None = self.cache.get(req.app_id)
+        if entry is None:
+            return decide_without_store(req.check, None, None, now, self.cfg)
+        seen_at = self.cache.last_confirmed(entry)
+        room = None
+        if req.room_id and entry.rooms is not None:
+            room = entry.rooms.get(req.room_id)
+        if entry.status is None and now - seen_at <= self.cfg.stale_bound_ms:
             # Known to be unknown: still R12, but say the answer is not fresh.
             return decide(req.check, None, now, self.cfg, degraded=True)
-        return decide_without_store(
-            req.check,
-            seen.status if seen else None,
-            seen.seen_at if seen else None,
-            now,
-            self.cfg,
-            room,
-        )
+        return decide_without_store(req.check, entry.status, seen_at, now, self.cfg, room)
 
-    def _note_error(self, exc: BaseException) -> None:
+    def remember_room(self, app_id: str, room_id: str, room: Room | None) -> None:
+        """A report went through this sidecar: the room is read again on use."""
+        self.cache.forget_room(app_id, room_id)
+
+    def _note_error(self, exc: BaseException, now: Millis) -> None:
         self.store_errors += 1
+        self.breaker.failure(now)
         if self.store_errors == 1 or self.store_errors % 1000 == 0:
             log.warning(
                 "status store unavailable (%s: %s); answering per R13 (errors so far: %d)",

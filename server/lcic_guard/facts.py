@@ -247,7 +247,9 @@ def parse_event_json(text: str | bytes, *, allow_internal: bool = False) -> Fact
     """Decode and validate one event from its JSON text."""
     try:
         raw = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: nesting too deep to decode; it must be dead-lettered
+        # like any other bad event, not escape as a crash of the batch.
         raise InvalidEvent(f"event: not valid JSON ({exc.__class__.__name__})") from None
     return parse_event(raw, allow_internal=allow_internal)
 

@@ -180,9 +180,10 @@ class Reconciler:
             status = AppStatus(
                 status.app_id, account_id, status.segments, version=seq, updated_at=now
             )
-            result = await self.store.write_status(status)
-            if result.written:
-                await self.store.publish_change(status.app_id, seq)
+            await self.store.write_status(status)
+            # Published even when the write was a no-op: a replica that died
+            # between its write and this notice is covered by the redelivery.
+            await self.store.publish_change(status)
             await self.announce_change(status, now)
             await self._schedule_app(status, now)
         await self._schedule_release(account_id, statuses, now)

@@ -10,20 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from lcic_guard.cache import ChangeFeedReader, StatusCache
 from lcic_guard.checker import Checker, wall_clock
-from lcic_guard.embedded import EmbeddedRedis
+from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.facts import Millis
 from lcic_guard.policy import Room, protected_until
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl
 from lcic_guard.settings import Settings
-from lcic_guard.sidecar import EnforcementServicer, RunningServer, TlsFiles, start_server
+from lcic_guard.sidecar import (
+    EnforcementServicer,
+    RunningServer,
+    TlsFiles,
+    Watchers,
+    start_server,
+)
 from lcic_guard.sources import BillingSource, FileSource, StreamSource
 from lcic_guard.store import Store, connect
 
@@ -73,19 +84,89 @@ def build_reconciler(
     return Reconciler(store, settings.policy, settings.reconciler, sources, clock=clock)
 
 
+@dataclass
+class Sidecar:
+    """A running sidecar process's parts, stopped together."""
+
+    server: RunningServer
+    checker: Checker
+    feed: ChangeFeedReader
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+        await self.feed.stop()
+
+
 async def build_sidecar(
     settings: Settings, store: Store, *, clock: Callable[[], Millis] = wall_clock
-) -> RunningServer:
+) -> Sidecar:
+    """The sidecar: cache, change-feed reader, checker, gRPC server."""
+    cache = StatusCache(settings.cache_size, settings.cache_max_age_ms)
     checker = Checker(
-        store, settings.policy, read_timeout=settings.redis_timeout_ms / 1000, clock=clock
+        store,
+        settings.policy,
+        read_timeout=settings.redis_timeout_ms / 1000,
+        clock=clock,
+        cache=cache,
     )
-    servicer = EnforcementServicer(checker, store)
+    watchers = Watchers()
+    feed = ChangeFeedReader(store, cache, clock, on_change=watchers.publish)
+    feed.start()
+    servicer = EnforcementServicer(checker, store, watchers=watchers)
     tls = (
         TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         if (settings.tls_cert and settings.tls_key)
         else None
     )
-    return await start_server(servicer, settings.listen, tls=tls)
+    server = await start_server(servicer, settings.listen, tls=tls)
+    return Sidecar(server, checker, feed)
+
+
+def _worker_main(settings: Settings) -> None:
+    """Entry point of one serving process of ``--workers N``."""
+    configure_logging(settings.log_level)
+
+    async def work() -> None:
+        stop = _stop_event()
+        store = Store(connect(settings.redis_url or ""))
+        try:
+            sidecar = await build_sidecar(settings, store)
+            await stop.wait()
+            await sidecar.stop()
+        finally:
+            await store.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(work())
+
+
+def _start_workers(settings: Settings, url: str) -> tuple[list[BaseProcess], int]:
+    host, _, port_text = settings.listen.rpartition(":")
+    port = int(port_text) or free_port()
+    worker_settings = replace(settings, redis_url=url, listen=f"{host}:{port}")
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[BaseProcess] = []
+    for n in range(settings.workers):
+        proc = ctx.Process(target=_worker_main, args=(worker_settings,), name=f"lcic-guard-{n}")
+        proc.start()
+        procs.append(proc)
+    return procs, port
+
+
+async def _wait_listening(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"workers did not listen on port {port} within {timeout}s")
 
 
 async def _report_sample_rooms(store: Store, settings: Settings, now: Millis) -> None:
@@ -153,13 +234,27 @@ async def serve(
                 if settings.events is None:
                     await _report_sample_rooms(store, settings, wall_clock())
                 reconciler_task = asyncio.create_task(reconciler.run(stop))
-            running = await build_sidecar(settings, store)
-            _print_howto(running.port, embedded is not None)
-            if ready:
-                ready(running.port)
-            await stop.wait()
-            log.info("stopping: health NOT_SERVING, finishing in-flight calls")
-            await running.stop(grace=5.0)
+            if settings.workers > 1:
+                procs, port = _start_workers(settings, url)
+                try:
+                    await _wait_listening(port)
+                    _print_howto(port, embedded is not None)
+                    if ready:
+                        ready(port)
+                    await stop.wait()
+                finally:
+                    for proc in procs:
+                        proc.terminate()  # SIGTERM: each drains like a single process
+                    for proc in procs:
+                        await asyncio.to_thread(proc.join, 10)
+            else:
+                sidecar = await build_sidecar(settings, store)
+                _print_howto(sidecar.port, embedded is not None)
+                if ready:
+                    ready(sidecar.port)
+                await stop.wait()
+                log.info("stopping: health NOT_SERVING, finishing in-flight calls")
+                await sidecar.stop(grace=5.0)
         finally:
             stop.set()
             if reconciler_task is not None:

@@ -60,6 +60,9 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    cache_size: int = 1_000_000
+    cache_max_age_ms: int = 60_000
+    workers: int = 1
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
     consume_stream: bool = True
@@ -185,6 +188,28 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="R13: longest a check waits on Redis before answering without it",
     )
     g.add_argument(
+        "--cache-size",
+        action=_EnvDefault,
+        type=int,
+        default=1_000_000,
+        help="applications kept in each process's status cache (LRU)",
+    )
+    g.add_argument(
+        "--cache-max-age",
+        action=_EnvDefault,
+        type=parse_duration,
+        default=60_000,
+        help="longest a cached status is used before it is read again, even with the "
+        "change feed healthy",
+    )
+    g.add_argument(
+        "--workers",
+        action=_EnvDefault,
+        type=int,
+        default=1,
+        help="serving processes sharing the listen port (SO_REUSEPORT)",
+    )
+    g.add_argument(
         "--tls-cert",
         action=_EnvDefault,
         default=None,
@@ -252,6 +277,9 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     if get("listen") is not None:
         s.listen = ns.listen
         s.redis_timeout_ms = ns.redis_timeout
+        s.cache_size, s.cache_max_age_ms, s.workers = ns.cache_size, ns.cache_max_age, ns.workers
+        if s.workers < 1 or s.cache_size < 1:
+            raise SystemExit("--workers and --cache-size must be at least 1")
         s.tls_cert, s.tls_key, s.tls_client_ca = ns.tls_cert, ns.tls_key, ns.tls_client_ca
         if bool(s.tls_cert) != bool(s.tls_key):
             raise SystemExit("--tls-cert and --tls-key go together")

@@ -22,7 +22,7 @@ from lcic_guard import api
 from lcic_guard.api import BadRequest
 from lcic_guard.checker import Checker
 from lcic_guard.facts import Millis
-from lcic_guard.policy import Room, protected_until
+from lcic_guard.policy import AppStatus, Room, protected_until
 from lcic_guard.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,18 @@ async def _invalid(context: grpc.aio.ServicerContext, exc: BadRequest) -> NoRetu
 class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
     """EnforcementService over a :class:`Checker` and the :class:`Store`."""
 
-    def __init__(self, checker: Checker, store: Store, *, write_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        checker: Checker,
+        store: Store,
+        *,
+        write_timeout: float = 1.0,
+        watchers: Watchers | None = None,
+    ) -> None:
         self.checker = checker
         self.store = store
         self.write_timeout = write_timeout
+        self.watchers = watchers
 
     @property
     def clock(self) -> Callable[[], Millis]:
@@ -167,11 +175,75 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.WatchApplicationStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchApplicationStatusResponse]:
         try:
-            api.watch_ids(request)
+            ids = api.watch_ids(request)
         except BadRequest as exc:
             await _invalid(context, exc)
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "WatchApplicationStatus: not yet")
-        yield pb.WatchApplicationStatusResponse()  # pragma: no cover
+        if self.watchers is None:
+            await _abort(
+                context,
+                grpc.StatusCode.UNIMPLEMENTED,
+                "this sidecar does not follow the change feed",
+            )
+        queue = self.watchers.subscribe(ids)
+        try:
+            if ids:
+                try:
+                    rows = await asyncio.wait_for(
+                        self.store.read_statuses([(a, None) for a in ids]), self.write_timeout
+                    )
+                except Exception:
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
+                now = self.clock()
+                for status, _ in rows:
+                    if status is not None:
+                        yield api.watch_response(status, now, self.checker.cfg)
+            while True:
+                try:
+                    status = await asyncio.wait_for(queue.get(), self.watchers.heartbeat_s)
+                except TimeoutError:
+                    if self.checker.cache.feed_healthy:
+                        yield pb.WatchApplicationStatusResponse()
+                    continue
+                if status is None:  # the watcher fell too far behind
+                    await _abort(
+                        context, grpc.StatusCode.RESOURCE_EXHAUSTED, "watcher too slow; watch again"
+                    )
+                yield api.watch_response(status, self.clock(), self.checker.cfg)
+        finally:
+            self.watchers.unsubscribe(queue)
+
+
+class Watchers:
+    """Fans the change feed out to WatchApplicationStatus streams."""
+
+    def __init__(self, *, queue_size: int = 10_000, heartbeat_s: float = 1.0) -> None:
+        self.queue_size = queue_size
+        self.heartbeat_s = heartbeat_s
+        self._subs: dict[asyncio.Queue[AppStatus | None], frozenset[str] | None] = {}
+
+    def subscribe(self, app_ids: list[str]) -> asyncio.Queue[AppStatus | None]:
+        queue: asyncio.Queue[AppStatus | None] = asyncio.Queue(self.queue_size + 1)
+        self._subs[queue] = frozenset(app_ids) if app_ids else None
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[AppStatus | None]) -> None:
+        self._subs.pop(queue, None)
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def publish(self, app_id: str, status: AppStatus | None) -> None:
+        if status is None:
+            return
+        for queue, ids in list(self._subs.items()):
+            if ids is not None and app_id not in ids:
+                continue
+            if queue.qsize() >= self.queue_size:
+                # Never block the feed on one slow watcher: end its stream.
+                queue.put_nowait(None)
+                self._subs.pop(queue, None)
+            else:
+                queue.put_nowait(status)
 
 
 @dataclass
@@ -216,6 +288,46 @@ class RunningServer:
         await self.server.stop(grace)
 
 
+def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
+    """Register EnforcementService like the generated ``add_..._to_server``,
+    except that bytes which do not parse as the request message are answered
+    INVALID_ARGUMENT (grpc.aio alone answers UNKNOWN, naming a Python class)."""
+
+    def parsing(
+        impl: Callable[..., Any], parse: Callable[[bytes], Any], streaming: bool
+    ) -> Callable[..., Any]:
+        async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return parse(raw)
+            except Exception as exc:
+                await _abort(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed message: {exc}"
+                )
+
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await impl(await request(raw, context), context)
+
+        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for item in impl(await request(raw, context), context):
+                yield item
+
+        return stream if streaming else unary
+
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["EnforcementService"].methods:
+        parse = getattr(pb, method.input_type.name).FromString
+        serialize = getattr(pb, method.output_type.name).SerializeToString
+        impl = parsing(getattr(servicer, method.name), parse, method.server_streaming)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(impl, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 async def start_server(
     servicer: EnforcementServicer,
     listen: str,
@@ -227,7 +339,7 @@ async def start_server(
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 1), *(options or [])],
     )
-    pb_grpc.add_EnforcementServiceServicer_to_server(servicer, server)
+    add_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -29,6 +29,7 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from lcic_guard.facts import Fact, InvalidEvent, Millis, parse_event_json, to_json
 from lcic_guard.policy import AppStatus, Reason, Room, Segment
@@ -38,7 +39,10 @@ RedisClient = Redis | RedisCluster
 BILLING_STREAM: Final = "lcic:billing:events"
 GUARD_STREAM: Final = "lcic:guard:events"
 DEAD_LETTER_STREAM: Final = "lcic:guard:deadletter"
-CHANGES_CHANNEL: Final = "lcic:guard:changes"
+CHANGES_STREAM: Final = "lcic:guard:changes"
+# The change feed keeps about this many entries; a sidecar that falls
+# further behind re-reads everything it caches.
+CHANGES_MAXLEN: Final = 100_000
 DEADLINES: Final = "lcic:guard:deadlines"
 HEARTBEAT: Final = "lcic:guard:heartbeat"
 
@@ -263,6 +267,21 @@ return 1
 ROOM_PRUNE_THRESHOLD: Final = 64
 
 
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change feed: a new status, or a room report."""
+
+    entry_id: str
+    app_id: str
+    status: AppStatus | None
+    room_id: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class AddResult:
     seq: int
@@ -421,10 +440,71 @@ class Store:
 
     # -- feeds --------------------------------------------------------------
 
-    async def publish_change(self, app_id: str, version: int) -> None:
-        await self.redis.publish(
-            CHANGES_CHANNEL, json.dumps({"app_id": app_id, "version": version})
+    async def publish_change(self, status: AppStatus) -> None:
+        """Tell every sidecar that an application's status changed (the new
+        record travels with the notice, so no read is needed to apply it)."""
+        await self.redis.xadd(
+            CHANGES_STREAM,
+            {
+                "app": status.app_id,
+                "v": status.version,
+                "account": status.account_id,
+                "data": encode_segments(status.segments),
+                "updated_at": status.updated_at,
+            },
+            maxlen=CHANGES_MAXLEN,
+            approximate=True,
         )
+
+    async def publish_room(self, app_id: str, room_id: str) -> None:
+        """Tell every sidecar that a classroom report changed a room."""
+        await self.redis.xadd(
+            CHANGES_STREAM,
+            {"app": app_id, "room": room_id},
+            maxlen=CHANGES_MAXLEN,
+            approximate=True,
+        )
+
+    async def changes_tail(self) -> str:
+        """The id of the newest change, where a new reader starts."""
+        rows: Any = await self.redis.xrevrange(CHANGES_STREAM, count=1)
+        return (_text(rows[0][0]) or "0-0") if rows else "0-0"
+
+    async def read_changes(self, after: str, block_ms: int, count: int = 1000) -> list[Change]:
+        """Changes after ``after``, waiting up to ``block_ms`` for the first."""
+        rows: Any = await self.redis.xread({CHANGES_STREAM: after}, count=count, block=block_ms)
+        entries = rows[0][1] if rows else []
+        out = []
+        for entry_id, fields in entries:
+            f = {_text(k): v for k, v in fields.items()}
+            app_id = _text(f.get("app")) or ""
+            room = _text(f.get("room"))
+            status = None
+            if room is None and f.get("data") is not None:
+                status = AppStatus(
+                    app_id,
+                    _text(f.get("account")) or "",
+                    decode_segments(f["data"]),
+                    int(f.get("v") or 0),
+                    int(f.get("updated_at") or 0),
+                )
+            out.append(Change(_text(entry_id) or "", app_id, status, room))
+        return out
+
+    async def feed_gap(self, after: str) -> bool:
+        """True if changes newer than ``after`` were trimmed from the feed
+        (a reader resuming from ``after`` would miss them)."""
+        try:
+            info: Any = await self.redis.xinfo_stream(CHANGES_STREAM)
+        except ResponseError:
+            return False  # no feed yet: nothing was missed
+        # Trimming removes the oldest entries: if the entry we stopped at is
+        # gone, newer ones may be gone too, so count that as a gap.
+        deleted = _text(info.get("max-deleted-entry-id")) or "0-0"
+        first = info.get("first-entry")
+        first_id = _text(first[0]) if first else None
+        trimmed = first_id is not None and _id_tuple(first_id) > _id_tuple(after)
+        return trimmed or _id_tuple(deleted) > _id_tuple(after)
 
     async def announce(self, event: dict[str, Any], stream: str = GUARD_STREAM) -> str:
         entry_id = await self.redis.xadd(stream, {"event": json.dumps(event, sort_keys=True)})

@@ -819,24 +819,82 @@ Global___WatchApplicationStatusRequest: _TypeAlias = WatchApplicationStatusReque
 
 @_typing.final
 class WatchApplicationStatusResponse(_message.Message):
-    """WatchApplicationStatusResponse carries one status as it is now."""
+    """WatchApplicationStatusResponse carries one status as it is now, or is a
+    heartbeat (no status) saying the sidecar's view is still current.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def status(self) -> Global___ApplicationStatus:
-        """The status."""
+        """The status; unset in a heartbeat."""
+
+    @_builtins.property
+    def schedule(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduledDecisions]:
+        """The answers checks of this application get from each known time on, if
+        no new billing fact arrives: a watcher can answer locally from the
+        entry in force. The enter-classroom decision is for a classroom not
+        protected by an earlier start; when it denies, ask the sidecar.
+        """
 
     def __init__(
         self,
         *,
         status: Global___ApplicationStatus | None = ...,
+        schedule: _abc.Iterable[Global___ScheduledDecisions] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchApplicationStatusResponse: _TypeAlias = WatchApplicationStatusResponse  # noqa: Y015
+
+@_typing.final
+class ScheduledDecisions(_message.Message):
+    """ScheduledDecisions are the decisions in force from `starts_at` until the
+    next entry's `starts_at`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTS_AT_FIELD_NUMBER: _builtins.int
+    CREATE_CLASSROOM_FIELD_NUMBER: _builtins.int
+    ENTER_CLASSROOM_FIELD_NUMBER: _builtins.int
+    ACCESS_RECORDING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def starts_at(self) -> _timestamp_pb2.Timestamp:
+        """When these decisions take effect."""
+
+    @_builtins.property
+    def create_classroom(self) -> Global___Decision:
+        """The answer to CanCreateClassroom."""
+
+    @_builtins.property
+    def enter_classroom(self) -> Global___Decision:
+        """The answer to CanEnterClassroom for a classroom not reported started
+        before the suspension.
+        """
+
+    @_builtins.property
+    def access_recording(self) -> Global___Decision:
+        """The answer to CanAccessRecording."""
+
+    def __init__(
+        self,
+        *,
+        starts_at: _timestamp_pb2.Timestamp | None = ...,
+        create_classroom: Global___Decision | None = ...,
+        enter_classroom: Global___Decision | None = ...,
+        access_recording: Global___Decision | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom", "starts_at", b"starts_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom", "starts_at", b"starts_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduledDecisions: _TypeAlias = ScheduledDecisions  # noqa: Y015

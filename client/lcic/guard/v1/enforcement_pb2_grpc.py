@@ -144,9 +144,12 @@ class EnforcementServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchApplicationStatus(self, request, context):
-        """WatchApplicationStatus streams the status of the named applications (all
-        applications when none are named): first the current status of each
-        known one, then every change as the reconciler publishes it.
+        """WatchApplicationStatus streams status changes: first the current status
+        of each named application that is known, then every change as the
+        reconciler publishes it (of every application when none are named).
+        While the sidecar's own view is current it also sends a heartbeat (a
+        response with no status) every second, so a watcher knows its copy is
+        fresh.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -77,9 +77,12 @@ class EnforcementServiceStub:
     rules that produced it. NOT_FOUND if the application is unknown.
     """
     WatchApplicationStatus: _grpc.UnaryStreamMultiCallable[_enforcement_pb2.WatchApplicationStatusRequest, _enforcement_pb2.WatchApplicationStatusResponse]
-    """WatchApplicationStatus streams the status of the named applications (all
-    applications when none are named): first the current status of each
-    known one, then every change as the reconciler publishes it.
+    """WatchApplicationStatus streams status changes: first the current status
+    of each named application that is known, then every change as the
+    reconciler publishes it (of every application when none are named).
+    While the sidecar's own view is current it also sends a heartbeat (a
+    response with no status) every second, so a watcher knows its copy is
+    fresh.
     """
 
 @_typing.type_check_only
@@ -121,9 +124,12 @@ class EnforcementServiceAsyncStub(EnforcementServiceStub):
     rules that produced it. NOT_FOUND if the application is unknown.
     """
     WatchApplicationStatus: _aio.UnaryStreamMultiCallable[_enforcement_pb2.WatchApplicationStatusRequest, _enforcement_pb2.WatchApplicationStatusResponse]  # type: ignore[assignment]
-    """WatchApplicationStatus streams the status of the named applications (all
-    applications when none are named): first the current status of each
-    known one, then every change as the reconciler publishes it.
+    """WatchApplicationStatus streams status changes: first the current status
+    of each named application that is known, then every change as the
+    reconciler publishes it (of every application when none are named).
+    While the sidecar's own view is current it also sends a heartbeat (a
+    response with no status) every second, so a watcher knows its copy is
+    fresh.
     """
 
 class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -210,9 +216,12 @@ class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _enforcement_pb2.WatchApplicationStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_enforcement_pb2.WatchApplicationStatusResponse], _abc.AsyncIterator[_enforcement_pb2.WatchApplicationStatusResponse]]:
-        """WatchApplicationStatus streams the status of the named applications (all
-        applications when none are named): first the current status of each
-        known one, then every change as the reconciler publishes it.
+        """WatchApplicationStatus streams status changes: first the current status
+        of each named application that is known, then every change as the
+        reconciler publishes it (of every application when none are named).
+        While the sidecar's own view is current it also sends a heartbeat (a
+        response with no status) every second, so a watcher knows its copy is
+        fresh.
         """
 
 def add_EnforcementServiceServicer_to_server(servicer: EnforcementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
