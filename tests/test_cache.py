@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import pytest_asyncio
 from conftest import T0, Events, FakeClock, deliveries
-
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.policy import DAY, HOUR, PolicyConfig
@@ -102,7 +101,7 @@ async def test_a_change_reaches_decisions_through_the_feed(
         async def banned() -> bool:
             req = pb.CanCreateClassroomRequest(app_id="app-1")
             d = (await stub.CanCreateClassroom(req)).decision
-            return d.reason == pb.DECISION_REASON_ACCOUNT_BANNED
+            return bool(d.reason == pb.DECISION_REASON_ACCOUNT_BANNED)
 
         await eventually(banned)
     # The new status came with the notice: the sidecar did not read Redis.

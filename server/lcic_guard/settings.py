@@ -118,33 +118,32 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy (SPEC rules)")
-    d = PolicyConfig()
     g.add_argument(
         "--grace",
         action=_EnvDefault,
         type=parse_duration,
-        default=d.grace_ms,
+        default="24h",
         help="R1: grace after an overdue alert, in ms or with a unit",
     )
     g.add_argument(
         "--release-after",
         action=_EnvDefault,
         type=parse_duration,
-        default=d.release_after_ms,
+        default="60d",
         help="R10: overdue suspension length before release",
     )
     g.add_argument(
         "--overrun",
         action=_EnvDefault,
         type=parse_duration,
-        default=d.overrun_ms,
+        default="60m",
         help="R6: protection of a class past its scheduled end",
     )
     g.add_argument(
         "--max-class",
         action=_EnvDefault,
         type=parse_duration,
-        default=d.max_class_ms,
+        default="12h",
         help="R6: protection of a class with no scheduled end, from its start",
     )
     g.add_argument(
@@ -158,7 +157,7 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
         "--stale-bound",
         action=_EnvDefault,
         type=parse_duration,
-        default=d.stale_bound_ms,
+        default="5m",
         help="R13: how old a last-seen status may be and still answer",
     )
     for check in Check:
@@ -184,7 +183,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--redis-timeout",
         action=_EnvDefault,
         type=parse_duration,
-        default=5,
+        default="5ms",
         help="R13: longest a check waits on Redis before answering without it",
     )
     g.add_argument(
@@ -198,7 +197,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--cache-max-age",
         action=_EnvDefault,
         type=parse_duration,
-        default=60_000,
+        default="60s",
         help="longest a cached status is used before it is read again, even with the "
         "change feed healthy",
     )
@@ -238,7 +237,7 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         "--release-margin",
         action=_EnvDefault,
         type=parse_duration,
-        default=ReconcilerConfig().release_margin_ms,
+        default="1h",
         help="R10: how far past release_at the feed must be confirmed read",
     )
     g.add_argument(
