@@ -43,6 +43,9 @@ SECOND: Final = 1000
 MINUTE: Final = 60 * SECOND
 HOUR: Final = 60 * MINUTE
 DAY: Final = 24 * HOUR
+FUTURE_SKEW_MS: Final = DAY
+"""How far ahead of the clock a fact may be dated and still leave the present
+decided correctly; the reconciler refuses facts dated further ahead."""
 
 
 class State(StrEnum):
@@ -298,7 +301,10 @@ def _timeline(facts: Sequence[Fact], cfg: PolicyConfig) -> tuple[Segment, ...]:
             points.update((f.starts_at, f.expires_at))
     sweep = _Sweep(cfg)
     segments: list[Segment] = []
-    latest = ordered[-1].occurred_at
+    # History before the newest fact cannot be in force again, except that
+    # a fact dated ahead of the reader's clock (skew) must not hide the
+    # present: keep FUTURE_SKEW_MS of history before the newest fact.
+    keep_after = ordered[-1].occurred_at - FUTURE_SKEW_MS
     keep_from = 0
     i = 0
     for t in sorted(points):
@@ -308,10 +314,8 @@ def _timeline(facts: Sequence[Fact], cfg: PolicyConfig) -> tuple[Segment, ...]:
         seg = sweep.evaluate(t, segments[-1] if segments else None)
         if not segments or not seg.same_status(segments[-1]):
             segments.append(seg)
-        if t <= latest:
+        if t <= keep_after:
             keep_from = len(segments) - 1
-    # What lies before the newest fact cannot be in force again: keep the
-    # segment in force at that time and what follows.
     return tuple(segments[keep_from:])
 
 
