@@ -45,10 +45,14 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
 def _service_config(attempts: int) -> str:
     # Retries are gRPC's own, and only for UNAVAILABLE: a denial is an
     # answer, and INVALID_ARGUMENT will not get better by asking again.
+    # waitForReady: while the sidecar cannot be reached (restarting), a call
+    # waits for it within its deadline instead of failing at once; without
+    # it every retry fails too, in the ~30 ms the retry backoff spans.
     policy = {
         "methodConfig": [
             {
                 "name": [{"service": "lcic.guard.v1.EnforcementService"}],
+                "waitForReady": True,
                 "retryPolicy": {
                     "maxAttempts": max(2, attempts),
                     "initialBackoff": "0.01s",
@@ -68,6 +72,9 @@ def _channel_options(
     out: list[tuple[str, str | int]] = [("grpc.enable_retries", 1 if retries > 0 else 0)]
     if retries > 0:
         out.append(("grpc.service_config", _service_config(retries + 1)))
+        # Reconnect soon enough for a waiting call to see a restarted sidecar
+        # (gRPC's default first reconnect is after ~1 s, past the deadline).
+        out += [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 500)]
     if tls is not None and tls.server_name:
         out.append(("grpc.ssl_target_name_override", tls.server_name))
     out += list(options or [])
@@ -152,8 +159,10 @@ class GuardClient(_Base):
 
     ``target`` is ``host:port``. Every call has a deadline (``timeout``
     seconds by default) and is retried on UNAVAILABLE only, up to
-    ``retries`` times within that deadline. Use it as a context manager, or
-    call :meth:`close`.
+    ``retries`` times within that deadline; with ``retries`` > 0 a call also
+    waits, within its deadline, for a sidecar that cannot be reached yet
+    (DEADLINE_EXCEEDED if it never can; ``retries=0`` fails at once with
+    UNAVAILABLE). Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(

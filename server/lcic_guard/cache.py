@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -77,15 +78,19 @@ class StatusCache:
             self._entries.move_to_end(app_id)
         return entry
 
-    def put(self, app_id: str, status: AppStatus | None, now: Millis) -> Entry:
+    def put(
+        self, app_id: str, status: AppStatus | None, now: Millis, *, replace: bool = False
+    ) -> Entry:
         old = self._entries.get(app_id)
         if (
-            old is not None
+            not replace
+            and old is not None
             and old.status is not None
-            and status is not None
-            and status.version < old.status.version
+            and (status is None or status.version < old.status.version)
         ):
             # A slower read raced a newer feed entry: keep the newer record.
+            # (A known app never becomes unknown, short of Redis losing its
+            # data, which the feed reader detects and resyncs with `replace`.)
             old.fetched_at = now
             return old
         entry = Entry(status, now, old.rooms if old is not None else None)
@@ -223,7 +228,10 @@ class ChangeFeedReader:
                 entry = self.cache.get(app_id)
                 if entry is not None:
                     entry.rooms = None  # rooms are re-read on demand
-                self.cache.put(app_id, status, now)
+                # Replace even a newer version: after Redis lost data (or was
+                # rolled back) what it holds now is the truth, and anything
+                # newer than this read is on the feed after our new position.
+                self.cache.put(app_id, status, now, replace=True)
         self.cache.synced_since = start
         self.resyncs += 1
 
@@ -232,7 +240,10 @@ class ChangeFeedReader:
             self.last_id = await self.store.changes_tail()
             await self._resync()
         elif await self.store.feed_gap(self.last_id):
-            log.warning("change feed trimmed past our position; re-reading the cache")
+            log.warning(
+                "change feed trimmed past our position, or lost or rolled back by a Redis "
+                "restart; re-reading the cache"
+            )
             self.last_id = await self.store.changes_tail()
             await self._resync()
         self.cache.feed_healthy = True
@@ -249,7 +260,13 @@ class ChangeFeedReader:
                     backoff = 0.05
                     log.info("following the change feed from %s", self.last_id)
                 assert self.last_id is not None
-                changes = await self.store.read_changes(self.last_id, self.block_ms)
+                # A Redis that stopped answering (frozen, partitioned) is
+                # noticed when the blocking read overruns, not after the
+                # socket timeout and its retries.
+                changes = await asyncio.wait_for(
+                    self.store.read_changes(self.last_id, self.block_ms),
+                    self.block_ms / 1000 + 0.5,
+                )
                 now = self.clock()
                 for change in changes:
                     self.last_id = change.entry_id
@@ -275,5 +292,7 @@ class ChangeFeedReader:
                     )
                 connected = False
                 self.cache.feed_healthy = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                # Jittered, so that many sidecars do not reconnect in step;
+                # capped low, so that answers are fresh soon after Redis is back.
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 0.5)

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 from lcic_guard.cache import CircuitBreaker, Entry, StatusCache
@@ -42,6 +43,9 @@ class StatusReader(Protocol):
     async def read_statuses(
         self, requests: Sequence[tuple[str, str | None]]
     ) -> list[tuple[AppStatus | None, Room | None]]: ...
+
+
+Row = tuple[AppStatus | None, Room | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,8 @@ class Checker:
         self.cache = cache if cache is not None else StatusCache(100_000, max_age_ms=60_000)
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.store_errors = 0
+        self.store_reads = 0  # reads attempted (none while the breaker is open)
+        self._reads: dict[tuple[str, str | None], asyncio.Future[Row]] = {}
 
     def _from_cache(self, req: CheckRequest, now: Millis) -> Decision | None:
         entry = self.cache.get(req.app_id)
@@ -108,9 +114,7 @@ class Checker:
         if not self.breaker.allows(now):
             return self._fallback(req, now)
         try:
-            status, room = await asyncio.wait_for(
-                self.reader.read_status(req.app_id, self._room_key(req)), self.read_timeout
-            )
+            status, room = await self._read(req.app_id, self._room_key(req))
         except Exception as exc:  # any store fault: R13, never an RPC error
             self._note_error(exc, now)
             return self._fallback(req, now)
@@ -127,10 +131,11 @@ class Checker:
             rows: list[tuple[AppStatus | None, Room | None]] | None = None
             if self.breaker.allows(now):
                 keys = [(reqs[i].app_id, self._room_key(reqs[i])) for i in missing]
+                self.store_reads += 1
+                batch = asyncio.ensure_future(self.reader.read_statuses(keys))
+                batch.add_done_callback(partial(self._batch_done, keys))
                 try:
-                    rows = await asyncio.wait_for(
-                        self.reader.read_statuses(keys), self.read_timeout
-                    )
+                    rows = await asyncio.wait_for(asyncio.shield(batch), self.read_timeout)
                     self.breaker.success()
                 except Exception as exc:
                     self._note_error(exc, now)
@@ -142,6 +147,46 @@ class Checker:
                     status, room = rows[n]
                     out[i] = self._answer(reqs[i], status, room, now)
         return [d for d in out if d is not None]
+
+    async def _read(self, app_id: str, room_id: str | None) -> Row:
+        """Read one app (and room) from Redis within the sub-deadline.
+
+        The read itself is not cancelled at the deadline: it finishes in the
+        background and fills the cache, so a late reply still serves the next
+        check, and no connection is torn down mid-reply (cancelling a command
+        makes redis-py drop its connection; under a slow Redis every check
+        would then pay for a new one). Concurrent checks of the same app and
+        room share one read.
+        """
+        key = (app_id, room_id)
+        read = self._reads.get(key)
+        if read is None:
+            self.store_reads += 1
+            read = asyncio.ensure_future(self.reader.read_status(app_id, room_id))
+            self._reads[key] = read
+            read.add_done_callback(partial(self._read_done, key))
+        return await asyncio.wait_for(asyncio.shield(read), self.read_timeout)
+
+    def _read_done(self, key: tuple[str, str | None], read: asyncio.Future[Row]) -> None:
+        self._reads.pop(key, None)
+        if not read.cancelled() and read.exception() is None:
+            self._keep([key], [read.result()])
+
+    def _batch_done(
+        self, keys: list[tuple[str, str | None]], read: asyncio.Future[list[Row]]
+    ) -> None:
+        if not read.cancelled() and read.exception() is None:
+            self._keep(keys, read.result())
+
+    def _keep(self, keys: Sequence[tuple[str, str | None]], rows: Sequence[Row]) -> None:
+        # Redis answered, if late: it is reachable, so close the breaker (a
+        # frozen or dead Redis never gets here, and keeps it open).
+        self.breaker.success()
+        now = self.clock()
+        for (app_id, room_id), (status, room) in zip(keys, rows, strict=True):
+            self.cache.put(app_id, status, now)
+            if room_id is not None:
+                self.cache.put_room(app_id, room_id, room)
 
     def _answer(
         self, req: CheckRequest, status: AppStatus | None, room: Room | None, now: Millis

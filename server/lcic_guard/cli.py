@@ -9,12 +9,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lcic_guard import runner
+from lcic_guard import report, runner
 from lcic_guard.checker import wall_clock
 from lcic_guard.facts import InvalidEvent, format_time, parse_event
 from lcic_guard.sample import sample_jsonl
 from lcic_guard.settings import (
     Settings,
+    add_metrics_flags,
     add_policy_flags,
     add_reconcile_flags,
     add_serve_flags,
@@ -35,7 +36,11 @@ lcic-guard enforces the classroom platform's billing policy.
   events       publish a file of billing events onto the billing stream.
   release-plan list the releases (R10) scheduled and whether they could run now.
   check        ask a running sidecar one question, from the shell.
-  status       show a running sidecar's status record for an application.
+  status       show a running sidecar's status record for an application: its
+               reasons, the billing events behind them, the deadlines ahead and
+               what the customer can do (--json for the raw record).
+  explain      one check's answer for an application, and why.
+  preview      what an application's checks will answer at a later time.
   sample-events print the sample billing events (JSON lines).
 
 Every flag can also be set as LCIC_GUARD_<FLAG> in the environment.
@@ -60,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(p)
     add_policy_flags(p)
     add_reconcile_flags(p, embedded=True)
+    add_metrics_flags(p)
 
     p = sub.add_parser(
         "reconcile",
@@ -70,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_flags(p)
     add_policy_flags(p)
     add_reconcile_flags(p, embedded=False)
+    add_metrics_flags(p)
 
     p = sub.add_parser("events", help="publish billing events onto the billing stream")
     ev = p.add_subparsers(dest="events_command", required=True, metavar="ACTION")
@@ -97,6 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show an application's status record")
     p.add_argument("app_id")
     p.add_argument("--target", default="127.0.0.1:50051", help="sidecar address")
+    p.add_argument("--json", action="store_true", help="print the raw record as JSON")
+
+    p = sub.add_parser(
+        "explain",
+        help="answer one check for an application and explain why",
+        description="Ask a running sidecar one check and print its answer with "
+        "the status behind it: every reason, the billing events behind each, the "
+        "deadlines ahead and what the customer must do.",
+    )
+    p.add_argument("app_id")
+    p.add_argument("--check", required=True, choices=["create", "enter", "recording"])
+    p.add_argument("--room", default="", help="room id (required for --check enter)")
+    p.add_argument("--recording", default="rec-1", help="recording id (for recording)")
+    p.add_argument("--target", default="127.0.0.1:50051", help="sidecar address")
+
+    p = sub.add_parser(
+        "preview",
+        help="what an application's checks will answer at a later time",
+        description="Ask a running sidecar what the three checks will answer at "
+        "TIME if no new billing event arrives (grace ending, a package expiring, "
+        "release falling due).",
+    )
+    p.add_argument("app_id")
+    p.add_argument(
+        "--at", required=True, help="RFC 3339 time (2026-10-01T12:00:00Z) or +DURATION (+25h)"
+    )
+    p.add_argument("--room", default="", help="a classroom reported started, for enter")
+    p.add_argument("--target", default="127.0.0.1:50051", help="sidecar address")
+    p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
 
     sub.add_parser("sample-events", help="print the sample billing events")
     return parser
@@ -171,7 +207,57 @@ def _status(args: argparse.Namespace) -> int:
 
     with GuardClient(args.target, timeout=2.0) as guard:
         st = guard.get_application_status(args.app_id)
-    print(json_format.MessageToJson(st, indent=2))
+    if args.json:
+        print(json_format.MessageToJson(st, indent=2))
+    else:
+        print(report.render_status(st, wall_clock()))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import grpc
+    from lcic_guard_client import GuardClient
+
+    if args.check == "enter" and not args.room:
+        print("explain --check enter: --room is required", file=sys.stderr)
+        return 2
+    with GuardClient(args.target, timeout=2.0) as guard:
+        if args.check == "create":
+            d = guard.can_create_classroom(args.app_id, room_id=args.room)
+        elif args.check == "enter":
+            d = guard.can_enter_classroom(args.app_id, args.room)
+        else:
+            d = guard.can_access_recording(args.app_id, args.recording, room_id=args.room)
+        try:
+            st = guard.get_application_status(args.app_id)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            print(report.render_decision(args.check, args.app_id, d, wall_clock()))
+            return 0 if d.allowed else 1
+    print(report.render_explain(args.check, d, st, wall_clock()))
+    return 0 if d.allowed else 1
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from lcic.guard.v1 import enforcement_pb2 as pb
+    from lcic_guard_client import GuardClient
+
+    now = wall_clock()
+    try:
+        at = report.parse_at(args.at, now)
+    except argparse.ArgumentTypeError as exc:
+        print(f"preview: --at: {exc}", file=sys.stderr)
+        return 2
+    req = pb.PreviewApplicationRequest(app_id=args.app_id, room_id=args.room)
+    req.at.FromMilliseconds(at)
+    with GuardClient(args.target, timeout=2.0) as guard:
+        resp: pb.PreviewApplicationResponse = guard.stub.PreviewApplication(req, timeout=2.0)
+    if args.json:
+        print(json_format.MessageToJson(resp, indent=2))
+    else:
+        print(report.render_preview(resp, now))
     return 0
 
 
@@ -180,16 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sample-events":
         sys.stdout.write(sample_jsonl(wall_clock()))
         return 0
-    if args.command in ("check", "status"):
+    if args.command in ("check", "status", "explain", "preview"):
         import grpc
 
+        run = {"check": _check, "status": _status, "explain": _explain, "preview": _preview}
         try:
-            return _check(args) if args.command == "check" else _status(args)
+            return run[args.command](args)
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 2
     settings = settings_from(args)
-    runner.configure_logging(settings.log_level)
+    runner.configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":
             asyncio.run(runner.serve(settings))

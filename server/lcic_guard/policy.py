@@ -44,8 +44,8 @@ MINUTE: Final = 60 * SECOND
 HOUR: Final = 60 * MINUTE
 DAY: Final = 24 * HOUR
 FUTURE_SKEW_MS: Final = DAY
-"""How far ahead of the clock a fact may be dated and still leave the present
-decided correctly; the reconciler refuses facts dated further ahead."""
+"""History kept before the newest fact (or before ``now``, when given), so a
+fact dated a little ahead of a reader's clock cannot hide the present."""
 
 
 class State(StrEnum):
@@ -291,7 +291,9 @@ def _order(fact: Fact) -> tuple[Millis, int, str]:
     return (fact.occurred_at, _RANK.get(type(fact), 2), fact.event_id)
 
 
-def _timeline(facts: Sequence[Fact], cfg: PolicyConfig) -> tuple[Segment, ...]:
+def _timeline(
+    facts: Sequence[Fact], cfg: PolicyConfig, now: Millis | None = None
+) -> tuple[Segment, ...]:
     ordered = sorted(facts, key=_order)
     points: set[Millis] = {f.occurred_at for f in ordered}
     for f in ordered:
@@ -303,8 +305,10 @@ def _timeline(facts: Sequence[Fact], cfg: PolicyConfig) -> tuple[Segment, ...]:
     segments: list[Segment] = []
     # History before the newest fact cannot be in force again, except that
     # a fact dated ahead of the reader's clock (skew) must not hide the
-    # present: keep FUTURE_SKEW_MS of history before the newest fact.
-    keep_after = ordered[-1].occurred_at - FUTURE_SKEW_MS
+    # present: keep FUTURE_SKEW_MS of history before the newest fact, or
+    # before now if that is earlier.
+    newest = ordered[-1].occurred_at
+    keep_after = (newest if now is None else min(newest, now)) - FUTURE_SKEW_MS
     keep_from = 0
     i = 0
     for t in sorted(points):
@@ -319,12 +323,16 @@ def _timeline(facts: Sequence[Fact], cfg: PolicyConfig) -> tuple[Segment, ...]:
     return tuple(segments[keep_from:])
 
 
-def compute_account(facts: Iterable[Fact], cfg: PolicyConfig) -> dict[str, AppStatus]:
+def compute_account(
+    facts: Iterable[Fact], cfg: PolicyConfig, *, now: Millis | None = None
+) -> dict[str, AppStatus]:
     """Fold one account's facts into the status of each of its applications.
 
     ``facts`` are the account's facts and the facts of its applications, each
     event id once. Applications are those registered to the account; facts
-    of other applications are ignored.
+    of other applications are ignored. ``now`` (the reader's clock) only
+    bounds how much history is dropped: a fact dated ahead of it must not
+    hide the segment in force now.
     """
     unique = {f.event_id: f for f in facts}
     account_id: str | None = None
@@ -343,7 +351,7 @@ def compute_account(facts: Iterable[Fact], cfg: PolicyConfig) -> dict[str, AppSt
     if account_id is None:
         return {}
     return {
-        app_id: AppStatus(app_id, account_id, _timeline(shared + per_app[app_id], cfg))
+        app_id: AppStatus(app_id, account_id, _timeline(shared + per_app[app_id], cfg, now))
         for app_id in sorted(registered)
     }
 

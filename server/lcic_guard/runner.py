@@ -20,11 +20,24 @@ from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
+from lcic_guard import auth, logs
+from lcic_guard.auth import AuthConfig
 from lcic_guard.cache import ChangeFeedReader, StatusCache
 from lcic_guard.checker import Checker, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.facts import Millis
+from lcic_guard.metrics import (
+    MetricsServer,
+    ReconcilerMetrics,
+    SidecarMetrics,
+    serve_metrics,
+    worker_listen,
+)
+from lcic_guard.observe import DecisionObserver
 from lcic_guard.policy import Room, protected_until
+from lcic_guard.readiness import Readiness
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl
 from lcic_guard.settings import Settings
@@ -41,12 +54,9 @@ from lcic_guard.store import Store, connect
 log = logging.getLogger("lcic_guard")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str, fmt: str = "auto") -> None:
+    """Logs to standard error, as text or JSON lines (see :mod:`lcic_guard.logs`)."""
+    logs.configure(level, fmt, sys.stderr)
 
 
 @contextlib.asynccontextmanager
@@ -74,14 +84,22 @@ def _stop_event() -> asyncio.Event:
 
 
 def build_reconciler(
-    settings: Settings, store: Store, events: Path | None, *, clock: Callable[[], Millis]
+    settings: Settings,
+    store: Store,
+    events: Path | None,
+    *,
+    clock: Callable[[], Millis],
+    metrics: ReconcilerMetrics | None = None,
 ) -> Reconciler:
     sources: list[BillingSource] = []
     if events is not None:
         sources.append(FileSource(events, clock_ms=store.server_time))
     if settings.consume_stream:
-        sources.append(StreamSource(store.redis))
-    return Reconciler(store, settings.policy, settings.reconciler, sources, clock=clock)
+        claim_idle_ms = settings.reconciler.claim_idle_ms
+        sources.append(StreamSource(store.redis, claim_idle_ms=claim_idle_ms))
+    return Reconciler(
+        store, settings.policy, settings.reconciler, sources, clock=clock, metrics=metrics
+    )
 
 
 @dataclass
@@ -91,20 +109,43 @@ class Sidecar:
     server: RunningServer
     checker: Checker
     feed: ChangeFeedReader
+    metrics: SidecarMetrics | None = None
+    metrics_server: MetricsServer | None = None  # when it serves its own registry
+    watchers: Watchers | None = None
+    readiness: Readiness | None = None
 
     @property
     def port(self) -> int:
         return self.server.port
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0, drain: float = 0.0) -> None:
+        """Health NOT_SERVING (still answering for ``drain`` s), then close the
+        port, end watch streams and give in-flight calls ``grace`` s."""
+        if self.readiness is not None:
+            await self.readiness.stop()  # it must not turn health back on
+        await self.server.set_serving(False)
+        if drain > 0:
+            await asyncio.sleep(drain)
+        if self.watchers is not None:
+            self.watchers.close()
         await self.server.stop(grace)
         await self.feed.stop()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
 
 
 async def build_sidecar(
-    settings: Settings, store: Store, *, clock: Callable[[], Millis] = wall_clock
+    settings: Settings,
+    store: Store,
+    *,
+    clock: Callable[[], Millis] = wall_clock,
+    registry: CollectorRegistry | None = None,
 ) -> Sidecar:
-    """The sidecar: cache, change-feed reader, checker, gRPC server."""
+    """The sidecar: cache, change-feed reader, checker, gRPC server.
+
+    Metrics go to ``registry`` (served by the caller) if given, else, with
+    ``--metrics-listen``, to a registry of its own served on that address.
+    """
     cache = StatusCache(settings.cache_size, settings.cache_max_age_ms)
     checker = Checker(
         store,
@@ -113,22 +154,55 @@ async def build_sidecar(
         clock=clock,
         cache=cache,
     )
+    metrics: SidecarMetrics | None = None
+    metrics_server: MetricsServer | None = None
+    if registry is not None or settings.metrics_listen:
+        metrics = SidecarMetrics(registry)
+        metrics.watch(checker)
     watchers = Watchers()
     feed = ChangeFeedReader(store, cache, clock, on_change=watchers.publish)
     feed.start()
-    servicer = EnforcementServicer(checker, store, watchers=watchers)
+    observer = DecisionObserver(metrics, settings.shadow)
+    servicer = EnforcementServicer(checker, store, watchers=watchers, observer=observer)
     tls = (
         TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         if (settings.tls_cert and settings.tls_key)
         else None
     )
-    server = await start_server(servicer, settings.listen, tls=tls)
-    return Sidecar(server, checker, feed)
+    auth_config = AuthConfig(
+        settings.auth_token_file, settings.auth_allow_identities, settings.auth_checks
+    )
+    if settings.auth_token_file and tls is None:
+        log.warning("bearer tokens are accepted without TLS: anyone on the path can read them")
+    server = await start_server(
+        servicer, settings.listen, tls=tls, interceptors=auth.interceptors(auth_config)
+    )
+    readiness = None
+    if settings.max_heartbeat_age_ms > 0:
+        readiness = Readiness(store, server, settings.max_heartbeat_age_ms, clock)
+        await readiness.check_once()
+        readiness.start()
+    if metrics is not None and registry is None:
+        metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
+    if settings.shadow:
+        log.warning(
+            "shadow mode for %s checks: they are always allowed; would-be denials are "
+            "logged and counted",
+            ",".join(sorted(c.value for c in settings.shadow)),
+        )
+    return Sidecar(server, checker, feed, metrics, metrics_server, watchers, readiness)
+
+
+def _stopping(settings: Settings) -> dict[str, float]:
+    return {
+        "grace": settings.shutdown_grace_ms / 1000,
+        "drain": settings.shutdown_delay_ms / 1000,
+    }
 
 
 def _worker_main(settings: Settings) -> None:
     """Entry point of one serving process of ``--workers N``."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     async def work() -> None:
         stop = _stop_event()
@@ -136,7 +210,7 @@ def _worker_main(settings: Settings) -> None:
         try:
             sidecar = await build_sidecar(settings, store)
             await stop.wait()
-            await sidecar.stop()
+            await sidecar.stop(**_stopping(settings))
         finally:
             await store.close()
 
@@ -151,7 +225,8 @@ def _start_workers(settings: Settings, url: str) -> tuple[list[BaseProcess], int
     ctx = multiprocessing.get_context("spawn")
     procs: list[BaseProcess] = []
     for n in range(settings.workers):
-        proc = ctx.Process(target=_worker_main, args=(worker_settings,), name=f"lcic-guard-{n}")
+        mine = replace(worker_settings, metrics_listen=worker_listen(settings.metrics_listen, n))
+        proc = ctx.Process(target=_worker_main, args=(mine,), name=f"lcic-guard-{n}")
         proc.start()
         procs.append(proc)
     return procs, port
@@ -219,9 +294,14 @@ async def serve(
 ) -> None:
     """Run the sidecar (and, in the embedded default, Redis and the reconciler)."""
     stop = stop or _stop_event()
+    # One endpoint for this process: the sidecar's metrics (one worker) and,
+    # in the embedded default, the reconciler's.
+    registry = CollectorRegistry() if settings.metrics_listen else None
+    metrics_server = serve_metrics(registry, settings.metrics_listen) if registry else None
     async with redis_for(settings) as (url, embedded):
         store = Store(connect(url))
         reconciler_task = None
+        poller = None
         try:
             if embedded is not None:
                 with tempfile.TemporaryDirectory(prefix="lcic-sample-") as tmp:
@@ -229,11 +309,18 @@ async def serve(
                     if events is None:
                         events = Path(tmp) / "sample-events.jsonl"
                         await asyncio.to_thread(events.write_text, sample_jsonl(wall_clock()))
-                    reconciler = build_reconciler(settings, store, events, clock=wall_clock)
+                    rec_metrics = ReconcilerMetrics(registry) if registry else None
+                    reconciler = build_reconciler(
+                        settings, store, events, clock=wall_clock, metrics=rec_metrics
+                    )
                     await reconciler.drain(reconciler.sources[0])
                 if settings.events is None:
                     await _report_sample_rooms(store, settings, wall_clock())
                 reconciler_task = asyncio.create_task(reconciler.run(stop))
+                if rec_metrics is not None:
+                    poller = asyncio.create_task(
+                        rec_metrics.poll_forever(reconciler, stop, wall_clock)
+                    )
             if settings.workers > 1:
                 procs, port = _start_workers(settings, url)
                 try:
@@ -248,18 +335,22 @@ async def serve(
                     for proc in procs:
                         await asyncio.to_thread(proc.join, 10)
             else:
-                sidecar = await build_sidecar(settings, store)
+                sidecar = await build_sidecar(settings, store, registry=registry)
                 _print_howto(sidecar.port, embedded is not None)
                 if ready:
                     ready(sidecar.port)
                 await stop.wait()
                 log.info("stopping: health NOT_SERVING, finishing in-flight calls")
-                await sidecar.stop(grace=5.0)
+                await sidecar.stop(**_stopping(settings))
         finally:
             stop.set()
             if reconciler_task is not None:
                 await reconciler_task
+            if poller is not None:
+                await poller
             await store.close()
+            if metrics_server is not None:
+                metrics_server.stop()
 
 
 async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -267,9 +358,23 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
     stop = stop or _stop_event()
     async with redis_for(settings) as (url, _embedded):
         store = Store(connect(url, timeout=10.0))
+        metrics = ReconcilerMetrics() if settings.metrics_listen else None
+        metrics_server = None
+        poller = None
         try:
-            reconciler = build_reconciler(settings, store, settings.events, clock=wall_clock)
+            reconciler = build_reconciler(
+                settings, store, settings.events, clock=wall_clock, metrics=metrics
+            )
+            if metrics is not None:
+                metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
+                poller = asyncio.create_task(metrics.poll_forever(reconciler, stop, wall_clock))
             log.info("reconciler %s started", reconciler.name)
             await reconciler.run(stop)
         finally:
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
             await store.close()
+            if metrics_server is not None:
+                metrics_server.stop()

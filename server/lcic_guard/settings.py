@@ -16,6 +16,7 @@ from typing import Any
 
 from lcic_guard.policy import DAY, HOUR, MINUTE, SECOND, Check, PolicyConfig
 from lcic_guard.reconciler import ReconcilerConfig
+from lcic_guard.redact import redact_url
 
 ENV_PREFIX = "LCIC_GUARD_"
 _UNITS = {"ms": 1, "s": SECOND, "m": MINUTE, "h": HOUR, "d": DAY}
@@ -32,11 +33,40 @@ def parse_duration(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
+def parse_duration_or_off(text: str) -> int:
+    """A duration, or ``0`` (no unit needed) for off."""
+    return 0 if text.strip() == "0" else parse_duration(text)
+
+
 def parse_mode(text: str) -> str:
     mode = text.strip().lower()
     if mode not in ("open", "closed"):
         raise argparse.ArgumentTypeError(f"invalid failure mode {text!r}: use open or closed")
     return mode
+
+
+def parse_metrics_listen(text: str) -> str:
+    """``HOST:PORT`` for the metrics endpoint, or empty (off)."""
+    from lcic_guard.metrics import parse_listen
+
+    text = text.strip()
+    if text.lower() in ("", "off", "none"):
+        return ""
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def parse_shadow_checks(text: str) -> frozenset[Check]:
+    """The checks in shadow mode: ``create,enter,recording``, ``all`` or empty."""
+    from lcic_guard.observe import parse_shadow
+
+    try:
+        return parse_shadow(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_bool(text: str) -> bool:
@@ -52,7 +82,7 @@ def parse_bool(text: str) -> bool:
 class Settings:
     """Everything a process of lcic-guard can be told."""
 
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
     listen: str = "127.0.0.1:50051"
     redis_timeout_ms: int = 5
     events: Path | None = None
@@ -66,6 +96,19 @@ class Settings:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
     consume_stream: bool = True
+    log_format: str = "auto"
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
+    shadow: frozenset[Check] = frozenset()  # checks that never deny (shadow mode)
+    # Who may call the RPCs that change or reveal state (see lcic_guard.auth).
+    auth_token_file: str | None = None
+    auth_allow_identities: frozenset[str] = frozenset()
+    auth_checks: bool = False  # the checks too
+    # Health NOT_SERVING when the reconciler's heartbeat is older (0: off; the
+    # command line's default is 30 s, see lcic_guard.readiness).
+    max_heartbeat_age_ms: int = 0
+    # SIGTERM: NOT_SERVING for shutdown_delay, then in-flight calls get shutdown_grace.
+    shutdown_delay_ms: int = 1000
+    shutdown_grace_ms: int = 5000
 
 
 def _env(name: str) -> str | None:
@@ -86,7 +129,11 @@ class _EnvDefault(argparse.Action):
                 raise SystemExit(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}: {exc}") from None
             kwargs["required"] = False
         env_name = ENV_PREFIX + flag.upper().replace("-", "_")
-        kwargs["help"] = f"{kwargs.get('help', '')} [env {env_name}; default: %(default)s]"
+        shown = "%(default)s"
+        redact = kwargs.pop("redact", None)
+        if redact is not None:  # a secret may be in the default (from the environment)
+            shown = str(redact(kwargs.get("default"))).replace("%", "%%")
+        kwargs["help"] = f"{kwargs.get('help', '')} [env {env_name}; default: {shown}]"
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(
@@ -99,11 +146,34 @@ class _EnvDefault(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class _EnvAppend(_EnvDefault):
+    """A repeatable flag whose values are lists; the first use on the command
+    line replaces the environment's value, later ones add to it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        seen = f"_{self.dest}_given"
+        current = getattr(namespace, self.dest, ()) if getattr(namespace, seen, False) else ()
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, (*current, *values))
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """``a,b, c`` into ``("a", "b", "c")``."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def add_store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url",
         action=_EnvDefault,
         default=None,
+        redact=redact_url,
         help="Redis to use (redis://, rediss://). Without it, a private "
         "redis-server is started and stopped with the process",
     )
@@ -113,6 +183,25 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity",
+    )
+    p.add_argument(
+        "--log-format",
+        action=_EnvDefault,
+        default="auto",
+        choices=["auto", "json", "text"],
+        help="json: one JSON object a line (production); text: for a person; "
+        "auto: text on a terminal, json otherwise",
+    )
+
+
+def add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-listen",
+        action=_EnvDefault,
+        type=parse_metrics_listen,
+        default="",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (empty: off; with "
+        "--workers N, worker i (from 0) uses PORT+1+i)",
     )
 
 
@@ -216,10 +305,63 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--tls-key", action=_EnvDefault, default=None, help="server private key (PEM)")
     g.add_argument(
+        "--shadow",
+        action=_EnvDefault,
+        type=parse_shadow_checks,
+        default="",
+        help="checks in shadow mode, e.g. create,enter,recording or all: always allowed, "
+        "what would be denied is logged and counted",
+    )
+    g.add_argument(
         "--tls-client-ca",
         action=_EnvDefault,
         default=None,
         help="CA (PEM) that client certificates must chain to; enables mutual TLS",
+    )
+    g.add_argument(
+        "--auth-token-file",
+        action=_EnvDefault,
+        default=None,
+        help="file of bearer tokens (one a line), any of which lets a caller use the RPCs "
+        "that change or reveal state (reports, status, watch); read again when it changes",
+    )
+    g.add_argument(
+        "--auth-allow-identity",
+        action=_EnvAppend,
+        type=parse_list,
+        default=None,
+        help="client certificate identity (CN or SAN, mutual TLS) allowed to use the RPCs "
+        "that change or reveal state; repeatable or comma-separated",
+    )
+    g.add_argument(
+        "--auth-checks",
+        action=_EnvDefault,
+        type=parse_bool,
+        default=False,
+        help="require the same authentication for the checks too",
+    )
+    g.add_argument(
+        "--max-heartbeat-age",
+        action=_EnvDefault,
+        type=parse_duration_or_off,
+        default="30s",
+        help="health turns NOT_SERVING when the reconciler's heartbeat is older than this "
+        "(0 disables)",
+    )
+    g.add_argument(
+        "--shutdown-delay",
+        action=_EnvDefault,
+        type=parse_duration_or_off,
+        default="1s",
+        help="on SIGTERM, how long health says NOT_SERVING while still answering, "
+        "before the port closes",
+    )
+    g.add_argument(
+        "--shutdown-grace",
+        action=_EnvDefault,
+        type=parse_duration,
+        default="5s",
+        help="on SIGTERM, how long in-flight calls may take to finish after the port closes",
     )
 
 
@@ -254,6 +396,28 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         default=ReconcilerConfig().batch_size,
         help="billing events applied per round",
     )
+    g.add_argument(
+        "--claim-idle",
+        action=_EnvDefault,
+        type=parse_duration,
+        default="30s",
+        help="how long a billing-stream entry may stay unacknowledged by a consumer "
+        "before another replica claims it (its consumer is presumed dead)",
+    )
+
+
+def _security_settings(s: Settings, ns: argparse.Namespace) -> None:
+    get = ns.__dict__.get
+    s.auth_token_file = get("auth_token_file")
+    s.auth_allow_identities = frozenset(get("auth_allow_identity") or ())
+    s.auth_checks = bool(get("auth_checks"))
+    s.max_heartbeat_age_ms = get("max_heartbeat_age") or 0
+    s.shutdown_delay_ms = get("shutdown_delay") or 0
+    s.shutdown_grace_ms = get("shutdown_grace") or 0
+    if s.auth_checks and not (s.auth_token_file or s.auth_allow_identities):
+        raise SystemExit("--auth-checks needs --auth-token-file or --auth-allow-identity")
+    if s.auth_allow_identities and not s.tls_client_ca:
+        raise SystemExit("--auth-allow-identity needs mutual TLS (--tls-client-ca)")
 
 
 def settings_from(ns: argparse.Namespace) -> Settings:
@@ -262,6 +426,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     get = ns.__dict__.get
     s.redis_url = get("redis_url")
     s.log_level = get("log_level") or "INFO"
+    s.log_format = get("log_format") or "auto"
+    s.metrics_listen = get("metrics_listen") or ""
     if get("grace") is not None:
         fail_open = frozenset(c for c in Check if get(f"failure_mode_{c.value}", "open") == "open")
         s.policy = PolicyConfig(
@@ -280,6 +446,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         if s.workers < 1 or s.cache_size < 1:
             raise SystemExit("--workers and --cache-size must be at least 1")
         s.tls_cert, s.tls_key, s.tls_client_ca = ns.tls_cert, ns.tls_key, ns.tls_client_ca
+        s.shadow = frozenset(get("shadow") or ())
+        _security_settings(s, ns)
         if bool(s.tls_cert) != bool(s.tls_key):
             raise SystemExit("--tls-cert and --tls-key go together")
     if get("release_margin") is not None:
@@ -288,5 +456,6 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             batch_size=ns.batch_size,
             release_margin_ms=ns.release_margin,
             release_dry_run=ns.release_dry_run,
+            claim_idle_ms=ns.claim_idle,
         )
     return s

@@ -7,8 +7,10 @@ Validation and conversion live in :mod:`lcic_guard.api`, decisions in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -18,10 +20,12 @@ from grpc_reflection.v1alpha import reflection
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 
-from lcic_guard import api
+from lcic_guard import api, logs, report
 from lcic_guard.api import BadRequest
-from lcic_guard.checker import Checker
+from lcic_guard.certs import CertificateFiles, reloading_server_credentials
+from lcic_guard.checker import Checker, CheckRequest
 from lcic_guard.facts import Millis
+from lcic_guard.observe import PREVIEW_CHECKS, DecisionObserver
 from lcic_guard.policy import AppStatus, Room, protected_until
 from lcic_guard.store import Store
 
@@ -49,15 +53,23 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         *,
         write_timeout: float = 1.0,
         watchers: Watchers | None = None,
+        observer: DecisionObserver | None = None,
     ) -> None:
         self.checker = checker
         self.store = store
         self.write_timeout = write_timeout
         self.watchers = watchers
+        # Metrics, debug logs and shadow mode, after each decision.
+        self.observer = observer if observer is not None else DecisionObserver()
 
     @property
     def clock(self) -> Callable[[], Millis]:
         return self.checker.clock
+
+    async def _decide(self, req: CheckRequest) -> pb.Decision:
+        start = time.perf_counter()
+        decision = await self.checker.check(req)
+        return self.observer.finish(req, decision, time.perf_counter() - start)
 
     async def CanCreateClassroom(
         self, request: pb.CanCreateClassroomRequest, context: grpc.aio.ServicerContext
@@ -66,8 +78,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             req = api.create_request(request)
         except BadRequest as exc:
             await _invalid(context, exc)
-        decision = await self.checker.check(req)
-        return pb.CanCreateClassroomResponse(decision=api.decision_to_pb(decision))
+        return pb.CanCreateClassroomResponse(decision=await self._decide(req))
 
     async def CanEnterClassroom(
         self, request: pb.CanEnterClassroomRequest, context: grpc.aio.ServicerContext
@@ -76,8 +87,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             req = api.enter_request(request)
         except BadRequest as exc:
             await _invalid(context, exc)
-        decision = await self.checker.check(req)
-        return pb.CanEnterClassroomResponse(decision=api.decision_to_pb(decision))
+        return pb.CanEnterClassroomResponse(decision=await self._decide(req))
 
     async def CanAccessRecording(
         self, request: pb.CanAccessRecordingRequest, context: grpc.aio.ServicerContext
@@ -86,8 +96,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             req = api.recording_request(request)
         except BadRequest as exc:
             await _invalid(context, exc)
-        decision = await self.checker.check(req)
-        return pb.CanAccessRecordingResponse(decision=api.decision_to_pb(decision))
+        return pb.CanAccessRecordingResponse(decision=await self._decide(req))
 
     async def CheckBatch(
         self, request: pb.CheckBatchRequest, context: grpc.aio.ServicerContext
@@ -96,8 +105,10 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             reqs = api.batch_requests(request)
         except BadRequest as exc:
             await _invalid(context, exc)
+        start = time.perf_counter()
         decisions = await self.checker.check_many(reqs)
-        return pb.CheckBatchResponse(decisions=[api.decision_to_pb(d) for d in decisions])
+        answers = self.observer.finish_batch(reqs, decisions, time.perf_counter() - start)
+        return pb.CheckBatchResponse(decisions=answers)
 
     async def _report(
         self,
@@ -123,6 +134,12 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
                 context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}"
             )
         self.checker.remember_room(app_id, room_id, room)
+        try:
+            await asyncio.wait_for(self.store.publish_room(app_id, room_id), self.write_timeout)
+        except Exception as exc:
+            # Recorded; other sidecars re-read the room when their cache
+            # entry ages out (--cache-max-age).
+            log.warning("could not announce classroom report %s/%s: %s", app_id, room_id, exc)
 
     async def ReportClassroomStarted(
         self, request: pb.ReportClassroomStartedRequest, context: grpc.aio.ServicerContext
@@ -169,7 +186,39 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             await _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}"
             )
-        return pb.GetApplicationStatusResponse(status=api.status_to_pb(status, self.clock()))
+        try:  # the billing facts behind the reasons (one more read; not a hot RPC)
+            _, facts = await asyncio.wait_for(
+                self.store.load_account(status.account_id), self.write_timeout
+            )
+        except Exception:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
+        return pb.GetApplicationStatusResponse(
+            status=report.explained_status(status, facts, self.clock())
+        )
+
+    async def PreviewApplication(
+        self, request: pb.PreviewApplicationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PreviewApplicationResponse:
+        try:
+            app_id = api.require_id(request.app_id, "app_id")
+            at = api.required_millis(request, "at", "at")
+            room_id = api.optional_id(request.room_id, "room_id")
+        except BadRequest as exc:
+            await _invalid(context, exc)
+        try:
+            status, room = await asyncio.wait_for(
+                self.store.read_status(app_id, room_id), self.write_timeout
+            )
+        except Exception:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
+        if status is None:
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}"
+            )
+        resp = report.preview(status, room, max(at, self.clock()), self.checker.cfg)
+        for name, check in PREVIEW_CHECKS:
+            self.observer.shadow_pb(check, getattr(resp, name))
+        return resp
 
     async def WatchApplicationStatus(
         self, request: pb.WatchApplicationStatusRequest, context: grpc.aio.ServicerContext
@@ -196,7 +245,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
                 now = self.clock()
                 for status, _ in rows:
                     if status is not None:
-                        yield api.watch_response(status, now, self.checker.cfg)
+                        yield self._watched(status, now)
             while True:
                 try:
                     status = await asyncio.wait_for(queue.get(), self.watchers.heartbeat_s)
@@ -204,13 +253,22 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
                     if self.checker.cache.feed_healthy:
                         yield pb.WatchApplicationStatusResponse()
                     continue
+                if status is None and self.watchers.closing:
+                    await _abort(
+                        context, grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again"
+                    )
                 if status is None:  # the watcher fell too far behind
                     await _abort(
                         context, grpc.StatusCode.RESOURCE_EXHAUSTED, "watcher too slow; watch again"
                     )
-                yield api.watch_response(status, self.clock(), self.checker.cfg)
+                yield self._watched(status, self.clock())
         finally:
             self.watchers.unsubscribe(queue)
+
+    def _watched(self, status: AppStatus, now: Millis) -> pb.WatchApplicationStatusResponse:
+        resp = api.watch_response(status, now, self.checker.cfg)
+        self.observer.shadow_schedule(resp)
+        return resp
 
 
 class Watchers:
@@ -220,11 +278,21 @@ class Watchers:
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
         self._subs: dict[asyncio.Queue[AppStatus | None], frozenset[str] | None] = {}
+        self.closing = False
 
     def subscribe(self, app_ids: list[str]) -> asyncio.Queue[AppStatus | None]:
         queue: asyncio.Queue[AppStatus | None] = asyncio.Queue(self.queue_size + 1)
         self._subs[queue] = frozenset(app_ids) if app_ids else None
+        if self.closing:
+            queue.put_nowait(None)
         return queue
+
+    def close(self) -> None:
+        """Shutting down: end every stream (UNAVAILABLE, watch again)."""
+        self.closing = True
+        for queue in list(self._subs):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
 
     def unsubscribe(self, queue: asyncio.Queue[AppStatus | None]) -> None:
         self._subs.pop(queue, None)
@@ -259,6 +327,7 @@ def _read(path: str) -> bytes:
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """Fixed credentials (see :func:`start_server` for ones that follow the files)."""
     root = _read(tls.client_ca) if tls.client_ca else None
     return grpc.ssl_server_credentials(
         [(_read(tls.key), _read(tls.cert))],
@@ -272,6 +341,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    certificates: CertificateFiles | None = None  # with TLS: reloaded when they change
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -282,9 +352,12 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float = 5.0) -> None:
-        # Probes see NOT_SERVING first, then in-flight calls get `grace`.
+    async def stop(self, grace: float = 5.0, drain: float = 0.0) -> None:
+        # Probes see NOT_SERVING first (for `drain` seconds, still answering,
+        # so that load balancers stop sending), then in-flight calls get `grace`.
         await self.set_serving(False)
+        if drain > 0:
+            await asyncio.sleep(drain)
         await self.server.stop(grace)
 
 
@@ -305,9 +378,20 @@ def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
                 )
 
         async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            return await impl(await request(raw, context), context)
+            token = logs.bind_call(context)  # request id: logs and trailing metadata
+            try:
+                return await impl(await request(raw, context), context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error", extra={"event": "rpc_error"})
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    logs.request_id.reset(token)
 
         async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            logs.bind_call(context)
             async for item in impl(await request(raw, context), context):
                 yield item
 
@@ -334,10 +418,17 @@ async def start_server(
     *,
     tls: TlsFiles | None = None,
     options: list[tuple[str, Any]] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
 ) -> RunningServer:
-    """Start EnforcementService, health and reflection on ``listen``."""
+    """Start EnforcementService, health and reflection on ``listen``.
+
+    With ``tls``, each new connection uses the certificate files as they are
+    then (changed files are loaded again: see :mod:`lcic_guard.certs`).
+    ``interceptors`` (e.g. :mod:`lcic_guard.auth`) see every call.
+    """
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 1), *(options or [])],
+        interceptors=list(interceptors or ()),
     )
     add_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -345,13 +436,15 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    certificates = None
     if tls is None:
         port = server.add_insecure_port(listen)
     else:
-        port = server.add_secure_port(listen, server_credentials(tls))
+        certificates = CertificateFiles(tls.cert, tls.key, tls.client_ca)
+        port = server.add_secure_port(listen, reloading_server_credentials(certificates))
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
-    running = RunningServer(server, port, health_servicer)
+    running = RunningServer(server, port, health_servicer, certificates)
     await running.set_serving(True)
     return running

@@ -133,12 +133,17 @@ class StreamSource:
     def _deliveries(self, entries: Any) -> list[Delivery]:
         out = []
         for entry_id, fields in entries:
-            if fields is None:  # deleted while pending
+            # An entry deleted (trimmed) while pending comes back without
+            # fields (None or {}): there is nothing left to apply. Streams
+            # cannot hold an entry with no fields otherwise.
+            if not fields:
                 continue
             eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             raw = fields.get(b"event", fields.get("event"))
             if raw is None:
-                raw = json.dumps({"_fields": sorted(str(k) for k in fields)})
+                # Dead-lettered by the reconciler ("type: missing"), naming
+                # the fields the entry had instead of ``event``.
+                raw = json.dumps({"_fields": sorted(_s(k) for k in fields)})
             text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
             out.append(Delivery(text, eid, self.name))
         return out
@@ -172,8 +177,12 @@ class StreamSource:
                 block=None if start == "0" else block_ms,
             )
             entries = resp[0][1] if resp else []
-            if entries:
-                return self._deliveries(entries)
+            gone = [entry_id for entry_id, fields in entries if not fields]
+            if gone:  # deleted while pending to us: acknowledge, or they stay forever
+                await self.redis.xack(self.stream, self.group, *gone)
+            deliveries = self._deliveries(entries)
+            if deliveries:
+                return deliveries
         return []
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:

@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ResponseError
 
 from lcic_guard.facts import Fact, InvalidEvent, Millis, parse_event_json, to_json
@@ -66,18 +70,118 @@ def meta_key(account_id: str) -> str:
 ROOM_FIELD_PREFIX: Final = "room:"
 
 
+SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_DEFAULT_PORT: Final = 26379
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """What a ``redis+sentinel://`` URL names."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    master_options: dict[str, Any] = field(default_factory=dict)
+    sentinel_options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Parse ``redis+sentinel://[user:pass@]host:port[,host2:port2]/service[/db]``.
+
+    The credentials are those of the Redis master (and replicas). Sentinels
+    that need their own take ``?sentinel_username=...&sentinel_password=...``.
+    ``rediss+sentinel://`` connects to the master with TLS. A host without a
+    port uses 26379.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        raise ValueError("redis_url: a sentinel URL starts with redis+sentinel://")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        hosts = netloc
+    master: dict[str, Any] = {}
+    if userinfo:
+        user, colon, password = userinfo.partition(":")
+        if colon:
+            master["password"] = unquote(password)
+        if user:
+            master["username"] = unquote(user)
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):  # [IPv6]:port
+            host, _, tail = item[1:].partition("]")
+            port_text = tail.removeprefix(":")
+        elif item.count(":") == 1:
+            host, _, port_text = item.partition(":")
+        else:
+            host, port_text = item, ""
+        try:
+            port = int(port_text) if port_text else SENTINEL_DEFAULT_PORT
+        except ValueError:
+            raise ValueError(f"redis_url: invalid sentinel port in {host!r}") from None
+        sentinels.append((host, port))
+    if not sentinels:
+        raise ValueError("redis_url: a sentinel URL names at least one sentinel host:port")
+    parts = [unquote(p) for p in path.split("/") if p]
+    if not parts or len(parts) > 2:
+        raise ValueError("redis_url: a sentinel URL ends with /service_name[/db]")
+    try:
+        db = int(parts[1]) if len(parts) == 2 else 0
+    except ValueError:
+        raise ValueError(f"redis_url: invalid database number {parts[1]!r}") from None
+    sentinel: dict[str, Any] = {}
+    for key, value in parse_qsl(query):
+        if key in ("sentinel_username", "sentinel_password"):
+            sentinel[key.removeprefix("sentinel_")] = value
+    if scheme.lower() == "rediss+sentinel":
+        master["ssl"] = True
+    return SentinelTarget(tuple(sentinels), parts[0], db, master, sentinel)
+
+
 def connect(url: str, *, timeout: float = 2.0) -> RedisClient:
     """A client for ``url``: ``redis://`` or ``rediss://`` (TLS), with
-    ``?cluster=true`` for Redis Cluster. Credentials go in the URL
-    (``redis://user:password@host``) and are never logged."""
+    ``?cluster=true`` for Redis Cluster, or
+    ``redis+sentinel://host:port[,host2:port2]/service_name[/db]`` for the
+    master that Redis Sentinel names (followed across failovers).
+    Credentials go in the URL (``redis://user:password@host``) and are never
+    logged."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "health_check_interval": 10,
+        "max_connections": 256,
+        # One quick retry (a pooled connection that died is replaced) and no
+        # more: redis-py's default (10 retries, up to 1 s apart) would hide a
+        # dead Redis for seconds; the callers retry on their own terms (R13).
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.005, cap=0.05), 1),
     }
-    if "cluster=true" in url:
-        base = url.replace("?cluster=true", "").replace("&cluster=true", "")
-        return RedisCluster.from_url(base, **options)
+    if url.split("://", 1)[0].lower() in SENTINEL_SCHEMES:
+        target = parse_sentinel_url(url)
+        sentinel_options = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            # A sentinel that is down is skipped for the next one at once,
+            # rather than retried with backoff (seconds per discovery).
+            "retry": Retry(NoBackoff(), 0),
+            **target.sentinel_options,
+        }
+        manager = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels), sentinel_kwargs=sentinel_options
+        )
+        master: Redis = manager.master_for(
+            target.service, db=target.db, **options, **target.master_options
+        )
+        return master
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    if ("cluster", "true") in query:
+        rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+        return RedisCluster.from_url(urlunsplit(parts._replace(query=rest)), **options)
     return Redis.from_url(url, **options)
 
 
@@ -308,7 +412,13 @@ class Store:
         self._report_room = redis.register_script(_REPORT_ROOM)
 
     async def close(self) -> None:
+        # A Sentinel-managed client does not own its connections to the
+        # sentinels: close those too.
+        pool = getattr(self.redis, "connection_pool", None)
+        manager = getattr(pool, "sentinel_manager", None)
         await self.redis.aclose()
+        if isinstance(manager, Sentinel):
+            await manager.aclose()
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -497,14 +607,20 @@ class Store:
         try:
             info: Any = await self.redis.xinfo_stream(CHANGES_STREAM)
         except ResponseError:
-            return False  # no feed yet: nothing was missed
+            # No feed: nothing was missed, unless we had read from one, in
+            # which case Redis lost it (restarted without its data).
+            return _id_tuple(after) > (0, 0)
         # Trimming removes the oldest entries: if the entry we stopped at is
         # gone, newer ones may be gone too, so count that as a gap.
         deleted = _text(info.get("max-deleted-entry-id")) or "0-0"
         first = info.get("first-entry")
         first_id = _text(first[0]) if first else None
         trimmed = first_id is not None and _id_tuple(first_id) > _id_tuple(after)
-        return trimmed or _id_tuple(deleted) > _id_tuple(after)
+        # A feed that ends before where we stopped was rolled back (Redis
+        # restarted from an older snapshot): what we applied may be gone.
+        last = _text(info.get("last-generated-id")) or "0-0"
+        rolled_back = _id_tuple(last) < _id_tuple(after)
+        return trimmed or rolled_back or _id_tuple(deleted) > _id_tuple(after)
 
     async def announce(self, event: dict[str, Any], stream: str = GUARD_STREAM) -> str:
         entry_id = await self.redis.xadd(stream, {"event": json.dumps(event, sort_keys=True)})
@@ -580,12 +696,60 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':outbox', ARGV[4],
 return 1
 """
 
+# KEYS[1] an application's status hash. ARGV: cursor field, expected value
+# ('' for none), new value, payload, now, version.
+# Like _CLAIM_ANNOUNCEMENT, for a status change: claimed only from the stored
+# status version (a replica holding an older status cannot announce it),
+# never for an evaluation older than the last one claimed at that version (a
+# replica whose clock lags cannot announce a deadline backwards), and never
+# while the previous announcement is still in the outbox (it would be lost).
+_CLAIM_STATUS_ANNOUNCEMENT: Final = """
+if tonumber(redis.call('HGET', KEYS[1], 'version') or '0') ~= tonumber(ARGV[6]) then
+  return 0
+end
+local f = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], f .. ':outbox') == 1 then return 0 end
+local mark = redis.call('HMGET', KEYS[1], f, f .. ':version', f .. ':now')
+if (mark[1] or '') ~= ARGV[2] then return 0 end
+local version, now = tonumber(ARGV[6]), tonumber(ARGV[5])
+local mv, mn = tonumber(mark[2] or '0'), tonumber(mark[3] or '0')
+if version < mv or (version == mv and now < mn) then return 0 end
+redis.call('HSET', KEYS[1], f, ARGV[3], f .. ':outbox', ARGV[4], f .. ':outbox_at', ARGV[5],
+           f .. ':version', ARGV[6], f .. ':now', ARGV[5])
+return 1
+"""
+
+# KEYS[1] account meta. ARGV: token. Raises the account's fence to the
+# caller's token; returns 0 if a newer token has already fenced it.
+_FENCE_ACCOUNT: Final = """
+local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+local token = tonumber(ARGV[1])
+if token < fence then return 0 end
+if token > fence then redis.call('HSET', KEYS[1], 'fence', token) end
+return 1
+"""
+
 # KEYS[1] the hash. ARGV: cursor field, payload. Clears the outbox once the
 # payload it holds is on the stream.
 _FINISH_ANNOUNCEMENT: Final = """
 if redis.call('HGET', KEYS[1], ARGV[1] .. ':outbox') == ARGV[2] then
-  redis.call('HDEL', KEYS[1], ARGV[1] .. ':outbox', ARGV[1] .. ':outbox_at')
+  redis.call('HDEL', KEYS[1], ARGV[1] .. ':outbox', ARGV[1] .. ':outbox_at',
+             ARGV[1] .. ':outbox_taken')
 end
+return 1
+"""
+
+# KEYS[1] the hash. ARGV: cursor field, payload, now, stale ms.
+# Takes over an outbox whose writer is presumed dead (it was claimed, or last
+# taken over, at least `stale` ms ago), so that exactly one replica finishes
+# it. Returns 1 if taken.
+_TAKE_OUTBOX: Final = """
+local f = ARGV[1]
+local cur = redis.call('HMGET', KEYS[1], f .. ':outbox', f .. ':outbox_at', f .. ':outbox_taken')
+if cur[1] ~= ARGV[2] then return 0 end
+local last = math.max(tonumber(cur[2] or '0'), tonumber(cur[3] or '0'))
+if tonumber(ARGV[3]) - last < tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], f .. ':outbox_taken', ARGV[3])
 return 1
 """
 
@@ -606,10 +770,34 @@ class Coordination:
         self._resign = redis.register_script(_RESIGN)
         self._release = redis.register_script(_RELEASE)
         self._claim = redis.register_script(_CLAIM_ANNOUNCEMENT)
+        self._claim_status = redis.register_script(_CLAIM_STATUS_ANNOUNCEMENT)
         self._finish = redis.register_script(_FINISH_ANNOUNCEMENT)
+        self._fence = redis.register_script(_FENCE_ACCOUNT)
+        self._take = redis.register_script(_TAKE_OUTBOX)
 
     async def hold_lease(self, holder: str, ttl_ms: int) -> int:
         return int(await self._lease(keys=[LEADER, FENCE], args=[holder, ttl_ms]))
+
+    async def lease_token(self, holder: str) -> int:
+        """The fencing token ``holder`` holds the lease with now, 0 if it does not."""
+        cur = _text(await self.redis.get(LEADER))
+        if cur is None:
+            return 0
+        who, _, token = cur.rpartition("|")
+        return int(token) if who == holder and token.isdigit() else 0
+
+    async def fence_account(self, account_id: str, token: int) -> bool:
+        """Raise the account's release fence to ``token``; False if a newer
+        leader already did (the caller must not act on the account)."""
+        return bool(await self._fence(keys=[meta_key(account_id)], args=[token]))
+
+    async def account_seq(self, account_id: str) -> int:
+        """The account's fact sequence now."""
+        return int(await self.redis.hget(meta_key(account_id), "seq") or 0)
+
+    async def status_version(self, app_id: str) -> int:
+        """The stored status version of an application now (0: none)."""
+        return int(await self.redis.hget(status_key(app_id), "version") or 0)
 
     async def resign(self, holder: str) -> None:
         await self._resign(keys=[LEADER], args=[holder])
@@ -658,8 +846,33 @@ class Coordination:
     ) -> bool:
         return bool(await self._claim(keys=[key], args=[field, expected, new, payload, now]))
 
+    async def claim_status(
+        self,
+        app_id: str,
+        field: str,
+        expected: str,
+        new: str,
+        payload: str,
+        now: Millis,
+        version: int,
+    ) -> bool:
+        """Claim the announcement of an application's status change, made from
+        status ``version`` evaluated at ``now`` (see _CLAIM_STATUS_ANNOUNCEMENT)."""
+        return bool(
+            await self._claim_status(
+                keys=[status_key(app_id)], args=[field, expected, new, payload, now, version]
+            )
+        )
+
     async def finish(self, key: str, field: str, payload: str) -> None:
         await self._finish(keys=[key], args=[field, payload])
+
+    async def take_outbox(
+        self, key: str, field: str, payload: str, now: Millis, stale_ms: int
+    ) -> bool:
+        """Take over an abandoned outbox (see _TAKE_OUTBOX); True if this caller
+        is now the one to finish it."""
+        return bool(await self._take(keys=[key], args=[field, payload, now, stale_ms]))
 
     async def on_stream(
         self, announcement_id: str, since: Millis, stream: str = GUARD_STREAM

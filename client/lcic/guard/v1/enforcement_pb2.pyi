@@ -189,6 +189,50 @@ CLASSROOM_ROLE_SUPERVISOR: ClassroomRole.ValueType  # 4
 """A supervisor or inspector."""
 Global___ClassroomRole: _TypeAlias = ClassroomRole  # noqa: Y015
 
+class _DeadlineKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeadlineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeadlineKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEADLINE_KIND_UNSPECIFIED: _DeadlineKind.ValueType  # 0
+    """Never set by the server."""
+    DEADLINE_KIND_GRACE_END: _DeadlineKind.ValueType  # 1
+    """The overdue grace period ends: suspension (ACCOUNT_OVERDUE) unless the
+    account is topped up before.
+    """
+    DEADLINE_KIND_RELEASE: _DeadlineKind.ValueType  # 2
+    """The account's resources are released for good unless it is topped up
+    before (R10).
+    """
+    DEADLINE_KIND_PACKAGE_EXPIRY: _DeadlineKind.ValueType  # 3
+    """The package in force expires (PACKAGE_EXPIRED unless another one is in
+    force then).
+    """
+    DEADLINE_KIND_PACKAGE_START: _DeadlineKind.ValueType  # 4
+    """A package already bought comes into force."""
+
+class DeadlineKind(_DeadlineKind, metaclass=_DeadlineKindEnumTypeWrapper):
+    """DeadlineKind says what happens at a deadline."""
+
+DEADLINE_KIND_UNSPECIFIED: DeadlineKind.ValueType  # 0
+"""Never set by the server."""
+DEADLINE_KIND_GRACE_END: DeadlineKind.ValueType  # 1
+"""The overdue grace period ends: suspension (ACCOUNT_OVERDUE) unless the
+account is topped up before.
+"""
+DEADLINE_KIND_RELEASE: DeadlineKind.ValueType  # 2
+"""The account's resources are released for good unless it is topped up
+before (R10).
+"""
+DEADLINE_KIND_PACKAGE_EXPIRY: DeadlineKind.ValueType  # 3
+"""The package in force expires (PACKAGE_EXPIRED unless another one is in
+force then).
+"""
+DEADLINE_KIND_PACKAGE_START: DeadlineKind.ValueType  # 4
+"""A package already bought comes into force."""
+Global___DeadlineKind: _TypeAlias = DeadlineKind  # noqa: Y015
+
 @_typing.final
 class Decision(_message.Message):
     """Decision is the answer to one check."""
@@ -206,6 +250,7 @@ class Decision(_message.Message):
     STATUS_VERSION_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """Whether the action may go ahead."""
     reason: Global___DecisionReason.ValueType
@@ -220,6 +265,13 @@ class Decision(_message.Message):
     """True when the decision was made without a fresh status (store trouble)."""
     state: Global___ApplicationState.ValueType
     """The application's state at decision time."""
+    shadow: _builtins.bool
+    """True when shadow mode is on for this check and it would have been
+    denied: `allowed` is then true, while `reason`, `reasons` and `message`
+    are those of the denial that enforcement would have made. Callers act
+    on `allowed` only; the would-be denial is for logs and dashboards (the
+    sidecar also counts it in lcic_guard_shadow_denials_total).
+    """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[Global___DecisionReason.ValueType]:
         """Every reason that holds for the application, in order of precedence."""
@@ -256,10 +308,11 @@ class Decision(_message.Message):
         status_version: _builtins.int = ...,
         degraded: _builtins.bool = ...,
         state: Global___ApplicationState.ValueType = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "protected_until", b"protected_until", "release_at", b"release_at", "suspended_at", b"suspended_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "degraded", b"degraded", "grace_ends_at", b"grace_ends_at", "message", b"message", "protected_until", b"protected_until", "reason", b"reason", "reasons", b"reasons", "release_at", b"release_at", "state", b"state", "status_version", b"status_version", "suspended_at", b"suspended_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "degraded", b"degraded", "grace_ends_at", b"grace_ends_at", "message", b"message", "protected_until", b"protected_until", "reason", b"reason", "reasons", b"reasons", "release_at", b"release_at", "shadow", b"shadow", "state", b"state", "status_version", b"status_version", "suspended_at", b"suspended_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,6 +702,9 @@ class ApplicationStatus(_message.Message):
     UPCOMING_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    FACTS_FIELD_NUMBER: _builtins.int
+    DEADLINES_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The application."""
     account_id: _builtins.str
@@ -659,6 +715,10 @@ class ApplicationStatus(_message.Message):
     """Monotonic version of the record."""
     degraded: _builtins.bool
     """True when the record was not read fresh from the store."""
+    message: _builtins.str
+    """What the customer can do to restore service, in plain words (as in
+    `Decision.message`).
+    """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[Global___DecisionReason.ValueType]:
         """Every reason that holds now, in order of precedence."""
@@ -689,6 +749,20 @@ class ApplicationStatus(_message.Message):
     def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The rules that produced the state, e.g. "R2 overdue suspension: ..."."""
 
+    @_builtins.property
+    def facts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReasonFact]:
+        """The billing events behind each reason in `reasons` (the alert that
+        started the grace period, the usage report that exhausted the quota,
+        the package that expired, the ban...), one or more per reason, in the
+        order of `reasons`. Set by GetApplicationStatus only.
+        """
+
+    @_builtins.property
+    def deadlines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deadline]:
+        """The known future moments that matter (grace end, release date, package
+        expiry or start), in time order. Set by GetApplicationStatus only.
+        """
+
     def __init__(
         self,
         *,
@@ -704,14 +778,100 @@ class ApplicationStatus(_message.Message):
         upcoming: _abc.Iterable[Global___StatusTransition] | None = ...,
         rules: _abc.Iterable[_builtins.str] | None = ...,
         degraded: _builtins.bool = ...,
+        facts: _abc.Iterable[Global___ReasonFact] | None = ...,
+        deadlines: _abc.Iterable[Global___Deadline] | None = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "release_at", b"release_at", "suspended_at", b"suspended_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "app_id", b"app_id", "degraded", b"degraded", "grace_ends_at", b"grace_ends_at", "reasons", b"reasons", "release_at", b"release_at", "rules", b"rules", "state", b"state", "suspended_at", b"suspended_at", "upcoming", b"upcoming", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "app_id", b"app_id", "deadlines", b"deadlines", "degraded", b"degraded", "facts", b"facts", "grace_ends_at", b"grace_ends_at", "message", b"message", "reasons", b"reasons", "release_at", b"release_at", "rules", b"rules", "state", b"state", "suspended_at", b"suspended_at", "upcoming", b"upcoming", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplicationStatus: _TypeAlias = ApplicationStatus  # noqa: Y015
+
+@_typing.final
+class ReasonFact(_message.Message):
+    """ReasonFact is one billing event that supports one reason of a status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    reason: Global___DecisionReason.ValueType
+    """The reason it supports."""
+    event_id: _builtins.str
+    """The billing event's id. Empty when the reason rests on an absence (for
+    PACKAGE_EXPIRED of an application that never bought a package, the
+    registration is given instead).
+    """
+    event_type: _builtins.str
+    """The billing event's type, e.g. "overdue_alert" or "package_usage"."""
+    detail: _builtins.str
+    """What the event says and why it matters, in words, e.g. "quota of
+    package pkg-1 used up: 6000 of 6000 minutes".
+    """
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the billing event occurred."""
+
+    def __init__(
+        self,
+        *,
+        reason: Global___DecisionReason.ValueType = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "event_id", b"event_id", "event_type", b"event_type", "occurred_at", b"occurred_at", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReasonFact: _TypeAlias = ReasonFact  # noqa: Y015
+
+@_typing.final
+class Deadline(_message.Message):
+    """Deadline is a known future moment that matters to an application."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    kind: Global___DeadlineKind.ValueType
+    """What happens then."""
+    description: _builtins.str
+    """What happens, in words."""
+    event_id: _builtins.str
+    """The billing event that set the deadline (the alert, the package
+    purchase), if any.
+    """
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___DeadlineKind.ValueType = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        description: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "description", b"description", "event_id", b"event_id", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Deadline: _TypeAlias = Deadline  # noqa: Y015
 
 @_typing.final
 class StatusTransition(_message.Message):
@@ -898,3 +1058,105 @@ class ScheduledDecisions(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScheduledDecisions: _TypeAlias = ScheduledDecisions  # noqa: Y015
+
+@_typing.final
+class PreviewApplicationRequest(_message.Message):
+    """PreviewApplicationRequest names an application and a time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ROOM_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """The application. Required."""
+    room_id: _builtins.str
+    """A classroom, if the enter-classroom answer should take its reported
+    start into account (R6 protection at `at`).
+    """
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """The time to preview. Required. A time before now is answered as of now."""
+
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        room_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "at", b"at", "room_id", b"room_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewApplicationRequest: _TypeAlias = PreviewApplicationRequest  # noqa: Y015
+
+@_typing.final
+class PreviewApplicationResponse(_message.Message):
+    """PreviewApplicationResponse is what the checks would answer at `at`, if no
+    new billing event arrives meanwhile.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    CREATE_CLASSROOM_FIELD_NUMBER: _builtins.int
+    ENTER_CLASSROOM_FIELD_NUMBER: _builtins.int
+    ACCESS_RECORDING_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """The application."""
+    state: Global___ApplicationState.ValueType
+    """The application's state at `at`."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """The time the answers are for (the request's `at`, or now if that was in
+        the past).
+        """
+
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[Global___DecisionReason.ValueType]:
+        """Every reason that holds at `at`, in order of precedence."""
+
+    @_builtins.property
+    def create_classroom(self) -> Global___Decision:
+        """The answer CanCreateClassroom would give."""
+
+    @_builtins.property
+    def enter_classroom(self) -> Global___Decision:
+        """The answer CanEnterClassroom would give, for `room_id` if given, else
+        for a classroom not reported started before the suspension.
+        """
+
+    @_builtins.property
+    def access_recording(self) -> Global___Decision:
+        """The answer CanAccessRecording would give."""
+
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The rules that produce the state at `at`, in words."""
+
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___ApplicationState.ValueType = ...,
+        reasons: _abc.Iterable[Global___DecisionReason.ValueType] | None = ...,
+        create_classroom: Global___Decision | None = ...,
+        enter_classroom: Global___Decision | None = ...,
+        access_recording: Global___Decision | None = ...,
+        rules: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "at", b"at", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "app_id", b"app_id", "at", b"at", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom", "reasons", b"reasons", "rules", b"rules", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewApplicationResponse: _TypeAlias = PreviewApplicationResponse  # noqa: Y015

@@ -77,6 +77,11 @@ class EnforcementServiceStub:
                 request_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.WatchApplicationStatusRequest.SerializeToString,
                 response_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.WatchApplicationStatusResponse.FromString,
                 _registered_method=True)
+        self.PreviewApplication = channel.unary_unary(
+                '/lcic.guard.v1.EnforcementService/PreviewApplication',
+                request_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationRequest.SerializeToString,
+                response_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationResponse.FromString,
+                _registered_method=True)
 
 
 class EnforcementServiceServicer:
@@ -155,6 +160,18 @@ class EnforcementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewApplication(self, request, context):
+        """PreviewApplication answers what the application's three checks will
+        answer at a given time if no new billing event arrives: grace ending,
+        a package expiring or starting, an overdue suspension falling due.
+        Computed from the stored status timeline; nothing is changed. A time in
+        the past is answered as of now (the status keeps no history). NOT_FOUND
+        if the application is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnforcementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +214,11 @@ def add_EnforcementServiceServicer_to_server(servicer, server):
                     servicer.WatchApplicationStatus,
                     request_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.WatchApplicationStatusRequest.FromString,
                     response_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.WatchApplicationStatusResponse.SerializeToString,
+            ),
+            'PreviewApplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewApplication,
+                    request_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationRequest.FromString,
+                    response_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -418,6 +440,33 @@ class EnforcementService:
             '/lcic.guard.v1.EnforcementService/WatchApplicationStatus',
             lcic_dot_guard_dot_v1_dot_enforcement__pb2.WatchApplicationStatusRequest.SerializeToString,
             lcic_dot_guard_dot_v1_dot_enforcement__pb2.WatchApplicationStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewApplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcic.guard.v1.EnforcementService/PreviewApplication',
+            lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationRequest.SerializeToString,
+            lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,14 @@ class EnforcementServiceStub:
     response with no status) every second, so a watcher knows its copy is
     fresh.
     """
+    PreviewApplication: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.PreviewApplicationRequest, _enforcement_pb2.PreviewApplicationResponse]
+    """PreviewApplication answers what the application's three checks will
+    answer at a given time if no new billing event arrives: grace ending,
+    a package expiring or starting, an overdue suspension falling due.
+    Computed from the stored status timeline; nothing is changed. A time in
+    the past is answered as of now (the status keeps no history). NOT_FOUND
+    if the application is unknown.
+    """
 
 @_typing.type_check_only
 class EnforcementServiceAsyncStub(EnforcementServiceStub):
@@ -130,6 +138,14 @@ class EnforcementServiceAsyncStub(EnforcementServiceStub):
     While the sidecar's own view is current it also sends a heartbeat (a
     response with no status) every second, so a watcher knows its copy is
     fresh.
+    """
+    PreviewApplication: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.PreviewApplicationRequest, _enforcement_pb2.PreviewApplicationResponse]  # type: ignore[assignment]
+    """PreviewApplication answers what the application's three checks will
+    answer at a given time if no new billing event arrives: grace ending,
+    a package expiring or starting, an overdue suspension falling due.
+    Computed from the stored status timeline; nothing is changed. A time in
+    the past is answered as of now (the status keeps no history). NOT_FOUND
+    if the application is unknown.
     """
 
 class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -222,6 +238,20 @@ class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
         While the sidecar's own view is current it also sends a heartbeat (a
         response with no status) every second, so a watcher knows its copy is
         fresh.
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewApplication(
+        self,
+        request: _enforcement_pb2.PreviewApplicationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enforcement_pb2.PreviewApplicationResponse, _abc.Awaitable[_enforcement_pb2.PreviewApplicationResponse]]:
+        """PreviewApplication answers what the application's three checks will
+        answer at a given time if no new billing event arrives: grace ending,
+        a package expiring or starting, an overdue suspension falling due.
+        Computed from the stored status timeline; nothing is changed. A time in
+        the past is answered as of now (the status keeps no history). NOT_FOUND
+        if the application is unknown.
         """
 
 def add_EnforcementServiceServicer_to_server(servicer: EnforcementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,101 @@
+"""Readiness that means fresh: health follows the reconciler's heartbeat.
+
+Every reconciler replica writes its clock (ms) to ``lcic:guard:heartbeat``
+on each tick of its deadline loop. A sidecar whose statuses come from a
+reconciler that stopped (or from a Redis it cannot read) would answer from
+ever older data while its probe still passed; with this task the gRPC health
+service says NOT_SERVING while the newest heartbeat seen is older than
+``max_age_ms`` (or none was ever written), and SERVING again once it is
+fresh. Checks are still answered meanwhile: health is what a load balancer
+or an orchestrator acts on.
+
+While Redis cannot be read the last heartbeat seen keeps ageing, so a Redis
+outage longer than the bound also turns health NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from lcic_guard.facts import Millis
+from lcic_guard.sidecar import RunningServer
+from lcic_guard.store import Coordination, Store
+
+log = logging.getLogger(__name__)
+
+
+class Readiness:
+    """Polls the heartbeat and sets the server's health accordingly."""
+
+    def __init__(
+        self,
+        store: Store,
+        server: RunningServer,
+        max_age_ms: int,
+        clock: Callable[[], Millis],
+        *,
+        interval_s: float | None = None,
+        read_timeout_s: float = 1.0,
+    ) -> None:
+        if max_age_ms <= 0:
+            raise ValueError("max_age_ms must be positive (0 disables: do not build one)")
+        self.coord = Coordination(store)
+        self.server = server
+        self.max_age_ms = max_age_ms
+        self.clock = clock
+        # Often enough to notice within a fifth of the bound, at most once a second.
+        self.interval_s = (
+            interval_s if interval_s is not None else min(1.0, max(0.05, max_age_ms / 5000))
+        )
+        self.read_timeout_s = read_timeout_s
+        self.last_heartbeat: Millis | None = None
+        self.serving: bool | None = None
+        self.read_errors = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def age_ms(self, now: Millis) -> Millis | None:
+        return None if self.last_heartbeat is None else now - self.last_heartbeat
+
+    async def check_once(self) -> bool:
+        """Read the heartbeat, set health; True if serving."""
+        try:
+            beat = await asyncio.wait_for(self.coord.last_heartbeat(), self.read_timeout_s)
+            if beat is not None:
+                self.last_heartbeat = max(beat, self.last_heartbeat or beat)
+        except Exception as exc:  # the last one seen keeps ageing
+            self.read_errors += 1
+            if self.read_errors == 1 or self.read_errors % 100 == 0:
+                log.warning("readiness: cannot read the reconciler heartbeat (%s)", exc)
+        age = self.age_ms(self.clock())
+        fresh = age is not None and age <= self.max_age_ms
+        if fresh != self.serving:
+            await self.server.set_serving(fresh)
+            if fresh:
+                log.info("readiness: reconciler heartbeat is fresh (%d ms old): SERVING", age)
+            else:
+                shown = "never written" if age is None else f"{age / 1000:.1f}s old"
+                log.warning(
+                    "readiness: reconciler heartbeat %s (bound %.1fs): health NOT_SERVING",
+                    shown,
+                    self.max_age_ms / 1000,
+                )
+            self.serving = fresh
+        return fresh
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.check_once()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="lcic-guard-readiness")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,268 @@
+"""Explanations on the wire and for a person.
+
+The wire side turns :mod:`lcic_guard.explain` and the policy into the
+``ApplicationStatus.facts``/``deadlines``/``message`` fields and the
+PreviewApplication answer. The person side renders those messages as the
+text ``lcic-guard status``, ``explain`` and ``preview`` print. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from lcic.guard.v1 import enforcement_pb2 as pb
+
+from lcic_guard import api
+from lcic_guard.explain import Deadline, ReasonFact, deadlines, reason_facts
+from lcic_guard.facts import Fact, InvalidEvent, Millis, format_time, parse_time
+from lcic_guard.policy import (
+    AppStatus,
+    Check,
+    PolicyConfig,
+    Reason,
+    Room,
+    State,
+    decide,
+    explain,
+    message_for,
+)
+
+_REASON_PB: Final = {r: getattr(pb, f"DECISION_REASON_{r.value}") for r in Reason}
+_STATE_PB: Final = {s: getattr(pb, f"APPLICATION_STATE_{s.value}") for s in State}
+
+# -- the wire -------------------------------------------------------------------
+
+
+def facts_to_pb(facts: Iterable[ReasonFact]) -> list[pb.ReasonFact]:
+    out = []
+    for f in facts:
+        msg = pb.ReasonFact(
+            reason=_REASON_PB[f.reason],
+            event_id=f.event_id,
+            event_type=f.event_type,
+            detail=f.detail,
+        )
+        if f.event_id:
+            msg.occurred_at.FromMilliseconds(f.occurred_at)
+        out.append(msg)
+    return out
+
+
+def deadlines_to_pb(items: Iterable[Deadline]) -> list[pb.Deadline]:
+    out = []
+    for d in items:
+        msg = pb.Deadline(
+            kind=getattr(pb, f"DEADLINE_KIND_{d.kind.value}"),
+            description=d.description,
+            event_id=d.event_id,
+        )
+        msg.at.FromMilliseconds(d.at)
+        out.append(msg)
+    return out
+
+
+def explained_status(
+    status: AppStatus, facts: Sequence[Fact] | None, now: Millis
+) -> pb.ApplicationStatus:
+    """The status record with its facts, deadlines and advice (GetApplicationStatus)."""
+    out = api.status_to_pb(status, now)
+    seg = status.at(now)
+    out.message = message_for(seg)
+    if seg.suspended and Reason.OVERDUE_GRACE in seg.reasons:
+        # The suspension's advice does not mention the grace running meanwhile.
+        out.message += (
+            " The account also has an overdue payment: top up before "
+            f"{format_time(seg.grace_ends_at or now)} or every application of the account "
+            "will be suspended for it too."
+        )
+    if facts is not None:
+        out.facts.extend(facts_to_pb(reason_facts(status, facts, now)))
+        out.deadlines.extend(deadlines_to_pb(deadlines(status, facts, now)))
+    return out
+
+
+def preview(
+    status: AppStatus, room: Room | None, at: Millis, cfg: PolicyConfig
+) -> pb.PreviewApplicationResponse:
+    """What the three checks answer at ``at`` if no new billing fact arrives."""
+    seg = status.at(at)
+    out = pb.PreviewApplicationResponse(
+        app_id=status.app_id,
+        state=_STATE_PB[seg.state],
+        reasons=[_REASON_PB[r] for r in seg.reasons],
+        create_classroom=api.decision_to_pb(decide(Check.CREATE_CLASSROOM, status, at, cfg)),
+        enter_classroom=api.decision_to_pb(decide(Check.ENTER_CLASSROOM, status, at, cfg, room)),
+        access_recording=api.decision_to_pb(decide(Check.ACCESS_RECORDING, status, at, cfg)),
+        rules=list(explain(seg)),
+    )
+    out.at.FromMilliseconds(at)
+    return out
+
+
+PREVIEW_FIELDS: Final = (
+    ("create_classroom", Check.CREATE_CLASSROOM),
+    ("enter_classroom", Check.ENTER_CLASSROOM),
+    ("access_recording", Check.ACCESS_RECORDING),
+)
+
+# -- for a person -----------------------------------------------------------------
+
+
+def parse_at(text: str, now: Millis) -> Millis:
+    """An RFC 3339 time (``2026-10-01T12:00:00Z``) or ``+DURATION`` from now
+    (``+25h``, ``+61d``)."""
+    from lcic_guard.settings import parse_duration  # the CLI's duration syntax
+
+    text = text.strip()
+    if text.startswith("+"):
+        return now + parse_duration(text[1:])
+    try:
+        return parse_time(text, "--at")
+    except InvalidEvent as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc.reason}; use an RFC 3339 time such as 2026-10-01T12:00:00Z or +25h"
+        ) from None
+
+
+def reason_name(value: int) -> str:
+    return pb.DecisionReason.Name(value).removeprefix("DECISION_REASON_")  # type: ignore[arg-type]
+
+
+def state_name(value: int) -> str:
+    return pb.ApplicationState.Name(value).removeprefix("APPLICATION_STATE_")  # type: ignore[arg-type]
+
+
+def relative(ms: Millis, now: Millis) -> str:
+    """``in 22h 5m``, ``3d 2h ago``, ``now``."""
+    delta = ms - now
+    if abs(delta) < 60_000:
+        return "now"
+    minutes = abs(delta) // 60_000
+    days, rest = divmod(minutes, 1440)
+    hours, mins = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if hours or (days and mins):
+        parts.append(f"{hours}h")
+    if mins and not days:
+        parts.append(f"{mins}m")
+    text = " ".join(parts)
+    return f"in {text}" if delta > 0 else f"{text} ago"
+
+
+def _at(ts_ms: Millis, now: Millis) -> str:
+    return f"{format_time(ts_ms)} ({relative(ts_ms, now)})"
+
+
+def _has(msg: object, name: str) -> bool:
+    return bool(msg.HasField(name))  # type: ignore[attr-defined]
+
+
+_STATE_WORDS: Final = {
+    "ACTIVE": "in good standing",
+    "GRACE": "overdue, within the grace period: still served",
+    "SUSPENDED": "suspended: new classrooms and recordings are refused",
+    "RELEASED": "resources released for good",
+    "BANNED": "banned for good",
+}
+
+
+def render_status(st: pb.ApplicationStatus, now: Millis) -> str:
+    """An application's status for a person: reasons, facts, deadlines, advice."""
+    state = state_name(st.state)
+    lines = [
+        f"Application {st.app_id} (account {st.account_id})",
+        f"  state:   {state} - {_STATE_WORDS.get(state, '')}".rstrip(" -"),
+    ]
+    if _has(st, "suspended_at"):
+        lines.append(f"  suspended since {_at(st.suspended_at.ToMilliseconds(), now)}")
+    if st.degraded:
+        lines.append("  (not read fresh from the store)")
+    lines.append("")
+    if st.reasons:
+        lines.append("Reasons, with the billing events behind them:")
+        for r in st.reasons:
+            lines.append(f"  {reason_name(r)}")
+            for f in st.facts:
+                if f.reason != r:
+                    continue
+                if f.event_id:
+                    when = _at(f.occurred_at.ToMilliseconds(), now)
+                    lines.append(f"    - {f.event_type} {f.event_id} at {when}")
+                    lines.append(f"      {f.detail}")
+                else:
+                    lines.append(f"    - {f.detail}")
+    else:
+        lines.append("Reasons: none; no rule restricts the application.")
+    if st.rules:
+        lines += ["", "Rules applied:"] + [f"  {rule}" for rule in st.rules]
+    if st.deadlines:  # the sidecar lists those ahead of its own clock
+        lines += ["", "Deadlines ahead:"]
+        for d in st.deadlines:
+            kind = pb.DeadlineKind.Name(d.kind).removeprefix("DEADLINE_KIND_")
+            lines.append(f"  {_at(d.at.ToMilliseconds(), now)}  {kind}")
+            lines.append(f"    {d.description}")
+    if st.upcoming:
+        lines += ["", "Changes ahead if no new billing event arrives:"]
+        for t in st.upcoming:
+            why = ", ".join(reason_name(r) for r in t.reasons) or "OK"
+            lines.append(f"  {_at(t.at.ToMilliseconds(), now)}  {state_name(t.state)} ({why})")
+    if st.message:
+        lines += ["", "What the customer can do:", f"  {st.message}"]
+    updated = (
+        f", updated {_at(st.updated_at.ToMilliseconds(), now)}" if _has(st, "updated_at") else ""
+    )
+    lines += ["", f"Status version {st.version}{updated}"]
+    return "\n".join(lines)
+
+
+def render_decision(check: str, app_id: str, d: pb.Decision, now: Millis) -> str:
+    verdict = "ALLOWED" if d.allowed else "DENIED"
+    if d.shadow:
+        verdict = "ALLOWED (shadow mode: enforcement would deny)"
+    lines = [f"Check {check} for {app_id}: {verdict}, reason {reason_name(d.reason)}"]
+    if d.degraded:
+        lines.append("  (degraded: answered without a fresh status)")
+    if _has(d, "protected_until"):
+        lines.append(
+            "  the classroom started before the suspension and is protected until "
+            f"{_at(d.protected_until.ToMilliseconds(), now)}"
+        )
+    if d.message:
+        lines.append(f"  {d.message}")
+    return "\n".join(lines)
+
+
+def render_explain(check: str, d: pb.Decision, st: pb.ApplicationStatus, now: Millis) -> str:
+    return render_decision(check, st.app_id, d, now) + "\n\n" + render_status(st, now)
+
+
+_CHECK_WORDS: Final = {
+    Check.CREATE_CLASSROOM: "create",
+    Check.ENTER_CLASSROOM: "enter",
+    Check.ACCESS_RECORDING: "recording",
+}
+
+
+def render_preview(resp: pb.PreviewApplicationResponse, now: Millis) -> str:
+    at = resp.at.ToMilliseconds()
+    why = ", ".join(reason_name(r) for r in resp.reasons) or "OK"
+    lines = [
+        f"Preview of {resp.app_id} at {_at(at, now)}, if no new billing event arrives:",
+        f"  state: {state_name(resp.state)} ({why})",
+        "",
+    ]
+    for name, check in PREVIEW_FIELDS:
+        d: pb.Decision = getattr(resp, name)
+        verdict = "allowed" if d.allowed else "DENIED"
+        if d.shadow:
+            verdict = "allowed (shadow; would deny)"
+        extra = ""
+        if _has(d, "protected_until"):
+            extra = f", protected until {format_time(d.protected_until.ToMilliseconds())}"
+        lines.append(f"  {_CHECK_WORDS[check]:<10} {verdict:<10} {reason_name(d.reason)}{extra}")
+    if resp.rules:
+        lines += ["", "Rules:"] + [f"  {r}" for r in resp.rules]
+    lines += ["", "What the customer can do:", f"  {resp.create_classroom.message}"]
+    return "\n".join(lines)
