@@ -1318,3 +1318,14 @@ def test_negative_durations_refused(kwargs: dict[str, Any]) -> None:
     (name,) = kwargs
     with pytest.raises(ValueError, match=name):
         PolicyConfig(**kwargs)
+
+
+def test_a_fact_dated_far_ahead_does_not_hide_the_present() -> None:
+    """Billing-system clock skew: a fact dated a year ahead must not make
+    the app be answered now with its state of next year."""
+    facts: list[Fact] = [*base(), payg(365 * DAY, True)]
+    st = compute_account(facts, CFG, now=T0)["app-1"]
+    assert st.at(T0).state is State.ACTIVE
+    # Without the reader's clock only a day of history is kept before it.
+    blind = compute_account(facts, CFG)["app-1"]
+    assert blind.at(T0).state is State.SUSPENDED  # what the reader's clock prevents
