@@ -1,0 +1,162 @@
+"""Benchmark data: application statuses written straight into the status table.
+
+The statuses are the policy's own: one small account per situation (active,
+grace, quota exhausted, overdue, expired) is folded with
+:func:`lcic_guard.policy.compute_account`, and every benchmark application
+gets the timeline of one of these templates under its own application and
+account id. The hashes are written with the exact fields
+:meth:`lcic_guard.store.Store.write_status` writes (``version``, ``data`` from
+:func:`lcic_guard.store.encode_segments`, ``account``, ``updated_at``), as raw
+``HSET`` commands streamed in the Redis protocol over one socket (Redis
+"mass insertion"): about a second per million applications on this kind of
+machine, against tens of seconds through a Python client.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from lcic_guard.facts import (
+    ApplicationRegistered,
+    Fact,
+    Millis,
+    OverdueAlert,
+    PackagePurchased,
+    PackageUsage,
+)
+from lcic_guard.policy import DAY, HOUR, AppStatus, PolicyConfig, compute_account
+from lcic_guard.store import encode_segments, status_key
+
+# Every TEMPLATE_CYCLE consecutive applications: mostly in good standing, one
+# of each other situation (the decisions a sidecar really gives).
+TEMPLATE_CYCLE = 20
+_ACTIVE_SHARE = 16
+
+
+def app_id(n: int) -> str:
+    return f"app-{n:07d}"
+
+
+def account_id(n: int) -> str:
+    return f"acct-{n:07d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    name: str
+    data: bytes  # encode_segments() of the timeline
+    version: int
+
+
+def _facts(kind: str, now: Millis) -> list[Fact]:
+    acct, app, pkg = "acct-t", "app-t", "pkg-t"
+    registered = now - 10 * DAY
+    out: list[Fact] = [
+        ApplicationRegistered("t-1", registered, account_id=acct, app_id=app),
+    ]
+    starts, expires = registered, now + 20 * DAY
+    if kind == "expired":
+        expires = now - DAY
+    out.append(PackagePurchased("t-2", registered, app, pkg, starts, expires, 6000))
+    used = 6000 if kind == "quota" else 1200
+    out.append(PackageUsage("t-3", now - HOUR, app_id=app, package_id=pkg, used_minutes=used))
+    if kind == "grace":
+        out.append(OverdueAlert("t-4", now - 2 * HOUR, account_id=acct))
+    elif kind == "overdue":
+        out.append(OverdueAlert("t-4", now - 3 * DAY, account_id=acct))
+    return out
+
+
+def templates(now: Millis, policy: PolicyConfig | None = None) -> list[Template]:
+    """The TEMPLATE_CYCLE templates, in the order applications cycle through."""
+    policy = policy or PolicyConfig()
+    made: dict[str, Template] = {}
+    for kind in ("active", "grace", "quota", "overdue", "expired"):
+        status: AppStatus = compute_account(_facts(kind, now), policy)["app-t"]
+        made[kind] = Template(kind, encode_segments(status.segments).encode(), 1)
+    cycle = [made["active"]] * _ACTIVE_SHARE
+    cycle += [made["grace"], made["quota"], made["overdue"], made["expired"]]
+    assert len(cycle) == TEMPLATE_CYCLE
+    return cycle
+
+
+def _resp(*parts: bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for p in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(p), p.replace(b"%", b"%%")))
+    return b"".join(out)
+
+
+def _hset_format(t: Template, updated: bytes) -> bytes:
+    """The RESP of one HSET with ``%s`` holes for the key and the account."""
+    key, account = app_id(0), account_id(0)
+    raw = _resp(
+        b"HSET",
+        status_key(key).encode(),
+        b"version",
+        b"%d" % t.version,
+        b"data",
+        t.data,
+        b"account",
+        account.encode(),
+        b"updated_at",
+        updated,
+    )
+    # Ids have a fixed width, so the length prefixes stay right.
+    return raw.replace(key.encode(), b"%s", 1).replace(account.encode(), b"%s", 1)
+
+
+def hset_commands(first: int, count: int, now: Millis) -> Iterator[tuple[int, bytes]]:
+    """(number of commands, RESP bytes) chunks writing apps [first, first+count)."""
+    updated = str(now).encode()
+    formats = [_hset_format(t, updated) for t in templates(now)]
+    chunk = 10_000
+    for start in range(first, first + count, chunk):
+        end = min(start + chunk, first + count)
+        yield (
+            end - start,
+            b"".join(
+                formats[n % TEMPLATE_CYCLE] % (b"app-%07d" % n, b"acct-%07d" % n)
+                for n in range(start, end)
+            ),
+        )
+
+
+def load_apps(host: str, port: int, first: int, count: int, now: Millis) -> None:
+    """Write the statuses of apps [first, first+count) into Redis at host:port.
+
+    One thread streams the commands while this one counts the replies (every
+    reply to HSET is an integer line; anything else is an error).
+    """
+    if count >= 10**7 or first + count > 10**7:
+        raise ValueError("application numbers have 7 digits")
+    with socket.create_connection((host, port)) as sock:
+        failure: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                for _, payload in hset_commands(first, count, now):
+                    sock.sendall(payload)
+            except BaseException as exc:  # reported by the reading side
+                failure.append(exc)
+                sock.shutdown(socket.SHUT_RDWR)
+
+        sender = threading.Thread(target=send, name="bench-load", daemon=True)
+        sender.start()
+        seen = 0
+        tail = b""
+        while seen < count:
+            data = sock.recv(1 << 20)
+            if not data:
+                raise RuntimeError(f"redis closed the connection: {failure}")
+            if b"-" in data:
+                raise RuntimeError(f"HSET failed: {data[data.index(b'-') :][:200]!r}")
+            data = tail + data
+            seen += data.count(b"\r\n")
+            tail = data[data.rindex(b"\n") + 1 :] if b"\n" in data else data
+        sender.join()
+        if failure:
+            raise RuntimeError(f"sending failed: {failure[0]}")

@@ -1,0 +1,914 @@
+"""Benchmark of the lcic-guard sidecar against the gRPC runtime's own limit.
+
+One run, on one machine, with one load generator process at a time:
+
+(a) a no-op grpc.aio server implementing ``lcic.guard.v1.EnforcementService``
+    (parses the request, answers a constant Decision), in its own process;
+(b) ``lcic-guard serve --redis-url URL --listen ...`` (the real CLI) against a
+    private redis-server holding ``--apps`` applications;
+    for both: throughput and p50/p99 latency of ``CanCreateClassroom`` and of
+    ``CheckBatch`` of ``--batch`` checks at each ``--concurrency``, with the
+    sidecar's figures as ratios to the no-op server's;
+(c) change propagation: from the XADD of a billing event onto the billing
+    stream (consumed by ``lcic-guard reconcile``) to the first changed
+    decision a client polling ``CanCreateClassroom`` every millisecond sees;
+(d) the sidecar's resident memory with ``--apps`` and ``--rss-apps`` cached
+    applications.
+
+It prints every figure next to its target with PASS or MISS and writes
+``docs/benchmarks.md``. Full size (the defaults) takes about ten minutes;
+a quick run::
+
+    .venv/bin/python bench/checks.py --apps 1000 --rss-apps 5000 --seconds 2 \\
+        --warmup 0.5 --repeat 1 --changes 20 --out /tmp/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis
+from lcic_guard.checker import wall_clock
+from lcic_guard.embedded import EmbeddedRedis, free_port
+from lcic_guard.settings import parse_duration
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._dataset import TEMPLATE_CYCLE, load_apps  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The issue's targets.
+T_THROUGHPUT = 0.9  # single-check throughput >= 0.9 x no-op
+T_P50 = 1.15  # p50 at concurrency 1 <= 1.15 x no-op
+T_PROPAGATION_MS = 100.0  # propagation p99 <= 100 ms
+T_BATCH = 20.0  # CheckBatch(100) checks/s >= 20 x single-check checks/s
+T_RSS_MB = 300.0  # RSS <= 300 MB at 1,000,000 apps
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- /proc ---------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all cores)."""
+    with open("/proc/stat") as fh:
+        parts = [int(x) for x in fh.readline().split()[1:]]
+    idle = parts[3] + parts[4]
+    return (sum(parts[:8]) - idle) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as fh:
+        mem_kb = int(fh.readline().split()[1])
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    import google.protobuf
+
+    git = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "server", "client"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "redis-server": redis_version.split(" sha=")[0],
+        "commit": git + (" + uncommitted changes under server/ or client/" if dirty else ""),
+    }
+
+
+# -- child processes -------------------------------------------------------------
+
+
+@dataclass
+class Children:
+    """Every process this run started, stopped in reverse order."""
+
+    procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+
+    def start(self, args: list[str], logfile: Path | None = None) -> subprocess.Popen[str]:
+        out: Any = open(logfile, "w") if logfile else subprocess.PIPE  # noqa: SIM115
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT if logfile else None,
+            text=True,
+            cwd=ROOT,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def alive(proc: subprocess.Popen[Any], logfile: Path) -> None:
+    """Fail with the end of its log if a long-running child has exited."""
+    if proc.poll() is not None:
+        tail = logfile.read_text(errors="replace").splitlines()[-15:] if logfile.exists() else []
+        raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n" + "\n".join(tail))
+
+
+def worker_args(role: str, cfg: dict[str, Any]) -> list[str]:
+    return [sys.executable, str(BENCH / "_workers.py"), role, json.dumps(cfg)]
+
+
+def run_worker(
+    children: Children,
+    role: str,
+    cfg: dict[str, Any],
+    on_line: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run a worker to completion; its last line is ``RESULT {json}``."""
+    proc = children.start(worker_args(role, cfg))
+    assert proc.stdout is not None
+    result: dict[str, Any] | None = None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT ") :])
+        elif on_line is not None:
+            on_line(line)
+    proc.wait()
+    children.procs.remove(proc)
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"worker {role} failed (exit {proc.returncode})")
+    return result
+
+
+# -- measurement -----------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """What is sampled as the load generator's window opens and closes."""
+
+    server_pid: int
+    other_pids: list[int]
+    redis: redis.Redis
+
+    def sample(self) -> dict[str, float]:
+        stats: Any = self.redis.info("commandstats")
+        reads = sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("hmget", "hget"))
+        return {
+            "t": time.monotonic(),
+            "server": cpu_seconds(self.server_pid),
+            "others": sum(cpu_seconds(p) for p in self.other_pids),
+            "busy": busy_seconds(),
+            "redis_reads": reads,
+        }
+
+
+def measure(children: Children, cfg: dict[str, Any], probe: Probe) -> dict[str, Any]:
+    marks: dict[str, dict[str, float]] = {}
+
+    def on_line(line: str) -> None:
+        if line == "MEASURE_START":
+            marks["start"] = probe.sample()
+        elif line == "MEASURE_END":
+            marks["end"] = probe.sample()
+
+    res = run_worker(children, "load", cfg, on_line)
+    a, b = marks["start"], marks["end"]
+    span = b["t"] - a["t"]
+    res["server_cores"] = (b["server"] - a["server"]) / span
+    res["client_cores"] = res["client_cpu_s"] / res["seconds"]
+    ours = (b["server"] - a["server"]) + (b["others"] - a["others"]) + res["client_cpu_s"]
+    res["foreign_cores"] = max(0.0, (b["busy"] - a["busy"] - ours) / span)
+    res["redis_reads"] = int(b["redis_reads"] - a["redis_reads"])
+    res["cpu_us"] = (b["server"] - a["server"]) / max(res["checks"], 1) * 1e6
+    res["loadavg"] = os.getloadavg()[0]
+    return res
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+@dataclass
+class Scenario:
+    rpc: str  # "create" or "batch"
+    concurrency: int
+
+    @property
+    def label(self) -> str:
+        what = "CanCreateClassroom" if self.rpc == "create" else "CheckBatch({batch})"
+        return f"{what} c={self.concurrency}"
+
+
+# -- report ------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float
+    op: str  # ">=" or "<="
+    wanted: float
+    unit: str
+    detail: str
+    digits: int = 3
+
+    @property
+    def ok(self) -> bool:
+        return self.value >= self.wanted if self.op == ">=" else self.value <= self.wanted
+
+    @property
+    def gap(self) -> str:
+        """By how much a missed target is missed, relative to the target."""
+        if self.ok:
+            return ""
+        return f"{abs(self.value - self.wanted) / self.wanted:.0%}"
+
+    def show(self, x: float) -> str:
+        return f"{fmt(x, self.digits)}{self.unit}"
+
+
+ANALYSIS_MARKER = "<!-- analysis: kept by bench/checks.py across runs -->"
+
+
+@dataclass
+class Report:
+    args: argparse.Namespace
+    command: str
+    machine: dict[str, str]
+    started: str
+    notes: list[str] = field(default_factory=list)
+    setup: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    propagation: dict[str, Any] = field(default_factory=dict)
+    rss: dict[str, float] = field(default_factory=dict)
+    expired: dict[str, Any] = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    load_start: float = field(default_factory=lambda: os.getloadavg()[0])
+    load_end: float = 0.0
+
+    def label(self, sc: Scenario) -> str:
+        return sc.label.format(batch=self.args.batch)
+
+    def med(self, server: str, sc: Scenario, key: str) -> float:
+        return median_of(self.runs[self.label(sc)][server], key)
+
+    def evaluate(self, scenarios: list[Scenario]) -> None:
+        a = self.args
+        single = [s for s in scenarios if s.rpc == "create"]
+        batch = [s for s in scenarios if s.rpc == "batch"]
+        top_single = max(single, key=lambda s: s.concurrency)
+        low_single = min(single, key=lambda s: s.concurrency)
+        side_t = self.med("sidecar", top_single, "checks_per_s")
+        noop_t = self.med("noop", top_single, "checks_per_s")
+        side_cpu = self.med("sidecar", top_single, "cpu_us")
+        self.targets.append(
+            Target(
+                f"single-check throughput, {self.label(top_single)}",
+                side_t / noop_t,
+                ">=",
+                T_THROUGHPUT,
+                "x no-op",
+                f"{fmt(side_t, 0)} vs {fmt(noop_t, 0)} checks/s; at equal server CPU "
+                f"{fmt(self.med('noop', top_single, 'cpu_us') / side_cpu, 3)}x "
+                f"({fmt(side_cpu, 0)} vs {fmt(self.med('noop', top_single, 'cpu_us'), 0)} "
+                "µs/check)",
+            )
+        )
+        side_p, noop_p = (self.med(k, low_single, "p50_ms") for k in ("sidecar", "noop"))
+        self.targets.append(
+            Target(
+                f"p50 latency, {self.label(low_single)}",
+                side_p / noop_p,
+                "<=",
+                T_P50,
+                "x no-op",
+                f"{fmt(side_p, 3)} vs {fmt(noop_p, 3)} ms",
+            )
+        )
+        if self.propagation:
+            p = self.propagation["all"]
+            self.targets.append(
+                Target(
+                    f"change propagation p99 ({p['n']} changes)",
+                    p["p99_ms"],
+                    "<=",
+                    T_PROPAGATION_MS,
+                    " ms",
+                    f"p50 {fmt(p['p50_ms'], 1)} ms, max {fmt(p['max_ms'], 1)} ms",
+                    1,
+                )
+            )
+        if batch:
+            top_batch = max(batch, key=lambda s: s.concurrency)
+            bs = self.med("sidecar", top_batch, "checks_per_s")
+            batch_cpu = self.med("sidecar", top_batch, "cpu_us")
+            self.targets.append(
+                Target(
+                    f"sidecar {self.label(top_batch)} checks/s over single checks/s",
+                    bs / side_t,
+                    ">=",
+                    T_BATCH,
+                    "x",
+                    f"{fmt(bs, 0)} vs {fmt(side_t, 0)} checks/s; at equal server CPU "
+                    f"{fmt(side_cpu / batch_cpu, 1)}x ({fmt(batch_cpu, 1)} vs "
+                    f"{fmt(side_cpu, 0)} µs/check)",
+                    1,
+                )
+            )
+        if "big" in self.rss:
+            self.targets.append(
+                Target(
+                    f"sidecar RSS with {a.rss_apps:,} cached apps",
+                    self.rss["big"],
+                    "<=",
+                    T_RSS_MB,
+                    " MB",
+                    f"{fmt(self.rss['small'], 0)} MB with {a.apps:,}",
+                    0,
+                )
+            )
+
+    def markdown(self, scenarios: list[Scenario]) -> str:
+        a, m = self.args, self.machine
+        out: list[str] = []
+        w = out.append
+        w("# lcic-guard benchmarks\n")
+        w(
+            "Written by `bench/checks.py` (run it again rather than edit by hand; only "
+            "the analysis at the end, after its marker, is kept across runs). "
+            "Figures are from one run on one machine; every throughput and latency "
+            f"figure is the median of {a.repeat} repetition(s) of a {a.seconds:g} s "
+            f"window after a {a.warmup:g} s warm-up.\n"
+        )
+        w(f"- Date: {self.started} (took {self.elapsed_s / 60:.1f} min)")
+        w(f"- Command: `{self.command}`")
+        for k in ("nproc", "cpu", "memory", "kernel", "python", "grpcio", "protobuf"):
+            w(f"- {k}: {m[k]}")
+        w(f"- {m['redis-server']}; repository at {m['commit']}")
+        w(
+            f"- 1-minute load average at start {self.load_start:.1f}, at end "
+            f"{self.load_end:.1f} (other users' work shares the machine: see the "
+            "'foreign cpu' column)"
+        )
+        w("")
+        w("## Targets\n")
+        w("| target | measured | wanted | | missed by | detail |")
+        w("|---|---|---|---|---|---|")
+        for t in self.targets:
+            w(
+                f"| {t.name} | {t.show(t.value)} | {t.op} {t.show(t.wanted)} | "
+                f"**{verdict(t.ok)}** | {t.gap} | {t.detail} |"
+            )
+        w("")
+        w(
+            "The throughput and latency targets compare two processes on a 2-core "
+            "machine shared with the load generator and with other users' work (the "
+            "'foreign cpu' column below), so they move with the load; the server CPU "
+            "time per check ('at equal server CPU') is the steadier measure of what "
+            "the sidecar itself costs.\n"
+        )
+        w("## Throughput and latency\n")
+        w(
+            "Load generator: one process, grpc.aio, N concurrent tasks over "
+            f"{a.channels} channel(s) (1 at concurrency 1), requests serialized up "
+            "front, every response parsed. Each request names a uniformly random "
+            f"application out of {a.apps:,}; a CheckBatch carries {a.batch} "
+            "CanCreateClassroom checks. Throughput is in checks/s; ratios are "
+            "sidecar / no-op.\n"
+        )
+        w(
+            "| scenario | no-op checks/s | sidecar checks/s | throughput ratio | "
+            "no-op p50 / p99 ms | sidecar p50 / p99 ms | p50 ratio | "
+            "server CPU µs/check no-op / sidecar |"
+        )
+        w("|---|---|---|---|---|---|---|---|")
+        for sc in scenarios:
+            n_t, s_t = self.med("noop", sc, "checks_per_s"), self.med("sidecar", sc, "checks_per_s")
+            n50, s50 = self.med("noop", sc, "p50_ms"), self.med("sidecar", sc, "p50_ms")
+            n99, s99 = self.med("noop", sc, "p99_ms"), self.med("sidecar", sc, "p99_ms")
+            n_c, s_c = self.med("noop", sc, "cpu_us"), self.med("sidecar", sc, "cpu_us")
+            w(
+                f"| {self.label(sc)} | {fmt(n_t, 0)} | {fmt(s_t, 0)} | {fmt(s_t / n_t)} | "
+                f"{fmt(n50, 3)} / {fmt(n99, 3)} | {fmt(s50, 3)} / {fmt(s99, 3)} | "
+                f"{fmt(s50 / n50)} | {fmt(n_c, 1)} / {fmt(s_c, 1)} |"
+            )
+        w("")
+        w(
+            "Server CPU µs/check is the server process's CPU time (all threads) over the "
+            "checks it answered in the window: the cost of a check independent of how "
+            "much CPU the machine could give the server.\n"
+        )
+        single = {s.concurrency: s for s in scenarios if s.rpc == "create"}
+        ratios = []
+        for sc in scenarios:
+            if sc.rpc == "batch" and sc.concurrency in single:
+                rs = self.med("sidecar", sc, "checks_per_s") / self.med(
+                    "sidecar", single[sc.concurrency], "checks_per_s"
+                )
+                rn = self.med("noop", sc, "checks_per_s") / self.med(
+                    "noop", single[sc.concurrency], "checks_per_s"
+                )
+                ratios.append(f"c={sc.concurrency}: sidecar {fmt(rs, 1)}x, no-op {fmt(rn, 1)}x")
+        if ratios:
+            w(f"CheckBatch({a.batch}) checks/s over single-check checks/s: " + "; ".join(ratios))
+            w("")
+        w("### Every window\n")
+        w(
+            "CPU is in cores (1.0 = one core busy for the whole window): the server "
+            "process, the load generator, and everything else on the machine that "
+            "is not part of this run (other users' work competing for the 2 cores). "
+            "Redis reads are HMGET/HGET calls Redis served during the window "
+            "(0 = every check answered from the sidecar's cache).\n"
+        )
+        w(
+            "| scenario | server | rep | checks/s | p50 ms | p99 ms | server cpu | "
+            "µs/check | client cpu | foreign cpu | redis reads | degraded | errors |"
+        )
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for sc in scenarios:
+            for server in ("noop", "sidecar"):
+                for i, r in enumerate(self.runs[self.label(sc)][server], 1):
+                    w(
+                        f"| {self.label(sc)} | {server} | {i} | {fmt(r['checks_per_s'], 0)} | "
+                        f"{fmt(r['p50_ms'], 3)} | {fmt(r['p99_ms'], 3)} | "
+                        f"{fmt(r['server_cores'])} | {fmt(r['cpu_us'], 1)} | "
+                        f"{fmt(r['client_cores'])} | "
+                        f"{fmt(r['foreign_cores'])} | {r['redis_reads']} | {r['degraded']} | "
+                        f"{sum(r['errors'].values())} |"
+                    )
+        w("")
+        if self.propagation:
+            p = self.propagation
+            w("## Change propagation\n")
+            w(
+                "Time from the XADD of a billing event onto `lcic:billing:events` to the "
+                "first CanCreateClassroom answer that reflects it, polled every "
+                f"{a.poll_ms:g} ms by a client in its own process (`lcic-guard reconcile` "
+                "and the sidecar otherwise idle). Changes alternate between a "
+                "`compliance_ban` of a fresh account (OK -> ACCOUNT_BANNED) and a "
+                "`payg_changed` toggle on a quota-exhausted app "
+                "(PACKAGE_QUOTA_EXHAUSTED <-> OK). The apps were registered through "
+                f"the billing stream first ({p['setup_events']} events, "
+                f"{fmt(p['setup_s'], 1)} s until the sidecar answered them all).\n"
+            )
+            w("| changes | n | p50 ms | p99 ms | max ms |")
+            w("|---|---|---|---|---|")
+            for kind in ("all", "compliance_ban", "payg_changed"):
+                st = p[kind]
+                w(
+                    f"| {kind} | {st['n']} | {fmt(st['p50_ms'], 1)} | {fmt(st['p99_ms'], 1)} | "
+                    f"{fmt(st['max_ms'], 1)} |"
+                )
+            w("")
+        if self.rss:
+            w("## Sidecar memory\n")
+            w("VmRSS of the `lcic-guard serve` process (from /proc/PID/status).\n")
+            w("| cached applications | RSS MB |")
+            w("|---|---|")
+            w(f"| 0 (just started) | {fmt(self.rss['empty'], 0)} |")
+            w(f"| {a.apps:,} | {fmt(self.rss['small'], 0)} |")
+            if "big" in self.rss:
+                w(f"| {a.rss_apps:,} | {fmt(self.rss['big'], 0)} |")
+                per = (
+                    (self.rss["big"] - self.rss["small"]) * 1024 * 1024 / (a.rss_apps - a.apps)
+                    if a.rss_apps > a.apps
+                    else float("nan")
+                )
+                w(f"\nAbout {fmt(per, 0)} bytes per additional cached application.")
+            w("")
+        if self.expired:
+            e = self.expired
+            w("## Checks of expired cache entries\n")
+            w(
+                f"CanCreateClassroom c={e['concurrency']} over the first {a.apps:,} apps "
+                "once their cache entries are older than the freshness bound "
+                "(--cache-max-age, default 60 s): each first check of an app in the "
+                f"window reads Redis within --redis-timeout. {fmt(e['checks_per_s'], 0)} "
+                f"checks/s, p50 {fmt(e['p50_ms'], 3)} ms, p99 {fmt(e['p99_ms'], 3)} ms, "
+                f"{e['redis_reads']} Redis reads, {e['degraded']} of {e['checks']} answers "
+                "degraded (the read missed its deadline; answered from the last status "
+                "seen).\n"
+            )
+        w("## How the data was made\n")
+        for note in self.notes:
+            w(f"- {note}")
+        w("")
+        return "\n".join(out)
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--apps", type=int, default=100_000, help="apps in Redis for (a)-(c)")
+    p.add_argument("--rss-apps", type=int, default=1_000_000, help="apps cached for (d); 0: skip")
+    p.add_argument("--seconds", type=float, default=6.0, help="measured window")
+    p.add_argument("--warmup", type=float, default=1.5, help="warm-up before each window")
+    p.add_argument("--repeat", type=int, default=3, help="windows per scenario and server")
+    p.add_argument("--concurrency", default="1,32", help="comma-separated")
+    p.add_argument("--batch", type=int, default=100, help="checks per CheckBatch")
+    p.add_argument("--channels", type=int, default=4, help="channels of the load generator")
+    p.add_argument("--changes", type=int, default=250, help="changes for (c); 0: skip")
+    p.add_argument("--poll-ms", type=float, default=1.0, help="poll interval for (c)")
+    p.add_argument("--sweep-batch", type=int, default=100, help="batch size to warm the cache")
+    p.add_argument(
+        "--sidecar-arg",
+        action="append",
+        default=[],
+        help="extra flag for lcic-guard serve (repeatable), e.g. --sidecar-arg=--cache-max-age=10m",
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--logs", type=Path, default=None, help="directory for logs and raw results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    command = shlex.join(
+        [os.path.relpath(sys.executable, ROOT), os.path.relpath(__file__, ROOT), *sys.argv[1:]]
+    )
+    report = Report(
+        args,
+        command,
+        machine(),
+        dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = args.logs or Path(tempfile.gettempdir()) / f"lcic-guard-bench-{stamp}"
+    logs.mkdir(parents=True, exist_ok=True)
+    log(f"logs and raw results in {logs}")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    scenarios = [Scenario(rpc, c) for rpc in ("create", "batch") for c in concurrencies]
+    guard = str(Path(sys.executable).parent / "lcic-guard")
+    children = Children()
+    embedded = EmbeddedRedis()
+    try:
+        embedded.start()
+        assert embedded.proc is not None
+        url = embedded.url
+        client = redis.Redis(port=embedded.port)
+        now = wall_clock()
+        t0 = time.perf_counter()
+        load_apps("127.0.0.1", embedded.port, 0, args.apps, now)
+        load_s = time.perf_counter() - t0
+        log(f"loaded {args.apps:,} app statuses into Redis in {load_s:.2f} s")
+        report.notes.append(
+            f"Redis: a private redis-server (lcic_guard.embedded.EmbeddedRedis, persistence "
+            f"off). Statuses of {args.apps:,} apps (app-0000000...) were written in "
+            f"{load_s:.2f} s as raw HSETs streamed over one socket (Redis mass insertion) "
+            "with the fields Store.write_status writes (version, data = "
+            "store.encode_segments(...), account, updated_at). The timelines are "
+            "lcic_guard.policy.compute_account of five template accounts: of every "
+            f"{TEMPLATE_CYCLE} apps, 16 are ACTIVE and one each is in GRACE, "
+            "PACKAGE_QUOTA_EXHAUSTED, ACCOUNT_OVERDUE and PACKAGE_EXPIRED, each with its "
+            "own account id."
+        )
+
+        reconciler_cmd = [guard, "reconcile", "--redis-url", url, "--log-level", "WARNING"]
+        reconciler = children.start(reconciler_cmd, logs / "reconciler.log")
+
+        noop_port = free_port()
+        noop = children.start(worker_args("noop", {"listen": f"127.0.0.1:{noop_port}"}))
+        wait_port(noop_port, noop)
+        time.sleep(0.5)
+        alive(reconciler, logs / "reconciler.log")
+
+        sidecar_port = free_port()
+        sidecar_cmd = [
+            guard,
+            "serve",
+            "--redis-url",
+            url,
+            "--listen",
+            f"127.0.0.1:{sidecar_port}",
+            "--cache-size",
+            str(max(1_000_000, args.rss_apps)),
+            "--log-level",
+            "WARNING",
+            *args.sidecar_arg,
+        ]
+        report.notes.append(
+            "Sidecar: `"
+            + shlex.join([Path(guard).name, *sidecar_cmd[1:]]).replace(url, "URL")
+            + "` (`--redis-url` pointing at that Redis); reconciler: `"
+            + shlex.join([Path(guard).name, *reconciler_cmd[1:]]).replace(url, "URL")
+            + "`; the no-op server: `bench/_workers.py noop`. Each is its own process."
+        )
+        report.notes.append(
+            "Each repetition runs the no-op windows, then starts a fresh sidecar process, "
+            f"warms its cache by checking every app with CheckBatch({args.sweep_batch}) "
+            "(batches answered degraded are sent again) and runs the sidecar windows. "
+            "A sidecar window that would end after the oldest cache entry passes the "
+            "freshness bound (--cache-max-age) gets a fresh, re-warmed sidecar first, so "
+            "that every window measures the warm cache with the sidecar's default "
+            "settings; the 'redis reads' column shows that no check went to Redis. "
+            "What expired entries cost is measured separately (below)."
+        )
+        report.runs = {report.label(sc): {"noop": [], "sidecar": []} for sc in scenarios}
+        sidecar: subprocess.Popen[Any] | None = None
+        others = [embedded.proc.pid, reconciler.pid]
+
+        def load_cfg(target: str, sc: Scenario, rep: int) -> dict[str, Any]:
+            return {
+                "target": target,
+                "rpc": sc.rpc,
+                "concurrency": sc.concurrency,
+                "channels": 1 if sc.concurrency == 1 else args.channels,
+                "warmup": args.warmup,
+                "seconds": args.seconds,
+                "apps": args.apps,
+                "batch": args.batch,
+                "seed": rep,
+            }
+
+        sweeps: list[dict[str, Any]] = []
+        max_age = cache_max_age_s(args.sidecar_arg)
+        window_s = args.warmup + args.seconds + 2.0  # with the load generator's start
+        warm_since = 0.0
+        starts = 0
+
+        def fresh_sidecar() -> subprocess.Popen[Any]:
+            """A new sidecar process whose cache holds every app."""
+            nonlocal sidecar, warm_since, starts
+            if sidecar is not None:
+                children.stop(sidecar)
+            starts += 1
+            sidecar = children.start(sidecar_cmd, logs / f"sidecar-{starts}.log")
+            wait_port(sidecar_port, sidecar)
+            time.sleep(0.5)
+            if "empty" not in report.rss:
+                report.rss["empty"] = rss_mb(sidecar.pid)
+            warm_since = time.monotonic()
+            sw = sweep(children, sidecar_port, 0, args.apps, args.sweep_batch, client)
+            sweeps.append(sw)
+            log(
+                f"sidecar #{starts}: cached {args.apps:,} apps in {sw['seconds']:.1f} s "
+                f"({sw['degraded_answers_retried']} degraded answers asked again, "
+                f"{sw['unwarmed_batches']} batches left cold)"
+            )
+            return sidecar
+
+        def window(server: str, sc: Scenario, rep: int) -> None:
+            assert sidecar is not None
+            if server == "noop":
+                res = measure(
+                    children,
+                    load_cfg(f"127.0.0.1:{noop_port}", sc, rep),
+                    Probe(noop.pid, [*others, sidecar.pid], client),
+                )
+            else:
+                res = measure(
+                    children,
+                    load_cfg(f"127.0.0.1:{sidecar_port}", sc, rep),
+                    Probe(sidecar.pid, [*others, noop.pid], client),
+                )
+            alive(reconciler, logs / "reconciler.log")
+            alive(sidecar, logs / f"sidecar-{starts}.log")
+            report.runs[report.label(sc)][server].append(res)
+            log(f"rep {rep} {server:<7} {report.label(sc)}: {summary(res)}")
+
+        for rep in range(1, args.repeat + 1):
+            # The two servers take turns, scenario by scenario (the first one
+            # alternating between repetitions), so that drifts in what else
+            # the machine runs hit both alike.
+            order = ("noop", "sidecar") if rep % 2 else ("sidecar", "noop")
+            for sc in scenarios:
+                if sidecar is None or time.monotonic() + 2 * window_s - warm_since > max_age - 2:
+                    # An entry older than the freshness bound is read again:
+                    # start over rather than measure a partly cold cache.
+                    fresh_sidecar()
+                for server in order:
+                    window(server, sc, rep)
+        assert sidecar is not None
+        report.setup["sweeps"] = sweeps
+        report.notes.append(
+            f"Warming the cache of a fresh sidecar with {args.apps:,} apps took "
+            + ", ".join(f"{s['seconds']:.1f} s" for s in sweeps)
+            + f"; the cold CheckBatch({args.sweep_batch}) calls answered "
+            + ", ".join(str(s["degraded_answers_retried"]) for s in sweeps)
+            + " checks degraded (the pipelined Redis read of a batch's misses missed "
+            "--redis-timeout, 5 ms by default), which were asked again."
+        )
+        report.rss["small"] = rss_mb(sidecar.pid)
+        log(f"sidecar RSS with {args.apps:,} cached apps: {report.rss['small']:.0f} MB")
+
+        if args.changes > 0:
+            alive(reconciler, logs / "reconciler.log")
+            report.propagation = run_worker(
+                children,
+                "propagate",
+                {
+                    "target": f"127.0.0.1:{sidecar_port}",
+                    "redis_url": url,
+                    "changes": args.changes,
+                    "poll_ms": args.poll_ms,
+                },
+            )
+            p = report.propagation["all"]
+            log(
+                f"propagation over {p['n']} changes: p50 {p['p50_ms']:.1f} ms, "
+                f"p99 {p['p99_ms']:.1f} ms, max {p['max_ms']:.1f} ms"
+            )
+
+        if args.rss_apps > args.apps:
+            t0 = time.perf_counter()
+            load_apps("127.0.0.1", embedded.port, args.apps, args.rss_apps - args.apps, now)
+            big_load_s = time.perf_counter() - t0
+            log(f"loaded {args.rss_apps - args.apps:,} more app statuses in {big_load_s:.1f} s")
+            sw = sweep(
+                children,
+                sidecar_port,
+                args.apps,
+                args.rss_apps - args.apps,
+                args.sweep_batch,
+                client,
+            )
+            log(f"warmed {args.rss_apps - args.apps:,} more apps in {sw['seconds']:.1f} s")
+            report.rss["big"] = rss_mb(sidecar.pid)
+            log(f"sidecar RSS with {args.rss_apps:,} cached apps: {report.rss['big']:.0f} MB")
+            report.notes.append(
+                f"For the memory figure, {args.rss_apps - args.apps:,} more statuses were "
+                f"written the same way ({big_load_s:.1f} s) and checked through "
+                f"CheckBatch({args.sweep_batch}) ({sw['seconds']:.1f} s, {sw['redis_reads']:,} "
+                f"Redis reads), so that the sidecar (`--cache-size "
+                f"{max(1_000_000, args.rss_apps)}`) caches {args.rss_apps:,} apps; RSS was "
+                "read right after."
+            )
+        if time.monotonic() - warm_since > max_age + 1:
+            sc = Scenario("create", max(concurrencies))
+            res = measure(
+                children,
+                {**load_cfg(f"127.0.0.1:{sidecar_port}", sc, 99), "warmup": 0},
+                Probe(sidecar.pid, others, client),
+            )
+            report.expired = res
+            log(f"sidecar, expired entries, {report.label(sc)}: {summary(res)}")
+        report.elapsed_s = time.monotonic() - started
+        report.load_end = os.getloadavg()[0]
+        report.evaluate(scenarios)
+        text = report.markdown(scenarios)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        kept = ""
+        if args.out.exists():
+            old_text = args.out.read_text()
+            if ANALYSIS_MARKER in old_text:
+                kept = old_text[old_text.index(ANALYSIS_MARKER) :]
+        args.out.write_text(text + "\n" + (kept or ANALYSIS_MARKER + "\n"))
+        (logs / "results.json").write_text(
+            json.dumps(
+                {
+                    "runs": report.runs,
+                    "propagation": report.propagation,
+                    "rss": report.rss,
+                    "expired": report.expired,
+                    "setup": report.setup,
+                },
+                indent=1,
+            )
+        )
+        print()
+        for t in report.targets:
+            miss = f", missed by {t.gap}" if t.gap else ""
+            print(
+                f"{verdict(t.ok)}  {t.name}: {t.show(t.value)} (target {t.op} "
+                f"{t.show(t.wanted)}{miss}; {t.detail})"
+            )
+        print(f"\nwrote {args.out} in {report.elapsed_s / 60:.1f} min; raw results in {logs}")
+        return 0 if all(t.ok for t in report.targets) else 1
+    finally:
+        children.stop_all()
+        embedded.stop()
+
+
+def summary(r: dict[str, Any]) -> str:
+    return (
+        f"{r['checks_per_s']:,.0f} checks/s, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+        f"server {r['server_cores']:.2f} / client {r['client_cores']:.2f} / foreign "
+        f"{r['foreign_cores']:.2f} cores, redis reads {r['redis_reads']}, degraded {r['degraded']}"
+    )
+
+
+def sweep(
+    children: Children, port: int, first: int, count: int, batch: int, client: redis.Redis
+) -> dict[str, Any]:
+    """Check apps [first, first+count) through CheckBatch so that the sidecar caches them."""
+
+    def reads() -> int:
+        stats: Any = client.info("commandstats")
+        return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+
+    reads0 = reads()
+    res = run_worker(
+        children,
+        "sweep",
+        {"target": f"127.0.0.1:{port}", "first": first, "count": count, "batch": batch},
+    )
+    res["redis_reads"] = reads() - reads0
+    res["ended"] = time.monotonic()
+    return res
+
+
+def cache_max_age_s(sidecar_args: list[str]) -> float:
+    """The sidecar's freshness bound, from its flags (default 60 s)."""
+    value = "60s"
+    for i, flag in enumerate(sidecar_args):
+        if flag.startswith("--cache-max-age="):
+            value = flag.split("=", 1)[1]
+        elif flag == "--cache-max-age" and i + 1 < len(sidecar_args):
+            value = sidecar_args[i + 1]
+    return parse_duration(value) / 1000
+
+
+if __name__ == "__main__":
+    sys.exit(main())
