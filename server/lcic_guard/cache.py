@@ -15,13 +15,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import OrderedDict
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from lcic_guard.facts import Millis
-from lcic_guard.policy import AppStatus, Room
+from lcic_guard.policy import SUSPENSION_PRECEDENCE, AppStatus, Reason, Room, Segment
 
 if TYPE_CHECKING:
     from lcic_guard.store import Change
@@ -45,22 +45,107 @@ class FeedStore(Protocol):
 
 @dataclass(slots=True)
 class Entry:
-    """What the sidecar knows of one application."""
+    """What the sidecar knows of one application (a decoded view)."""
 
     status: AppStatus | None  # None: the status table does not know it (R12)
     fetched_at: Millis  # when it was read from Redis or applied from the feed
     rooms: dict[str, Room | None] | None = None  # room id -> report (None: none)
 
 
+# One packed record per application, so a million cached apps cost a few
+# hundred bytes each and nothing for the garbage collector to walk:
+# header (version, fetched_at, known, segment count), then per segment its
+# start, reasons as bits, and the three optional times (_NONE for none).
+_HEAD: Final = struct.Struct("<qqBB")
+_SEG: Final = struct.Struct("<qHqqq")
+_START: Final = struct.Struct("<q")
+_NONE: Final = -(2**63)
+_REASON_BITS: Final = {r: 1 << i for i, r in enumerate(Reason)}
+# Segments list reasons in R9 order with OVERDUE_GRACE last.
+_CANONICAL: Final = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
+_reasons_of_bits: dict[int, tuple[Reason, ...]] = {}
+
+
+def _bits(reasons: tuple[Reason, ...]) -> int:
+    out = 0
+    for r in reasons:
+        out |= _REASON_BITS[r]
+    return out
+
+
+def _reasons(bits: int) -> tuple[Reason, ...]:
+    reasons = _reasons_of_bits.get(bits)
+    if reasons is None:
+        reasons = tuple(r for r in _CANONICAL if bits & _REASON_BITS[r])
+        _reasons_of_bits[bits] = reasons
+    return reasons
+
+
+def _opt(v: Millis | None) -> int:
+    return _NONE if v is None else v
+
+
+def _unopt(v: int) -> Millis | None:
+    return None if v == _NONE else v
+
+
+def pack(status: AppStatus | None, fetched_at: Millis) -> bytes:
+    if status is None:
+        return _HEAD.pack(0, fetched_at, 0, 0)
+    parts = [_HEAD.pack(status.version, fetched_at, 1, len(status.segments))]
+    for seg in status.segments:
+        parts.append(
+            _SEG.pack(
+                seg.starts_at,
+                _bits(seg.reasons),
+                _opt(seg.grace_ends_at),
+                _opt(seg.suspended_at),
+                _opt(seg.release_at),
+            )
+        )
+    return b"".join(parts)
+
+
+def unpack_segment(rec: bytes, offset: int) -> Segment:
+    start, bits, grace, susp, release = _SEG.unpack_from(rec, offset)
+    return Segment(start, _reasons(bits), _unopt(grace), _unopt(susp), _unopt(release))
+
+
+def segment_offset(rec: bytes, count: int, now: Millis) -> int:
+    """Where the segment in force at ``now`` starts in a packed record."""
+    offset = _HEAD.size
+    for i in range(1, count):
+        nxt = _HEAD.size + i * _SEG.size
+        if _START.unpack_from(rec, nxt)[0] > now:
+            break
+        offset = nxt
+    return offset
+
+
+def unpack(app_id: str, rec: bytes) -> tuple[AppStatus | None, Millis]:
+    version, fetched_at, known, count = _HEAD.unpack_from(rec)
+    if not known:
+        return None, fetched_at
+    segments = tuple(unpack_segment(rec, _HEAD.size + i * _SEG.size) for i in range(count))
+    # The account is not kept in the cache: no decision depends on it.
+    return AppStatus(app_id, "", segments, version), fetched_at
+
+
 class StatusCache:
-    """A bounded LRU of :class:`Entry` by application id."""
+    """A bounded LRU of packed status records by application id."""
+
+    HEAD = _HEAD
+    SEG = _SEG
 
     def __init__(self, capacity: int, max_age_ms: int) -> None:
         if capacity < 1:
             raise ValueError("cache capacity must be at least 1")
         self.capacity = capacity
         self.max_age_ms = max_age_ms
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        # A plain dict keeps insertion order: touching an entry re-inserts it,
+        # and the first key is the least recently used.
+        self._records: dict[str, bytes] = {}
+        self._rooms: dict[str, dict[str, Room | None]] = {}
         # Set by the feed reader: while healthy, entries fetched after
         # ``synced_since`` are known current as of ``confirmed_at``.
         self.feed_healthy = False
@@ -70,72 +155,89 @@ class StatusCache:
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._records)
+
+    def lookup(self, app_id: str) -> bytes | None:
+        """The packed record, marked as just used (the checks' fast path)."""
+        rec = self._records.pop(app_id, None)
+        if rec is not None:
+            self._records[app_id] = rec
+        return rec
+
+    def fresh_at(self, fetched_at: Millis, now: Millis) -> bool:
+        return (
+            now - fetched_at <= self.max_age_ms
+            and self.feed_healthy
+            and self.synced_since is not None
+            and fetched_at >= self.synced_since
+        )
 
     def get(self, app_id: str) -> Entry | None:
-        entry = self._entries.get(app_id)
-        if entry is not None:
-            self._entries.move_to_end(app_id)
-        return entry
+        rec = self.lookup(app_id)
+        if rec is None:
+            return None
+        status, fetched_at = unpack(app_id, rec)
+        return Entry(status, fetched_at, self._rooms.get(app_id))
+
+    def rooms_of(self, app_id: str) -> dict[str, Room | None] | None:
+        return self._rooms.get(app_id)
+
+    def _store(self, app_id: str, rec: bytes) -> None:
+        self._records.pop(app_id, None)
+        self._records[app_id] = rec
+        if len(self._records) > self.capacity:
+            oldest = next(iter(self._records))
+            del self._records[oldest]
+            self._rooms.pop(oldest, None)
 
     def put(
         self, app_id: str, status: AppStatus | None, now: Millis, *, replace: bool = False
-    ) -> Entry:
-        old = self._entries.get(app_id)
-        if (
-            not replace
-            and old is not None
-            and old.status is not None
-            and (status is None or status.version < old.status.version)
-        ):
-            # A slower read raced a newer feed entry: keep the newer record.
-            # (A known app never becomes unknown, short of Redis losing its
-            # data, which the feed reader detects and resyncs with `replace`.)
-            old.fetched_at = now
-            return old
-        entry = Entry(status, now, old.rooms if old is not None else None)
-        self._entries[app_id] = entry
-        self._entries.move_to_end(app_id)
-        if len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-        return entry
+    ) -> None:
+        old = self._records.get(app_id)
+        if not replace and old is not None:
+            old_version, _, known, _ = _HEAD.unpack_from(old)
+            if known and (status is None or status.version < old_version):
+                # A slower read raced a newer feed entry: keep the newer record.
+                # (A known app never becomes unknown, short of Redis losing its
+                # data, which the feed reader detects and resyncs with `replace`.)
+                self._store(app_id, self._touched(old, now))
+                return
+        self._store(app_id, pack(status, now))
+
+    @staticmethod
+    def _touched(rec: bytes, now: Millis) -> bytes:
+        version, fetched_at, known, count = _HEAD.unpack_from(rec)
+        return _HEAD.pack(version, max(fetched_at, now), known, count) + rec[_HEAD.size :]
 
     def put_room(self, app_id: str, room_id: str, room: Room | None) -> None:
-        entry = self._entries.get(app_id)
-        if entry is None:
-            return
-        if entry.rooms is None:
-            entry.rooms = {}
-        entry.rooms[room_id] = room
+        if app_id in self._records:
+            self._rooms.setdefault(app_id, {})[room_id] = room
 
     def apply(self, app_id: str, status: AppStatus, now: Millis) -> bool:
         """Apply a record from the feed to a cached entry; True if it changed it.
 
         Entries not cached are left alone: they are read when first needed.
         """
-        entry = self._entries.get(app_id)
-        if entry is None:
+        old = self._records.get(app_id)
+        if old is None:
             return False
-        if entry.status is not None and entry.status.version >= status.version:
-            entry.fetched_at = max(entry.fetched_at, now)
+        version, _, known, _ = _HEAD.unpack_from(old)
+        if known and version >= status.version:
+            self._records[app_id] = self._touched(old, now)
             return False
-        entry.status = status
-        entry.fetched_at = now
+        self._records[app_id] = pack(status, now)
         return True
 
     def forget_room(self, app_id: str, room_id: str) -> None:
-        entry = self._entries.get(app_id)
-        if entry is not None and entry.rooms is not None:
-            entry.rooms.pop(room_id, None)
+        rooms = self._rooms.get(app_id)
+        if rooms is not None:
+            rooms.pop(room_id, None)
+
+    def drop_rooms(self, app_id: str) -> None:
+        self._rooms.pop(app_id, None)
 
     def is_fresh(self, entry: Entry, now: Millis) -> bool:
-        if now - entry.fetched_at > self.max_age_ms:
-            return False
-        return (
-            self.feed_healthy
-            and self.synced_since is not None
-            and entry.fetched_at >= self.synced_since
-        )
+        return self.fresh_at(entry.fetched_at, now)
 
     def last_confirmed(self, entry: Entry) -> Millis:
         """Up to when the entry is known to have been current (for R13)."""
@@ -144,7 +246,7 @@ class StatusCache:
         return entry.fetched_at
 
     def app_ids(self) -> list[str]:
-        return list(self._entries)
+        return list(self._records)
 
 
 class CircuitBreaker:
@@ -225,9 +327,7 @@ class ChangeFeedReader:
             rows = await self.store.read_statuses([(a, None) for a in chunk])
             now = self.clock()
             for app_id, (status, _room) in zip(chunk, rows, strict=True):
-                entry = self.cache.get(app_id)
-                if entry is not None:
-                    entry.rooms = None  # rooms are re-read on demand
+                self.cache.drop_rooms(app_id)  # rooms are re-read on demand
                 # Replace even a newer version: after Redis lost data (or was
                 # rolled back) what it holds now is the truth, and anything
                 # newer than this read is on the feed after our new position.

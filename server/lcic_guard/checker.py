@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from lcic_guard.cache import CircuitBreaker, Entry, StatusCache
+from lcic_guard.cache import (
+    CircuitBreaker,
+    Entry,
+    StatusCache,
+    segment_offset,
+    unpack_segment,
+)
 from lcic_guard.facts import Millis
 from lcic_guard.policy import (
     AppStatus,
@@ -29,6 +35,9 @@ from lcic_guard.policy import (
 )
 
 log = logging.getLogger(__name__)
+
+# Memoized decisions (by check, version and segment); cleared when full.
+MEMO_SIZE = 65_536
 
 
 def wall_clock() -> Millis:
@@ -83,24 +92,52 @@ class Checker:
         self.store_errors = 0
         self.store_reads = 0  # reads attempted (none while the breaker is open)
         self._reads: dict[tuple[str, str | None], asyncio.Future[Row]] = {}
+        self._memo: dict[tuple[Check, int, bytes], Decision] = {}
+
+    def check_cached(self, req: CheckRequest) -> Decision | None:
+        """The decision from a fresh cache entry, or None (then :meth:`check`).
+
+        Synchronous, so a cache hit costs no coroutine. A decision depends
+        only on the check, the record's version and the segment in force
+        (and, for a suspended app's classroom, the room), so answers are
+        memoized by those: most checks only find their segment."""
+        return self._from_cache(req, self.clock())
 
     def _from_cache(self, req: CheckRequest, now: Millis) -> Decision | None:
-        entry = self.cache.get(req.app_id)
-        if entry is None or not self.cache.is_fresh(entry, now):
+        cache = self.cache
+        rec = cache.lookup(req.app_id)
+        if rec is None:
             return None
-        status = entry.status
+        version, fetched_at, known, count = cache.HEAD.unpack_from(rec)
+        if not cache.fresh_at(fetched_at, now):
+            return None
+        if known:
+            offset = segment_offset(rec, count, now)
+            key = (req.check, version, rec[offset : offset + cache.SEG.size])
+        else:
+            key = (req.check, 0, b"")
+        memo = self._memo.get(key)
+        if memo is not None:
+            cache.hits += 1
+            return memo
+        status = None
         room: Room | None = None
-        if (
-            req.check is Check.ENTER_CLASSROOM
-            and status is not None
-            and not r4_r5_allowed(status.at(now))
-        ):
-            # Only a suspension makes the room matter (R6).
-            if entry.rooms is None or req.room_id not in entry.rooms:
-                return None
-            room = entry.rooms[req.room_id or ""]
-        self.cache.hits += 1
-        return decide(req.check, status, now, self.cfg, room)
+        if known:
+            seg = unpack_segment(rec, offset)
+            status = AppStatus(req.app_id, "", (seg,), version)
+            if req.check is Check.ENTER_CLASSROOM and not r4_r5_allowed(seg):
+                # Only a suspension makes the room matter (R6): not memoized.
+                rooms = cache.rooms_of(req.app_id)
+                if rooms is None or req.room_id not in rooms:
+                    return None
+                cache.hits += 1
+                return decide(req.check, status, now, self.cfg, rooms[req.room_id or ""])
+        decision = decide(req.check, status, now, self.cfg, room)
+        if len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = decision
+        cache.hits += 1
+        return decision
 
     def _room_key(self, req: CheckRequest) -> str | None:
         return req.room_id if req.check is Check.ENTER_CLASSROOM else None

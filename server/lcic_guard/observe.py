@@ -27,6 +27,7 @@ from lcic_guard.metrics import BATCH, SidecarMetrics
 from lcic_guard.policy import Check, Decision
 
 decision_log = logging.getLogger("lcic_guard.decisions")
+PB_MEMO_SIZE: Final = 65_536
 
 _SCHEDULE_FIELDS: Final = (
     ("create_classroom", Check.CREATE_CLASSROOM),
@@ -59,6 +60,20 @@ class DecisionObserver:
     def __init__(self, metrics: SidecarMetrics | None = None, shadow: Iterable[Check] = ()) -> None:
         self.metrics = metrics
         self.shadow = frozenset(shadow)
+        # The checker memoizes decisions, so the same Decision object comes
+        # back for most checks: convert it once. Keyed by identity, holding
+        # the decision so the identity stays valid.
+        self._pb: dict[int, tuple[Decision, pb.Decision]] = {}
+
+    def _to_pb(self, d: Decision) -> pb.Decision:
+        hit = self._pb.get(id(d))
+        if hit is not None and hit[0] is d:
+            return hit[1]
+        out = api.decision_to_pb(d)
+        if len(self._pb) >= PB_MEMO_SIZE:
+            self._pb.clear()
+        self._pb[id(d)] = (d, out)
+        return out
 
     def _one(self, req: CheckRequest, d: Decision) -> pb.Decision:
         shadowed = not d.allowed and req.check in self.shadow
@@ -67,8 +82,11 @@ class DecisionObserver:
             m.decided(req.check, d, d.allowed or shadowed)
             if shadowed:
                 m.shadowed(req.check, d.reason)
-        out = api.decision_to_pb(d)
+        out = self._to_pb(d)
         if shadowed:
+            shadow_copy = pb.Decision()
+            shadow_copy.CopyFrom(out)
+            out = shadow_copy
             out.allowed = True
             out.shadow = True
             decision_log.info(
