@@ -37,7 +37,7 @@ from lcic_guard.policy import (
 log = logging.getLogger(__name__)
 
 # Memoized decisions (by check, version and segment); cleared when full.
-MEMO_SIZE = 65_536
+MEMO_SIZE = 8192
 
 
 def wall_clock() -> Millis:

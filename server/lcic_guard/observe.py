@@ -27,7 +27,7 @@ from lcic_guard.metrics import BATCH, SidecarMetrics
 from lcic_guard.policy import Check, Decision
 
 decision_log = logging.getLogger("lcic_guard.decisions")
-PB_MEMO_SIZE: Final = 65_536
+PB_MEMO_SIZE: Final = 8192
 
 _SCHEDULE_FIELDS: Final = (
     ("create_classroom", Check.CREATE_CLASSROOM),

@@ -380,7 +380,11 @@ def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
         async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             token = logs.bind_call(context)  # request id: logs and trailing metadata
             try:
-                return await impl(await request(raw, context), context)
+                try:  # parsed inline: one coroutine less on every check
+                    message = parse(raw)
+                except Exception:
+                    message = await request(raw, context)
+                return await impl(message, context)
             except grpc.aio.AbortError:
                 raise
             except Exception:
