@@ -16,8 +16,9 @@ One run, on one machine, with one load generator process at a time:
     applications.
 
 It prints every figure next to its target with PASS or MISS and writes
-``docs/benchmarks.md``. Full size (the defaults) takes about ten minutes;
-a quick run::
+``docs/benchmarks.md`` (keeping a hand-written analysis after its marker).
+Full size (the defaults) takes about six minutes on a 2-core machine; logs
+and raw results go to a temporary directory (``--logs``). A quick run::
 
     .venv/bin/python bench/checks.py --apps 1000 --rss-apps 5000 --seconds 2 \\
         --warmup 0.5 --repeat 1 --changes 20 --out /tmp/benchmarks.md
@@ -142,9 +143,13 @@ class Children:
     """Every process this run started, stopped in reverse order."""
 
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+    logs: list[Any] = field(default_factory=list)
 
     def start(self, args: list[str], logfile: Path | None = None) -> subprocess.Popen[str]:
-        out: Any = open(logfile, "w") if logfile else subprocess.PIPE  # noqa: SIM115
+        out: Any = subprocess.PIPE
+        if logfile is not None:
+            out = open(logfile, "w")  # noqa: SIM115 - closed in stop_all
+            self.logs.append(out)
         proc = subprocess.Popen(
             args,
             stdout=out,
@@ -169,6 +174,8 @@ class Children:
     def stop_all(self) -> None:
         for proc in reversed(list(self.procs)):
             self.stop(proc)
+        for fh in self.logs:
+            fh.close()
 
 
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
@@ -686,14 +693,15 @@ def main(argv: list[str] | None = None) -> int:
             + "`; the no-op server: `bench/_workers.py noop`. Each is its own process."
         )
         report.notes.append(
-            "Each repetition runs the no-op windows, then starts a fresh sidecar process, "
-            f"warms its cache by checking every app with CheckBatch({args.sweep_batch}) "
-            "(batches answered degraded are sent again) and runs the sidecar windows. "
-            "A sidecar window that would end after the oldest cache entry passes the "
-            "freshness bound (--cache-max-age) gets a fresh, re-warmed sidecar first, so "
+            "In each repetition the two servers take turns scenario by scenario (which "
+            "goes first alternates between repetitions). The sidecar is a fresh process "
+            f"whose cache was warmed by checking every app with CheckBatch({args.sweep_batch}) "
+            "(batches answered degraded are sent again); before a pair of windows that "
+            "would end after the oldest cache entry passes the freshness bound "
+            "(--cache-max-age, 60 s by default) a new sidecar is started and warmed, so "
             "that every window measures the warm cache with the sidecar's default "
-            "settings; the 'redis reads' column shows that no check went to Redis. "
-            "What expired entries cost is measured separately (below)."
+            "settings; the 'redis reads' column shows that no check went to Redis. What "
+            "expired entries cost is measured separately (below)."
         )
         report.runs = {report.label(sc): {"noop": [], "sidecar": []} for sc in scenarios}
         sidecar: subprocess.Popen[Any] | None = None
