@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import ipaddress
 import socket
 import subprocess
 import sys
@@ -23,10 +22,6 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from conftest import T0, Events, FakeClock, Sidecar, deliveries
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.checker import Checker
@@ -46,6 +41,7 @@ from lcic_guard_client import (
     create_classroom_check,
     enter_classroom_check,
 )
+from pki import Authority
 
 T = TypeVar("T")
 APP = "app-1"
@@ -570,110 +566,23 @@ class Pki:
     rogue_client_key: Path
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _leaf(
-    cn: str,
-    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-    usage: x509.ObjectIdentifier,
-    sans: list[x509.GeneralName],
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    ca_cert, ca_key = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
-
-
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        path.with_suffix(".key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    ca = _ca("lcic-guard test CA")
-    rogue = _ca("someone else's CA")
-    server = _leaf(
-        "lcic-guard sidecar",
-        ca,
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    client = _leaf("classroom-service", ca, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    rogue_client = _leaf("intruder", rogue, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    _write(d / "ca.pem", ca[0], None)
-    _write(d / "rogue-ca.pem", rogue[0], None)
-    _write(d / "server.pem", *server)
-    _write(d / "client.pem", *client)
-    _write(d / "rogue-client.pem", *rogue_client)
+    ca = Authority(d, "lcic-guard-test")
+    rogue = Authority(d, "someone-else")
+    server = ca.issue("lcic-guard sidecar", server=True)
+    client = ca.issue("classroom-service", client=True)
+    rogue_client = rogue.issue("intruder", client=True)
     return Pki(
-        ca=d / "ca.pem",
-        server_cert=d / "server.pem",
-        server_key=d / "server.key",
-        client_cert=d / "client.pem",
-        client_key=d / "client.key",
-        rogue_ca=d / "rogue-ca.pem",
-        rogue_client_cert=d / "rogue-client.pem",
-        rogue_client_key=d / "rogue-client.key",
+        ca=ca.ca,
+        server_cert=server.cert,
+        server_key=server.key,
+        client_cert=client.cert,
+        client_key=client.key,
+        rogue_ca=rogue.ca,
+        rogue_client_cert=rogue_client.cert,
+        rogue_client_key=rogue_client.key,
     )
 
 
