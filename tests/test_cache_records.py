@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lcic_guard.cache import StatusCache, pack, segment_offset, unpack
+from lcic_guard.cache import StatusCache, pack, segment_span, unpack, unpack_segment
 from lcic_guard.checker import Checker, CheckRequest
 from lcic_guard.policy import (
     HOUR,
@@ -49,9 +49,8 @@ def test_a_packed_record_is_the_status_it_packs(status: AppStatus, fetched: int,
     rec = pack(status, fetched)
     back, fetched_at = unpack("app-1", rec)
     assert back == status and fetched_at == fetched
-    offset = segment_offset(rec, len(status.segments), now)
-    index = (offset - StatusCache.HEAD.size) // StatusCache.SEG.size
-    assert status.segments[index] == status.at(now)
+    start, _end = segment_span(rec, len(status.segments), now)
+    assert unpack_segment(rec, start) == status.at(now)
 
 
 def test_unknown_apps_pack_too() -> None:

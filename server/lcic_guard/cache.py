@@ -55,15 +55,15 @@ class Entry:
 # One packed record per application, so a million cached apps cost a few
 # hundred bytes each and nothing for the garbage collector to walk:
 # header (version, fetched_at, known, segment count), then per segment its
-# start, reasons as bits, and the three optional times (_NONE for none).
+# start, reasons as bits, which optional times follow, and those times.
 _HEAD: Final = struct.Struct("<qqBB")
-_SEG: Final = struct.Struct("<qHqqq")
-_START: Final = struct.Struct("<q")
-_NONE: Final = -(2**63)
+_SEG: Final = struct.Struct("<qHB")  # starts_at, reason bits, optional-time flags
+_TIME: Final = struct.Struct("<q")
 _REASON_BITS: Final = {r: 1 << i for i, r in enumerate(Reason)}
 # Segments list reasons in R9 order with OVERDUE_GRACE last.
 _CANONICAL: Final = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
 _reasons_of_bits: dict[int, tuple[Reason, ...]] = {}
+_SIZE_OF_FLAGS: Final = tuple(_SEG.size + _TIME.size * bin(f).count("1") for f in range(8))
 
 
 def _bits(reasons: tuple[Reason, ...]) -> int:
@@ -81,52 +81,56 @@ def _reasons(bits: int) -> tuple[Reason, ...]:
     return reasons
 
 
-def _opt(v: Millis | None) -> int:
-    return _NONE if v is None else v
-
-
-def _unopt(v: int) -> Millis | None:
-    return None if v == _NONE else v
-
-
 def pack(status: AppStatus | None, fetched_at: Millis) -> bytes:
     if status is None:
         return _HEAD.pack(0, fetched_at, 0, 0)
     parts = [_HEAD.pack(status.version, fetched_at, 1, len(status.segments))]
     for seg in status.segments:
-        parts.append(
-            _SEG.pack(
-                seg.starts_at,
-                _bits(seg.reasons),
-                _opt(seg.grace_ends_at),
-                _opt(seg.suspended_at),
-                _opt(seg.release_at),
-            )
-        )
+        times = (seg.grace_ends_at, seg.suspended_at, seg.release_at)
+        flags = sum(1 << i for i, t in enumerate(times) if t is not None)
+        parts.append(_SEG.pack(seg.starts_at, _bits(seg.reasons), flags))
+        parts += [_TIME.pack(t) for t in times if t is not None]
     return b"".join(parts)
 
 
 def unpack_segment(rec: bytes, offset: int) -> Segment:
-    start, bits, grace, susp, release = _SEG.unpack_from(rec, offset)
-    return Segment(start, _reasons(bits), _unopt(grace), _unopt(susp), _unopt(release))
+    start, bits, flags = _SEG.unpack_from(rec, offset)
+    pos = offset + _SEG.size
+    times: list[Millis | None] = []
+    for i in range(3):
+        if flags & (1 << i):
+            times.append(_TIME.unpack_from(rec, pos)[0])
+            pos += _TIME.size
+        else:
+            times.append(None)
+    return Segment(start, _reasons(bits), times[0], times[1], times[2])
 
 
-def segment_offset(rec: bytes, count: int, now: Millis) -> int:
-    """Where the segment in force at ``now`` starts in a packed record."""
+def segment_span(rec: bytes, count: int, now: Millis) -> tuple[int, int]:
+    """Where the segment in force at ``now`` lies in a packed record."""
     offset = _HEAD.size
-    for i in range(1, count):
-        nxt = _HEAD.size + i * _SEG.size
-        if _START.unpack_from(rec, nxt)[0] > now:
+    span = (offset, offset + _SIZE_OF_FLAGS[rec[offset + 10]])
+    for _ in range(1, count):
+        offset = span[1]
+        if _TIME.unpack_from(rec, offset)[0] > now:
             break
-        offset = nxt
-    return offset
+        span = (offset, offset + _SIZE_OF_FLAGS[rec[offset + 10]])
+    return span
+
+
+def _spans(rec: bytes, count: int) -> list[int]:
+    offsets, offset = [], _HEAD.size
+    for _ in range(count):
+        offsets.append(offset)
+        offset += _SIZE_OF_FLAGS[rec[offset + 10]]
+    return offsets
 
 
 def unpack(app_id: str, rec: bytes) -> tuple[AppStatus | None, Millis]:
     version, fetched_at, known, count = _HEAD.unpack_from(rec)
     if not known:
         return None, fetched_at
-    segments = tuple(unpack_segment(rec, _HEAD.size + i * _SEG.size) for i in range(count))
+    segments = tuple(unpack_segment(rec, offset) for offset in _spans(rec, count))
     # The account is not kept in the cache: no decision depends on it.
     return AppStatus(app_id, "", segments, version), fetched_at
 
@@ -135,7 +139,6 @@ class StatusCache:
     """A bounded LRU of packed status records by application id."""
 
     HEAD = _HEAD
-    SEG = _SEG
 
     def __init__(self, capacity: int, max_age_ms: int) -> None:
         if capacity < 1:

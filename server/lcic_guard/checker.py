@@ -19,7 +19,7 @@ from lcic_guard.cache import (
     CircuitBreaker,
     Entry,
     StatusCache,
-    segment_offset,
+    segment_span,
     unpack_segment,
 )
 from lcic_guard.facts import Millis
@@ -112,8 +112,8 @@ class Checker:
         if not cache.fresh_at(fetched_at, now):
             return None
         if known:
-            offset = segment_offset(rec, count, now)
-            key = (req.check, version, rec[offset : offset + cache.SEG.size])
+            offset, end = segment_span(rec, count, now)
+            key = (req.check, version, rec[offset:end])
         else:
             key = (req.check, 0, b"")
         memo = self._memo.get(key)
