@@ -1172,3 +1172,37 @@ async def test_quota_suspension_protects_running_classes_but_a_ban_does_not(
     )
     d = await enter("room-1")
     assert not d.allowed and d.reason == pb.DECISION_REASON_ACCOUNT_BANNED
+
+
+async def test_a_dropped_redis_connection_is_resumed(
+    store: Store, policy: PolicyConfig, clock: FakeClock, events: Events
+) -> None:
+    """Every connection Redis has is killed while the reconciler runs: its
+    loops reconnect and the next event is still applied, exactly once."""
+    src = stream_source(store, "c1")
+    rec = Reconciler(store, policy, quick(), [src], clock=clock, name="r1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(rec.run(stop))
+    try:
+        await publish(store.redis, events.app("acct-1", "app-1"))
+
+        async def known(app: str) -> bool:
+            return (await store.read_status(app))[0] is not None
+
+        for _ in range(500):
+            if await known("app-1"):
+                break
+            await asyncio.sleep(0.01)
+        assert await known("app-1")
+        killed = await store.redis.execute_command("CLIENT", "KILL", "TYPE", "normal")
+        assert int(killed) >= 1
+        await publish(store.redis, events.app("acct-2", "app-2"))
+        for _ in range(500):
+            if await known("app-2"):
+                break
+            await asyncio.sleep(0.01)
+        assert await known("app-2")
+        assert await seq_of(store, "acct-2") == 1  # applied once, not once per reconnect
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
