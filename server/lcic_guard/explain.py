@@ -13,24 +13,18 @@ at or before ``now``, swept in time order with settlements first.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
 from lcic_guard.facts import (
-    ApplicationRegistered,
-    ArrearsSettled,
-    ComplianceBan,
     Fact,
     Millis,
     OverdueAlert,
-    PackagePurchased,
     PackageUsage,
-    PaygChanged,
-    ResourcesReleased,
     format_time,
 )
-from lcic_guard.policy import AppStatus, Reason
+from lcic_guard.policy import AppStatus, PolicyConfig, Reason, Sweep, sweep_until
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,69 +55,13 @@ class Deadline:
     event_id: str = ""
 
 
-# As in the policy: within one millisecond, settlements before alerts.
-_RANK: Final[dict[type, int]] = {ArrearsSettled: 0, OverdueAlert: 1}
+def _fold(app_id: str, facts: Iterable[Fact], now: Millis) -> Sweep:
+    # The policy's own fold, stopped at ``now``: the facts cited are the ones
+    # the rules used, not a second reading of them.
+    return sweep_until(facts, app_id, now, _CFG)
 
 
-def _order(fact: Fact) -> tuple[Millis, int, str]:
-    return (fact.occurred_at, _RANK.get(type(fact), 2), fact.event_id)
-
-
-@dataclass(slots=True)
-class _Known:
-    """What the facts up to ``now`` say about one app and its account."""
-
-    alert: OverdueAlert | None = None  # the alert that started the overdue (A of R1)
-    last_settled: Millis | None = None
-    ban: ComplianceBan | None = None
-    released: ResourcesReleased | None = None
-    registered: ApplicationRegistered | None = None
-    payg: PaygChanged | None = None
-    packages: dict[str, PackagePurchased] = field(default_factory=dict)
-    usage: dict[str, list[PackageUsage]] = field(default_factory=dict)
-
-
-def _fold(app_id: str, facts: Iterable[Fact], now: Millis) -> _Known:
-    k = _Known()
-    for f in sorted({f.event_id: f for f in facts}.values(), key=_order):
-        if f.occurred_at > now:
-            break
-        if isinstance(f, ArrearsSettled):
-            at = f.occurred_at
-            k.last_settled = at if k.last_settled is None else max(k.last_settled, at)
-            if k.alert is not None and k.alert.occurred_at <= at:
-                k.alert = None
-        elif isinstance(f, OverdueAlert):
-            if k.alert is None and (k.last_settled is None or f.occurred_at > k.last_settled):
-                k.alert = f
-        elif isinstance(f, ComplianceBan):
-            k.ban = k.ban or f
-        elif isinstance(f, ResourcesReleased):
-            k.released = k.released or f
-        elif getattr(f, "app_id", None) != app_id:
-            continue
-        elif isinstance(f, ApplicationRegistered):
-            k.registered = k.registered or f
-        elif isinstance(f, PackagePurchased):
-            k.packages[f.package_id] = f
-        elif isinstance(f, PackageUsage):
-            k.usage.setdefault(f.package_id, []).append(f)
-        elif isinstance(f, PaygChanged):
-            k.payg = f
-    return k
-
-
-def _in_force(packages: Iterable[PackagePurchased], t: Millis) -> PackagePurchased | None:
-    """The package in force at ``t`` (with overlaps, the newest), as R8."""
-    best: PackagePurchased | None = None
-    for pkg in packages:
-        if pkg.starts_at <= t < pkg.expires_at and (
-            best is None
-            or (pkg.starts_at, pkg.occurred_at, pkg.package_id)
-            > (best.starts_at, best.occurred_at, best.package_id)
-        ):
-            best = pkg
-    return best
+_CFG: Final = PolicyConfig()
 
 
 def _exhausting(usage: list[PackageUsage], quota: int) -> PackageUsage | None:
@@ -162,22 +100,22 @@ def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple
                     "overdue suspension ran its full length unpaid",
                 )
             )
-        elif reason is Reason.ACCOUNT_OVERDUE and k.alert is not None:
+        elif reason is Reason.ACCOUNT_OVERDUE and k.overdue_alert is not None:
             detail = (
-                f"overdue alert{_amount(k.alert)} started the grace period; no settlement "
+                f"overdue alert{_amount(k.overdue_alert)} started the grace period; no settlement "
                 f"before it ended at {_when(seg.grace_ends_at)}"
             )
             if Reason.RESOURCES_RELEASED in seg.reasons:
                 detail += "; the suspension ran its full length and resources were released"
             elif seg.release_at is not None:
                 detail += f"; resources are released at {format_time(seg.release_at)} if unpaid"
-            out.append(_fact(reason, k.alert, detail))
-        elif reason is Reason.OVERDUE_GRACE and k.alert is not None:
+            out.append(_fact(reason, k.overdue_alert, detail))
+        elif reason is Reason.OVERDUE_GRACE and k.overdue_alert is not None:
             out.append(
                 _fact(
                     reason,
-                    k.alert,
-                    f"overdue alert{_amount(k.alert)} started the grace period, which ends "
+                    k.overdue_alert,
+                    f"overdue alert{_amount(k.overdue_alert)} started the grace period, which ends "
                     f"at {_when(seg.grace_ends_at)}",
                 )
             )
@@ -188,7 +126,7 @@ def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple
     return tuple(out)
 
 
-def _expired_facts(k: _Known, now: Millis) -> list[ReasonFact]:
+def _expired_facts(k: Sweep, now: Millis) -> list[ReasonFact]:
     reason = Reason.PACKAGE_EXPIRED
     out: list[ReasonFact] = []
     expired = [p for p in k.packages.values() if p.expires_at <= now]
@@ -221,9 +159,9 @@ def _expired_facts(k: _Known, now: Millis) -> list[ReasonFact]:
     return out
 
 
-def _quota_facts(k: _Known, now: Millis) -> list[ReasonFact]:
+def _quota_facts(k: Sweep, now: Millis) -> list[ReasonFact]:
     reason = Reason.PACKAGE_QUOTA_EXHAUSTED
-    pkg = _in_force(k.packages.values(), now)
+    pkg = k.package_in_force(now)
     if pkg is None:
         return []
     out = [
@@ -234,7 +172,7 @@ def _quota_facts(k: _Known, now: Millis) -> list[ReasonFact]:
             f"until {format_time(pkg.expires_at)}",
         )
     ]
-    used = _exhausting(k.usage.get(pkg.package_id, []), pkg.quota_minutes)
+    used = _exhausting(k.usage_reports.get(pkg.package_id, []), pkg.quota_minutes)
     if used is not None:
         out.append(
             _fact(
@@ -244,8 +182,8 @@ def _quota_facts(k: _Known, now: Millis) -> list[ReasonFact]:
                 f"package {pkg.package_id} used; the quota is exhausted",
             )
         )
-    if k.payg is not None and not k.payg.enabled:
-        out.append(_fact(reason, k.payg, "pay-as-you-go switched off"))
+    if k.payg_change is not None and not k.payg_change.enabled:
+        out.append(_fact(reason, k.payg_change, "pay-as-you-go switched off"))
     return out
 
 
@@ -253,7 +191,7 @@ def deadlines(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[De
     """The known future moments that matter, in time order."""
     seg = status.at(now)
     k = _fold(status.app_id, facts, now)
-    alert_id = k.alert.event_id if k.alert is not None else ""
+    alert_id = k.overdue_alert.event_id if k.overdue_alert is not None else ""
     out: list[Deadline] = []
     grace_end = seg.grace_ends_at
     if Reason.OVERDUE_GRACE in seg.reasons and grace_end is not None and grace_end > now:
@@ -281,9 +219,9 @@ def deadlines(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[De
                         )
                     )
                 break
-    pkg = _in_force(k.packages.values(), now)
+    pkg = k.package_in_force(now)
     if pkg is not None:
-        after = _in_force(k.packages.values(), pkg.expires_at)
+        after = k.package_in_force(pkg.expires_at)
         then = (
             f"package {after.package_id} takes over"
             if after is not None

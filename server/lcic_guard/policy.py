@@ -181,48 +181,62 @@ class AppStatus:
 
 
 @dataclass(slots=True)
-class _Sweep:
-    """The state of one account and one app at an instant of the sweep."""
+class Sweep:
+    """The state of one account and one app at an instant of the sweep, with
+    the facts that made it (which :mod:`lcic_guard.explain` cites)."""
 
     cfg: PolicyConfig
     last_settled: Millis | None = None
-    overdue_since: Millis | None = None  # A of R1
-    banned: bool = False
-    released_at: Millis | None = None
-    payg: bool = False
+    overdue_alert: OverdueAlert | None = None  # the alert at A of R1
+    ban: ComplianceBan | None = None
+    released: ResourcesReleased | None = None
+    registered: ApplicationRegistered | None = None
+    payg_change: PaygChanged | None = None
     packages: dict[str, PackagePurchased] = field(default_factory=dict)
     used: dict[str, tuple[Millis, int]] = field(default_factory=dict)
+    usage_reports: dict[str, list[PackageUsage]] = field(default_factory=dict)
+
+    @property
+    def overdue_since(self) -> Millis | None:
+        return self.overdue_alert.occurred_at if self.overdue_alert is not None else None
+
+    @property
+    def payg(self) -> bool:
+        return self.payg_change is not None and self.payg_change.enabled
 
     def apply(self, fact: Fact) -> None:
         if isinstance(fact, ArrearsSettled):
             self.r3_settlement(fact.occurred_at)
         elif isinstance(fact, OverdueAlert):
-            self.r1_alert(fact.occurred_at)
+            self.r1_alert(fact)
         elif isinstance(fact, ComplianceBan):
-            self.banned = True
+            self.ban = self.ban or fact
         elif isinstance(fact, ResourcesReleased):
-            if self.released_at is None:
-                self.released_at = fact.occurred_at
+            self.released = self.released or fact
+        elif isinstance(fact, ApplicationRegistered):
+            self.registered = self.registered or fact
         elif isinstance(fact, PackagePurchased):
             self.packages[fact.package_id] = fact
         elif isinstance(fact, PackageUsage):
+            self.usage_reports.setdefault(fact.package_id, []).append(fact)
             seen = self.used.get(fact.package_id)
             if seen is None or (fact.occurred_at, fact.used_minutes) > seen:
                 self.used[fact.package_id] = (fact.occurred_at, fact.used_minutes)
         elif isinstance(fact, PaygChanged):
-            self.payg = fact.enabled
+            self.payg_change = fact
 
-    def r1_alert(self, at: Millis) -> None:
+    def r1_alert(self, alert: OverdueAlert) -> None:
         """R1: grace starts at the earliest alert after the last settlement;
         further alerts do not move it."""
-        if self.overdue_since is None and (self.last_settled is None or at > self.last_settled):
-            self.overdue_since = at
+        at = alert.occurred_at
+        if self.overdue_alert is None and (self.last_settled is None or at > self.last_settled):
+            self.overdue_alert = alert
 
     def r3_settlement(self, at: Millis) -> None:
         """R3: a settlement pays everything overdue up to its own time."""
         self.last_settled = at if self.last_settled is None else max(self.last_settled, at)
-        if self.overdue_since is not None and self.overdue_since <= at:
-            self.overdue_since = None
+        if self.overdue_alert is not None and self.overdue_alert.occurred_at <= at:
+            self.overdue_alert = None
 
     def package_in_force(self, t: Millis) -> PackagePurchased | None:
         """R8: the package in force at t; with overlaps, the newest one."""
@@ -248,7 +262,7 @@ class _Sweep:
         holding: set[Reason] = set()
         in_grace = False
         grace_ends_at = release_at = None
-        if self.banned:  # R11
+        if self.ban is not None:  # R11
             holding.add(Reason.ACCOUNT_BANNED)
         if self.overdue_since is not None:
             grace_ends_at = self.overdue_since + cfg.grace_ms
@@ -257,9 +271,9 @@ class _Sweep:
                 release_at = grace_ends_at + cfg.release_after_ms  # R10
             else:  # R1
                 in_grace = True
-        if self.released_at is not None:  # R10
+        if self.released is not None:  # R10
             holding.add(Reason.RESOURCES_RELEASED)
-            release_at = self.released_at
+            release_at = self.released.occurred_at
         pkg = self.package_in_force(t)
         if pkg is None:  # R8
             holding.add(Reason.PACKAGE_EXPIRED)
@@ -291,6 +305,18 @@ def _order(fact: Fact) -> tuple[Millis, int, str]:
     return (fact.occurred_at, _RANK.get(type(fact), 2), fact.event_id)
 
 
+def sweep_until(facts: Iterable[Fact], app_id: str, now: Millis, cfg: PolicyConfig) -> Sweep:
+    """What the facts that occurred up to ``now`` say about one app and its
+    account: the fold of :func:`compute_account`, stopped at one instant."""
+    sweep = Sweep(cfg)
+    for fact in sorted({f.event_id: f for f in facts}.values(), key=_order):
+        if fact.occurred_at > now:
+            break
+        if getattr(fact, "app_id", app_id) == app_id:
+            sweep.apply(fact)
+    return sweep
+
+
 def _timeline(
     facts: Sequence[Fact], cfg: PolicyConfig, now: Millis | None = None
 ) -> tuple[Segment, ...]:
@@ -301,7 +327,7 @@ def _timeline(
             points.add(f.occurred_at + cfg.grace_ms)
         elif isinstance(f, PackagePurchased):
             points.update((f.starts_at, f.expires_at))
-    sweep = _Sweep(cfg)
+    sweep = Sweep(cfg)
     segments: list[Segment] = []
     # History before the newest fact cannot be in force again, except that
     # a fact dated ahead of the reader's clock (skew) must not hide the
