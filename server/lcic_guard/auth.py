@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -44,11 +44,6 @@ CHECK_METHODS: Final = frozenset(
 )
 _PREFIX: Final = f"/{SERVICE}/"
 _LOG_EVERY_S: Final = 10.0
-
-
-def parse_identities(values: Iterable[str]) -> frozenset[str]:
-    """``a,b`` and repeated values into one set of identities."""
-    return frozenset(x.strip() for v in values for x in v.split(",") if x.strip())
 
 
 class TokenFile:

@@ -143,10 +143,11 @@ class Checker:
         return req.room_id if req.check is Check.ENTER_CLASSROOM else None
 
     async def check(self, req: CheckRequest) -> Decision:
+        return self.check_cached(req) or await self.check_uncached(req)
+
+    async def check_uncached(self, req: CheckRequest) -> Decision:
+        """The decision when the cache had none: Redis, else R13."""
         now = self.clock()
-        cached = self._from_cache(req, now)
-        if cached is not None:
-            return cached
         self.cache.misses += 1
         if not self.breaker.allows(now):
             return self._fallback(req, now)
@@ -155,8 +156,8 @@ class Checker:
         except Exception as exc:  # any store fault: R13, never an RPC error
             self._note_error(exc, now)
             return self._fallback(req, now)
-        self.breaker.success()
-        return self._answer(req, status, room, self.clock())
+        # The read's own callback (_keep) already filled the cache.
+        return decide(req.check, status, self.clock(), self.cfg, room)
 
     async def check_many(self, reqs: Sequence[CheckRequest]) -> list[Decision]:
         """One pass over the cache; the misses in one pipelined read."""
@@ -173,7 +174,6 @@ class Checker:
                 batch.add_done_callback(partial(self._batch_done, keys))
                 try:
                     rows = await asyncio.wait_for(asyncio.shield(batch), self.read_timeout)
-                    self.breaker.success()
                 except Exception as exc:
                     self._note_error(exc, now)
             now = self.clock()
@@ -182,7 +182,7 @@ class Checker:
                     out[i] = self._fallback(reqs[i], now)
                 else:
                     status, room = rows[n]
-                    out[i] = self._answer(reqs[i], status, room, now)
+                    out[i] = decide(reqs[i].check, status, now, self.cfg, room)
         return [d for d in out if d is not None]
 
     async def _read(self, app_id: str, room_id: str | None) -> Row:
@@ -224,15 +224,6 @@ class Checker:
             self.cache.put(app_id, status, now)
             if room_id is not None:
                 self.cache.put_room(app_id, room_id, room)
-
-    def _answer(
-        self, req: CheckRequest, status: AppStatus | None, room: Room | None, now: Millis
-    ) -> Decision:
-        self.cache.put(req.app_id, status, now)
-        room_id = self._room_key(req)
-        if room_id is not None:
-            self.cache.put_room(req.app_id, room_id, room)
-        return decide(req.check, status, now, self.cfg, room)
 
     def _fallback(self, req: CheckRequest, now: Millis) -> Decision:
         entry: Entry | None = self.cache.get(req.app_id)

@@ -68,7 +68,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
 
     async def _decide(self, req: CheckRequest) -> pb.Decision:
         start = time.perf_counter()
-        decision = self.checker.check_cached(req) or await self.checker.check(req)
+        decision = await self.checker.check(req)
         return self.observer.finish(req, decision, time.perf_counter() - start)
 
     async def CanCreateClassroom(
@@ -324,16 +324,6 @@ class TlsFiles:
 def _read(path: str) -> bytes:
     with open(path, "rb") as fh:
         return fh.read()
-
-
-def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    """Fixed credentials (see :func:`start_server` for ones that follow the files)."""
-    root = _read(tls.client_ca) if tls.client_ca else None
-    return grpc.ssl_server_credentials(
-        [(_read(tls.key), _read(tls.cert))],
-        root_certificates=root,
-        require_client_auth=root is not None,
-    )
 
 
 @dataclass

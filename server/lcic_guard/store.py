@@ -228,13 +228,6 @@ def decode_status(app_id: str, fields: Sequence[Any]) -> AppStatus | None:
     )
 
 
-def encode_room(room: Room, until: Millis) -> str:
-    return json.dumps(
-        {"s": room.started_at, "e": room.scheduled_end, "x": room.ended_at, "u": until},
-        separators=(",", ":"),
-    )
-
-
 def decode_room(raw: str | bytes | None) -> Room | None:
     if raw is None:
         return None
@@ -243,6 +236,22 @@ def decode_room(raw: str | bytes | None) -> Room | None:
         # Only an end was reported: the class cannot be protected.
         return None
     return Room(started_at=obj["s"], scheduled_end=obj.get("e"), ended_at=obj.get("x"))
+
+
+_STATUS_FIELDS: Final = ("version", "data", "account", "updated_at")
+
+
+def _status_fields(room_id: str | None) -> list[str]:
+    """The status hash fields a check reads (what decode_status expects)."""
+    return [*_STATUS_FIELDS, ROOM_FIELD_PREFIX + room_id] if room_id else list(_STATUS_FIELDS)
+
+
+def _status_row(
+    app_id: str, room_id: str | None, values: Sequence[Any]
+) -> tuple[AppStatus | None, Room | None]:
+    status = decode_status(app_id, values)
+    room = decode_room(values[4]) if room_id and status is not None else None
+    return status, room
 
 
 def _text(value: str | bytes | None) -> str | None:
@@ -429,13 +438,8 @@ class Store:
         self, app_id: str, room_id: str | None = None
     ) -> tuple[AppStatus | None, Room | None]:
         """One application's status and, if named, one room: one key, one call."""
-        fields = ["version", "data", "account", "updated_at"]
-        if room_id:
-            fields.append(ROOM_FIELD_PREFIX + room_id)
-        values = await self.redis.hmget(status_key(app_id), fields)
-        status = decode_status(app_id, values)
-        room = decode_room(values[4]) if room_id and status is not None else None
-        return status, room
+        values = await self.redis.hmget(status_key(app_id), _status_fields(room_id))
+        return _status_row(app_id, room_id, values)
 
     async def read_statuses(
         self, requests: Sequence[tuple[str, str | None]]
@@ -443,17 +447,12 @@ class Store:
         """Many (app, room) reads in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for app_id, room_id in requests:
-                fields = ["version", "data", "account", "updated_at"]
-                if room_id:
-                    fields.append(ROOM_FIELD_PREFIX + room_id)
-                pipe.hmget(status_key(app_id), fields)
+                pipe.hmget(status_key(app_id), _status_fields(room_id))
             rows = await pipe.execute()
-        out: list[tuple[AppStatus | None, Room | None]] = []
-        for (app_id, room_id), values in zip(requests, rows, strict=True):
-            status = decode_status(app_id, values)
-            room = decode_room(values[4]) if room_id and status is not None else None
-            out.append((status, room))
-        return out
+        return [
+            _status_row(app_id, room_id, values)
+            for (app_id, room_id), values in zip(requests, rows, strict=True)
+        ]
 
     async def write_status(self, status: AppStatus) -> WriteResult:
         """Write a status unless the stored one is as new or newer."""
@@ -544,9 +543,6 @@ class Store:
     async def drop_parked(self, app_id: str, event_ids: Sequence[str]) -> None:
         if event_ids:
             await self.redis.hdel(parked_key(app_id), *event_ids)
-
-    async def owner_of(self, app_id: str) -> str | None:
-        return _text(await self.redis.hget(status_key(app_id), "account"))
 
     # -- feeds --------------------------------------------------------------
 
