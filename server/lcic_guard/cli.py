@@ -58,8 +58,9 @@ lcic-guard enforces the classroom platform's billing policy.
   preview      what an application's checks will answer at a later time.
   sample-events print the sample billing events (JSON lines).
 
-Every flag can also be set as LCIC_GUARD_<FLAG> in the environment
-(--redis-url is LCIC_GUARD_REDIS_URL); `lcic-guard COMMAND --help` lists them.
+Every setting can also be given in the environment as LCIC_GUARD_<FLAG>
+(--redis-url is LCIC_GUARD_REDIS_URL, --target LCIC_GUARD_TARGET); the
+help of each command shows the variable next to each flag that has one.
 """
 
 EXIT_CODES = """\

@@ -163,6 +163,7 @@ class _EnvDefault(argparse.Action):
             kwargs.setdefault("nargs", "?")
             kwargs.setdefault("const", True)
             kwargs["metavar"] = "true|false"
+            kwargs["help"] = f"{kwargs.get('help', '')} (the flag alone means true)"
         shown = "%(default)s"
         redact = kwargs.pop("redact", None)
         if redact is not None:  # a secret may be in the default (from the environment)
