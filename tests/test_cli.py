@@ -199,8 +199,10 @@ def test_an_unreachable_redis_is_one_line(tmp_path: Path) -> None:
         done = run(*args, "--redis-url", dead)
         one_line(done, 2, f"cannot reach Redis at {dead}", "is it running?")
     # --debug adds the traceback, and only then.
-    done = run("release-plan", "--redis-url", dead, "--debug")
-    assert done.returncode == 2 and "Traceback" in done.stderr
+    for debug in (("release-plan", "--debug"), ("--debug", "release-plan")):
+        done = run(*debug, "--redis-url", dead)
+        assert done.returncode == 2 and "Traceback" in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("lcic-guard release-plan: cannot")
 
 
 def test_an_unreadable_events_file_is_one_line(tmp_path: Path, demo: Served) -> None:
@@ -221,7 +223,8 @@ def test_an_unreadable_events_file_is_one_line(tmp_path: Path, demo: Served) -> 
         one_line(run("events", "publish", str(unreadable), "--redis-url", demo.redis_url), 2)
 
 
-def test_an_example_on_a_busy_port_is_one_line() -> None:
+@pytest.mark.parametrize("example", ["classroom_service.py", "recording_gateway.py"])
+def test_an_example_on_a_busy_port_is_one_line(example: str, tmp_path: Path) -> None:
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
@@ -229,13 +232,14 @@ def test_an_example_on_a_busy_port_is_one_line() -> None:
         done = subprocess.run(
             [
                 sys.executable,
-                str(ROOT / "examples/classroom_service.py"),
+                str(ROOT / "examples" / example),
                 "--listen",
                 taken,
                 "--guard",
                 f"127.0.0.1:{free_port()}",
                 "--wait-fresh",
                 "0",
+                *(["--dir", str(tmp_path)] if example == "recording_gateway.py" else []),
             ],
             capture_output=True,
             text=True,

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import textwrap
 import traceback
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -101,6 +102,8 @@ def _version() -> str:
 
 
 def _client_command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    if "description" in kwargs:  # kept as written (for the exit codes): wrap it here
+        kwargs["description"] = textwrap.fill(kwargs["description"], 79)
     p: argparse.ArgumentParser = sub.add_parser(
         name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
     )
@@ -117,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lcic-guard {_version()}")
-    add_debug_flag(parser)
+    # Its own dest: a command's parser would reset "debug" to its default.
+    add_debug_flag(parser, dest="debug_first")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
@@ -271,7 +275,8 @@ async def _publish(settings: Settings, path: Path, skip_invalid: bool) -> int:
         try:
             parse_event_json(line)
         except InvalidEvent as exc:
-            print(f"{path}:{n}: invalid: {exc.reason}", file=sys.stderr)
+            name = "<stdin>" if str(path) == "-" else path
+            print(f"{name}:{n}: invalid: {exc.reason}", file=sys.stderr)
             invalid += 1
             continue
         valid.append(line.strip())
@@ -413,7 +418,10 @@ def _rpc_error(exc: grpc.RpcError, target: str) -> CommandError:
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return CommandError(f"the sidecar at {target} refused the call: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CommandError(f"the sidecar at {target} did not answer in time; is it overloaded?")
+        return CommandError(
+            f"the sidecar at {target} did not answer in time; is the address right, and is "
+            "it running and not overloaded?"
+        )
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
         return CommandError(details)
     return CommandError(f"the sidecar at {target} answered {code.name}: {details}")
@@ -622,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lcic-guard: {exc.code}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    name, debug = _name(args), bool(args.debug)
+    name, debug = _name(args), bool(args.debug or args.debug_first)
     try:
         return _run(args)
     except CommandError as exc:

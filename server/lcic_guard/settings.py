@@ -234,10 +234,11 @@ def add_store_flags(p: argparse.ArgumentParser, *, embedded: bool = False) -> No
     )
 
 
-def add_debug_flag(p: argparse.ArgumentParser) -> None:
+def add_debug_flag(p: argparse.ArgumentParser, dest: str = "debug") -> None:
     env = _env("debug")
     p.add_argument(
         "--debug",
+        dest=dest,
         action="store_true",
         default=env is not None and env.strip().lower() in ("1", "true", "yes", "on"),
         help="on a failure, print its traceback too [env LCIC_GUARD_DEBUG]",
