@@ -167,8 +167,9 @@ def test_a_port_another_program_holds_is_refused() -> None:
         other.bind(("127.0.0.1", 0))
         other.listen()
         taken = f"127.0.0.1:{other.getsockname()[1]}"
-        done = run("serve", "--listen", taken)  # before a private Redis is started
-        one_line(done, 2, f"cannot listen on {taken}", "already in use")
+        for workers in ("1", "2"):  # refused before a private Redis is started
+            done = run("serve", "--listen", taken, "--workers", workers)
+            one_line(done, 2, f"cannot listen on {taken}", "already in use")
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:99999", "nonsense", "127.0.0.1:-1"])

@@ -392,8 +392,7 @@ async def serve(
     stop = stop or _stop_event()
     if settings.redis_url is None and settings.events is not None:
         check_readable(settings.events, "--events")
-    if settings.workers == 1:
-        probe_listen(settings.listen)  # before a private Redis is started for nothing
+    probe_listen(settings.listen)  # before a private Redis is started for nothing
     # One endpoint for this process: the sidecar's metrics (one worker) and,
     # in the embedded default, the reconciler's.
     registry = CollectorRegistry() if settings.metrics_listen else None
