@@ -431,7 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     if not checks.wait_fresh(args.wait_fresh):
         log.warning("the decision cache is not fresh yet: checks go to %s meanwhile", args.guard)
     service = ClassroomService(checks, checks.remote)  # reports share the cache's channel
-    server = ThreadingHTTPServer(parse_listen(args.listen), handler_for(service))
+    try:
+        server = ThreadingHTTPServer(parse_listen(args.listen), handler_for(service))
+    except OSError as exc:
+        checks.close()
+        parser.exit(
+            2, f"cannot listen on {args.listen} ({exc.strerror}); choose another --listen\n"
+        )
     host, port = server.server_address[:2]
     print(f"classroom service listening on http://{host!s}:{port}", flush=True)
 

@@ -231,9 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not guard.wait_fresh(args.wait_fresh):
         log.warning("the decision cache is not fresh yet: checks go to %s meanwhile", args.guard)
-    server = ThreadingHTTPServer(
-        parse_listen(args.listen), handler_for(RecordingGateway(guard, args.dir))
-    )
+    try:
+        server = ThreadingHTTPServer(
+            parse_listen(args.listen), handler_for(RecordingGateway(guard, args.dir))
+        )
+    except OSError as exc:
+        guard.close()
+        parser.exit(
+            2, f"cannot listen on {args.listen} ({exc.strerror}); choose another --listen\n"
+        )
     host, port = server.server_address[:2]
     print(f"recording gateway listening on http://{host!s}:{port}", flush=True)
 

@@ -16,7 +16,9 @@ from lcic_guard.cli import build_parser
 from lcic_guard.settings import ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ("serve", "reconcile", "events", "release-plan")
+COMMANDS = ("serve", "reconcile", "events", "release-plan", "check")
+# The client commands share their flags: one table for the four.
+TITLES = {"check": "check`, `status`, `explain`, `preview"}
 
 HEADER = """# Configuration
 
@@ -40,8 +42,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def _rows(parser: argparse.ArgumentParser) -> list[str]:
     rows = []
     for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
+        if not action.option_strings or "[env " not in (action.help or ""):
+            continue  # a request's own arguments (--room, --json) are not settings
         flag = action.option_strings[-1]
         env = ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
         default = action.default
@@ -60,8 +62,10 @@ def render() -> str:
         if name == "events":
             sub = _subparsers(sub)["publish"]
             name = "events publish"
-        out.append(f"\n## `lcic-guard {name}`\n")
-        if sub.description:
+        out.append(f"\n## `lcic-guard {TITLES.get(name, name)}`\n")
+        if name == "check":
+            out.append("How the client commands reach a sidecar.\n")
+        elif sub.description:
             out.append(sub.description.strip() + "\n")
         out.append("| flag | environment | default | meaning |")
         out.append("|---|---|---|---|")

@@ -5,16 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Sequence
+import textwrap
+import traceback
+from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from lcic_guard import report, runner
+from lcic_guard import report
 from lcic_guard.checker import wall_clock
-from lcic_guard.facts import InvalidEvent, format_time, parse_event
+from lcic_guard.embedded import RedisServerMissing
+from lcic_guard.errors import CommandError, readable_text_file
+from lcic_guard.facts import InvalidEvent, Millis, format_time, parse_event_json
+from lcic_guard.redact import redact_url
 from lcic_guard.sample import sample_jsonl
 from lcic_guard.settings import (
     Settings,
+    add_client_flags,
+    add_debug_flag,
     add_metrics_flags,
     add_policy_flags,
     add_reconcile_flags,
@@ -23,6 +33,11 @@ from lcic_guard.settings import (
     settings_from,
 )
 from lcic_guard.store import BILLING_STREAM, Store, connect
+
+if TYPE_CHECKING:
+    import grpc
+    from lcic.guard.v1 import enforcement_pb2 as pb
+    from lcic_guard_client import GuardClient
 
 DESCRIPTION = """\
 lcic-guard enforces the classroom platform's billing policy.
@@ -33,7 +48,8 @@ lcic-guard enforces the classroom platform's billing policy.
                sample billing data, ready to try.
   reconcile    the reconciler: turns billing events into statuses, runs the
                deadlines and releases resources when that is certain.
-  events       publish a file of billing events onto the billing stream.
+  events       publish a file of billing events onto the billing stream
+               (the format: docs/events.md; an example: sample-events).
   release-plan list the releases (R10) scheduled and whether they could run now.
   check        ask a running sidecar one question, from the shell.
   status       show a running sidecar's status record for an application: its
@@ -43,83 +59,167 @@ lcic-guard enforces the classroom platform's billing policy.
   preview      what an application's checks will answer at a later time.
   sample-events print the sample billing events (JSON lines).
 
-Every flag can also be set as LCIC_GUARD_<FLAG> in the environment.
+Every setting can also be given in the environment as LCIC_GUARD_<FLAG>
+(--redis-url is LCIC_GUARD_REDIS_URL, --target LCIC_GUARD_TARGET); the
+help of each command shows the variable next to each flag that has one.
 """
+
+EXIT_CODES = """\
+exit status:
+  0  done; for check and explain: the check is allowed
+  1  check, explain: the check is denied (a normal answer);
+     events publish: some lines are invalid
+  2  a usage error, or a failure the one-line message explains (an address,
+     a file, Redis or the sidecar that cannot be reached); --debug adds the
+     traceback
+  3  an unexpected error (rerun with --debug for the traceback)
+"""
+
+CHECKS = ("create", "enter", "recording")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command's parser: a usage error is one line naming the command (a
+    flag it does not know included), not the top-level usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns, extra
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lcic-guard")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
+
+
+def _client_command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    if "description" in kwargs:  # kept as written (for the exit codes): wrap it here
+        kwargs["description"] = textwrap.fill(kwargs["description"], 79)
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    )
+    add_client_flags(p)
+    add_debug_flag(p)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lcic-guard",
         description=DESCRIPTION,
+        epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"lcic-guard {_version()}")
+    # Its own dest: a command's parser would reset "debug" to its default.
+    add_debug_flag(parser, dest="debug_first")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
-    p = sub.add_parser(
+    p: argparse.ArgumentParser = sub.add_parser(
         "serve",
         help="run the sidecar (embedded default without --redis-url)",
         description="Run the gRPC sidecar. Without --redis-url: a private "
         "redis-server, the reconciler and sample billing data.",
     )
-    add_store_flags(p)
+    add_store_flags(p, embedded=True)
     add_serve_flags(p)
     add_policy_flags(p)
     add_reconcile_flags(p, embedded=True)
     add_metrics_flags(p)
+    add_debug_flag(p)
 
     p = sub.add_parser(
         "reconcile",
         help="run the reconciler",
         description="Run the reconciler: consume the billing stream, keep "
-        "statuses, run deadlines and releases.",
+        "statuses, run deadlines and releases. Needs --redis-url: it works on "
+        "the Redis the sidecars read.",
     )
     add_store_flags(p)
-    add_policy_flags(p)
+    add_policy_flags(p, sidecar=False)
     add_reconcile_flags(p, embedded=False)
     add_metrics_flags(p)
+    add_debug_flag(p)
 
     p = sub.add_parser("events", help="publish billing events onto the billing stream")
     ev = p.add_subparsers(dest="events_command", required=True, metavar="ACTION")
     pub = ev.add_parser(
         "publish",
         help="XADD each line of FILE onto the billing stream",
-        description="Validate each line of FILE (one JSON event a line) and "
-        f"add it to the Redis Stream {BILLING_STREAM}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Validate every line of FILE (one JSON event a line; blank lines "
+        f"and lines starting with # are skipped), then add them to the Redis Stream "
+        f"{BILLING_STREAM}. If any line is invalid, nothing is published "
+        "(--skip-invalid publishes the valid ones) and the exit status is 1. "
+        "The event format: docs/events.md; `lcic-guard sample-events` prints examples.",
     )
     pub.add_argument("file", type=Path, help="events file, or - for standard input")
+    pub.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="publish the valid lines even if some are invalid (still exit status 1)",
+    )
     add_store_flags(pub)
+    add_debug_flag(pub)
 
-    p = sub.add_parser("release-plan", help="list scheduled releases (a dry run)")
+    p = sub.add_parser(
+        "release-plan",
+        help="list scheduled releases (a dry run)",
+        description="List every release of resources (R10) the reconciler has "
+        "scheduled: the account, its applications, release_at, and whether it "
+        "would be performed if it fell due now, with the reason. Changes nothing.",
+    )
     add_store_flags(p)
-    add_policy_flags(p)
+    add_policy_flags(p, sidecar=False)
     add_reconcile_flags(p, embedded=False)
+    add_debug_flag(p)
 
-    p = sub.add_parser("check", help="ask a running sidecar one check")
-    p.add_argument("kind", choices=["create", "enter", "recording"])
+    p = _client_command(
+        sub,
+        "check",
+        help="ask a running sidecar one check",
+        description="Ask a running sidecar one check and print its answer on one "
+        "line: ALLOWED or DENIED, the reason, the time that matters and what the "
+        "customer can do (--json for a stable JSON object).",
+        epilog=EXIT_CODES,
+    )
+    p.add_argument("kind", choices=CHECKS)
     p.add_argument("app_id")
     p.add_argument("--room", default="", help="room id (required for enter)")
     p.add_argument("--recording", default="rec-1", help="recording id (for recording)")
-    p.add_argument("--target", default="127.0.0.1:50051", help="sidecar address")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
 
-    p = sub.add_parser("status", help="show an application's status record")
+    p = _client_command(sub, "status", help="show an application's status record")
     p.add_argument("app_id")
-    p.add_argument("--target", default="127.0.0.1:50051", help="sidecar address")
     p.add_argument("--json", action="store_true", help="print the raw record as JSON")
 
-    p = sub.add_parser(
+    p = _client_command(
+        sub,
         "explain",
         help="answer one check for an application and explain why",
         description="Ask a running sidecar one check and print its answer with "
         "the status behind it: every reason, the billing events behind each, the "
         "deadlines ahead and what the customer must do.",
+        epilog=EXIT_CODES,
     )
     p.add_argument("app_id")
-    p.add_argument("--check", required=True, choices=["create", "enter", "recording"])
+    p.add_argument("--check", required=True, choices=CHECKS)
     p.add_argument("--room", default="", help="room id (required for --check enter)")
     p.add_argument("--recording", default="rec-1", help="recording id (for recording)")
-    p.add_argument("--target", default="127.0.0.1:50051", help="sidecar address")
 
-    p = sub.add_parser(
+    p = _client_command(
+        sub,
         "preview",
         help="what an application's checks will answer at a later time",
         description="Ask a running sidecar what the three checks will answer at "
@@ -128,84 +228,270 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("app_id")
     p.add_argument(
-        "--at", required=True, help="RFC 3339 time (2026-10-01T12:00:00Z) or +DURATION (+25h)"
+        "--at",
+        required=True,
+        help="RFC 3339 time (2026-10-01T12:00:00Z), or a duration from now: +25h, +1h30m, -1h",
     )
     p.add_argument("--room", default="", help="a classroom reported started, for enter")
-    p.add_argument("--target", default="127.0.0.1:50051", help="sidecar address")
     p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
 
-    sub.add_parser("sample-events", help="print the sample billing events")
+    p = sub.add_parser("sample-events", help="print the sample billing events")
+    add_debug_flag(p)
     return parser
 
 
-async def _publish(settings: Settings, path: Path) -> int:
-    text = sys.stdin.read() if str(path) == "-" else await asyncio.to_thread(path.read_text)
+# -- commands on Redis --------------------------------------------------------
+
+
+def _needs_redis(settings: Settings, command: str) -> str:
     if settings.redis_url is None:
-        print("events publish: --redis-url is required", file=sys.stderr)
-        return 2
-    store = Store(connect(settings.redis_url))
-    sent = bad = 0
+        raise CommandError(
+            f"--redis-url (or LCIC_GUARD_REDIS_URL) is required: {command} works on the "
+            "Redis the sidecars read; only `serve` starts a private one"
+        )
+    return settings.redis_url
+
+
+def _read_events(path: Path) -> str:
+    if str(path) == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CommandError("standard input: not UTF-8 text; give JSON lines") from None
+    return readable_text_file(path, "")
+
+
+async def _publish(settings: Settings, path: Path, skip_invalid: bool) -> int:
+    from lcic_guard import runner
+
+    url = _needs_redis(settings, "events publish")
+    text = _read_events(path)
+    valid: list[str] = []
+    invalid = 0
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            parse_event_json(line)
+        except InvalidEvent as exc:
+            name = "<stdin>" if str(path) == "-" else path
+            print(f"{name}:{n}: invalid: {exc.reason}", file=sys.stderr)
+            invalid += 1
+            continue
+        valid.append(line.strip())
+    if invalid and not skip_invalid:
+        print(
+            f"{invalid} invalid line(s): nothing published; fix them, or pass "
+            f"--skip-invalid to publish the {len(valid)} valid one(s)",
+            file=sys.stderr,
+        )
+        return 1
+    store = Store(connect(url))
     try:
-        async with store.redis.pipeline(transaction=False) as pipe:
-            for n, line in enumerate(text.splitlines(), start=1):
-                if not line.strip() or line.lstrip().startswith("#"):
-                    continue
-                try:
-                    parse_event(json.loads(line))
-                except (ValueError, InvalidEvent) as exc:
-                    # Still published: the reconciler dead-letters it with
-                    # the reason, as it would for the billing system.
-                    print(f"line {n}: invalid ({exc}); published anyway", file=sys.stderr)
-                    bad += 1
-                pipe.xadd(BILLING_STREAM, {"event": line.strip()})
-                sent += 1
-            await pipe.execute()
+        await runner.require_redis(store, url)
+        if valid:
+            async with store.redis.pipeline(transaction=False) as pipe:
+                for line in valid:
+                    pipe.xadd(BILLING_STREAM, {"event": line})
+                await pipe.execute()
     finally:
         await store.close()
-    print(f"published {sent} events to {BILLING_STREAM} ({bad} invalid)")
-    return 0
+    skipped = ", not published" if invalid else ""
+    print(f"published {len(valid)} events to {BILLING_STREAM} ({invalid} invalid{skipped})")
+    return 1 if invalid else 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
+    lines = []
+    for row in (header, *rows):
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
 
 
 async def _release_plan(settings: Settings) -> int:
-    async with runner.redis_for(settings) as (url, _):
-        store = Store(connect(url))
-        try:
-            rec = runner.build_reconciler(settings, store, None, clock=wall_clock)
-            plans = await rec.plan_releases()
-        finally:
-            await store.close()
+    from lcic_guard import runner
+
+    url = _needs_redis(settings, "release-plan")
+    store = Store(connect(url))
+    try:
+        await runner.require_redis(store, url)
+        rec = runner.build_reconciler(settings, store, None, clock=wall_clock)
+        plans = await rec.plan_releases()
+    finally:
+        await store.close()
     if not plans:
         print("no release scheduled")
-    for plan in plans:
-        when = format_time(plan.release_at) if plan.release_at else "-"
-        verdict = "WOULD RELEASE NOW" if plan.eligible else "not now"
-        print(
-            f"{plan.account_id}\tapps={','.join(plan.app_ids)}\trelease_at={when}\t"
-            f"{verdict}: {plan.why}"
+        return 0
+    rows = [
+        (
+            plan.account_id,
+            ",".join(plan.app_ids),
+            format_time(plan.release_at) if plan.release_at else "-",
+            "WOULD RELEASE NOW" if plan.eligible else "not now",
+            plan.why,
         )
+        for plan in plans
+    ]
+    print(_table(("ACCOUNT", "APPLICATIONS", "RELEASE AT", "IF DUE NOW", "WHY"), rows))
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-    from lcic_guard_client import GuardClient
+# -- commands on a sidecar ----------------------------------------------------
 
-    with GuardClient(args.target, timeout=2.0) as guard:
-        if args.kind == "create":
-            d = guard.can_create_classroom(args.app_id, room_id=args.room)
-        elif args.kind == "enter":
-            d = guard.can_enter_classroom(args.app_id, args.room)
-        else:
-            d = guard.can_access_recording(args.app_id, args.recording, room_id=args.room)
-    print(json_format.MessageToJson(d, indent=2))
+
+def _read_pem(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+
+
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    text = readable_text_file(Path(path), "--token-file")
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            # A line of the sidecar's own token file may name scopes after the token.
+            return line.split()[0]
+    raise CommandError(f"--token-file {path}: holds no token")
+
+
+def _client(args: argparse.Namespace) -> GuardClient:
+    from lcic_guard_client import GuardClient, TlsConfig
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CommandError("--tls-cert and --tls-key go together (mutual TLS)")
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        tls = TlsConfig(
+            root_certificates=_read_pem(args.tls_ca, "--tls-ca"),
+            certificate_chain=_read_pem(args.tls_cert, "--tls-cert"),
+            private_key=_read_pem(args.tls_key, "--tls-key"),
+        )
+    # No retries: without them a call does not wait for a sidecar that cannot
+    # be reached, so a person hears at once that nothing is listening.
+    return GuardClient(
+        args.target, timeout=5.0, retries=0, tls=tls, bearer_token=_read_token(args.token_file)
+    )
+
+
+def _ask(guard: GuardClient, kind: str, args: argparse.Namespace) -> pb.Decision:
+    if kind == "enter" and not args.room:
+        raise CommandError("--room is required for an enter check")
+    if kind == "create":
+        return guard.can_create_classroom(args.app_id, room_id=args.room)
+    if kind == "enter":
+        return guard.can_enter_classroom(args.app_id, args.room)
+    return guard.can_access_recording(args.app_id, args.recording, room_id=args.room)
+
+
+def _rpc_error(exc: grpc.RpcError, target: str) -> CommandError:
+    import grpc
+
+    code = exc.code()
+    details = str(exc.details() or "")
+    low = details.lower()
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        "failed to connect" in low or "dns resolution" in low or "connection refused" in low
+    ):
+        if "handshake" in low or "ssl" in low or "tls" in low:
+            return CommandError(
+                f"cannot reach the sidecar at {target} over TLS (the handshake failed); "
+                "check --tls-ca, --tls-cert and --tls-key, or leave them out for a sidecar "
+                "without TLS"
+            )
+        return CommandError(
+            f"cannot reach the sidecar at {target} — is `lcic-guard serve` running? "
+            "(--target or LCIC_GUARD_TARGET names it)"
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return CommandError(
+            f"the sidecar at {target} wants a bearer token ({details}); pass --token-file "
+            "(or LCIC_GUARD_TOKEN_FILE)"
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return CommandError(f"the sidecar at {target} refused the call: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CommandError(
+            f"the sidecar at {target} did not answer in time; is the address right, and is "
+            "it running and not overloaded?"
+        )
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+        return CommandError(details)
+    return CommandError(f"the sidecar at {target} answered {code.name}: {details}")
+
+
+def _time_fields(d: pb.Decision, name: str) -> dict[str, Any]:
+    has = d.HasField(name)  # type: ignore[arg-type]
+    ms = getattr(d, name).ToMilliseconds() if has else None
+    return {name: format_time(ms) if ms is not None else None, f"{name}_ms": ms}
+
+
+TIME_FIELDS = ("grace_ends_at", "suspended_at", "release_at", "protected_until")
+
+
+def decision_json(kind: str, app_id: str, d: pb.Decision) -> dict[str, Any]:
+    """A decision as a stable JSON object: every key always present, enum
+    names without their prefixes, times as RFC 3339 and epoch milliseconds."""
+    out: dict[str, Any] = {
+        "check": kind,
+        "app_id": app_id,
+        "allowed": d.allowed,
+        "reason": report.reason_name(d.reason),
+        "reasons": [report.reason_name(r) for r in d.reasons],
+        "state": report.state_name(d.state),
+        "message": d.message,
+        "degraded": d.degraded,
+        "shadow": d.shadow,
+        "status_version": d.status_version,
+    }
+    for name in TIME_FIELDS:
+        out |= _time_fields(d, name)
+    return out
+
+
+def decision_line(d: pb.Decision, now: Millis) -> str:
+    """One line, like ``DENIED · ACCOUNT_OVERDUE · release in 58d 3h — Top up …``."""
+    from lcic.guard.v1 import enforcement_pb2 as pb
+
+    verdict = "ALLOWED" if d.allowed else "DENIED"
+    if d.shadow:
+        verdict = "ALLOWED (shadow mode: enforcement would deny)"
+    parts = [verdict, report.reason_name(d.reason)]
+    if d.HasField("protected_until"):
+        parts.append(f"protected until {format_time(d.protected_until.ToMilliseconds())}")
+    elif d.HasField("grace_ends_at") and d.allowed:
+        parts.append(f"grace ends {report.relative(d.grace_ends_at.ToMilliseconds(), now)}")
+    if d.HasField("release_at"):
+        at = d.release_at.ToMilliseconds()
+        done = d.reason == pb.DECISION_REASON_RESOURCES_RELEASED
+        parts.append(f"{'released' if done else 'release'} {report.relative(at, now)}")
+    if d.degraded:
+        parts.append("degraded (no fresh status)")
+    line = " · ".join(parts)
+    return f"{line} — {d.message}" if d.message else line
+
+
+def _check(args: argparse.Namespace) -> int:
+    with _client(args) as guard:
+        d = _ask(guard, args.kind, args)
+    if args.json:
+        print(json.dumps(decision_json(args.kind, args.app_id, d), indent=2))
+    else:
+        print(decision_line(d, wall_clock()))
     return 0 if d.allowed else 1
 
 
 def _status(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
-    from lcic_guard_client import GuardClient
 
-    with GuardClient(args.target, timeout=2.0) as guard:
+    with _client(args) as guard:
         st = guard.get_application_status(args.app_id)
     if args.json:
         print(json_format.MessageToJson(st, indent=2))
@@ -216,24 +502,23 @@ def _status(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     import grpc
-    from lcic_guard_client import GuardClient
 
-    if args.check == "enter" and not args.room:
-        print("explain --check enter: --room is required", file=sys.stderr)
-        return 2
-    with GuardClient(args.target, timeout=2.0) as guard:
-        if args.check == "create":
-            d = guard.can_create_classroom(args.app_id, room_id=args.room)
-        elif args.check == "enter":
-            d = guard.can_enter_classroom(args.app_id, args.room)
-        else:
-            d = guard.can_access_recording(args.app_id, args.recording, room_id=args.room)
+    with _client(args) as guard:
+        d = _ask(guard, args.check, args)
         try:
             st = guard.get_application_status(args.app_id)
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
+            code = exc.code()
+            if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                 raise
             print(report.render_decision(args.check, args.app_id, d, wall_clock()))
+            if code == grpc.StatusCode.UNAVAILABLE:
+                # The check was still answered (R13): show that answer, and why
+                # nothing more can be said now.
+                print(
+                    f"\nThe status record cannot be read now ({exc.details()}): the answer "
+                    "above is the sidecar's own without it."
+                )
             return 0 if d.allowed else 1
     print(report.render_explain(args.check, d, st, wall_clock()))
     return 0 if d.allowed else 1
@@ -242,18 +527,18 @@ def _explain(args: argparse.Namespace) -> int:
 def _preview(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
     from lcic.guard.v1 import enforcement_pb2 as pb
-    from lcic_guard_client import GuardClient
 
     now = wall_clock()
     try:
         at = report.parse_at(args.at, now)
     except argparse.ArgumentTypeError as exc:
-        print(f"preview: --at: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from None
     req = pb.PreviewApplicationRequest(app_id=args.app_id, room_id=args.room)
     req.at.FromMilliseconds(at)
-    with GuardClient(args.target, timeout=2.0) as guard:
-        resp: pb.PreviewApplicationResponse = guard.stub.PreviewApplication(req, timeout=2.0)
+    with _client(args) as guard:
+        resp: pb.PreviewApplicationResponse = guard.stub.PreviewApplication(
+            req, timeout=guard.timeout, metadata=guard._metadata
+        )
     if args.json:
         print(json_format.MessageToJson(resp, indent=2))
     else:
@@ -261,34 +546,112 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# -- the command ----------------------------------------------------------------
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """``--at -1h`` as ``--at=-1h``: argparse takes a value starting with a
+    dash for a flag."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if argv[i] == "--at" and value[:1] == "-" and value[1:2].isdigit():
+            out.append(f"--at={value}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "events_command", None)
+    return f"{args.command} {sub}" if sub else str(args.command)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "sample-events":
         sys.stdout.write(sample_jsonl(wall_clock()))
         return 0
     if args.command in ("check", "status", "explain", "preview"):
         import grpc
 
-        run = {"check": _check, "status": _status, "explain": _explain, "preview": _preview}
+        run: dict[str, Callable[[argparse.Namespace], int]] = {
+            "check": _check,
+            "status": _status,
+            "explain": _explain,
+            "preview": _preview,
+        }
         try:
             return run[args.command](args)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
-    settings = settings_from(args)
+            raise _rpc_error(exc, args.target) from exc
+    from lcic_guard import runner  # imports grpc: see main()
+
+    try:
+        settings = settings_from(args)
+    except SystemExit as exc:  # a combination of flags that does not go together
+        if isinstance(exc.code, str):
+            raise CommandError(exc.code) from None
+        raise
     runner.configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":
             asyncio.run(runner.serve(settings))
         elif args.command == "reconcile":
+            _needs_redis(settings, "the reconciler")
             asyncio.run(runner.reconcile(settings))
         elif args.command == "events":
-            return asyncio.run(_publish(settings, args.file))
+            return asyncio.run(_publish(settings, args.file, args.skip_invalid))
         elif args.command == "release-plan":
             return asyncio.run(_release_plan(settings))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _fail(name: str, message: str, debug: bool, code: int) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"lcic-guard {name}: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's own log lines (a failed TLS handshake at INFO) would come before
+    # the one line that explains the failure; its errors still show. Read
+    # when grpc is first imported: this module imports it only lazily.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    argv = _attach_dash_values(list(sys.argv[1:] if argv is None else argv))
+    try:
+        parser = build_parser()
+    except SystemExit as exc:  # a bad LCIC_GUARD_* value
+        print(f"lcic-guard: {exc.code}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    name, debug = _name(args), bool(args.debug or args.debug_first)
+    try:
+        return _run(args)
+    except CommandError as exc:
+        return _fail(name, str(exc), debug, 2)
+    except RedisServerMissing as exc:
+        return _fail(name, str(exc), debug, 2)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `lcic-guard status … | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        from redis.exceptions import RedisError
+
+        if isinstance(exc, RedisError):
+            url = redact_url(getattr(args, "redis_url", None) or "")
+            return _fail(name, f"Redis {url} failed: {type(exc).__name__}: {exc}", debug, 2)
+        text = (
+            f"unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+        )
+        return _fail(name, text, debug, 3)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from lcic_guard.facts import (
     PackageUsage,
     format_time,
 )
-from lcic_guard.policy import AppStatus, PolicyConfig, Reason, Sweep, sweep_until
+from lcic_guard.policy import AppStatus, PolicyConfig, Reason, State, Sweep, sweep_until
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +190,8 @@ def _quota_facts(k: Sweep, now: Millis) -> list[ReasonFact]:
 def deadlines(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[Deadline, ...]:
     """The known future moments that matter, in time order."""
     seg = status.at(now)
+    if seg.state in (State.RELEASED, State.BANNED):
+        return ()  # for good: no payment, package or date changes anything now
     k = _fold(status.app_id, facts, now)
     alert_id = k.overdue_alert.event_id if k.overdue_alert is not None else ""
     out: list[Deadline] = []

@@ -111,13 +111,17 @@ PREVIEW_FIELDS: Final = (
 
 
 def parse_at(text: str, now: Millis) -> Millis:
-    """An RFC 3339 time (``2026-10-01T12:00:00Z``) or ``+DURATION`` from now
-    (``+25h``, ``+61d``)."""
+    """An RFC 3339 time (``2026-10-01T12:00:00Z``) or a duration from now:
+    ``+25h``, ``+1h30m``, ``-1h``."""
     from lcic_guard.settings import parse_duration  # the CLI's duration syntax
 
     text = text.strip()
-    if text.startswith("+"):
-        return now + parse_duration(text[1:])
+    if text[:1] in ("+", "-"):
+        try:
+            ms = parse_duration(text[1:])
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"--at: {exc}") from None
+        return now + ms if text[0] == "+" else now - ms
     try:
         return parse_time(text, "--at")
     except InvalidEvent as exc:
@@ -203,7 +207,7 @@ def render_status(st: pb.ApplicationStatus, now: Millis) -> str:
             kind = pb.DeadlineKind.Name(d.kind).removeprefix("DEADLINE_KIND_")
             lines.append(f"  {_at(d.at.ToMilliseconds(), now)}  {kind}")
             lines.append(f"    {d.description}")
-    if st.upcoming:
+    if st.upcoming and state not in ("RELEASED", "BANNED"):  # for good: nothing ahead matters
         lines += ["", "Changes ahead if no new billing event arrives:"]
         for t in st.upcoming:
             why = ", ".join(reason_name(r) for r in t.reasons) or "OK"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -27,7 +29,8 @@ from lcic_guard.auth import AuthConfig
 from lcic_guard.cache import ChangeFeedReader, StatusCache
 from lcic_guard.checker import Checker, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
-from lcic_guard.facts import Millis
+from lcic_guard.errors import CommandError, bind_error, check_readable
+from lcic_guard.facts import Millis, format_time
 from lcic_guard.metrics import (
     MetricsServer,
     ReconcilerMetrics,
@@ -39,6 +42,7 @@ from lcic_guard.observe import DecisionObserver
 from lcic_guard.policy import Room, protected_until
 from lcic_guard.readiness import Readiness
 from lcic_guard.reconciler import Reconciler
+from lcic_guard.redact import redact_url
 from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl
 from lcic_guard.settings import Settings
 from lcic_guard.sidecar import (
@@ -49,7 +53,7 @@ from lcic_guard.sidecar import (
     start_server,
 )
 from lcic_guard.sources import BillingSource, FileSource, StreamSource
-from lcic_guard.store import Store, connect
+from lcic_guard.store import BILLING_STREAM, Store, connect
 
 log = logging.getLogger("lcic_guard")
 
@@ -72,6 +76,52 @@ async def redis_for(settings: Settings) -> AsyncIterator[tuple[str, EmbeddedRedi
         yield embedded.url, embedded
     finally:
         embedded.stop()
+
+
+async def redis_trouble(store: Store) -> str | None:
+    """Why Redis cannot be used now (one line), or None when it answers."""
+    try:
+        await store.ping()
+    except Exception as exc:  # any failure to answer is the same to a person
+        return f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return None
+
+
+async def require_redis(store: Store, url: str) -> None:
+    """Fail with one line when the Redis a command needs does not answer."""
+    why = await redis_trouble(store)
+    if why is not None:
+        raise CommandError(
+            f"cannot reach Redis at {redact_url(url)} ({why}); is it running? check --redis-url"
+        )
+
+
+def probe_listen(listen: str) -> None:
+    """Fail with one line when ``listen`` cannot be bound: a port another
+    program (or another lcic-guard) holds, or a host this machine has not.
+
+    The probe binds without SO_REUSEPORT, so a listener that has it on (the
+    workers of another sidecar) counts as holding the port too."""
+    host, _, port_text = listen.rpartition(":")
+    port = int(port_text)
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        raise CommandError(
+            f"cannot listen on {listen}: unknown host {host!r}; check --listen (HOST:PORT)"
+        ) from None
+    if port == 0:
+        return
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise bind_error(listen, exc) from None
 
 
 def _stop_event() -> asyncio.Event:
@@ -174,9 +224,17 @@ async def build_sidecar(
     )
     if settings.auth_token_file and tls is None:
         log.warning("bearer tokens are accepted without TLS: anyone on the path can read them")
-    server = await start_server(
-        servicer, settings.listen, tls=tls, interceptors=auth.interceptors(auth_config)
-    )
+    try:
+        server = await start_server(
+            servicer,
+            settings.listen,
+            tls=tls,
+            interceptors=auth.interceptors(auth_config),
+            reuse_port=settings.workers > 1,
+        )
+    except (RuntimeError, OSError) as exc:  # grpc says only "Failed to bind"
+        await feed.stop()
+        raise bind_error(settings.listen, exc if isinstance(exc, OSError) else None) from exc
     readiness = None
     if settings.max_heartbeat_age_ms > 0:
         readiness = Readiness(store, server, settings.max_heartbeat_age_ms, clock)
@@ -221,6 +279,9 @@ def _worker_main(settings: Settings) -> None:
 def _start_workers(settings: Settings, url: str) -> tuple[list[BaseProcess], int]:
     host, _, port_text = settings.listen.rpartition(":")
     port = int(port_text) or free_port()
+    # The workers share the port (SO_REUSEPORT) with each other only: it must
+    # be free before the first of them binds it.
+    probe_listen(f"{host}:{port}")
     worker_settings = replace(settings, redis_url=url, listen=f"{host}:{port}")
     ctx = multiprocessing.get_context("spawn")
     procs: list[BaseProcess] = []
@@ -257,32 +318,67 @@ async def _report_sample_rooms(store: Store, settings: Settings, now: Millis) ->
         )
 
 
-def _print_howto(port: int, embedded: bool) -> None:
-    host = f"127.0.0.1:{port}"
+def _settle_example(now: Millis) -> str:
+    event = {
+        "event_id": f"pay-{now // 1000}",
+        "type": "arrears_settled",
+        "occurred_at": format_time(now - now % 1000).replace(".000Z", "Z"),
+        "account_id": "acct-overdue",
+    }
+    return json.dumps(event)
+
+
+def _print_howto(
+    listen: str, port: int, embedded: EmbeddedRedis | None, redis_down: str | None
+) -> None:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    target = f"{host}:{port}"
     lines = [
         "",
-        f"lcic-guard is serving on {host}"
+        f"lcic-guard is serving on {target}"
         + (" (embedded default: private Redis, sample billing data)" if embedded else ""),
         "",
     ]
-    if embedded:
+    if redis_down is not None:
+        lines += [
+            f"WARNING: Redis does not answer ({redis_down}).",
+            "  Until it does, checks are answered from the failure modes (R13: allow by",
+            "  default, --failure-mode-* to deny) and marked degraded. Is Redis running?",
+            "  Check --redis-url.",
+            "",
+        ]
+    if embedded is not None:
+        lines.append(f"Private Redis (stopped with this process): {embedded.url}")
+        lines.append("")
         lines.append("Sample applications:")
         lines += [f"  {app:<14} {what}" for app, what in SAMPLE_APPS.items()]
-        lines.append("")
-    lines += [
-        "Try it from Python (in the project's virtual environment):",
-        "  from lcic_guard_client import GuardClient",
-        f"  with GuardClient('{host}') as guard:",
-        "      print(guard.can_create_classroom('app-grace'))",
-        "      print(guard.can_enter_classroom('app-quota', 'room-live'))",
-        "",
-        "or with the command line:",
-        f"  lcic-guard check create app-overdue --target {host}",
-        f"  lcic-guard check enter app-quota --room room-live --target {host}",
-        "",
-        "Press Ctrl-C to stop.",
-        "",
-    ]
+        lines += [
+            "",
+            "Ask the sidecar (in the project's virtual environment):",
+            f"  lcic-guard check create app-overdue --target {target}",
+            f"  lcic-guard check enter app-quota --room room-live --target {target}",
+            f"  lcic-guard explain app-grace --check create --target {target}",
+            "",
+            f"Publish a billing event to its {BILLING_STREAM} (format: docs/events.md),",
+            "e.g. acct-overdue pays its arrears:",
+            f"  echo '{_settle_example(wall_clock())}' \\",
+            f"    | lcic-guard events publish - --redis-url {embedded.url}",
+            "",
+            "From Python:",
+            "  from lcic_guard_client import GuardClient",
+            f"  with GuardClient('{target}') as guard:",
+            "      d = guard.can_create_classroom('app-grace')",
+            "      print(d.allowed, d.message)",
+        ]
+    else:
+        lines += [
+            "Ask it:",
+            f"  lcic-guard check create APP_ID --target {target}",
+            f"  lcic-guard status APP_ID --target {target}",
+        ]
+    lines += ["", "Press Ctrl-C to stop.", ""]
     print("\n".join(lines), flush=True)
 
 
@@ -294,6 +390,9 @@ async def serve(
 ) -> None:
     """Run the sidecar (and, in the embedded default, Redis and the reconciler)."""
     stop = stop or _stop_event()
+    if settings.redis_url is None and settings.events is not None:
+        check_readable(settings.events, "--events")
+    probe_listen(settings.listen)  # before a private Redis is started for nothing
     # One endpoint for this process: the sidecar's metrics (one worker) and,
     # in the embedded default, the reconciler's.
     registry = CollectorRegistry() if settings.metrics_listen else None
@@ -303,6 +402,9 @@ async def serve(
         reconciler_task = None
         poller = None
         try:
+            # The sidecar still starts without Redis (it answers by R13), but
+            # says so plainly instead of printing the usual banner alone.
+            redis_down = await redis_trouble(store) if embedded is None else None
             if embedded is not None:
                 with tempfile.TemporaryDirectory(prefix="lcic-sample-") as tmp:
                     events = settings.events
@@ -325,7 +427,7 @@ async def serve(
                 procs, port = _start_workers(settings, url)
                 try:
                     await _wait_listening(port)
-                    _print_howto(port, embedded is not None)
+                    _print_howto(settings.listen, port, embedded, redis_down)
                     if ready:
                         ready(port)
                     await stop.wait()
@@ -336,7 +438,7 @@ async def serve(
                         await asyncio.to_thread(proc.join, 10)
             else:
                 sidecar = await build_sidecar(settings, store, registry=registry)
-                _print_howto(sidecar.port, embedded is not None)
+                _print_howto(settings.listen, sidecar.port, embedded, redis_down)
                 if ready:
                     ready(sidecar.port)
                 await stop.wait()
@@ -356,12 +458,15 @@ async def serve(
 async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run the reconciler until stopped."""
     stop = stop or _stop_event()
+    if settings.events is not None:
+        check_readable(settings.events, "--events")
     async with redis_for(settings) as (url, _embedded):
         store = Store(connect(url, timeout=10.0))
         metrics = ReconcilerMetrics() if settings.metrics_listen else None
         metrics_server = None
         poller = None
         try:
+            await require_redis(store, url)
             reconciler = build_reconciler(
                 settings, store, settings.events, clock=wall_clock, metrics=metrics
             )

@@ -20,17 +20,19 @@ from lcic_guard.redact import redact_url
 
 ENV_PREFIX = "LCIC_GUARD_"
 _UNITS = {"ms": 1, "s": SECOND, "m": MINUTE, "h": HOUR, "d": DAY}
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+_PART = r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)"
+_DURATION = re.compile(rf"\s*(?:{_PART}\s*)+")
+_PARTS = re.compile(_PART)
 
 
 def parse_duration(text: str) -> int:
-    """Parse a duration such as ``24h`` into milliseconds."""
-    match = _DURATION.fullmatch(text)
-    if not match:
+    """Parse a duration such as ``24h`` or ``1h30m`` into milliseconds."""
+    if not _DURATION.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), e.g. 24h"
+            f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), "
+            "e.g. 24h or 1h30m"
         )
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    return sum(int(float(n) * _UNITS[unit]) for n, unit in _PARTS.findall(text))
 
 
 def parse_duration_or_off(text: str) -> int:
@@ -67,6 +69,33 @@ def parse_shadow_checks(text: str) -> frozenset[Check]:
         return parse_shadow(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_listen(text: str) -> str:
+    """``HOST:PORT`` to listen on; port 0 picks a free one."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid address {text!r}: use HOST:PORT with a port from 0 to 65535, "
+            "e.g. 127.0.0.1:50051"
+        )
+    return text.strip()
+
+
+REDIS_SCHEMES: tuple[str, ...] = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
+def parse_redis_url(text: str) -> str:
+    """A Redis URL the store can connect to (checked here, so that a typo is
+    one line at start rather than a failure inside the client)."""
+    scheme, sep, rest = text.strip().partition("://")
+    if not sep or scheme.lower() not in REDIS_SCHEMES or not rest:
+        shown = redact_url(text.strip())
+        raise argparse.ArgumentTypeError(
+            f"invalid Redis URL {shown!r}: use redis://HOST:PORT/DB (rediss:// for TLS, "
+            "redis+sentinel://HOST:PORT/SERVICE for Sentinel)"
+        )
+    return text.strip()
 
 
 def parse_bool(text: str) -> bool:
@@ -129,6 +158,12 @@ class _EnvDefault(argparse.Action):
                 raise SystemExit(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}: {exc}") from None
             kwargs["required"] = False
         env_name = ENV_PREFIX + flag.upper().replace("-", "_")
+        if conv is parse_bool:
+            # The flag alone means true; ``--flag false`` still turns it off.
+            kwargs.setdefault("nargs", "?")
+            kwargs.setdefault("const", True)
+            kwargs["metavar"] = "true|false"
+            kwargs["help"] = f"{kwargs.get('help', '')} (the flag alone means true)"
         shown = "%(default)s"
         redact = kwargs.pop("redact", None)
         if redact is not None:  # a secret may be in the default (from the environment)
@@ -168,14 +203,19 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def add_store_flags(p: argparse.ArgumentParser) -> None:
+def add_store_flags(p: argparse.ArgumentParser, *, embedded: bool = False) -> None:
     p.add_argument(
         "--redis-url",
         action=_EnvDefault,
+        type=parse_redis_url,
         default=None,
         redact=redact_url,
-        help="Redis to use (redis://, rediss://). Without it, a private "
-        "redis-server is started and stopped with the process",
+        help="Redis to use (redis://, rediss://, redis+sentinel://). "
+        + (
+            "Without it, a private redis-server is started and stopped with the process"
+            if embedded
+            else "Required"
+        ),
     )
     p.add_argument(
         "--log-level",
@@ -194,6 +234,45 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_debug_flag(p: argparse.ArgumentParser, dest: str = "debug") -> None:
+    env = _env("debug")
+    p.add_argument(
+        "--debug",
+        dest=dest,
+        action="store_true",
+        default=env is not None and env.strip().lower() in ("1", "true", "yes", "on"),
+        help="on a failure, print its traceback too [env LCIC_GUARD_DEBUG]",
+    )
+
+
+def add_client_flags(p: argparse.ArgumentParser) -> None:
+    """How a command reaches a running sidecar (check, status, explain, preview)."""
+    g = p.add_argument_group("the sidecar to ask")
+    g.add_argument(
+        "--target", action=_EnvDefault, default="127.0.0.1:50051", help="sidecar address"
+    )
+    g.add_argument(
+        "--token-file",
+        action=_EnvDefault,
+        default=None,
+        help="file whose first line is the bearer token to send (a sidecar run with "
+        "--auth-token-file wants one for status, explain and preview)",
+    )
+    g.add_argument(
+        "--tls-ca",
+        action=_EnvDefault,
+        default=None,
+        help="CA (PEM) the sidecar's certificate must chain to; enables TLS",
+    )
+    g.add_argument(
+        "--tls-cert",
+        action=_EnvDefault,
+        default=None,
+        help="client certificate (PEM) for mutual TLS; with --tls-key and --tls-ca",
+    )
+    g.add_argument("--tls-key", action=_EnvDefault, default=None, help="client private key (PEM)")
+
+
 def add_metrics_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-listen",
@@ -205,7 +284,9 @@ def add_metrics_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_policy_flags(p: argparse.ArgumentParser) -> None:
+def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> None:
+    """The policy's flags; those only the sidecar's answers use (R13) are left
+    out of the reconciler's commands (``sidecar=False``)."""
     g = p.add_argument_group("policy (SPEC rules)")
     g.add_argument(
         "--grace",
@@ -242,6 +323,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
         default=False,
         help="R6: keep classes in progress running after a compliance ban",
     )
+    if not sidecar:
+        return
     g.add_argument(
         "--stale-bound",
         action=_EnvDefault,
@@ -265,6 +348,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--listen",
         action=_EnvDefault,
+        type=parse_listen,
         default="127.0.0.1:50051",
         help="gRPC listen address, HOST:PORT",
     )
@@ -295,7 +379,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         action=_EnvDefault,
         type=int,
         default=1,
-        help="serving processes sharing the listen port (SO_REUSEPORT)",
+        help="serving processes sharing the listen port (SO_REUSEPORT among them only: "
+        "a port another program holds is refused)",
     )
     g.add_argument(
         "--tls-cert",
@@ -436,7 +521,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             overrun_ms=ns.overrun,
             max_class_ms=ns.max_class,
             protect_when_banned=ns.protect_when_banned,
-            stale_bound_ms=ns.stale_bound,
+            stale_bound_ms=get("stale_bound", PolicyConfig().stale_bound_ms),
             fail_open=fail_open,
         )
     if get("listen") is not None:

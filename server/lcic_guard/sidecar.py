@@ -413,15 +413,19 @@ async def start_server(
     tls: TlsFiles | None = None,
     options: list[tuple[str, Any]] | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Start EnforcementService, health and reflection on ``listen``.
 
     With ``tls``, each new connection uses the certificate files as they are
     then (changed files are loaded again: see :mod:`lcic_guard.certs`).
     ``interceptors`` (e.g. :mod:`lcic_guard.auth`) see every call.
+    ``reuse_port`` only for the processes of one ``--workers N``: gRPC turns
+    SO_REUSEPORT on by default, and with it a second sidecar on a taken port
+    would silently share it and half the checks would reach the wrong one.
     """
     server = grpc.aio.server(
-        options=[("grpc.so_reuseport", 1), *(options or [])],
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0), *(options or [])],
         interceptors=list(interceptors or ()),
     )
     add_service(servicer, server)
