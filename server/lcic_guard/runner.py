@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from lcic_guard import auth, logs
+from lcic_guard import auth, logs, tracing
 from lcic_guard.auth import AuthConfig
 from lcic_guard.cache import ChangeFeedReader, StatusCache
 from lcic_guard.checker import Checker, wall_clock
@@ -50,6 +50,7 @@ from lcic_guard.sidecar import (
 )
 from lcic_guard.sources import BillingSource, FileSource, StreamSource
 from lcic_guard.store import Store, connect
+from lcic_guard.tracing import Tracing
 
 log = logging.getLogger("lcic_guard")
 
@@ -140,6 +141,7 @@ async def build_sidecar(
     *,
     clock: Callable[[], Millis] = wall_clock,
     registry: CollectorRegistry | None = None,
+    traced: Tracing | None = None,
 ) -> Sidecar:
     """The sidecar: cache, change-feed reader, checker, gRPC server.
 
@@ -174,9 +176,9 @@ async def build_sidecar(
     )
     if settings.auth_token_file and tls is None:
         log.warning("bearer tokens are accepted without TLS: anyone on the path can read them")
-    server = await start_server(
-        servicer, settings.listen, tls=tls, interceptors=auth.interceptors(auth_config)
-    )
+    # Tracing outermost, so that calls refused by auth are traced too.
+    interceptors = [*(traced.interceptors() if traced else ()), *auth.interceptors(auth_config)]
+    server = await start_server(servicer, settings.listen, tls=tls, interceptors=interceptors)
     readiness = None
     if settings.max_heartbeat_age_ms > 0:
         readiness = Readiness(store, server, settings.max_heartbeat_age_ms, clock)
@@ -184,6 +186,7 @@ async def build_sidecar(
         readiness.start()
     if metrics is not None and registry is None:
         metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
+        metrics_server.probes.ready = lambda: server.serving
     if settings.shadow:
         log.warning(
             "shadow mode for %s checks: they are always allowed; would-be denials are "
@@ -207,12 +210,15 @@ def _worker_main(settings: Settings) -> None:
     async def work() -> None:
         stop = _stop_event()
         store = Store(connect(settings.redis_url or ""))
+        traced = tracing.setup("lcic-guard")
         try:
-            sidecar = await build_sidecar(settings, store)
+            sidecar = await build_sidecar(settings, store, traced=traced)
             await stop.wait()
             await sidecar.stop(**_stopping(settings))
         finally:
             await store.close()
+            if traced is not None:
+                await asyncio.to_thread(traced.shutdown)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(work())
@@ -298,6 +304,7 @@ async def serve(
     # in the embedded default, the reconciler's.
     registry = CollectorRegistry() if settings.metrics_listen else None
     metrics_server = serve_metrics(registry, settings.metrics_listen) if registry else None
+    traced = tracing.setup("lcic-guard")
     async with redis_for(settings) as (url, embedded):
         store = Store(connect(url))
         reconciler_task = None
@@ -313,6 +320,8 @@ async def serve(
                     reconciler = build_reconciler(
                         settings, store, events, clock=wall_clock, metrics=rec_metrics
                     )
+                    if traced is not None:
+                        traced.instrument(reconciler)
                     await reconciler.drain(reconciler.sources[0])
                 if settings.events is None:
                     await _report_sample_rooms(store, settings, wall_clock())
@@ -325,6 +334,8 @@ async def serve(
                 procs, port = _start_workers(settings, url)
                 try:
                     await _wait_listening(port)
+                    if metrics_server is not None:
+                        metrics_server.probes.ready = lambda: all(p.is_alive() for p in procs)
                     _print_howto(port, embedded is not None)
                     if ready:
                         ready(port)
@@ -335,7 +346,9 @@ async def serve(
                     for proc in procs:
                         await asyncio.to_thread(proc.join, 10)
             else:
-                sidecar = await build_sidecar(settings, store, registry=registry)
+                sidecar = await build_sidecar(settings, store, registry=registry, traced=traced)
+                if metrics_server is not None:
+                    metrics_server.probes.ready = lambda: sidecar.server.serving
                 _print_howto(sidecar.port, embedded is not None)
                 if ready:
                     ready(sidecar.port)
@@ -351,6 +364,8 @@ async def serve(
             await store.close()
             if metrics_server is not None:
                 metrics_server.stop()
+            if traced is not None:
+                await asyncio.to_thread(traced.shutdown)
 
 
 async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -361,12 +376,17 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
         metrics = ReconcilerMetrics() if settings.metrics_listen else None
         metrics_server = None
         poller = None
+        traced = tracing.setup("lcic-guard-reconciler")
         try:
             reconciler = build_reconciler(
                 settings, store, settings.events, clock=wall_clock, metrics=metrics
             )
+            if traced is not None:
+                traced.instrument(reconciler)
             if metrics is not None:
                 metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
+                # Ready once its loops run; stopping, it says so first.
+                metrics_server.probes.ready = lambda: not stop.is_set()
                 poller = asyncio.create_task(metrics.poll_forever(reconciler, stop, wall_clock))
             log.info("reconciler %s started", reconciler.name)
             await reconciler.run(stop)
@@ -378,3 +398,5 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
             await store.close()
             if metrics_server is not None:
                 metrics_server.stop()
+            if traced is not None:
+                await asyncio.to_thread(traced.shutdown)
