@@ -34,7 +34,7 @@ class ReceivedSpan:
 
 
 @dataclass
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     spans: list[ReceivedSpan] = field(default_factory=list)
     exports: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -68,7 +68,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[mis
 
     def start(self) -> Receiver:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)  # type: ignore[no-untyped-call]
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         return self
