@@ -15,6 +15,8 @@
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
+# Marks what only the build needs, for `docker image prune --filter label=...`.
+LABEL org.lcic-guard.stage="build"
 WORKDIR /src
 COPY . .
 # One virtual environment holding the package, its dependencies and the

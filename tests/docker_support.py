@@ -216,8 +216,21 @@ def build_context(dest: Path) -> Path:
     return context
 
 
+def image_id(tag: str) -> str | None:
+    done = subprocess.run(
+        ["docker", "image", "inspect", tag, "--format", "{{.Id}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def build_image(context: Path, tag: str, base: str, version: str) -> float:
-    """``docker build``; returns the seconds it took."""
+    """``docker build``; returns the seconds it took. The image this replaces
+    and the build stages are removed, so that runs do not fill the disk."""
+    previous = image_id(tag)
     start = time.monotonic()
     docker(
         "build",
@@ -232,7 +245,11 @@ def build_image(context: Path, tag: str, base: str, version: str) -> float:
         str(context),
         timeout=900,
     )
-    return time.monotonic() - start
+    seconds = time.monotonic() - start
+    if previous is not None and previous != image_id(tag):
+        docker("rmi", previous, check=False)
+    docker("image", "prune", "--force", "--filter", "label=org.lcic-guard.stage=build")
+    return seconds
 
 
 def run_detached(image: str, name: str, args: Sequence[str], env: dict[str, str]) -> str:
