@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import socket
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -184,3 +188,49 @@ async def test_the_serve_and_reconcile_processes_answer_probes_on_their_listener
         for task in (serving, reconciling):
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, 15)
+
+
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError("no run of free ports")
+
+
+async def test_workers_each_answer_probes_and_the_main_process_while_all_run(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """``serve --workers 2``: the main process on PORT, worker i on PORT+1+i."""
+    http_first = free_ports(3)
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("lcic-guard")),
+        "serve",
+        "--redis-url",
+        redis_server.url,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--workers",
+        "2",
+        "--max-heartbeat-age",
+        "0",
+        "--shutdown-delay",
+        "0",
+        "--metrics-listen",
+        f"127.0.0.1:{http_first}",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for port in range(http_first, http_first + 3):
+            await http_becomes(port, "/readyz", 200, timeout=30)
+            assert await http(port, "/healthz") == (200, "ok\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
