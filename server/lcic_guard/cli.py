@@ -58,6 +58,8 @@ lcic-guard enforces the classroom platform's billing policy.
   explain      one check's answer for an application, and why.
   preview      what an application's checks will answer at a later time.
   sample-events print the sample billing events (JSON lines).
+  probe        exit 0 if a running sidecar (or process) is ready, 1 if not: for
+               container health checks.
 
 Every setting can also be given in the environment as LCIC_GUARD_<FLAG>
 (--redis-url is LCIC_GUARD_REDIS_URL, --target LCIC_GUARD_TARGET); the
@@ -237,7 +239,77 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample-events", help="print the sample billing events")
     add_debug_flag(p)
+    _add_probe_parser(sub)
     return parser
+
+
+def _add_probe_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="exit 0 if a running sidecar is ready (1 if not): for health checks",
+        description="Ask a running sidecar's gRPC health service whether it is SERVING "
+        "(ready: its statuses are fresh), or with --live only whether it runs. With --http, "
+        "ask the process's metrics listener instead (/readyz, or /healthz with --live): the "
+        "reconciler has no gRPC port, and a sidecar with TLS is probed there too. Exit 0: "
+        "yes; 1: no or no answer.",
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        help="sidecar address (default: LCIC_GUARD_LISTEN, with a wildcard host as "
+        "127.0.0.1, else 127.0.0.1:50051)",
+    )
+    p.add_argument("--http", default=None, metavar="HOST:PORT", help="metrics listener to ask")
+    p.add_argument("--live", action="store_true", help="alive rather than ready")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
+    add_debug_flag(p)
+
+
+def _local(listen: str) -> str:
+    """A listen address as a client on the same host reaches it."""
+    host, _, port = listen.rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def _probe(args: argparse.Namespace) -> int:
+    """Container health: gRPC health (or HTTP /readyz, /healthz); exit 0 or 1."""
+    if args.http:
+        import urllib.error
+        import urllib.request
+
+        url = f"http://{_local(args.http)}/{'healthz' if args.live else 'readyz'}"
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+                print(f"{url}: {resp.status}")
+                return 0
+        except urllib.error.HTTPError as exc:
+            print(f"{url}: {exc.code}", file=sys.stderr)
+        except OSError as exc:
+            print(f"{url}: no answer ({exc})", file=sys.stderr)
+        return 1
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from lcic_guard.sidecar import LIVENESS_SERVICE
+
+    target = args.target or _local(os.environ.get("LCIC_GUARD_LISTEN", "127.0.0.1:50051"))
+    service = LIVENESS_SERVICE if args.live else ""
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=args.timeout
+            )
+    except grpc.RpcError as exc:
+        print(f"{target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 
 
 # -- commands on Redis --------------------------------------------------------
@@ -571,6 +643,8 @@ def _name(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "probe":
+        return _probe(args)
     if args.command == "sample-events":
         sys.stdout.write(sample_jsonl(wall_clock()))
         return 0

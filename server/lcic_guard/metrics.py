@@ -58,6 +58,15 @@ Reconciler metrics:
     Times this replica gained or lost the lead, and whether it leads now.
 ``lcic_guard_reconciler_errors_total{loop}``
     Failed rounds of the ingest or deadline loop (each retried).
+
+The same listener answers the probes of orchestrators and load balancers:
+
+``/healthz``
+    200 while the process is alive (its gRPC server, for the sidecar, is up).
+``/readyz``
+    200 when the process should get traffic, else 503: for the sidecar the
+    same answer as its gRPC health (``SERVING``), for the reconciler once its
+    loops run, for the main process of ``--workers N`` while every worker runs.
 """
 
 from __future__ import annotations
@@ -66,14 +75,16 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from lcic_guard.facts import Millis
@@ -123,12 +134,62 @@ def worker_listen(listen: str, n: int) -> str:
     return listen if port == 0 else f"{host}:{port + 1 + n}"
 
 
+def _never() -> bool:
+    return False
+
+
+def _always() -> bool:
+    return True
+
+
+@dataclass
+class Probes:
+    """What ``/healthz`` and ``/readyz`` answer; the process points them at
+    its parts as they start (read from the HTTP thread: plain attribute reads)."""
+
+    alive: Callable[[], bool] = _always
+    ready: Callable[[], bool] = _never  # until the process says how it is ready
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes come every few seconds: one log line each would drown the rest."""
+
+
+def _app(registry: CollectorRegistry, probes: Probes) -> Callable[..., Iterable[bytes]]:
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/healthz", "/readyz"):
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        try:
+            ok = probes.alive() if path == "/healthz" else probes.ready()
+        except Exception:  # a probe that cannot tell says no
+            log.exception("probe %s failed", path)
+            ok = False
+        body = b"ok\n" if ok else (b"not alive\n" if path == "/healthz" else b"not ready\n")
+        start_response(
+            "200 OK" if ok else "503 Service Unavailable",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [body]
+
+    return app
+
+
 @dataclass
 class MetricsServer:
-    """The HTTP server of one registry (a daemon thread)."""
+    """The HTTP server of one registry (a daemon thread): ``/metrics`` and the
+    probes ``/healthz`` and ``/readyz``."""
 
     server: WSGIServer
     thread: threading.Thread
+    probes: Probes = field(default_factory=Probes)
 
     @property
     def port(self) -> int:
@@ -140,11 +201,21 @@ class MetricsServer:
         self.thread.join(timeout=2.0)
 
 
-def serve_metrics(registry: CollectorRegistry, listen: str) -> MetricsServer:
-    """Serve ``registry`` at ``http://HOST:PORT/metrics`` (port 0: any free one)."""
+def serve_metrics(
+    registry: CollectorRegistry, listen: str, probes: Probes | None = None
+) -> MetricsServer:
+    """Serve ``registry`` at ``http://HOST:PORT/metrics`` (port 0: any free one),
+    with ``/healthz`` and ``/readyz`` answered from ``probes``."""
     host, port = parse_listen(listen)
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    running = MetricsServer(server, thread)
+    probes = probes if probes is not None else Probes()
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(host, port, _app(registry, probes), Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="lcic-guard-metrics", daemon=True)
+    thread.start()
+    running = MetricsServer(server, thread, probes)
     log.info("metrics on http://%s:%d/metrics", host, running.port)
     return running
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from lcic_guard import auth, logs
+from lcic_guard import auth, logs, tracing
 from lcic_guard.auth import AuthConfig
 from lcic_guard.cache import ChangeFeedReader, StatusCache
 from lcic_guard.checker import Checker, wall_clock
@@ -54,6 +54,7 @@ from lcic_guard.sidecar import (
 )
 from lcic_guard.sources import BillingSource, FileSource, StreamSource
 from lcic_guard.store import BILLING_STREAM, Store, connect
+from lcic_guard.tracing import Tracing
 
 log = logging.getLogger("lcic_guard")
 
@@ -190,6 +191,7 @@ async def build_sidecar(
     *,
     clock: Callable[[], Millis] = wall_clock,
     registry: CollectorRegistry | None = None,
+    traced: Tracing | None = None,
 ) -> Sidecar:
     """The sidecar: cache, change-feed reader, checker, gRPC server.
 
@@ -224,12 +226,14 @@ async def build_sidecar(
     )
     if settings.auth_token_file and tls is None:
         log.warning("bearer tokens are accepted without TLS: anyone on the path can read them")
+    # Tracing outermost, so that calls refused by auth are traced too.
+    interceptors = [*(traced.interceptors() if traced else ()), *auth.interceptors(auth_config)]
     try:
         server = await start_server(
             servicer,
             settings.listen,
             tls=tls,
-            interceptors=auth.interceptors(auth_config),
+            interceptors=interceptors,
             reuse_port=settings.workers > 1,
         )
     except (RuntimeError, OSError) as exc:  # grpc says only "Failed to bind"
@@ -242,6 +246,7 @@ async def build_sidecar(
         readiness.start()
     if metrics is not None and registry is None:
         metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
+        metrics_server.probes.ready = lambda: server.serving
     if settings.shadow:
         log.warning(
             "shadow mode for %s checks: they are always allowed; would-be denials are "
@@ -265,12 +270,15 @@ def _worker_main(settings: Settings) -> None:
     async def work() -> None:
         stop = _stop_event()
         store = Store(connect(settings.redis_url or ""))
+        traced = tracing.setup("lcic-guard")
         try:
-            sidecar = await build_sidecar(settings, store)
+            sidecar = await build_sidecar(settings, store, traced=traced)
             await stop.wait()
             await sidecar.stop(**_stopping(settings))
         finally:
             await store.close()
+            if traced is not None:
+                await asyncio.to_thread(traced.shutdown)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(work())
@@ -397,6 +405,7 @@ async def serve(
     # in the embedded default, the reconciler's.
     registry = CollectorRegistry() if settings.metrics_listen else None
     metrics_server = serve_metrics(registry, settings.metrics_listen) if registry else None
+    traced = tracing.setup("lcic-guard")
     async with redis_for(settings) as (url, embedded):
         store = Store(connect(url))
         reconciler_task = None
@@ -415,6 +424,8 @@ async def serve(
                     reconciler = build_reconciler(
                         settings, store, events, clock=wall_clock, metrics=rec_metrics
                     )
+                    if traced is not None:
+                        traced.instrument(reconciler)
                     await reconciler.drain(reconciler.sources[0])
                 if settings.events is None:
                     await _report_sample_rooms(store, settings, wall_clock())
@@ -427,6 +438,8 @@ async def serve(
                 procs, port = _start_workers(settings, url)
                 try:
                     await _wait_listening(port)
+                    if metrics_server is not None:
+                        metrics_server.probes.ready = lambda: all(p.is_alive() for p in procs)
                     _print_howto(settings.listen, port, embedded, redis_down)
                     if ready:
                         ready(port)
@@ -437,7 +450,9 @@ async def serve(
                     for proc in procs:
                         await asyncio.to_thread(proc.join, 10)
             else:
-                sidecar = await build_sidecar(settings, store, registry=registry)
+                sidecar = await build_sidecar(settings, store, registry=registry, traced=traced)
+                if metrics_server is not None:
+                    metrics_server.probes.ready = lambda: sidecar.server.serving
                 _print_howto(settings.listen, sidecar.port, embedded, redis_down)
                 if ready:
                     ready(sidecar.port)
@@ -453,6 +468,8 @@ async def serve(
             await store.close()
             if metrics_server is not None:
                 metrics_server.stop()
+            if traced is not None:
+                await asyncio.to_thread(traced.shutdown)
 
 
 async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -465,13 +482,18 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
         metrics = ReconcilerMetrics() if settings.metrics_listen else None
         metrics_server = None
         poller = None
+        traced = tracing.setup("lcic-guard-reconciler")
         try:
             await require_redis(store, url)
             reconciler = build_reconciler(
                 settings, store, settings.events, clock=wall_clock, metrics=metrics
             )
+            if traced is not None:
+                traced.instrument(reconciler)
             if metrics is not None:
                 metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
+                # Ready once its loops run; stopping, it says so first.
+                metrics_server.probes.ready = lambda: not stop.is_set()
                 poller = asyncio.create_task(metrics.poll_forever(reconciler, stop, wall_clock))
             log.info("reconciler %s started", reconciler.name)
             await reconciler.run(stop)
@@ -483,3 +505,5 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
             await store.close()
             if metrics_server is not None:
                 metrics_server.stop()
+            if traced is not None:
+                await asyncio.to_thread(traced.shutdown)

@@ -32,6 +32,11 @@ from lcic_guard.store import Store
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnforcementService"].full_name
+# A health service name that is SERVING for as long as the server runs, for
+# liveness probes: the server's own health ("") turns NOT_SERVING while the
+# statuses are not fresh, which must take the sidecar out of rotation, not
+# get it restarted.
+LIVENESS_SERVICE = "liveness"
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str) -> NoReturn:
@@ -332,6 +337,7 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     certificates: CertificateFiles | None = None  # with TLS: reloaded when they change
+    serving: bool = False  # what the health service says (read by the HTTP /readyz)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -341,6 +347,7 @@ class RunningServer:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        self.serving = serving
 
     async def stop(self, grace: float = 5.0, drain: float = 0.0) -> None:
         # Probes see NOT_SERVING first (for `drain` seconds, still answering,
@@ -444,5 +451,6 @@ async def start_server(
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     running = RunningServer(server, port, health_servicer, certificates)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await running.set_serving(True)
     return running

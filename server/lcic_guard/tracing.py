@@ -1,0 +1,334 @@
+"""OpenTelemetry tracing, on when the standard ``OTEL_*`` variables ask for it.
+
+Tracing is on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its traces-only
+twin ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) or ``OTEL_TRACES_EXPORTER`` is
+set, unless ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``. It
+needs the optional extra ``lcic-guard[otel]``; the SDK reads the rest of the
+standard variables itself (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_TRACES_SAMPLER`` and its argument, ``OTEL_EXPORTER_OTLP_HEADERS``,
+``OTEL_EXPORTER_OTLP_INSECURE``, ``OTEL_BSP_*``, ``OTEL_PROPAGATORS``).
+
+What is traced:
+
+- the sidecar: one SERVER span per unary EnforcementService call, named
+  ``lcic.guard.v1.EnforcementService/<Method>``, a child of the caller's span
+  when the call carries trace context (W3C ``traceparent`` by default), with
+  the application (``lcic.app_id``), the room and the answer
+  (``lcic.allowed``, ``lcic.reason``) as attributes. Health, reflection and
+  the long-lived watch streams are not traced.
+- the reconciler: ``lcic_guard.ingest`` for each batch of billing events
+  (the accounts and applications it touched), ``lcic_guard.recompute`` for
+  each account whose statuses it recomputes (a child of the batch or of the
+  release) and ``lcic_guard.release`` for each release (R10) it decides, with
+  the outcome.
+
+Off, nothing of this is installed: no interceptor on the gRPC server and no
+wrapper around the reconciler, so the check path runs exactly the code it
+runs without tracing (the A/B is in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from lcic.guard.v1 import enforcement_pb2 as pb
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
+
+    from lcic_guard.reconciler import IngestStats, Reconciler, ReleasePlan
+    from lcic_guard.sources import Delivery
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["EnforcementService"]
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+# Status codes that mean the server failed (a bad request is the caller's).
+SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+MAX_IDS = 100  # ids listed on one span; the count is always given
+
+
+def wanted(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the environment asks for traces."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporters == "none":
+        return False
+    return bool(exporters) or any(environ.get(name, "").strip() for name in ENDPOINT_VARIABLES)
+
+
+class Tracing:
+    """A tracer provider with its exporters, and what to instrument with it."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+        self.tracer: Tracer = provider.get_tracer("lcic_guard")
+
+    def flush(self, timeout_ms: int = 5000) -> bool:
+        return bool(self.provider.force_flush(timeout_ms))
+
+    def shutdown(self) -> None:
+        """Export what is still buffered and stop."""
+        self.provider.shutdown()
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [RpcTracer(self.tracer)]
+
+    def instrument(self, reconciler: Reconciler) -> None:
+        """Trace the reconciler's batches, recomputations and releases.
+
+        Wraps the methods on this one instance, so that the reconciler's
+        code knows nothing of tracing and an untraced reconciler runs
+        exactly the code it always did."""
+        tracer = self.tracer
+        ingest = reconciler.ingest
+        recompute = reconciler.recompute
+        try_release = reconciler.try_release
+
+        async def traced_ingest(deliveries: Sequence[Delivery]) -> IngestStats:
+            with tracer.start_as_current_span("lcic_guard.ingest") as span:
+                span.set_attribute("lcic.events", len(deliveries))
+                stats = await ingest(deliveries)
+                _ids(span, "lcic.account_ids", stats.accounts)
+                _ids(span, "lcic.app_ids", _app_ids(deliveries))
+                span.set_attributes(
+                    {
+                        "lcic.applied": stats.applied,
+                        "lcic.duplicates": stats.duplicates,
+                        "lcic.dead_lettered": stats.dead_lettered,
+                        "lcic.parked": stats.parked,
+                    }
+                )
+                return stats
+
+        async def traced_recompute(account_id: str) -> bool:
+            with tracer.start_as_current_span(
+                "lcic_guard.recompute", attributes={"lcic.account_id": account_id}
+            ):
+                return await recompute(account_id)
+
+        async def traced_release(account_id: str, now: int) -> ReleasePlan:
+            with tracer.start_as_current_span(
+                "lcic_guard.release", attributes={"lcic.account_id": account_id}
+            ) as span:
+                before = len(reconciler.releases_done)
+                plan = await try_release(account_id, now)
+                _ids(span, "lcic.app_ids", plan.app_ids)
+                span.set_attributes(
+                    {
+                        "lcic.release.eligible": plan.eligible,
+                        "lcic.release.why": plan.why,
+                        "lcic.released": len(reconciler.releases_done) > before,
+                        "lcic.release.dry_run": reconciler.config.release_dry_run,
+                    }
+                )
+                return plan
+
+        # Instance attributes shadow the methods for the calls the reconciler
+        # makes on itself (self.ingest, self.recompute, self.try_release).
+        setattr(reconciler, "ingest", traced_ingest)  # noqa: B010
+        setattr(reconciler, "recompute", traced_recompute)  # noqa: B010
+        setattr(reconciler, "try_release", traced_release)  # noqa: B010
+
+
+def _ids(span: Span, name: str, ids: Any) -> None:
+    listed = sorted({str(i) for i in ids if i})
+    span.set_attribute(name, listed[:MAX_IDS])
+    span.set_attribute(name.removesuffix("_ids") + "_count", len(listed))
+
+
+def _app_ids(deliveries: Sequence[Delivery]) -> set[str]:
+    """The applications a batch names (invalid events name none)."""
+    out = set()
+    for d in deliveries:
+        try:
+            event = json.loads(d.raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("app_id"), str):
+            out.add(event["app_id"])
+    return out
+
+
+def setup(
+    service_name: str = "lcic-guard", environ: Mapping[str, str] = os.environ
+) -> Tracing | None:
+    """Tracing as the environment asks for it, or None (off, or not installed)."""
+    if not wanted(environ):
+        return None
+    try:
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        log.error(
+            "OTEL_* variables ask for traces but OpenTelemetry is not installed "
+            "(pip install 'lcic-guard[otel]'): not tracing"
+        )
+        return None
+    resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+    provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
+    exporters = [e.strip() for e in environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")]
+    for name in exporters:
+        if name == "otlp":
+            protocol = environ.get(
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+            )
+            if protocol and protocol != "grpc":
+                log.warning("OTLP protocol %r is not supported: exporting over grpc", protocol)
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        elif name == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        elif name:
+            log.warning("OTEL_TRACES_EXPORTER: unknown exporter %r ignored (otlp, console)", name)
+    log.info(
+        "tracing on: service %s, exporters %s",
+        provider.resource.attributes.get(SERVICE_NAME),
+        ",".join(exporters),
+    )
+    return Tracing(provider)
+
+
+# ---------------------------------------------------------------------------
+# The sidecar's RPCs
+
+
+def _request_types() -> dict[str, Callable[[bytes], Any]]:
+    return {
+        f"/{SERVICE.full_name}/{m.name}": getattr(pb, m.input_type.name).FromString
+        for m in SERVICE.methods
+        if not m.server_streaming
+    }
+
+
+def _request_attributes(request: Any) -> dict[str, Any]:
+    if isinstance(request, pb.CheckBatchRequest):
+        apps = sorted({getattr(c, c.WhichOneof("kind") or "").app_id for c in request.checks})
+        return {
+            "lcic.batch_size": len(request.checks),
+            "lcic.app_ids": apps[:MAX_IDS],
+            "lcic.app_count": len(apps),
+        }
+    attrs = {}
+    for fieldname in ("app_id", "room_id", "recording_id"):
+        value = getattr(request, fieldname, "")
+        if value:
+            attrs[f"lcic.{fieldname}"] = value
+    return attrs
+
+
+def _response_attributes(response: Any) -> dict[str, Any]:
+    decision = getattr(response, "decision", None)
+    if decision is None:
+        return {}
+    return {
+        "lcic.allowed": decision.allowed,
+        "lcic.reason": pb.DecisionReason.Name(decision.reason).removeprefix("DECISION_REASON_"),
+        "lcic.degraded": decision.degraded,
+    }
+
+
+class _Carrier(dict[str, str]):
+    """gRPC metadata as the propagator reads it (keys are lower case already)."""
+
+    @classmethod
+    def of(cls, metadata: Sequence[Any] | None) -> _Carrier:
+        out = cls()
+        for key, value in metadata or ():
+            if isinstance(value, str):
+                out[key] = value
+        return out
+
+
+class RpcTracer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """A SERVER span around each unary EnforcementService call."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        from opentelemetry import propagate
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        self.tracer = tracer
+        self.parsers = _request_types()
+        self._extract = propagate.extract
+        self._server = SpanKind.SERVER
+        self._status, self._error = Status, StatusCode.ERROR
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        parse = self.parsers.get(details.method)
+        if handler is None or parse is None or handler.unary_unary is None:
+            return handler
+        behavior = handler.unary_unary
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        parent = self._extract(_Carrier.of(details.invocation_metadata))
+
+        async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._span(service, method, parent) as span:
+                if span.is_recording():
+                    try:  # the raw request: the service parses it itself
+                        message = parse(request) if isinstance(request, bytes) else request
+                        span.set_attributes(_request_attributes(message))
+                    except Exception:
+                        span.set_attribute("lcic.malformed_request", True)
+                try:
+                    response = await behavior(request, context)
+                except BaseException:
+                    self._finish(span, context, failed=True)
+                    raise
+                if span.is_recording():
+                    span.set_attributes(_response_attributes(response))
+                self._finish(span, context, failed=False)
+                return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            traced,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    @contextmanager
+    def _span(self, service: str, method: str, parent: Any) -> Iterator[Span]:
+        with self.tracer.start_as_current_span(
+            f"{service}/{method}",
+            context=parent,
+            kind=self._server,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            yield span
+
+    def _finish(self, span: Span, context: grpc.aio.ServicerContext, *, failed: bool) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        if code is None:
+            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        if isinstance(code, int):
+            code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code in SERVER_ERRORS:
+            span.set_status(self._status(self._error, code.name))
