@@ -35,7 +35,14 @@ def statuses(draw: st.DrawFn) -> AppStatus:
     for start in starts:
         held = draw(st.sets(st.sampled_from(CANONICAL)))
         reasons = tuple(r for r in CANONICAL if r in held)
-        segments.append(Segment(start, reasons, draw(times), draw(times), draw(times)))
+        suspended = draw(times)
+        # R6's effective time exists with a suspension start, often equal to it.
+        effective = (
+            None
+            if suspended is None
+            else draw(st.one_of(st.just(suspended), st.integers(suspended, 2**50)))
+        )
+        segments.append(Segment(start, reasons, draw(times), suspended, draw(times), effective))
     return AppStatus("app-1", "", tuple(segments), draw(st.integers(0, 2**40)))
 
 

@@ -192,6 +192,8 @@ _REASON_BY_NAME: Final = {r.value: r for r in Reason}
 
 
 def encode_segments(segments: Sequence[Segment]) -> str:
+    # effective_at (R6) is written only where it differs from suspended_at
+    # (a late fact), so the common record keeps its five fields.
     return json.dumps(
         [
             [
@@ -201,6 +203,7 @@ def encode_segments(segments: Sequence[Segment]) -> str:
                 s.suspended_at,
                 s.release_at,
             ]
+            + ([s.effective_at] if s.effective_at != s.suspended_at else [])
             for s in segments
         ],
         separators=(",", ":"),
@@ -208,10 +211,19 @@ def encode_segments(segments: Sequence[Segment]) -> str:
 
 
 def decode_segments(data: str | bytes) -> tuple[Segment, ...]:
-    return tuple(
-        Segment(start, tuple(_REASON_BY_NAME[r] for r in reasons), grace, susp, release)
-        for start, reasons, grace, susp, release in json.loads(data)
-    )
+    out = []
+    for start, reasons, grace, susp, release, *rest in json.loads(data):
+        out.append(
+            Segment(
+                start,
+                tuple(_REASON_BY_NAME[r] for r in reasons),
+                grace,
+                susp,
+                release,
+                rest[0] if rest else susp,
+            )
+        )
+    return tuple(out)
 
 
 def decode_status(app_id: str, fields: Sequence[Any]) -> AppStatus | None:
