@@ -183,6 +183,9 @@ async def _release_plan(settings: Settings) -> int:
             f"{plan.account_id}\tapps={','.join(plan.app_ids)}\trelease_at={when}\t"
             f"{verdict}: {plan.why}"
         )
+        for notice in plan.notices:  # R10: release_scheduled, sent and due
+            state = "sent" if notice.sent else ("due" if notice.at > wall_clock() else "skipped")
+            print(f"\tnotice {notice.kind}\t{format_time(notice.at)}\t{state}")
     return 0
 
 
