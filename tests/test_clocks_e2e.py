@@ -14,9 +14,10 @@ import pytest
 from conftest import T0, Events, FakeClock, Sidecar, deliveries, recorded_clock
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.checker import wall_clock
-from lcic_guard.facts import Millis, parse_time
+from lcic_guard.facts import Millis, format_time, parse_time
 from lcic_guard.policy import DAY, HOUR, MINUTE, SECOND, PolicyConfig, Reason, State
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.report import render_status
 from lcic_guard.store import Store
 from test_reconciler import (
     changes_of,
@@ -109,6 +110,8 @@ async def test_a_late_alert_does_not_cut_off_a_class_started_while_ok(
     assert ms(st.suspended_at) == T0 - 6 * HOUR
     assert ms(st.suspension_effective_at) == T0
     assert any("R6 in effect since" in rule for rule in st.rules)
+    text = render_status(st, T0)
+    assert f"in effect since {format_time(T0)}" in text and "learned late" in text
     # A class started after the alert was learned is not protected.
     clock.now = T0 + MINUTE
     await report_started(sidecar, "room-3", T0 + 1, T0 + HOUR)
