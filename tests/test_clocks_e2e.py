@@ -7,17 +7,20 @@ reconciler's injected recording clock), so nothing waits for real time.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import T0, Events, FakeClock, Sidecar, deliveries, recorded_clock
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.checker import wall_clock
-from lcic_guard.facts import Millis, format_time, parse_time
+from lcic_guard.facts import Millis, format_time, parse_event_json, parse_time
 from lcic_guard.policy import DAY, HOUR, MINUTE, SECOND, PolicyConfig, Reason, State
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.report import render_status
+from lcic_guard.sources import FileSource
 from lcic_guard.store import Store
 from test_reconciler import (
     changes_of,
@@ -380,3 +383,38 @@ async def test_after_a_release_release_at_shows_r10s_time_not_the_commits(
     d = (await three(sidecar)).create
     assert d.reason == pb.DECISION_REASON_RESOURCES_RELEASED
     assert ms(d.release_at) == release_at
+
+
+# ---------------------------------------------------------------------------
+# The second clock in the store.
+
+
+async def test_a_fact_keeps_the_time_it_was_first_recorded(
+    store: Store, policy: PolicyConfig, clock: FakeClock, events: Events, tmp_path: Path
+) -> None:
+    batch = events.app("acct-1", "app-1")
+    rec = Reconciler(store, policy, ReconcilerConfig(), clock=clock)
+    rec.recorded_clock = recorded_clock(T0 - HOUR)
+    await rec.ingest(deliveries(batch))
+    rec.recorded_clock = recorded_clock(T0)  # redelivered later: still first recorded then
+    await rec.ingest(deliveries(batch))
+    loaded = await store.load_account_facts("acct-1")
+    assert loaded.recorded_at == {e["event_id"]: T0 - HOUR for e in batch}
+
+    # A snapshot file's facts are recorded when it is loaded.
+    alert = events("overdue_alert", T0 - 30 * DAY, account_id="acct-1")
+    path = tmp_path / "snapshot.jsonl"
+    path.write_text(json.dumps(alert) + "\n")
+    source = FileSource(path, clock_ms=store.server_time)
+    loader = Reconciler(
+        store, policy, ReconcilerConfig(), [source], clock=clock, recorded_clock=recorded_clock(T0)
+    )
+    await loader.drain(source)
+    assert (await store.load_account_facts("acct-1")).recorded_at[alert["event_id"]] == T0
+
+    # Without a recording clock of its own the store stamps Redis's clock.
+    late = events("arrears_settled", T0, account_id="acct-1")
+    before = await store.server_time()
+    await store.add_facts("acct-1", [parse_event_json(json.dumps(late))])
+    stamped = (await store.load_account_facts("acct-1")).recorded_at[late["event_id"]]
+    assert before <= stamped <= await store.server_time()
