@@ -52,8 +52,9 @@ from lcic_guard.policy import (
     State,
     compute_account,
     decide,
+    overdue_notice,
 )
-from lcic_guard.reconciler import ReconcilerConfig
+from lcic_guard.reconciler import ReconcilerConfig, notice_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "img"
@@ -63,22 +64,33 @@ NAME = "account-timeline"
 
 CFG = PolicyConfig()
 RELEASE_MARGIN = ReconcilerConfig().release_margin_ms
+REMINDERS = ReconcilerConfig().release_reminders_ms
 ACCOUNT, APP = "acct-demo", "app-demo"
 A: Millis = parse_time("2026-03-02T09:00:00Z", "A")  # the overdue alert
 SETTLED_AT = A + 10 * DAY
 CLASS = Room(
     started_at=A + 22 * HOUR, scheduled_end=A + 25 * HOUR, ended_at=A + 25 * HOUR + 30 * MINUTE
 )
+# The lowest lane: the same alert, backfilled (read) on day 58, with a class
+# running when it is read.
+LEARNED = A + 58 * DAY
+LATE_CLASS = Room(
+    started_at=LEARNED - 90 * MINUTE,
+    scheduled_end=LEARNED + HOUR,
+    ended_at=LEARNED + 30 * MINUTE,
+)
 VIEW = (A - 12 * HOUR, A + 66 * DAY)
 SCAN = (VIEW[0], A + 3 * DAY)  # where decisions are sampled minute by minute
-# (from, to, pixels): the axis zooms on the class in progress and on the
-# release; the scale changes at each break (drawn // on the axis).
+LATE_SCAN = (LEARNED - 3 * HOUR, LEARNED + 3 * HOUR)
+# (from, to, pixels): the axis zooms on the classes in progress and on the
+# releases; the scale changes at each break (drawn // on the axis).
 REGIONS: tuple[tuple[Millis, Millis, int], ...] = (
-    (VIEW[0], A + 21 * HOUR, 420),
-    (A + 21 * HOUR, A + 27 * HOUR, 180),
-    (A + 27 * HOUR, A + 12 * DAY, 180),
-    (A + 12 * DAY, A + 60 * DAY, 120),
-    (A + 60 * DAY, VIEW[1], 200),
+    (VIEW[0], A + 21 * HOUR, 310),
+    (A + 21 * HOUR, A + 27 * HOUR, 160),
+    (A + 27 * HOUR, A + 12 * DAY, 120),
+    (A + 12 * DAY, LATE_SCAN[0], 60),
+    (LATE_SCAN[0], LATE_SCAN[1], 130),
+    (LATE_SCAN[1], VIEW[1], 300),
 )
 
 
@@ -99,9 +111,20 @@ def base_history() -> list[Fact]:
     ]
 
 
-def status_at(facts: Sequence[Fact], t: Millis) -> AppStatus:
-    """The status the reconciler holds at ``t``: computed from the facts known by then."""
-    return compute_account([f for f in facts if f.occurred_at <= t], CFG)[APP]
+Recorded = dict[str, Millis]
+
+
+def recorded(fact: Fact, when: Recorded) -> Millis:
+    """When the reconciler stored the fact (live: as it occurred)."""
+    return when.get(fact.event_id, fact.occurred_at)
+
+
+def status_at(facts: Sequence[Fact], t: Millis, when: Recorded | None = None) -> AppStatus:
+    """The status the reconciler holds at ``t``: computed from the facts
+    recorded by then, on both their clocks."""
+    when = when or {}
+    known = [f for f in facts if recorded(f, when) <= t]
+    return compute_account(known, CFG, now=t, recorded_at=when)[APP]
 
 
 # -- replaying the policy ------------------------------------------------------
@@ -138,17 +161,21 @@ class Lane:
     markers: tuple[tuple[Millis, str], ...]
     class_spans: tuple[ClassSpan, ...]
     ticks: tuple[tuple[Millis, str], ...]
+    class_notes: tuple[str, ...] = ()  # instead of the usual words for the class
 
 
-def replay(facts: Sequence[Fact]) -> list[tuple[Millis, Millis, AppStatus]]:
+def replay(
+    facts: Sequence[Fact], when: Recorded | None = None
+) -> list[tuple[Millis, Millis, AppStatus]]:
     """(from, to, status) over the view: the status changes when a fact arrives."""
-    cuts = sorted({*VIEW, *(f.occurred_at for f in facts if VIEW[0] < f.occurred_at < VIEW[1])})
-    return [(lo, hi, status_at(facts, lo)) for lo, hi in pairwise(cuts)]
+    arrivals = {recorded(f, when or {}) for f in facts}
+    cuts = sorted({*VIEW, *(t for t in arrivals if VIEW[0] < t < VIEW[1])})
+    return [(lo, hi, status_at(facts, lo, when)) for lo, hi in pairwise(cuts)]
 
 
-def spans(facts: Sequence[Fact]) -> list[Span]:
+def spans(facts: Sequence[Fact], when: Recorded | None = None) -> list[Span]:
     out: list[Span] = []
-    for lo, hi, status in replay(facts):
+    for lo, hi, status in replay(facts, when):
         segs = status.segments
         for i, seg in enumerate(segs):
             seg_end = segs[i + 1].starts_at if i + 1 < len(segs) else hi
@@ -166,20 +193,29 @@ def spans(facts: Sequence[Fact]) -> list[Span]:
 
 
 def decisions(
-    facts: Sequence[Fact], check: Check, room: Room | None
+    facts: Sequence[Fact],
+    check: Check,
+    room: Room | None,
+    when: Recorded | None = None,
+    scan: tuple[Millis, Millis] = SCAN,
 ) -> Iterator[tuple[Millis, Decision]]:
-    """The answer to ``check`` every minute of the first days."""
-    statuses = replay(facts)
-    for t in range(SCAN[0], SCAN[1], MINUTE):
+    """The answer to ``check`` every minute of ``scan`` (the first days)."""
+    statuses = replay(facts, when)
+    for t in range(scan[0], scan[1], MINUTE):
         status = next(st for lo, hi, st in statuses if lo <= t < hi)
         yield t, decide(check, status, t, CFG, room)
 
 
-def class_spans(facts: Sequence[Fact]) -> list[ClassSpan]:
+def class_spans(
+    facts: Sequence[Fact],
+    room: Room = CLASS,
+    when: Recorded | None = None,
+    scan: tuple[Millis, Millis] = SCAN,
+) -> list[ClassSpan]:
     """When the class in progress may be entered, and why (R6)."""
     out: list[ClassSpan] = []
-    for t, d in decisions(facts, Check.ENTER_CLASSROOM, CLASS):
-        if t < CLASS.started_at or not d.allowed:
+    for t, d in decisions(facts, Check.ENTER_CLASSROOM, room, when, scan):
+        if t < room.started_at or not d.allowed:
             continue
         if out and out[-1].reason == d.reason and out[-1].end == t:
             out[-1] = ClassSpan(out[-1].start, t + MINUTE, d.reason)
@@ -212,7 +248,7 @@ def rel(t: Millis) -> str:
     return f"A {sign} " + " ".join(p for p in parts if p)
 
 
-def lanes() -> tuple[Lane, Lane]:
+def lanes() -> tuple[Lane, Lane, Lane]:
     paid = [*base_history(), ArrearsSettled("e-4", SETTLED_AT, account_id=ACCOUNT)]
     # Never paid: the reconciler releases once the feed is confirmed read
     # past release_at (plus its margin), which the policy itself reports.
@@ -243,16 +279,53 @@ def lanes() -> tuple[Lane, Lane]:
         tuple(spans(unpaid)),
         ((A, "overdue alert"), (released_at, "reconciler releases")),
         tuple(class_spans(unpaid)),
-        (*common, (overdue.release_at, "release_at (lower lane)")),
+        (*common, (overdue.release_at, "release_at, lane 2")),
     )
-    return lane_paid, lane_unpaid
+    return lane_paid, lane_unpaid, backfilled_lane()
+
+
+def backfilled_lane() -> Lane:
+    """The unpaid alert again, but read on day 58 (a backfilled history):
+    nothing changes before it is read, a class running then carries on (R6),
+    and the release comes with notice (R10)."""
+    history = base_history()
+    when: Recorded = {f.event_id: f.occurred_at for f in history}
+    alert = history[-1]
+    when[alert.event_id] = LEARNED
+    episode = overdue_notice(history, CFG, LEARNED, when)
+    assert episode is not None
+    _, known, release_at = episode
+    notices = notice_plan(known, release_at, REMINDERS)
+    released_at = release_at + RELEASE_MARGIN
+    history.append(ResourcesReleased("e-5", released_at, account_id=ACCOUNT, release_at=release_at))
+    class_ = tuple(class_spans(history, LATE_CLASS, when, LATE_SCAN))
+    assert any(c.reason is Reason.IN_PROGRESS_PROTECTED for c in class_), "R6 must protect it"
+    reminders = ", ".join(f"{n.kind} before" for n in notices[1:]) or "none"
+    assert len(notices) == 2, "the 7 d reminder coincides with the notice; 30 d is past"
+    return Lane(
+        "Alert read late",
+        (
+            "alert dated A, read",
+            f"at {rel(LEARNED)}: notice;",
+            f"reminder {reminders};",
+            f"released at {rel(released_at)}",
+        ),
+        tuple(spans(history, when)),
+        ((LEARNED, "alert read: release_scheduled"), (released_at, "released")),
+        class_,
+        ((LEARNED, "alert read"), (release_at, "release_at, lane 3")),
+        (
+            "IN_PROGRESS_PROTECTED until it ended (R6):",
+            "it started before the alert was read",
+        ),
+    )
 
 
 # -- drawing -------------------------------------------------------------------
 
-WIDTH, HEIGHT = 1300, 660
+WIDTH, HEIGHT = 1300, 860
 X0 = 170
-LANE_TOP = (130, 330)
+LANE_TOP = (130, 330, 530)
 BOX_H = 64
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
@@ -383,12 +456,13 @@ def draw_lane(svg: Svg, lane: Lane, top: int) -> None:
                 f"IN_PROGRESS_PROTECTED until reported ended at {rel(last.end)} (R6)",
                 "a class not started before the suspension cannot start",
             ]
+        notes = list(lane.class_notes) or notes
         for n, note in enumerate(notes):
             svg.text(x(last.end) + 6, row + 13 + 15 * n, note, size=11, fill="#0d47a1")
 
 
 def draw_axis(svg: Svg, ticks: Sequence[tuple[Millis, str]]) -> None:
-    y0 = LANE_TOP[1] + BOX_H + 60
+    y0 = LANE_TOP[-1] + BOX_H + 60
     right = x(VIEW[1])
     svg.line(X0, y0, right, y0, "#424242", ' stroke-width="1.5"')
     for t, caption in sorted(set(ticks)):
@@ -413,7 +487,7 @@ def draw_axis(svg: Svg, ticks: Sequence[tuple[Millis, str]]) -> None:
 
 
 def draw_legend(svg: Svg) -> None:
-    y0 = HEIGHT - 84
+    y0 = HEIGHT - 100
     items = [
         (FILL[State.ACTIVE][0], "ACTIVE"),
         (FILL[State.GRACE][0], "GRACE: answered as ACTIVE, with a warning"),
@@ -435,13 +509,16 @@ def draw_legend(svg: Svg) -> None:
         f"reconciler once the billing feed is read {RELEASE_MARGIN // MINUTE} min past release_at. "
         f"A class in progress is protected until scheduled end + {CFG.overrun_ms // MINUTE} min "
         "at most (R6).",
+        f"A late fact is read at its own time: the release comes no sooner than "
+        f"{CFG.release_notice_ms // DAY} d after the overdue is learned, with notice, and a class "
+        "running when it is learned carries on (R6, R10).",
     )
     for n, note in enumerate(notes):
         svg.text(24, y0 + 40 + 16 * n, note, size=11, fill="#424242")
 
 
 def render() -> str:
-    paid, unpaid = lanes()
+    paid, unpaid, late = lanes()
     svg = Svg()
     svg.rect(0, 0, WIDTH, HEIGHT, "#ffffff")
     svg.text(
@@ -459,8 +536,9 @@ def render() -> str:
         size=11.5,
         fill="#616161",
     )
-    draw_axis(svg, [*paid.ticks, *unpaid.ticks])  # first: its guides go under the lanes
-    for lane, top in zip((paid, unpaid), LANE_TOP, strict=True):
+    # First: its guides go under the lanes.
+    draw_axis(svg, [*paid.ticks, *unpaid.ticks, *late.ticks])
+    for lane, top in zip((paid, unpaid, late), LANE_TOP, strict=True):
         draw_lane(svg, lane, top)
     draw_legend(svg)
     return svg.render()

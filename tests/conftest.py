@@ -5,7 +5,7 @@ network."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,16 @@ from lcic_guard.sources import Delivery
 from lcic_guard.store import Store, connect
 
 T0: Millis = 1_790_000_000_000  # 2026-09-21T14:13:20Z, a fixed "now" for tests
+
+
+def recorded_clock(at: Millis) -> Callable[[], Awaitable[Millis]]:
+    """A recording clock stopped at ``at``: facts are stored as if the
+    reconciler had read them then (a history read live, not backfilled)."""
+
+    async def read() -> Millis:
+        return at
+
+    return read
 
 
 @dataclass
@@ -65,7 +75,9 @@ def policy() -> PolicyConfig:
 
 @pytest_asyncio.fixture
 async def reconciler(store: Store, policy: PolicyConfig, clock: FakeClock) -> Reconciler:
-    return Reconciler(store, policy, ReconcilerConfig(release_margin_ms=0), clock=clock)
+    return Reconciler(
+        store, policy, ReconcilerConfig(release_margin_ms=0, announce_settle_ms=0), clock=clock
+    )
 
 
 @dataclass

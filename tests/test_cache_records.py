@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lcic_guard.cache import StatusCache, pack, segment_span, unpack, unpack_segment
 from lcic_guard.checker import Checker, CheckRequest
+from lcic_guard.facts import MAX_TIME
 from lcic_guard.policy import (
     HOUR,
     SUSPENSION_PRECEDENCE,
@@ -23,7 +24,8 @@ from lcic_guard.policy import (
 
 T0 = 1_790_000_000_000
 CANONICAL = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
-times = st.one_of(st.none(), st.integers(0, 2**50))
+# Times a record can hold: the messages of a decision format them.
+times = st.one_of(st.none(), st.integers(0, MAX_TIME))
 
 
 @st.composite
@@ -35,7 +37,14 @@ def statuses(draw: st.DrawFn) -> AppStatus:
     for start in starts:
         held = draw(st.sets(st.sampled_from(CANONICAL)))
         reasons = tuple(r for r in CANONICAL if r in held)
-        segments.append(Segment(start, reasons, draw(times), draw(times), draw(times)))
+        suspended = draw(times)
+        # R6's effective time exists with a suspension start, often equal to it.
+        effective = (
+            None
+            if suspended is None
+            else draw(st.one_of(st.just(suspended), st.integers(suspended, MAX_TIME)))
+        )
+        segments.append(Segment(start, reasons, draw(times), suspended, draw(times), effective))
     return AppStatus("app-1", "", tuple(segments), draw(st.integers(0, 2**40)))
 
 

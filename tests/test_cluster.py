@@ -20,7 +20,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from cluster_support import RedisClusterProcs, SentinelProcs, command
-from conftest import T0, Events, FakeClock, deliveries
+from conftest import T0, Events, FakeClock, deliveries, recorded_clock
 from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
@@ -76,7 +76,8 @@ async def cstore(redis_cluster: RedisClusterProcs) -> AsyncIterator[Store]:
 
 @pytest_asyncio.fixture
 async def crec(cstore: Store, policy: PolicyConfig, clock: FakeClock) -> Reconciler:
-    return Reconciler(cstore, policy, ReconcilerConfig(release_margin_ms=0), clock=clock)
+    cfg = ReconcilerConfig(release_margin_ms=0, announce_settle_ms=0)
+    return Reconciler(cstore, policy, cfg, clock=clock)
 
 
 async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -251,7 +252,15 @@ async def test_every_lua_script_call_stays_in_one_slot(
     ]
     feed.write_text("".join(json.dumps(e) + "\n" for e in evs))
     source = FileSource(feed, clock_ms=cstore.server_time)
-    rec = Reconciler(cstore, policy, ReconcilerConfig(release_margin_ms=0), [source], clock=clock)
+    # Loaded back when the alert was sent (loaded today, R10's notice would run first).
+    rec = Reconciler(
+        cstore,
+        policy,
+        ReconcilerConfig(release_margin_ms=0),
+        [source],
+        clock=clock,
+        recorded_clock=recorded_clock(T0 - 100 * DAY),
+    )
     assert isinstance(cstore.redis, RedisCluster)
     names = script_names(cstore, rec.coord)
     calls: list[ScriptCall] = []
@@ -322,7 +331,11 @@ async def test_grace_then_suspension_flips_on_time_and_is_announced(
     # The deadline (zset on another node than the app) announces the flip.
     assert await cstore.redis.zscore(DEADLINES, "app:app-1") is not None
     assert await crec.run_deadlines(clock()) >= 1
-    states = [(a["old_state"], a["new_state"]) for a in await announcements(cstore)]
+    states = [
+        (a["old_state"], a["new_state"])
+        for a in await announcements(cstore)
+        if a["type"] == "status_changed"
+    ]
     assert states == [(None, "GRACE"), ("GRACE", "SUSPENDED")]
 
 
@@ -422,7 +435,15 @@ async def test_release_across_nodes_is_done_and_announced_once(
     feed = tmp_path / "events.jsonl"
     feed.write_text("".join(json.dumps(e) + "\n" for e in evs))
     source = FileSource(feed, clock_ms=cstore.server_time)
-    rec = Reconciler(cstore, policy, ReconcilerConfig(release_margin_ms=0), [source], clock=clock)
+    # Loaded back when the alert was sent (loaded today, R10's notice would run first).
+    rec = Reconciler(
+        cstore,
+        policy,
+        ReconcilerConfig(release_margin_ms=0),
+        [source],
+        clock=clock,
+        recorded_clock=recorded_clock(T0 - 100 * DAY),
+    )
 
     # Before the file is applied there is no watermark: no release.
     plan, _ = await rec.release_plan(ACCT, clock())
@@ -539,7 +560,15 @@ async def test_stream_consumer_group_ingests_claims_and_acks(
     for e in events.app(ACCT, "app-1"):
         await redis.xadd(BILLING_STREAM, {"event": json.dumps(e)})
     source = StreamSource(redis, consumer="c-1", claim_idle_ms=0)
-    rec = Reconciler(cstore, policy, ReconcilerConfig(release_margin_ms=0), [source], clock=clock)
+    # Loaded back when the alert was sent (loaded today, R10's notice would run first).
+    rec = Reconciler(
+        cstore,
+        policy,
+        ReconcilerConfig(release_margin_ms=0),
+        [source],
+        clock=clock,
+        recorded_clock=recorded_clock(T0 - 100 * DAY),
+    )
     stats = await rec.ingest_source(source)
     assert stats.applied == 2
     status, _ = await cstore.read_status("app-1")

@@ -123,7 +123,9 @@ async def guard(store: Store, events: Events) -> AsyncIterator[Guard]:
     sidecar = await build_sidecar(settings, store)  # the wall clock
     reconciler = Reconciler(
         store,
-        PolicyConfig(),
+        # The history is published now but stands for one read as it
+        # happened: no notice period before the overdue account's release.
+        PolicyConfig(release_notice_ms=0),
         ReconcilerConfig(block_ms=50, tick_ms=50, release_margin_ms=0),
         [StreamSource(store.redis)],
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import T0, Events, FakeClock, Sidecar, deliveries
+from conftest import T0, Events, FakeClock, Sidecar, deliveries, recorded_clock
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard import logs
 from lcic_guard.cli import build_parser
@@ -142,7 +142,9 @@ async def test_errors_are_logged_with_the_request_id_and_returned_on_aborts(
 async def test_state_changes_and_releases_are_one_line_each(
     store: Store, policy: PolicyConfig, clock: FakeClock, events: Events, captured: Captured
 ) -> None:
-    rec = Reconciler(store, policy, ReconcilerConfig(release_margin_ms=0), clock=clock)
+    rec = Reconciler(
+        store, policy, ReconcilerConfig(release_margin_ms=0, announce_settle_ms=0), clock=clock
+    )
     await rec.ingest(deliveries(events.app("acct-1", "app-1")))
     await rec.ingest(deliveries([events("overdue_alert", T0 - HOUR, account_id="acct-1")]))
     await rec.ingest(deliveries([events("overdue_alert", T0 - 30 * 60_000, account_id="acct-1")]))
@@ -183,7 +185,12 @@ async def test_a_release_is_one_warning_line(
     path = tmp_path / "events.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in evs))
     source = FileSource(path, clock_ms=lambda: _at(clock.now))
-    rec = Reconciler(store, policy, ReconcilerConfig(release_margin_ms=0), [source], clock=clock)
+    cfg = ReconcilerConfig(release_margin_ms=0, announce_settle_ms=0)
+    # Loaded back when the alert was sent (a snapshot loaded today would give
+    # R10's notice period first).
+    rec = Reconciler(
+        store, policy, cfg, [source], clock=clock, recorded_clock=recorded_clock(T0 - 70 * DAY)
+    )
     rec.token = await rec.coord.hold_lease(rec.name, 60_000)  # releases: leader only
     await rec.drain(source)
     await rec.run_deadlines()

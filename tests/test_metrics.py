@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from conftest import T0, Events, FakeClock, deliveries
+from conftest import T0, Events, FakeClock, deliveries, recorded_clock
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.embedded import free_port
@@ -245,9 +245,10 @@ async def test_reconciler_metrics_count_ingest_changes_deadlines_and_releases(
         rec = Reconciler(
             store,
             policy,
-            ReconcilerConfig(release_margin_ms=0),
+            ReconcilerConfig(release_margin_ms=0, announce_settle_ms=0),
             [source],
             clock=clock,
+            recorded_clock=recorded_clock(T0 - 70 * DAY),  # read live, not backfilled
             metrics=metrics,
         )
         rec.token = await rec.coord.hold_lease(rec.name, 60_000)  # releases: leader only

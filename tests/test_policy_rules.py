@@ -800,7 +800,10 @@ R7_TABLE = [
         None,
         id="usage-of-another-app",
     ),
-    pytest.param([*base(quota=0), usage(1 * HOUR, 0)], 2 * HOUR, 1 * HOUR, id="zero-quota"),
+    # No report means 0 used: a 0-minute package is exhausted from its start
+    # (issue 9, finding 8), and a report of 0 minutes changes nothing.
+    pytest.param([*base(quota=0), usage(1 * HOUR, 0)], 2 * HOUR, -10 * DAY, id="zero-quota"),
+    pytest.param(base(quota=0), 2 * HOUR, -10 * DAY, id="zero-quota-without-a-report"),
 ]
 
 
@@ -1084,8 +1087,17 @@ R10_TABLE = [
         State.SUSPENDED,
         (OVERDUE,),
         24 * HOUR + 2 * DAY,
-        PolicyConfig(release_after_ms=2 * DAY),
+        PolicyConfig(release_after_ms=2 * DAY, release_notice_ms=DAY),
         id="configured-release-delay",
+    ),
+    pytest.param(
+        [*base(), alert(0)],
+        24 * HOUR,
+        State.SUSPENDED,
+        (OVERDUE,),
+        24 * HOUR + 7 * DAY,
+        PolicyConfig(release_after_ms=2 * DAY),
+        id="notice-longer-than-the-release-delay",
     ),
 ]
 

@@ -25,7 +25,7 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.api import timestamp
 from lcic_guard.checker import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.facts import Fact, Millis, ResourcesReleased, format_time
+from lcic_guard.facts import Millis, ResourcesReleased, format_time
 from lcic_guard.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Reason, State
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.sources import FileSource, StreamSource
@@ -34,6 +34,7 @@ from lcic_guard.store import (
     DEAD_LETTER_STREAM,
     DEADLINES,
     GUARD_STREAM,
+    AccountFacts,
     RedisClient,
     Store,
     WriteResult,
@@ -127,11 +128,29 @@ def stream_source(store: Store, consumer: str, *, claim_idle_ms: int = 60_000) -
     return StreamSource(store.redis, group="g", consumer=consumer, claim_idle_ms=claim_idle_ms)
 
 
-async def feed(rec: Reconciler, src: StreamSource, evs: list[dict[str, Any]]) -> None:
-    """Publish onto the billing stream and ingest until the group is drained."""
+async def feed(
+    rec: Reconciler,
+    src: StreamSource,
+    evs: list[dict[str, Any]],
+    *,
+    recorded_at: Millis | None = None,
+) -> None:
+    """Publish onto the billing stream and ingest until the group is drained;
+    with ``recorded_at``, as if the reconciler had stored the facts then (a
+    history read live rather than backfilled today)."""
     await publish(rec.store.redis, evs)
-    while (await rec.ingest_source(src)).received:
-        pass
+    live = rec.recorded_clock
+    if recorded_at is not None:
+
+        async def then() -> Millis:
+            return recorded_at
+
+        rec.recorded_clock = then
+    try:
+        while (await rec.ingest_source(src)).received:
+            pass
+    finally:
+        rec.recorded_clock = live
 
 
 class FlakyStore(Store):
@@ -162,8 +181,8 @@ class PausingStore(Store):
         self.paused.clear()
         return self.gate
 
-    async def load_account(self, account_id: str) -> tuple[int, list[Fact]]:
-        result = await super().load_account(account_id)
+    async def load_account_facts(self, account_id: str) -> AccountFacts:
+        result = await super().load_account_facts(account_id)
         if self.gate is not None:
             gate, self.gate = self.gate, None
             self.paused.set()
@@ -173,7 +192,7 @@ class PausingStore(Store):
 
 def quick(**overrides: Any) -> ReconcilerConfig:
     """A reconciler config for tests: no release margin, short waits."""
-    base: dict[str, Any] = {"release_margin_ms": 0, "block_ms": 10}
+    base: dict[str, Any] = {"release_margin_ms": 0, "block_ms": 10, "announce_settle_ms": 0}
     return ReconcilerConfig(**{**base, **overrides})
 
 
@@ -703,7 +722,12 @@ async def test_release_happens_once_when_due_and_never_before(
     release_at = alert_at + GRACE + RELEASE_AFTER  # a day ago
     src = stream_source(store, "c1")
     rec = await leader(store, policy, clock, "r1", [src])
-    await feed(rec, src, overdue_history(events, "acct-1", ["app-1", "app-2"], alert_at))
+    await feed(
+        rec,
+        src,
+        overdue_history(events, "acct-1", ["app-1", "app-2"], alert_at),
+        recorded_at=alert_at,
+    )
     assert await store.redis.zscore(DEADLINES, "release:acct-1") == release_at
 
     clock.now = release_at - 1
@@ -745,9 +769,24 @@ async def test_release_is_announced_once_by_racing_reconcilers(
     src = stream_source(store, "c1")
     r1 = await leader(store, policy, clock, "r1", [src])
     r2 = Reconciler(store, policy, quick(), [src], clock=clock, name="r2")
-    await feed(r1, src, overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY))
-    await feed(r1, src, overdue_history(events, "acct-2", ["app-2"], now - 62 * DAY))
-    await feed(r1, src, overdue_history(events, "acct-3", ["app-3"], now - 62 * DAY))
+    await feed(
+        r1,
+        src,
+        overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY),
+        recorded_at=now - 62 * DAY,
+    )
+    await feed(
+        r1,
+        src,
+        overdue_history(events, "acct-2", ["app-2"], now - 62 * DAY),
+        recorded_at=now - 62 * DAY,
+    )
+    await feed(
+        r1,
+        src,
+        overdue_history(events, "acct-3", ["app-3"], now - 62 * DAY),
+        recorded_at=now - 62 * DAY,
+    )
     payload: dict[str, dict[str, Any]] = {}
 
     await asyncio.gather(*(r.try_release("acct-1", now) for r in (r1, r2, r1, r2)))
@@ -799,7 +838,12 @@ async def test_release_needs_a_watermark_past_release_at(
     now = clock.now = wall_clock()
     src = stream_source(store, "c1")
     rec = await leader(store, policy, clock, "r1", [src])
-    await feed(rec, src, overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY))
+    await feed(
+        rec,
+        src,
+        overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY),
+        recorded_at=now - 62 * DAY,
+    )
 
     blind = await leader(store, policy, clock, "r1", [])  # no source: no watermark
     assert await blind.watermark() is None
@@ -828,7 +872,9 @@ async def test_release_waits_for_unread_entries_and_a_late_earlier_settlement_pr
     # release_at (+ margin 0) a moment from now, in Redis's own time.
     release_at = await store.server_time() + 400
     alert_at = release_at - GRACE - RELEASE_AFTER
-    await feed(rec, src, overdue_history(events, "acct-1", ["app-1"], alert_at))
+    await feed(
+        rec, src, overdue_history(events, "acct-1", ["app-1"], alert_at), recorded_at=alert_at
+    )
     # The billing system settled before release_at; the entry is on the
     # stream (added before release_at) but not applied yet.
     await publish(store.redis, [events("arrears_settled", release_at - HOUR, account_id="acct-1")])
@@ -867,7 +913,12 @@ async def test_release_is_abandoned_when_facts_arrive_between_plan_and_commit(
         rec = Reconciler(paused_store, policy, quick(), [src], clock=clock, name="r1")
         rec.token = await rec.coord.hold_lease("r1", 60_000)
         other = Reconciler(store, policy, quick(), clock=clock, name="r2")
-        await feed(rec, src, overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY))
+        await feed(
+            rec,
+            src,
+            overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY),
+            recorded_at=now - 62 * DAY,
+        )
 
         gate = paused_store.arm()
         task = asyncio.create_task(rec.try_release("acct-1", now))
@@ -891,7 +942,12 @@ async def test_a_leader_with_an_older_token_cannot_release(
     now = clock.now = wall_clock()
     src = stream_source(store, "c1")
     old = Reconciler(store, policy, quick(), [src], clock=clock, name="old")
-    await feed(old, src, overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY))
+    await feed(
+        old,
+        src,
+        overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY),
+        recorded_at=now - 62 * DAY,
+    )
     old.token = await old.coord.hold_lease("old", 100)
     plan, seq = await old.release_plan("acct-1", now)
     assert plan.eligible  # the old leader decided, then paused past its lease
@@ -925,8 +981,18 @@ async def test_dry_run_lists_the_release_but_does_not_perform_it(
     release_at = now - 62 * DAY + GRACE + RELEASE_AFTER
     src = stream_source(store, "c1")
     rec = await leader(store, policy, clock, "r1", [src], release_dry_run=True)
-    await feed(rec, src, overdue_history(events, "acct-1", ["app-1", "app-2"], now - 62 * DAY))
-    await feed(rec, src, overdue_history(events, "acct-2", ["app-3"], now - 30 * DAY))
+    await feed(
+        rec,
+        src,
+        overdue_history(events, "acct-1", ["app-1", "app-2"], now - 62 * DAY),
+        recorded_at=now - 62 * DAY,
+    )
+    await feed(
+        rec,
+        src,
+        overdue_history(events, "acct-2", ["app-3"], now - 30 * DAY),
+        recorded_at=now - 30 * DAY,
+    )
 
     await rec.run_deadlines(now)
     [planned] = rec.releases_planned
@@ -950,7 +1016,9 @@ async def test_a_settlement_after_release_restores_nothing(
     release_at = alert_at + GRACE + RELEASE_AFTER
     src = stream_source(store, "c1")
     rec = await leader(store, policy, clock, "r1", [src])
-    await feed(rec, src, overdue_history(events, "acct-1", ["app-1"], alert_at))
+    await feed(
+        rec, src, overdue_history(events, "acct-1", ["app-1"], alert_at), recorded_at=alert_at
+    )
     assert (await rec.try_release("acct-1", now)).eligible
     assert (await changes_of(store, "app-1"))[-1] == ("SUSPENDED", "RELEASED")
 

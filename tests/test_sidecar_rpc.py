@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import T0, Events, FakeClock, Sidecar, deliveries
+from conftest import T0, Events, FakeClock, Sidecar, deliveries, recorded_clock
 from google.protobuf import descriptor_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -302,6 +302,7 @@ def overdue_for_100_days(events: Events) -> list[dict[str, Any]]:
 async def test_release_needs_a_watermark_without_one_it_stays_overdue(
     reconciler: Reconciler, sidecar: Sidecar, events: Events, clock: FakeClock
 ) -> None:
+    reconciler.recorded_clock = recorded_clock(T0 - 100 * DAY)  # read live
     await reconciler.ingest(deliveries(overdue_for_100_days(events)))
     plan = await reconciler.try_release(ACCT, clock())
     assert not plan.eligible
@@ -325,7 +326,14 @@ async def test_released_application_is_denied_for_good(
     feed = tmp_path / "events.jsonl"
     feed.write_text("".join(json.dumps(e) + "\n" for e in overdue_for_100_days(events)))
     source = FileSource(feed, clock_ms=store.server_time)
-    rec = Reconciler(store, policy, ReconcilerConfig(release_margin_ms=0), [source], clock=clock)
+    rec = Reconciler(
+        store,
+        policy,
+        ReconcilerConfig(release_margin_ms=0),
+        [source],
+        clock=clock,
+        recorded_clock=recorded_clock(T0 - 100 * DAY),  # loaded back then
+    )
     stats = await rec.drain(source)
     assert stats.applied == 5
     plan = await rec.try_release(ACCT, clock())
@@ -489,6 +497,8 @@ async def test_protection_ends_at_scheduled_end_plus_overrun(
 async def test_class_started_exactly_at_suspension_is_not_protected(
     reconciler: Reconciler, sidecar: Sidecar, events: Events
 ) -> None:
+    # The alert was read when it was sent: the suspension took effect on time.
+    reconciler.recorded_clock = recorded_clock(T0 - 25 * HOUR)
     await reconciler.ingest(
         deliveries(suspension_events(events, R.DECISION_REASON_ACCOUNT_OVERDUE))
     )

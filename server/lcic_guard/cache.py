@@ -55,7 +55,9 @@ class Entry:
 # One packed record per application, so a million cached apps cost a few
 # hundred bytes each and nothing for the garbage collector to walk:
 # header (version, fetched_at, known, segment count), then per segment its
-# start, reasons as bits, which optional times follow, and those times.
+# start, reasons as bits, which optional times follow, and those times
+# (grace end, suspension start, release, and the suspension's effective time
+# only where it differs from its start).
 _HEAD: Final = struct.Struct("<qqBB")
 _SEG: Final = struct.Struct("<qHB")  # starts_at, reason bits, optional-time flags
 _TIME: Final = struct.Struct("<q")
@@ -63,7 +65,7 @@ _REASON_BITS: Final = {r: 1 << i for i, r in enumerate(Reason)}
 # Segments list reasons in R9 order with OVERDUE_GRACE last.
 _CANONICAL: Final = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
 _reasons_of_bits: dict[int, tuple[Reason, ...]] = {}
-_SIZE_OF_FLAGS: Final = tuple(_SEG.size + _TIME.size * bin(f).count("1") for f in range(8))
+_SIZE_OF_FLAGS: Final = tuple(_SEG.size + _TIME.size * bin(f).count("1") for f in range(16))
 
 
 def _bits(reasons: tuple[Reason, ...]) -> int:
@@ -86,7 +88,8 @@ def pack(status: AppStatus | None, fetched_at: Millis) -> bytes:
         return _HEAD.pack(0, fetched_at, 0, 0)
     parts = [_HEAD.pack(status.version, fetched_at, 1, len(status.segments))]
     for seg in status.segments:
-        times = (seg.grace_ends_at, seg.suspended_at, seg.release_at)
+        effective = seg.effective_at if seg.effective_at != seg.suspended_at else None
+        times = (seg.grace_ends_at, seg.suspended_at, seg.release_at, effective)
         flags = sum(1 << i for i, t in enumerate(times) if t is not None)
         parts.append(_SEG.pack(seg.starts_at, _bits(seg.reasons), flags))
         parts += [_TIME.pack(t) for t in times if t is not None]
@@ -97,13 +100,14 @@ def unpack_segment(rec: bytes, offset: int) -> Segment:
     start, bits, flags = _SEG.unpack_from(rec, offset)
     pos = offset + _SEG.size
     times: list[Millis | None] = []
-    for i in range(3):
+    for i in range(4):
         if flags & (1 << i):
             times.append(_TIME.unpack_from(rec, pos)[0])
             pos += _TIME.size
         else:
             times.append(None)
-    return Segment(start, _reasons(bits), times[0], times[1], times[2])
+    effective = times[1] if times[3] is None else times[3]
+    return Segment(start, _reasons(bits), times[0], times[1], times[2], effective)
 
 
 def segment_span(rec: bytes, count: int, now: Millis) -> tuple[int, int]:

@@ -408,6 +408,20 @@ async def _release_plan(settings: Settings) -> int:
         for plan in plans
     ]
     print(_table(("ACCOUNT", "APPLICATIONS", "RELEASE AT", "IF DUE NOW", "WHY"), rows))
+    now = wall_clock()
+    notices = [
+        (
+            plan.account_id,
+            notice.kind,
+            format_time(notice.at),
+            "sent" if notice.sent else ("due" if notice.at > now else "skipped"),
+        )
+        for plan in plans
+        for notice in plan.notices  # R10: release_scheduled, sent and due
+    ]
+    if notices:
+        print()
+        print(_table(("ACCOUNT", "NOTICE", "AT", "STATE"), notices))
     return 0
 
 

@@ -145,6 +145,9 @@ class ResourcesReleased(_Base):
     type: ClassVar[str] = "resources_released"
     internal: ClassVar[bool] = True
     account_id: str
+    release_at: Millis | None = None
+    """The ``release_at`` R10 set, which the released status keeps showing
+    (None on releases recorded before it was kept)."""
 
 
 Fact = (
@@ -174,17 +177,17 @@ FACT_TYPES: Final[dict[str, type[Fact]]] = {
 ACCOUNT_FACTS: Final = (OverdueAlert, ArrearsSettled, ComplianceBan, ResourcesReleased)
 APP_FACTS: Final = (PackagePurchased, PackageUsage, PaygChanged)
 
-_TIME_FIELDS: Final = frozenset({"occurred_at", "starts_at", "expires_at"})
+_TIME_FIELDS: Final = frozenset({"occurred_at", "starts_at", "expires_at", "release_at"})
 _ID_FIELDS: Final = frozenset({"event_id", "account_id", "app_id", "package_id"})
 _MAX_EVENT_ID: Final = 200
 _MAX_NOTE: Final = 2000
 
 
 def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
-    optional = name in ("amount_due", "note")
+    optional = name in ("amount_due", "note", "release_at")
     if name not in raw or raw[name] is None:
         if optional:
-            return None if name == "amount_due" else ""
+            return "" if name == "note" else None
         raise InvalidEvent(f"{name}: missing")
     value = raw[name]
     if name == "event_id":

@@ -20,7 +20,7 @@ Each rule is implemented once, in the function named after it below.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
@@ -105,6 +105,9 @@ class PolicyConfig:
     """R1: how long an alerted account keeps service."""
     release_after_ms: int = 60 * DAY
     """R10: how long an overdue suspension lasts before resources are released."""
+    release_notice_ms: int = 7 * DAY
+    """R10: the least time between the overdue suspension becoming known and
+    the release (a backfilled history releases nothing before this)."""
     overrun_ms: int = 60 * MINUTE
     """R6: protection past a class's scheduled end."""
     max_class_ms: int = 12 * HOUR
@@ -117,7 +120,13 @@ class PolicyConfig:
     """R13: the checks allowed when no usable status exists; the rest deny."""
 
     def __post_init__(self) -> None:
-        for name in ("grace_ms", "release_after_ms", "overrun_ms", "max_class_ms"):
+        for name in (
+            "grace_ms",
+            "release_after_ms",
+            "release_notice_ms",
+            "overrun_ms",
+            "max_class_ms",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.stale_bound_ms < 0:
@@ -133,6 +142,10 @@ class Segment:
     grace_ends_at: Millis | None = None
     suspended_at: Millis | None = None
     release_at: Millis | None = None
+    effective_at: Millis | None = None
+    """R6: when the current suspension took effect on the clock the callers
+    saw (see :func:`r6_effective_at`); set whenever ``suspended_at`` is, and
+    never earlier."""
 
     @property
     def state(self) -> State:
@@ -150,6 +163,7 @@ class Segment:
             and self.grace_ends_at == other.grace_ends_at
             and self.suspended_at == other.suspended_at
             and self.release_at == other.release_at
+            and self.effective_at == other.effective_at
         )
 
 
@@ -183,9 +197,14 @@ class AppStatus:
 @dataclass(slots=True)
 class Sweep:
     """The state of one account and one app at an instant of the sweep, with
-    the facts that made it (which :mod:`lcic_guard.explain` cites)."""
+    the facts that made it (which :mod:`lcic_guard.explain` cites).
+
+    ``recorded`` holds when each fact was first stored (by event id); a fact
+    without one counts as recorded when it occurred (facts stored before the
+    second clock existed)."""
 
     cfg: PolicyConfig
+    recorded: Mapping[str, Millis] = field(default_factory=dict)
     last_settled: Millis | None = None
     overdue_alert: OverdueAlert | None = None  # the alert at A of R1
     ban: ComplianceBan | None = None
@@ -193,8 +212,9 @@ class Sweep:
     registered: ApplicationRegistered | None = None
     payg_change: PaygChanged | None = None
     packages: dict[str, PackagePurchased] = field(default_factory=dict)
-    used: dict[str, tuple[Millis, int]] = field(default_factory=dict)
+    used: dict[str, PackageUsage] = field(default_factory=dict)  # newest report per package
     usage_reports: dict[str, list[PackageUsage]] = field(default_factory=dict)
+    purchases_known_at: Millis | None = None  # the latest-recorded purchase so far
 
     @property
     def overdue_since(self) -> Millis | None:
@@ -203,6 +223,10 @@ class Sweep:
     @property
     def payg(self) -> bool:
         return self.payg_change is not None and self.payg_change.enabled
+
+    def recorded_at(self, fact: Fact) -> Millis:
+        """When the fact became known (its occurred_at if that is unknown)."""
+        return self.recorded.get(fact.event_id, fact.occurred_at)
 
     def apply(self, fact: Fact) -> None:
         if isinstance(fact, ArrearsSettled):
@@ -217,11 +241,17 @@ class Sweep:
             self.registered = self.registered or fact
         elif isinstance(fact, PackagePurchased):
             self.packages[fact.package_id] = fact
+            known = self.recorded_at(fact)
+            if self.purchases_known_at is None or known > self.purchases_known_at:
+                self.purchases_known_at = known
         elif isinstance(fact, PackageUsage):
             self.usage_reports.setdefault(fact.package_id, []).append(fact)
             seen = self.used.get(fact.package_id)
-            if seen is None or (fact.occurred_at, fact.used_minutes) > seen:
-                self.used[fact.package_id] = (fact.occurred_at, fact.used_minutes)
+            if seen is None or (fact.occurred_at, fact.used_minutes) > (
+                seen.occurred_at,
+                seen.used_minutes,
+            ):
+                self.used[fact.package_id] = fact
         elif isinstance(fact, PaygChanged):
             self.payg_change = fact
 
@@ -250,14 +280,63 @@ class Sweep:
                 best = pkg
         return best
 
-    def r7_quota_exhausted(self, pkg: PackagePurchased) -> bool:
-        """R7: the package's complimentary quota is used up and pay-as-you-go is off."""
-        if self.payg:
-            return False
-        used = self.used.get(pkg.package_id)
-        return used is not None and used[1] >= pkg.quota_minutes
+    def used_minutes(self, pkg: PackagePurchased) -> int:
+        """R7: the newest usage report of the package; no report means 0 used."""
+        report = self.used.get(pkg.package_id)
+        return 0 if report is None else report.used_minutes
 
-    def evaluate(self, t: Millis, previous: Segment | None) -> Segment:
+    def r7_quota_exhausted(self, pkg: PackagePurchased) -> bool:
+        """R7: the package's complimentary quota is used up and pay-as-you-go is
+        off. With no usage report nothing is used, so a 0-minute package is
+        exhausted from its start."""
+        return not self.payg and self.used_minutes(pkg) >= pkg.quota_minutes
+
+    def r10_known_at(self) -> Millis | None:
+        """R10: when the overdue suspension became known: the recording of the
+        alert at A, or A + grace if that is later (None: not overdue)."""
+        alert = self.overdue_alert
+        if alert is None:
+            return None
+        return max(self.recorded_at(alert), alert.occurred_at + self.cfg.grace_ms)
+
+    def r10_release_at(self) -> Millis | None:
+        """R10: A + grace + release_after, but never sooner than the notice
+        period after the suspension became known (a backfilled alert read
+        today releases nothing for ``release_notice_ms``)."""
+        known = self.r10_known_at()
+        if self.overdue_alert is None or known is None:
+            return None
+        cfg = self.cfg
+        full = self.overdue_alert.occurred_at + cfg.grace_ms + cfg.release_after_ms
+        return max(full, known + cfg.release_notice_ms)
+
+    def known_at(self, reason: Reason, t: Millis) -> Millis:
+        """R6: when ``reason``, holding at ``t``, became known: the latest
+        recording among the facts that make it hold."""
+        facts: list[Fact | None] = []
+        extra: list[Millis] = []
+        if reason is Reason.ACCOUNT_BANNED:
+            facts.append(self.ban)
+        elif reason is Reason.RESOURCES_RELEASED:
+            facts.append(self.released)
+        elif reason is Reason.ACCOUNT_OVERDUE:
+            facts.append(self.overdue_alert)
+        elif reason is Reason.PACKAGE_EXPIRED:
+            facts.append(self.registered)
+            if self.purchases_known_at is not None:
+                extra.append(self.purchases_known_at)
+        elif reason is Reason.PACKAGE_QUOTA_EXHAUSTED:
+            pkg = self.package_in_force(t)
+            facts.append(pkg)
+            if pkg is not None:
+                facts.append(self.used.get(pkg.package_id))
+            facts.append(self.payg_change)
+        times = [self.recorded_at(f) for f in facts if f is not None] + extra
+        return max(times, default=t)
+
+    def evaluate(self, t: Millis, previous: Segment | None) -> tuple[Segment, Millis | None]:
+        """The segment starting at ``t`` (without ``effective_at``) and, when
+        it is a suspension, the earliest time any of its reasons was known."""
         cfg = self.cfg
         holding: set[Reason] = set()
         in_grace = False
@@ -268,12 +347,14 @@ class Sweep:
             grace_ends_at = self.overdue_since + cfg.grace_ms
             if t >= grace_ends_at:  # R2
                 holding.add(Reason.ACCOUNT_OVERDUE)
-                release_at = grace_ends_at + cfg.release_after_ms  # R10
+                release_at = self.r10_release_at()
             else:  # R1
                 in_grace = True
-        if self.released is not None:  # R10
+        if self.released is not None:  # R10: the time R10 set, kept by the release
             holding.add(Reason.RESOURCES_RELEASED)
-            release_at = self.released.occurred_at
+            release_at = self.released.release_at
+            if release_at is None:  # released before R10's time was kept on the fact
+                release_at = self.released.occurred_at
         pkg = self.package_in_force(t)
         if pkg is None:  # R8
             holding.add(Reason.PACKAGE_EXPIRED)
@@ -283,17 +364,53 @@ class Sweep:
         if in_grace:
             reasons += (Reason.OVERDUE_GRACE,)
         seg = Segment(t, reasons, grace_ends_at, None, release_at)
-        if seg.suspended:
-            # R9: the start of the current unbroken suspension.
-            keep = previous is not None and previous.suspended
-            seg = replace(seg, suspended_at=previous.suspended_at if keep and previous else t)
-        return seg
+        if not seg.suspended:
+            return seg, None
+        # R9: the start of the current unbroken suspension.
+        keep = previous is not None and previous.suspended
+        seg = replace(seg, suspended_at=previous.suspended_at if keep and previous else t)
+        known = min(self.known_at(r, t) for r in holding)
+        return seg, known
 
 
 def r9_order(holding: Iterable[Reason]) -> tuple[Reason, ...]:
     """R9: every suspension reason that holds, in order of precedence."""
     held = set(holding)
     return tuple(r for r in SUSPENSION_PRECEDENCE if r in held)
+
+
+def r6_effective_at(
+    suspended_at: Millis,
+    effective_so_far: Millis | None,
+    starts_at: Millis,
+    ends_at: Millis | None,
+    known: Millis,
+) -> Millis:
+    """R6: when the current unbroken suspension took effect on the clock the
+    callers saw, after one more stretch ``[starts_at, ends_at)`` of it whose
+    reasons were first known at ``known``.
+
+    A suspension takes effect at the later of ``suspended_at`` and the latest
+    instant in it at which none of the reasons holding at that instant was
+    known yet. Before that instant every answer given allowed the class (the
+    facts recorded by then did not imply a suspension); a fact learned later
+    (a backdated alert, a late usage report) cannot turn a class that started
+    then into one that started during the suspension. Within one stretch that
+    instant is ``min(ends_at, known)`` when it lies after ``starts_at``.
+
+    Why this never cuts off a class that started while the answers allowed
+    it: if some reason r holding at a start time s had all its causes
+    recorded by s, the facts recorded by s already implied r at s (facts are
+    only ever added, and an added fact can remove r only by being one of r's
+    causes or a remover that is itself present in the full set), so the
+    start was denied. Otherwise every reason was unknown at s, so this
+    instant is later than s and the class is protected. A class started in a
+    stretch whose reasons were all already known gains nothing: stretches
+    before it end by its start.
+    """
+    effective = suspended_at if effective_so_far is None else effective_so_far
+    instant = known if ends_at is None else min(ends_at, known)
+    return max(effective, instant) if instant > starts_at else effective
 
 
 # Within one millisecond: settlements before alerts (R3 pays what is due "up
@@ -305,10 +422,16 @@ def _order(fact: Fact) -> tuple[Millis, int, str]:
     return (fact.occurred_at, _RANK.get(type(fact), 2), fact.event_id)
 
 
-def sweep_until(facts: Iterable[Fact], app_id: str, now: Millis, cfg: PolicyConfig) -> Sweep:
+def sweep_until(
+    facts: Iterable[Fact],
+    app_id: str,
+    now: Millis,
+    cfg: PolicyConfig,
+    recorded_at: Mapping[str, Millis] | None = None,
+) -> Sweep:
     """What the facts that occurred up to ``now`` say about one app and its
     account: the fold of :func:`compute_account`, stopped at one instant."""
-    sweep = Sweep(cfg)
+    sweep = Sweep(cfg, recorded_at or {})
     for fact in sorted({f.event_id: f for f in facts}.values(), key=_order):
         if fact.occurred_at > now:
             break
@@ -318,7 +441,11 @@ def sweep_until(facts: Iterable[Fact], app_id: str, now: Millis, cfg: PolicyConf
 
 
 def _timeline(
-    facts: Sequence[Fact], cfg: PolicyConfig, now: Millis | None = None
+    facts: Sequence[Fact],
+    cfg: PolicyConfig,
+    now: Millis | None,
+    recorded_at: Mapping[str, Millis],
+    registered_at: Millis,
 ) -> tuple[Segment, ...]:
     ordered = sorted(facts, key=_order)
     points: set[Millis] = {f.occurred_at for f in ordered}
@@ -327,8 +454,17 @@ def _timeline(
             points.add(f.occurred_at + cfg.grace_ms)
         elif isinstance(f, PackagePurchased):
             points.update((f.starts_at, f.expires_at))
-    sweep = Sweep(cfg)
-    segments: list[Segment] = []
+    # The app's status begins with its registration: nothing about it, a
+    # suspension least of all, can have started before it existed.
+    instants = sorted(p for p in points if p >= registered_at)
+    sweep = Sweep(cfg, recorded_at)
+    evaluated: list[tuple[Segment, Millis | None]] = []
+    i = 0
+    for t in instants:
+        while i < len(ordered) and ordered[i].occurred_at <= t:
+            sweep.apply(ordered[i])
+            i += 1
+        evaluated.append(sweep.evaluate(t, evaluated[-1][0] if evaluated else None))
     # History before the newest fact cannot be in force again, except that
     # a fact dated ahead of the reader's clock (skew) must not hide the
     # present: keep FUTURE_SKEW_MS of history before the newest fact, or
@@ -336,21 +472,28 @@ def _timeline(
     newest = ordered[-1].occurred_at
     keep_after = (newest if now is None else min(newest, now)) - FUTURE_SKEW_MS
     keep_from = 0
-    i = 0
-    for t in sorted(points):
-        while i < len(ordered) and ordered[i].occurred_at <= t:
-            sweep.apply(ordered[i])
-            i += 1
-        seg = sweep.evaluate(t, segments[-1] if segments else None)
+    segments: list[Segment] = []
+    effective: Millis | None = None
+    for n, (seg, known) in enumerate(evaluated):
+        if seg.suspended_at is not None and known is not None:
+            if seg.suspended_at == seg.starts_at:
+                effective = None  # a new suspension
+            ends_at = evaluated[n + 1][0].starts_at if n + 1 < len(evaluated) else None
+            effective = r6_effective_at(seg.suspended_at, effective, seg.starts_at, ends_at, known)
+            seg = replace(seg, effective_at=effective)
         if not segments or not seg.same_status(segments[-1]):
             segments.append(seg)
-        if t <= keep_after:
+        if seg.starts_at <= keep_after:
             keep_from = len(segments) - 1
     return tuple(segments[keep_from:])
 
 
 def compute_account(
-    facts: Iterable[Fact], cfg: PolicyConfig, *, now: Millis | None = None
+    facts: Iterable[Fact],
+    cfg: PolicyConfig,
+    *,
+    now: Millis | None = None,
+    recorded_at: Mapping[str, Millis] | None = None,
 ) -> dict[str, AppStatus]:
     """Fold one account's facts into the status of each of its applications.
 
@@ -358,7 +501,9 @@ def compute_account(
     event id once. Applications are those registered to the account; facts
     of other applications are ignored. ``now`` (the reader's clock) only
     bounds how much history is dropped: a fact dated ahead of it must not
-    hide the segment in force now.
+    hide the segment in force now. ``recorded_at`` says when each fact (by
+    event id) was first stored; only R6 and R10 read it, and a fact missing
+    from it counts as recorded when it occurred.
     """
     unique = {f.event_id: f for f in facts}
     account_id: str | None = None
@@ -376,10 +521,38 @@ def compute_account(
             shared.append(f)
     if account_id is None:
         return {}
+    recorded = recorded_at or {}
     return {
-        app_id: AppStatus(app_id, account_id, _timeline(shared + per_app[app_id], cfg, now))
+        app_id: AppStatus(
+            app_id,
+            account_id,
+            _timeline(shared + per_app[app_id], cfg, now, recorded, registered[app_id]),
+        )
         for app_id in sorted(registered)
     }
+
+
+def overdue_notice(
+    facts: Iterable[Fact],
+    cfg: PolicyConfig,
+    now: Millis,
+    recorded_at: Mapping[str, Millis] | None = None,
+) -> tuple[OverdueAlert, Millis, Millis] | None:
+    """R10: the account's overdue episode at ``now``, if it leads to a
+    release: the alert at A, when the suspension became (or becomes) known,
+    and ``release_at``. None when the account is not overdue or its
+    resources are already released."""
+    sweep = Sweep(cfg, recorded_at or {})
+    for fact in sorted({f.event_id: f for f in facts}.values(), key=_order):
+        if fact.occurred_at > now:
+            break
+        if isinstance(fact, ArrearsSettled | OverdueAlert | ResourcesReleased):
+            sweep.apply(fact)
+    known, release_at = sweep.r10_known_at(), sweep.r10_release_at()
+    if sweep.released is not None or sweep.overdue_alert is None:
+        return None
+    assert known is not None and release_at is not None
+    return sweep.overdue_alert, known, release_at
 
 
 # ---------------------------------------------------------------------------
@@ -423,7 +596,9 @@ def r6_protection(seg: Segment, room: Room | None, now: Millis, cfg: PolicyConfi
     """R6: the end of the protection of ``room`` against the suspension in
     ``seg`` if it is protected now, else None.
 
-    Protected: reported started before the suspension began, not reported
+    Protected: reported started before the suspension took effect
+    (``effective_at``: the later of ``suspended_at`` and when the facts that
+    make it hold were learned, see :func:`r6_effective_at`), not reported
     ended, before ``protected_until``, and every reason a billing suspension
     (a ban only when so configured; never a release).
     """
@@ -434,7 +609,8 @@ def r6_protection(seg: Segment, room: Room | None, now: Millis, cfg: PolicyConfi
     )
     if not set(seg.reasons) - {Reason.OVERDUE_GRACE} <= allowed_reasons:
         return None
-    if room.started_at >= seg.suspended_at:
+    took_effect = seg.suspended_at if seg.effective_at is None else seg.effective_at
+    if room.started_at >= took_effect:
         return None
     if room.ended_at is not None and room.ended_at <= now:
         return None
@@ -612,6 +788,11 @@ def explain(seg: Segment) -> tuple[str, ...]:
         out.append("R9 several reasons: service returns only when all are cleared")
     if seg.suspended_at is not None:
         out.append(f"suspended since {_when(seg.suspended_at)}")
+        if seg.effective_at is not None and seg.effective_at > seg.suspended_at:
+            out.append(
+                f"R6 in effect since {_when(seg.effective_at)}, when the facts behind it were "
+                "learned: a class reported started before then is protected"
+            )
     if not out:
         out.append("no rule restricts the application")
     return tuple(out)

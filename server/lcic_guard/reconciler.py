@@ -33,15 +33,17 @@ from lcic_guard.facts import (
     parse_event_json,
 )
 from lcic_guard.policy import (
+    DAY,
     HOUR,
     AppStatus,
     PolicyConfig,
     Reason,
     Segment,
     compute_account,
+    overdue_notice,
 )
 from lcic_guard.sources import BillingSource, Delivery
-from lcic_guard.store import Coordination, Outbox, Store, meta_key, status_key
+from lcic_guard.store import AccountFacts, Coordination, Outbox, Store, meta_key, status_key
 
 if TYPE_CHECKING:
     from lcic_guard.metrics import ReconcilerMetrics
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 ANNOUNCED_FIELD = "announced"
 RELEASE_FIELD = "released"
+NOTICE_FIELD = "notice"
 # An outbox older than this was left by a writer that died before announcing.
 STALE_OUTBOX_MS = 10_000
 RETRY_MS = 5_000
@@ -78,6 +81,12 @@ class ReconcilerConfig:
     claim_idle_ms: int = 30_000
     """How long a billing-stream entry may stay unacknowledged by a consumer
     before another replica claims it (the consumer is presumed dead)."""
+    announce_settle_ms: int = 10_000
+    """How long a new state must hold before ``status_changed`` announces it
+    (a state passed through within this time is never announced)."""
+    release_reminders_ms: tuple[int, ...] = (30 * DAY, 7 * DAY, DAY)
+    """R10: how long before ``release_at`` a ``release_scheduled`` reminder
+    is announced (after the first notice, when the suspension becomes known)."""
 
 
 @dataclass
@@ -91,12 +100,57 @@ class IngestStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """One ``release_scheduled`` announcement of an overdue episode (R10)."""
+
+    kind: str  # "initial", or how long before release_at, e.g. "7d"
+    at: Millis
+    sent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ReleasePlan:
     account_id: str
     app_ids: tuple[str, ...]
     release_at: Millis
     eligible: bool
     why: str
+    notices: tuple[Notice, ...] = ()
+    """The notices of the overdue episode: sent, and still due."""
+
+
+def lead_time(ms: int) -> str:
+    """A reminder's lead time in the flag's own syntax (``30d``, ``36h``)."""
+    for unit, size in (("d", DAY), ("h", HOUR), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def notice_plan(known: Millis, release_at: Millis, reminders: Iterable[int]) -> list[Notice]:
+    """R10: the first notice when the suspension becomes known, then one
+    reminder per lead time, only those after the first notice."""
+    out = [Notice("initial", known)]
+    for lead in sorted(set(reminders), reverse=True):
+        if release_at - lead > known:
+            out.append(Notice(lead_time(lead), release_at - lead))
+    return out
+
+
+def _sent_notices(cursor: str, episode: str) -> set[int]:
+    """The notices of ``episode`` already announced, from the account's cursor
+    ``EPISODE|i,j,...``."""
+    head, _, indices = cursor.rpartition("|")
+    if head != episode or not indices:
+        return set()
+    return {int(i) for i in indices.split(",")}
+
+
+def _lifted(clock: Callable[[], Millis]) -> Callable[[], Awaitable[Millis]]:
+    async def read() -> Millis:
+        return clock()
+
+    return read
 
 
 def _state_key(seg: Segment) -> str:
@@ -112,10 +166,18 @@ class Reconciler:
         sources: Sequence[BillingSource] = (),
         *,
         clock: Callable[[], Millis] = wall_clock,
+        recorded_clock: Callable[[], Awaitable[Millis]] | None = None,
         name: str | None = None,
         metrics: ReconcilerMetrics | None = None,
     ) -> None:
+        """``recorded_clock`` stamps when facts are first stored (the second
+        clock of every fact): Redis's clock by default, so that every replica
+        stamps on one clock; a reconciler run on a clock of its own (a
+        simulation) stamps on that one."""
         self.store = store
+        if recorded_clock is None:
+            recorded_clock = store.server_time if clock is wall_clock else _lifted(clock)
+        self.recorded_clock = recorded_clock
         self.metrics = metrics
         self.coord = Coordination(store)
         self.policy = policy
@@ -172,8 +234,12 @@ class Reconciler:
                 stats.parked += 1
                 continue
             by_account[owner].append(fact)
+        recorded = await self.recorded_clock() if by_account else 0
         added = await self._bounded(
-            [self.store.add_facts(account, facts) for account, facts in by_account.items()]
+            [
+                self.store.add_facts(account, facts, recorded_at=recorded)
+                for account, facts in by_account.items()
+            ]
         )
         for (account, facts), res in zip(by_account.items(), added, strict=True):
             stats.applied += res.added
@@ -238,8 +304,9 @@ class Reconciler:
         account's sequence is checked again after them."""
         statuses: dict[str, AppStatus] = {}
         for _round in range(MAX_ROUNDS):
-            seq, facts = await self.store.load_account(account_id)
-            statuses = compute_account(facts, self.policy, now=self.clock())
+            loaded = await self.store.load_account_facts(account_id)
+            seq = loaded.seq
+            statuses = self._compute(loaded)
             now = self.clock()
             # Accounts are recomputed concurrently; one account's apps in turn,
             # so concurrency (and connections) stay bounded by CONCURRENCY.
@@ -247,11 +314,24 @@ class Reconciler:
                 status = AppStatus(st.app_id, account_id, st.segments, version=seq, updated_at=now)
                 await self._write_app(status, now)
             await self._schedule_release(account_id, statuses, now)
+            await self._release_notices(account_id, loaded, statuses, now)
+            if (
+                statuses
+                and Reason.RESOURCES_RELEASED in next(iter(statuses.values())).at(now).reasons
+            ):
+                # An app registered after the release is released too, and
+                # announced as such once.
+                await self._finish_release(account_id, statuses, now)
             if await self.coord.account_seq(account_id) == seq:
                 break
         else:
             log.warning("facts of account %s kept changing while it was recomputed", account_id)
         return not statuses
+
+    def _compute(self, loaded: AccountFacts) -> dict[str, AppStatus]:
+        return compute_account(
+            loaded.facts, self.policy, now=self.clock(), recorded_at=loaded.recorded_at
+        )
 
     async def _write_app(self, status: AppStatus, now: Millis) -> None:
         await self.store.write_status(status)
@@ -261,19 +341,15 @@ class Reconciler:
         await self._announce_and_schedule(status, now)
 
     async def _announce_and_schedule(self, status: AppStatus, now: Millis) -> None:
-        settled = await self.announce_change(status, now)
-        await self._schedule_app(status, now)
-        if not settled:
-            # Another announcement is in flight: look again once it must be done.
-            await self.coord.schedule(
-                f"app:{status.app_id}", now + STALE_OUTBOX_MS, only_earlier=True
-            )
-
-    async def _schedule_app(self, status: AppStatus, now: Millis) -> None:
+        """Announce what has settled, and come back at the next moment that
+        matters: the next change ahead, or when a state waiting to settle (or
+        an announcement in flight) must be looked at again."""
+        again = await self.announce_change(status, now)
         upcoming = status.upcoming(now)
+        due = [t for t in (upcoming[0].starts_at if upcoming else None, again) if t is not None]
         member = f"app:{status.app_id}"
-        if upcoming:
-            await self.coord.schedule(member, upcoming[0].starts_at)
+        if due:
+            await self.coord.schedule(member, min(due))
         else:
             await self.coord.unschedule(member)
 
@@ -295,31 +371,37 @@ class Reconciler:
 
     # -- announcements ----------------------------------------------------------
 
-    async def announce_change(self, status: AppStatus, now: Millis) -> bool:
-        """Announce the app's state at ``now`` if it differs from the last one
-        announced: claimed atomically, so racing replicas announce it once.
+    async def announce_change(self, status: AppStatus, now: Millis) -> Millis | None:
+        """Announce the app's state at ``now`` once it differs from the last
+        one announced and has held for the settle time: noted, then claimed
+        atomically, so racing replicas announce it once and a state that
+        reverts within the settle time is never announced.
 
-        Returns False when it could not be settled now (another announcement
-        of the app is in flight, or another replica claimed first): the
-        caller makes sure the app is looked at again."""
+        Returns when the app must be looked at again for it (a state waiting
+        to settle, an announcement in flight, a claim lost to another
+        replica), or None when nothing is pending."""
         key = status_key(status.app_id)
-        announced, outbox = await self.coord.cursor(key, ANNOUNCED_FIELD)
+        announced, outbox, candidate = await self.coord.status_cursor(
+            status.app_id, ANNOUNCED_FIELD
+        )
         # An announcement in flight: left to its writer unless presumed dead.
         if outbox is not None and (
             now - outbox.at < STALE_OUTBOX_MS
             or not await self._flush(key, ANNOUNCED_FIELD, outbox, now)
         ):
-            return False
+            return now + STALE_OUTBOX_MS
         seg = status.at(now)
         new = _state_key(seg)
-        if new == announced:
-            return True
+        if new == announced and candidate is None:
+            return None
         old = json.loads(announced) if announced else [None, []]
         at = seg.starts_at if seg.starts_at <= now else now
+        effective = seg.effective_at if seg.effective_at is not None else at
         event = {
             "type": "status_changed",
             "announcement_id": f"{status.app_id}:{status.version}:{at}:{new}",
             "occurred_at": format_time(at),
+            "effective_at": format_time(max(effective, at)),
             "app_id": status.app_id,
             "account_id": status.account_id,
             "old_state": old[0],
@@ -332,30 +414,38 @@ class Reconciler:
             "release_at": format_time(seg.release_at) if seg.release_at else None,
         }
         payload = json.dumps(event, sort_keys=True)
-        # A writer that dies between the claim and the stream leaves the
-        # outbox; this deadline makes the leader finish it.
-        await self.coord.schedule(f"app:{status.app_id}", now + STALE_OUTBOX_MS, only_earlier=True)
-        if await self.coord.claim_status(
-            status.app_id, ANNOUNCED_FIELD, announced, new, payload, now, status.version
-        ):
-            await self.store.announce(event)
-            await self.coord.finish(key, ANNOUNCED_FIELD, payload)
-            log.info(
-                "%s: %s -> %s (%s)",
-                status.app_id,
-                old[0],
-                seg.state.value,
-                ",".join(event["reasons"]) or "OK",
-                extra={
-                    k: event[k]
-                    for k in ("app_id", "account_id", "old_state", "new_state", "reasons")
-                }
-                | {"event": "status_changed", "status_version": status.version},
+        settle = self.config.announce_settle_ms
+        if candidate == new or settle == 0:
+            # A writer that dies between the claim and the stream leaves the
+            # outbox; this deadline makes the leader finish it.
+            await self.coord.schedule(
+                f"app:{status.app_id}", now + STALE_OUTBOX_MS, only_earlier=True
             )
-            if self.metrics is not None:
-                self.metrics.on_status_change()
-            return True
-        return False
+        code, since = await self.coord.settle_status(
+            status.app_id, ANNOUNCED_FIELD, announced, new, payload, now, status.version, settle
+        )
+        if code == 0:
+            return None
+        if code == 2:
+            return since + settle
+        if code == 3:
+            return now + STALE_OUTBOX_MS
+        await self.store.announce(event)
+        await self.coord.finish(key, ANNOUNCED_FIELD, payload)
+        log.info(
+            "%s: %s -> %s (%s)",
+            status.app_id,
+            old[0],
+            seg.state.value,
+            ",".join(event["reasons"]) or "OK",
+            extra={
+                k: event[k] for k in ("app_id", "account_id", "old_state", "new_state", "reasons")
+            }
+            | {"event": "status_changed", "status_version": status.version},
+        )
+        if self.metrics is not None:
+            self.metrics.on_status_change()
+        return None
 
     async def _flush(self, key: str, cursor: str, outbox: Outbox, now: Millis) -> bool:
         """Finish an announcement a writer claimed but may not have made.
@@ -392,6 +482,9 @@ class Reconciler:
                         break
             elif kind == "release":
                 await self.try_release(ident, now)
+            elif kind == "notice":
+                loaded = await self.store.load_account_facts(ident)
+                await self._release_notices(ident, loaded, self._compute(loaded), now)
             else:
                 await self.coord.unschedule(member)
             done += 1
@@ -414,12 +507,14 @@ class Reconciler:
     async def release_plan(self, account_id: str, now: Millis) -> tuple[ReleasePlan, int]:
         """Whether the account's release (R10) could be done now, and the fact
         sequence that judgement rests on."""
-        seq, facts = await self.store.load_account(account_id)
-        statuses = compute_account(facts, self.policy, now=self.clock())
+        loaded = await self.store.load_account_facts(account_id)
+        seq = loaded.seq
+        statuses = self._compute(loaded)
         apps = tuple(sorted(statuses))
+        notices = await self._notices_of(account_id, loaded, now)
 
         def plan(release_at: Millis, eligible: bool, why: str) -> tuple[ReleasePlan, int]:
-            return ReleasePlan(account_id, apps, release_at, eligible, why), seq
+            return ReleasePlan(account_id, apps, release_at, eligible, why, notices), seq
 
         if not statuses:
             return plan(0, False, "no registered application")
@@ -495,8 +590,11 @@ class Reconciler:
                 event_id=f"lcic-guard:release:{account_id}:{plan.release_at}",
                 occurred_at=now,
                 account_id=account_id,
+                release_at=plan.release_at,
             )
-            res = await self.coord.record_release(account_id, self.token, seq, fact)
+            res = await self.coord.record_release(
+                account_id, self.token, seq, fact, await self.recorded_clock()
+            )
             if res == -1:
                 log.warning("release of %s refused: a newer leader holds the lease", account_id)
                 return replace(plan, eligible=False, why=FENCED)
@@ -533,31 +631,122 @@ class Reconciler:
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
 
     async def _announce_release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> bool:
-        """Exactly once per account: claim in the account's meta hash, add to
-        the stream, clear the outbox. An outbox left by a writer presumed dead
-        is finished after checking the stream first; a recent one is left to
-        its writer. Returns True once the announcement is known to be made."""
+        """Exactly once per app: claim in the account's meta hash (the cursor
+        lists the apps announced so far), add to the stream, clear the
+        outbox. The release itself is one announcement of every app the
+        account had; an app registered to the account afterwards (released
+        at once) gets one of its own. An outbox left by a writer presumed
+        dead is finished after checking the stream first; a recent one is
+        left to its writer. Returns True once every app is known announced."""
         key = meta_key(account_id)
         cursor, outbox = await self.coord.cursor(key, RELEASE_FIELD)
         if outbox is not None:
             if now - outbox.at < STALE_OUTBOX_MS:
                 return False  # its writer is probably adding it right now
-            return await self._flush(key, RELEASE_FIELD, outbox, now)
-        if cursor:
+            if not await self._flush(key, RELEASE_FIELD, outbox, now):
+                return False
+        # "1": announced before the cursor listed apps; nothing more is owed.
+        if cursor == "1":
+            return True
+        done: set[str] = set(json.loads(cursor)) if cursor else set()
+        missing = sorted(set(app_ids) - done)
+        if not missing:
             return True
         event = {
             "type": "resources_released",
-            "announcement_id": f"release:{account_id}",
+            "announcement_id": (
+                f"release:{account_id}" if not done else f"release:{account_id}:{','.join(missing)}"
+            ),
             "occurred_at": format_time(now),
             "account_id": account_id,
-            "app_ids": sorted(app_ids),
+            "app_ids": missing,
         }
         payload = json.dumps(event, sort_keys=True)
-        if await self.coord.claim(key, RELEASE_FIELD, "", "1", payload, now):
+        new = json.dumps(sorted(done | set(missing)), separators=(",", ":"))
+        if await self.coord.claim(key, RELEASE_FIELD, cursor, new, payload, now):
             await self.store.announce(event)
             await self.coord.finish(key, RELEASE_FIELD, payload)
             return True
         return False
+
+    # -- release notices (R10) --------------------------------------------------
+
+    async def _notices_of(
+        self, account_id: str, loaded: AccountFacts, now: Millis
+    ) -> tuple[Notice, ...]:
+        """The notices of the account's overdue episode, marked sent or not."""
+        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
+        if episode is None:
+            return ()
+        alert, known, release_at = episode
+        cursor, _ = await self.coord.cursor(meta_key(account_id), NOTICE_FIELD)
+        sent = _sent_notices(cursor, alert.event_id)
+        plan = notice_plan(known, release_at, self.config.release_reminders_ms)
+        return tuple(replace(n, sent=i in sent) for i, n in enumerate(plan))
+
+    async def _release_notices(
+        self, account_id: str, loaded: AccountFacts, statuses: dict[str, AppStatus], now: Millis
+    ) -> None:
+        """R10: announce ``release_scheduled`` when the overdue suspension
+        becomes known and at each reminder still ahead of it, each once per
+        overdue episode (the alert at A), and keep the next one scheduled.
+
+        Only the latest notice due is announced: one missed while no
+        reconciler ran would be stale (a "30 days left" that arrives with 7
+        days left). A settlement, or the release itself, ends the episode."""
+        member = f"notice:{account_id}"
+        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
+        if episode is None or not statuses:
+            await self.coord.unschedule(member)
+            return
+        alert, known, release_at = episode
+        plan = notice_plan(known, release_at, self.config.release_reminders_ms)
+        key = meta_key(account_id)
+        cursor, outbox = await self.coord.cursor(key, NOTICE_FIELD)
+        if outbox is not None and (
+            now - outbox.at < STALE_OUTBOX_MS
+            or not await self._flush(key, NOTICE_FIELD, outbox, now)
+        ):
+            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
+            return
+        sent = _sent_notices(cursor, alert.event_id)
+        last = max(sent, default=-1)
+        due = [i for i, n in enumerate(plan) if n.at <= now and i > last]
+        if due:
+            i = due[-1]
+            notice = plan[i]
+            event = {
+                "type": "release_scheduled",
+                "announcement_id": f"notice:{account_id}:{alert.event_id}:{notice.kind}",
+                "occurred_at": format_time(now),
+                "account_id": account_id,
+                "app_ids": sorted(statuses),
+                "release_at": format_time(release_at),
+                "notice": notice.kind,
+                "overdue_alert_id": alert.event_id,
+                "overdue_since": format_time(alert.occurred_at),
+            }
+            payload = json.dumps(event, sort_keys=True)
+            new = f"{alert.event_id}|{','.join(str(k) for k in sorted(sent | {i}))}"
+            # A writer that dies after its claim leaves the outbox; come back for it.
+            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
+            if not await self.coord.claim(key, NOTICE_FIELD, cursor, new, payload, now):
+                return  # another replica announces it; the deadline above checks
+            await self.store.announce(event)
+            await self.coord.finish(key, NOTICE_FIELD, payload)
+            log.info(
+                "release of account %s scheduled at %s: notice %s announced",
+                account_id,
+                format_time(release_at),
+                notice.kind,
+                extra={"event": "release_scheduled", "account_id": account_id},
+            )
+            last = i
+        ahead = [n.at for i, n in enumerate(plan) if i > last and n.at > now]
+        if ahead:
+            await self.coord.schedule(member, ahead[0])
+        else:
+            await self.coord.unschedule(member)
 
     async def plan_releases(self, now: Millis | None = None) -> list[ReleasePlan]:
         """Every scheduled release and whether it could happen now (dry run)."""

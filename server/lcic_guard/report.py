@@ -69,6 +69,9 @@ def explained_status(
     """The status record with its facts, deadlines and advice (GetApplicationStatus)."""
     out = api.status_to_pb(status, now)
     seg = status.at(now)
+    if seg.suspended_at is not None:  # R6: when the suspension took effect for classes
+        effective = seg.effective_at if seg.effective_at is not None else seg.suspended_at
+        out.suspension_effective_at.FromMilliseconds(effective)
     out.message = message_for(seg)
     if seg.suspended and Reason.OVERDUE_GRACE in seg.reasons:
         # The suspension's advice does not mention the grace running meanwhile.
@@ -180,7 +183,18 @@ def render_status(st: pb.ApplicationStatus, now: Millis) -> str:
         f"  state:   {state} - {_STATE_WORDS.get(state, '')}".rstrip(" -"),
     ]
     if _has(st, "suspended_at"):
-        lines.append(f"  suspended since {_at(st.suspended_at.ToMilliseconds(), now)}")
+        since = st.suspended_at.ToMilliseconds()
+        lines.append(f"  suspended since {_at(since, now)}")
+        if _has(st, "suspension_effective_at"):
+            effective = st.suspension_effective_at.ToMilliseconds()
+            lines.append(
+                f"  in effect since {_at(effective, now)}"
+                + (
+                    " (learned late: classes reported started before then continue, R6)"
+                    if effective > since
+                    else " (classes reported started before then continue, R6)"
+                )
+            )
     if st.degraded:
         lines.append("  (not read fresh from the store)")
     lines.append("")

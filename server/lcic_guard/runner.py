@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -43,7 +43,7 @@ from lcic_guard.policy import Room, protected_until
 from lcic_guard.readiness import Readiness
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.redact import redact_url
-from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl
+from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl, sample_recorded_at
 from lcic_guard.settings import Settings
 from lcic_guard.sidecar import (
     EnforcementServicer,
@@ -313,6 +313,13 @@ async def _wait_listening(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"workers did not listen on port {port} within {timeout}s")
 
 
+def _stopped_at(at: Millis) -> Callable[[], Awaitable[Millis]]:
+    async def read() -> Millis:
+        return at
+
+    return read
+
+
 async def _report_sample_rooms(store: Store, settings: Settings, now: Millis) -> None:
     for app_id, room_id, start, end in SAMPLE_ROOMS:
         room = Room(started_at=now + start, scheduled_end=now + end)
@@ -417,16 +424,21 @@ async def serve(
             if embedded is not None:
                 with tempfile.TemporaryDirectory(prefix="lcic-sample-") as tmp:
                     events = settings.events
+                    sample_at = wall_clock()
                     if events is None:
                         events = Path(tmp) / "sample-events.jsonl"
-                        await asyncio.to_thread(events.write_text, sample_jsonl(wall_clock()))
+                        await asyncio.to_thread(events.write_text, sample_jsonl(sample_at))
                     rec_metrics = ReconcilerMetrics(registry) if registry else None
                     reconciler = build_reconciler(
                         settings, store, events, clock=wall_clock, metrics=rec_metrics
                     )
                     if traced is not None:
                         traced.instrument(reconciler)
+                    live = reconciler.recorded_clock
+                    if settings.events is None:
+                        reconciler.recorded_clock = _stopped_at(sample_recorded_at(sample_at))
                     await reconciler.drain(reconciler.sources[0])
+                    reconciler.recorded_clock = live
                 if settings.events is None:
                     await _report_sample_rooms(store, settings, wall_clock())
                 reconciler_task = asyncio.create_task(reconciler.run(stop))

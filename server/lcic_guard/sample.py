@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lcic_guard.facts import Millis, format_time
+from lcic_guard.facts import Millis, format_time, parse_time
 from lcic_guard.policy import DAY, HOUR, MINUTE
 
 # app id -> what the sample makes of it (printed by the embedded default).
@@ -152,6 +152,13 @@ def sample_events(now: Millis) -> list[dict[str, Any]]:
 SAMPLE_ROOMS: list[tuple[str, str, Millis, Millis]] = [
     ("app-quota", "room-live", -90 * MINUTE, 30 * MINUTE),
 ]
+
+
+def sample_recorded_at(now: Millis) -> Millis:
+    """When the sample counts as recorded: no later than its oldest fact, as
+    if the reconciler had followed the billing feed all along (so the
+    63-day-old alert is not a backfill, and R10 needs no notice period)."""
+    return min(parse_time(e["occurred_at"], "occurred_at") for e in sample_events(now))
 
 
 def sample_jsonl(now: Millis) -> str:

@@ -198,6 +198,13 @@ class _EnvAppend(_EnvDefault):
         setattr(namespace, self.dest, (*current, *values))
 
 
+def parse_durations(text: str) -> tuple[int, ...]:
+    """``30d,7d,1d`` into milliseconds; empty or ``off`` for none."""
+    if text.strip().lower() in ("", "off", "none"):
+        return ()
+    return tuple(parse_duration(x) for x in text.split(",") if x.strip())
+
+
 def parse_list(text: str) -> tuple[str, ...]:
     """``a,b, c`` into ``("a", "b", "c")``."""
     return tuple(x.strip() for x in text.split(",") if x.strip())
@@ -301,6 +308,14 @@ def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> Non
         type=parse_duration,
         default="60d",
         help="R10: overdue suspension length before release",
+    )
+    g.add_argument(
+        "--release-notice",
+        action=_EnvDefault,
+        type=parse_duration_or_off,
+        default="7d",
+        help="R10: least time between an overdue suspension becoming known and the release "
+        "(a backfilled history is not released sooner)",
     )
     g.add_argument(
         "--overrun",
@@ -475,6 +490,22 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         help="log releases that fall due instead of performing them",
     )
     g.add_argument(
+        "--release-reminders",
+        action=_EnvDefault,
+        type=parse_durations,
+        default="30d,7d,1d",
+        help="R10: when before release_at to announce release_scheduled again (after the "
+        "first notice; only reminders still ahead of it; off for none)",
+    )
+    g.add_argument(
+        "--announce-settle",
+        action=_EnvDefault,
+        type=parse_duration_or_off,
+        default="10s",
+        help="how long a new state must hold before status_changed announces it (a state "
+        "passed through sooner is not announced)",
+    )
+    g.add_argument(
         "--batch-size",
         action=_EnvDefault,
         type=int,
@@ -518,6 +549,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         s.policy = PolicyConfig(
             grace_ms=ns.grace,
             release_after_ms=ns.release_after,
+            release_notice_ms=ns.release_notice,
             overrun_ms=ns.overrun,
             max_class_ms=ns.max_class,
             protect_when_banned=ns.protect_when_banned,
@@ -542,5 +574,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             release_margin_ms=ns.release_margin,
             release_dry_run=ns.release_dry_run,
             claim_idle_ms=ns.claim_idle,
+            release_reminders_ms=ns.release_reminders,
+            announce_settle_ms=ns.announce_settle,
         )
     return s

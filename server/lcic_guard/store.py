@@ -14,6 +14,11 @@ Key layout (``{...}`` is the Redis Cluster hash tag):
     The account's billing facts by event id, and its fact sequence (``seq``),
     which is the version of every status computed from them. Both share the
     account's slot, so one script appends a fact and bumps the sequence.
+``lcic:acct:{ACCOUNT}:recorded``
+    When each of those facts was first stored (event id -> ms, Redis's
+    clock): the second clock that R6 and R10 read. Written by the same
+    script as the fact, only when the fact is new. Facts stored before it
+    existed have no entry and count as recorded when they occurred.
 
 Writes that must be atomic are Lua scripts touching one slot each, so they
 work unchanged on Redis Cluster. Status writes are versioned in Redis itself:
@@ -65,6 +70,10 @@ def facts_key(account_id: str) -> str:
 
 def meta_key(account_id: str) -> str:
     return f"lcic:acct:{{{account_id}}}:meta"
+
+
+def recorded_key(account_id: str) -> str:
+    return f"lcic:acct:{{{account_id}}}:recorded"
 
 
 ROOM_FIELD_PREFIX: Final = "room:"
@@ -192,6 +201,8 @@ _REASON_BY_NAME: Final = {r.value: r for r in Reason}
 
 
 def encode_segments(segments: Sequence[Segment]) -> str:
+    # effective_at (R6) is written only where it differs from suspended_at
+    # (a late fact), so the common record keeps its five fields.
     return json.dumps(
         [
             [
@@ -201,6 +212,7 @@ def encode_segments(segments: Sequence[Segment]) -> str:
                 s.suspended_at,
                 s.release_at,
             ]
+            + ([s.effective_at] if s.effective_at != s.suspended_at else [])
             for s in segments
         ],
         separators=(",", ":"),
@@ -208,10 +220,19 @@ def encode_segments(segments: Sequence[Segment]) -> str:
 
 
 def decode_segments(data: str | bytes) -> tuple[Segment, ...]:
-    return tuple(
-        Segment(start, tuple(_REASON_BY_NAME[r] for r in reasons), grace, susp, release)
-        for start, reasons, grace, susp, release in json.loads(data)
-    )
+    out = []
+    for start, reasons, grace, susp, release, *rest in json.loads(data):
+        out.append(
+            Segment(
+                start,
+                tuple(_REASON_BY_NAME[r] for r in reasons),
+                grace,
+                susp,
+                release,
+                rest[0] if rest else susp,
+            )
+        )
+    return tuple(out)
 
 
 def decode_status(app_id: str, fields: Sequence[Any]) -> AppStatus | None:
@@ -275,17 +296,31 @@ redis.call('HSET', KEYS[1], 'version', ARGV[1], 'data', ARGV[2],
 return {1, old, cur}
 """
 
-# KEYS[1] facts, KEYS[2] meta. ARGV: event_id, json, event_id, json, ...
-# Adds the facts not yet known; bumps seq once if any was added. A known id
-# with different content is a conflict (the first one stays).
-# Returns {seq, added, conflicting ids...}.
-_ADD_FACTS: Final = """
+# Redis's own clock in ms, for a recording time the caller did not give.
+_NOW_OR_ARG: Final = """
+local function now_or(arg)
+  if arg ~= '' then return arg end
+  local t = redis.call('TIME')
+  return tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
+"""
+
+# KEYS[1] facts, KEYS[2] meta, KEYS[3] recorded. ARGV: recorded ms ('' for
+# Redis's clock now), then event_id, json, event_id, json, ...
+# Adds the facts not yet known, each with its recording time; bumps seq once
+# if any was added. A known id with different content is a conflict (the
+# first one stays). Returns {seq, added, conflicting ids...}.
+_ADD_FACTS: Final = (
+    _NOW_OR_ARG
+    + """
+ARGV[1] = now_or(ARGV[1])
 local added = 0
 local out = {}
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if not cur then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[1])
     added = added + 1
   elseif cur ~= ARGV[i + 1] then
     table.insert(out, ARGV[i])
@@ -301,15 +336,13 @@ local res = {seq, added}
 for _, id in ipairs(out) do table.insert(res, id) end
 return res
 """
+)
 
-# KEYS[1] facts, KEYS[2] meta. Returns {seq, id, json, id, json, ...}
-# read at one instant.
+# KEYS[1] facts, KEYS[2] meta, KEYS[3] recorded.
+# Returns {seq, {id, json, ...}, {id, recorded ms, ...}} read at one instant.
 _LOAD_ACCOUNT: Final = """
 local seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
-local res = {seq}
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all do table.insert(res, all[i]) end
-return res
+return {seq, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[3])}
 """
 
 # KEYS[1] status, KEYS[2] parked. ARGV: account.
@@ -393,6 +426,17 @@ class Change:
     app_id: str
     status: AppStatus | None
     room_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountFacts:
+    """An account's facts read at one instant: the sequence they make, the
+    facts, and when each was first stored (event id -> ms; absent for facts
+    stored before recording times were kept)."""
+
+    seq: int
+    facts: list[Fact]
+    recorded_at: dict[str, Millis]
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,26 +548,41 @@ class Store:
 
     # -- billing facts: what the reconciler keeps ---------------------------
 
-    async def add_facts(self, account_id: str, facts: Iterable[Fact]) -> AddResult:
-        args: list[str] = []
+    async def add_facts(
+        self, account_id: str, facts: Iterable[Fact], *, recorded_at: Millis | None = None
+    ) -> AddResult:
+        """Store the facts not yet known, each recorded at ``recorded_at``
+        (default: Redis's clock when they are stored)."""
+        args: list[str | int] = ["" if recorded_at is None else recorded_at]
         for fact in facts:
             args += [fact.event_id, to_json(fact)]
-        if not args:
+        if len(args) == 1:
             return AddResult(0, 0, ())
-        res = await self._add_facts(keys=[facts_key(account_id), meta_key(account_id)], args=args)
+        res = await self._add_facts(
+            keys=[facts_key(account_id), meta_key(account_id), recorded_key(account_id)],
+            args=args,
+        )
         return AddResult(int(res[0]), int(res[1]), tuple(_text(x) or "" for x in res[2:]))
 
-    async def load_account(self, account_id: str) -> tuple[int, list[Fact]]:
-        """The account's fact sequence and its facts, read at one instant."""
-        res = await self._load_account(keys=[facts_key(account_id), meta_key(account_id)])
-        seq = int(res[0])
+    async def load_account_facts(self, account_id: str) -> AccountFacts:
+        """The account's fact sequence, facts and recording times, read at one instant."""
+        res = await self._load_account(
+            keys=[facts_key(account_id), meta_key(account_id), recorded_key(account_id)]
+        )
         facts: list[Fact] = []
-        for raw in res[2::2]:
+        for raw in res[1][1::2]:
             try:
                 facts.append(parse_event_json(raw, allow_internal=True))
             except InvalidEvent:  # pragma: no cover - only valid facts are stored
                 continue
-        return seq, facts
+        times = res[2]
+        recorded = {_text(times[i]) or "": int(times[i + 1]) for i in range(0, len(times), 2)}
+        return AccountFacts(int(res[0]), facts, recorded)
+
+    async def load_account(self, account_id: str) -> tuple[int, list[Fact]]:
+        """The account's fact sequence and its facts, read at one instant."""
+        loaded = await self.load_account_facts(account_id)
+        return loaded.seq, loaded.facts
 
     async def claim_app(self, app_id: str, account_id: str) -> tuple[str, list[Fact]]:
         """Bind an application to its account; return the owner and parked facts."""
@@ -664,12 +723,15 @@ if cur and string.match(cur, '^(.*)|%d+$') == ARGV[1] then redis.call('DEL', KEY
 return 1
 """
 
-# KEYS[1] facts, KEYS[2] meta. ARGV: token, expected seq, event id, json.
-# Records the release fact only if the caller's fencing token is not older
-# than one already seen for the account and the facts are exactly those the
-# caller decided on. Returns the new seq, -1 if fenced off, -2 if the facts
-# changed meanwhile.
-_RELEASE: Final = """
+# KEYS[1] facts, KEYS[2] meta, KEYS[3] recorded. ARGV: token, expected seq,
+# event id, json, recorded ms ('' for Redis's clock now).
+# Records the release fact (with its recording time) only if the caller's
+# fencing token is not older than one already seen for the account and the
+# facts are exactly those the caller decided on. Returns the new seq, -1 if
+# fenced off, -2 if the facts changed meanwhile.
+_RELEASE: Final = (
+    _NOW_OR_ARG
+    + """
 local fence = tonumber(redis.call('HGET', KEYS[2], 'fence') or '0')
 local token = tonumber(ARGV[1])
 if token < fence then return -1 end
@@ -677,8 +739,10 @@ local seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 if seq ~= tonumber(ARGV[2]) then return -2 end
 redis.call('HSET', KEYS[2], 'fence', token)
 if redis.call('HSETNX', KEYS[1], ARGV[3], ARGV[4]) == 0 then return seq end
+redis.call('HSET', KEYS[3], ARGV[3], now_or(ARGV[5]))
 return redis.call('HINCRBY', KEYS[2], 'seq', 1)
 """
+)
 
 # KEYS[1] a hash holding an announcement cursor. ARGV: cursor field,
 # expected value ('' for none), new value, payload, now.
@@ -692,27 +756,44 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. ':outbox', ARGV[4],
 return 1
 """
 
-# KEYS[1] an application's status hash. ARGV: cursor field, expected value
-# ('' for none), new value, payload, now, version.
-# Like _CLAIM_ANNOUNCEMENT, for a status change: claimed only from the stored
-# status version (a replica holding an older status cannot announce it),
-# never for an evaluation older than the last one claimed at that version (a
-# replica whose clock lags cannot announce a deadline backwards), and never
+# KEYS[1] an application's status hash. ARGV: cursor field, announced state
+# expected ('' for none), new state, payload, now, version, settle ms.
+# Announces a status change only once the new state has held for the settle
+# time: the first evaluation that sees it notes it as a candidate (with the
+# time), and a later one, at least `settle` ms after, claims it (cursor
+# advanced, payload in the outbox, candidate cleared). A state that reverts
+# to the announced one drops the candidate, so it is never announced.
+# Nothing is noted or claimed from another status version than the stored
+# one (a replica holding an older status cannot announce it), from an
+# evaluation older than the last claimed at that version (a lagging clock
+# cannot announce a deadline backwards), from a stale view of the cursor, or
 # while the previous announcement is still in the outbox (it would be lost).
-_CLAIM_STATUS_ANNOUNCEMENT: Final = """
-if tonumber(redis.call('HGET', KEYS[1], 'version') or '0') ~= tonumber(ARGV[6]) then
-  return 0
-end
+# Returns {code, since}: 0 nothing to announce, 1 claimed, 2 waiting for the
+# candidate first seen at `since`, 3 refused.
+_SETTLE_STATUS_ANNOUNCEMENT: Final = """
 local f = ARGV[1]
-if redis.call('HEXISTS', KEYS[1], f .. ':outbox') == 1 then return 0 end
-local mark = redis.call('HMGET', KEYS[1], f, f .. ':version', f .. ':now')
-if (mark[1] or '') ~= ARGV[2] then return 0 end
-local version, now = tonumber(ARGV[6]), tonumber(ARGV[5])
+local now, version, settle = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+if tonumber(redis.call('HGET', KEYS[1], 'version') or '0') ~= version then return {3, 0} end
+local mark = redis.call('HMGET', KEYS[1], f, f .. ':version', f .. ':now', f .. ':cand',
+                        f .. ':cand_at', f .. ':outbox')
+if mark[6] then return {3, 0} end
+if (mark[1] or '') ~= ARGV[2] then return {3, 0} end
 local mv, mn = tonumber(mark[2] or '0'), tonumber(mark[3] or '0')
-if version < mv or (version == mv and now < mn) then return 0 end
-redis.call('HSET', KEYS[1], f, ARGV[3], f .. ':outbox', ARGV[4], f .. ':outbox_at', ARGV[5],
-           f .. ':version', ARGV[6], f .. ':now', ARGV[5])
-return 1
+if version < mv or (version == mv and now < mn) then return {3, 0} end
+if ARGV[2] == ARGV[3] then
+  if mark[4] then redis.call('HDEL', KEYS[1], f .. ':cand', f .. ':cand_at') end
+  return {0, 0}
+end
+local since = tonumber(mark[5] or '0')
+if mark[4] ~= ARGV[3] then
+  redis.call('HSET', KEYS[1], f .. ':cand', ARGV[3], f .. ':cand_at', now)
+  since = now
+end
+if now - since < settle then return {2, since} end
+redis.call('HSET', KEYS[1], f, ARGV[3], f .. ':outbox', ARGV[4], f .. ':outbox_at', now,
+           f .. ':version', version, f .. ':now', now)
+redis.call('HDEL', KEYS[1], f .. ':cand', f .. ':cand_at')
+return {1, since}
 """
 
 # KEYS[1] account meta. ARGV: token. Raises the account's fence to the
@@ -766,7 +847,7 @@ class Coordination:
         self._resign = redis.register_script(_RESIGN)
         self._release = redis.register_script(_RELEASE)
         self._claim = redis.register_script(_CLAIM_ANNOUNCEMENT)
-        self._claim_status = redis.register_script(_CLAIM_STATUS_ANNOUNCEMENT)
+        self._settle_status = redis.register_script(_SETTLE_STATUS_ANNOUNCEMENT)
         self._finish = redis.register_script(_FINISH_ANNOUNCEMENT)
         self._fence = redis.register_script(_FENCE_ACCOUNT)
         self._take = redis.register_script(_TAKE_OUTBOX)
@@ -799,12 +880,23 @@ class Coordination:
         await self._resign(keys=[LEADER], args=[holder])
 
     async def record_release(
-        self, account_id: str, token: int, expected_seq: int, fact: Fact
+        self,
+        account_id: str,
+        token: int,
+        expected_seq: int,
+        fact: Fact,
+        recorded_at: Millis | None = None,
     ) -> int:
         return int(
             await self._release(
-                keys=[facts_key(account_id), meta_key(account_id)],
-                args=[token, expected_seq, fact.event_id, to_json(fact)],
+                keys=[facts_key(account_id), meta_key(account_id), recorded_key(account_id)],
+                args=[
+                    token,
+                    expected_seq,
+                    fact.event_id,
+                    to_json(fact),
+                    "" if recorded_at is None else recorded_at,
+                ],
             )
         )
 
@@ -842,7 +934,16 @@ class Coordination:
     ) -> bool:
         return bool(await self._claim(keys=[key], args=[field, expected, new, payload, now]))
 
-    async def claim_status(
+    async def status_cursor(self, app_id: str, field: str) -> tuple[str, Outbox | None, str | None]:
+        """The state last announced for an application, the announcement in
+        flight (if any) and the candidate state waiting to settle (if any)."""
+        cur, payload, at, cand = await self.redis.hmget(
+            status_key(app_id), [field, f"{field}:outbox", f"{field}:outbox_at", f"{field}:cand"]
+        )
+        outbox = Outbox(_text(payload) or "", int(at or 0)) if payload is not None else None
+        return _text(cur) or "", outbox, _text(cand)
+
+    async def settle_status(
         self,
         app_id: str,
         field: str,
@@ -851,14 +952,16 @@ class Coordination:
         payload: str,
         now: Millis,
         version: int,
-    ) -> bool:
-        """Claim the announcement of an application's status change, made from
-        status ``version`` evaluated at ``now`` (see _CLAIM_STATUS_ANNOUNCEMENT)."""
-        return bool(
-            await self._claim_status(
-                keys=[status_key(app_id)], args=[field, expected, new, payload, now, version]
-            )
+        settle_ms: int,
+    ) -> tuple[int, Millis]:
+        """Note or claim the announcement of an application's state (see
+        _SETTLE_STATUS_ANNOUNCEMENT): (0 nothing to do | 1 claimed | 2 waiting
+        | 3 refused, when the candidate was first seen)."""
+        code, since = await self._settle_status(
+            keys=[status_key(app_id)],
+            args=[field, expected, new, payload, now, version, settle_ms],
         )
+        return int(code), int(since)
 
     async def finish(self, key: str, field: str, payload: str) -> None:
         await self._finish(keys=[key], args=[field, payload])

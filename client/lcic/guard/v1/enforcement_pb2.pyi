@@ -705,6 +705,7 @@ class ApplicationStatus(_message.Message):
     FACTS_FIELD_NUMBER: _builtins.int
     DEADLINES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    SUSPENSION_EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The application."""
     account_id: _builtins.str
@@ -763,6 +764,16 @@ class ApplicationStatus(_message.Message):
         expiry or start), in time order. Set by GetApplicationStatus only.
         """
 
+    @_builtins.property
+    def suspension_effective_at(self) -> _timestamp_pb2.Timestamp:
+        """When the current suspension took effect on the clock the callers saw
+        (R6): the later of `suspended_at` and when the billing facts that made
+        it hold were first recorded. It differs from `suspended_at` only when
+        those facts were learned late (a backdated alert, a late usage report).
+        A classroom reported started before it keeps working within R6's
+        bounds. Set whenever `suspended_at` is.
+        """
+
     def __init__(
         self,
         *,
@@ -781,10 +792,11 @@ class ApplicationStatus(_message.Message):
         facts: _abc.Iterable[Global___ReasonFact] | None = ...,
         deadlines: _abc.Iterable[Global___Deadline] | None = ...,
         message: _builtins.str = ...,
+        suspension_effective_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "release_at", b"release_at", "suspended_at", b"suspended_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "release_at", b"release_at", "suspended_at", b"suspended_at", "suspension_effective_at", b"suspension_effective_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "app_id", b"app_id", "deadlines", b"deadlines", "degraded", b"degraded", "facts", b"facts", "grace_ends_at", b"grace_ends_at", "message", b"message", "reasons", b"reasons", "release_at", b"release_at", "rules", b"rules", "state", b"state", "suspended_at", b"suspended_at", "upcoming", b"upcoming", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "app_id", b"app_id", "deadlines", b"deadlines", "degraded", b"degraded", "facts", b"facts", "grace_ends_at", b"grace_ends_at", "message", b"message", "reasons", b"reasons", "release_at", b"release_at", "rules", b"rules", "state", b"state", "suspended_at", b"suspended_at", "suspension_effective_at", b"suspension_effective_at", "upcoming", b"upcoming", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
