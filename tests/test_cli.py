@@ -547,7 +547,7 @@ def test_a_released_account_lists_no_package_deadline(demo: Served) -> None:
     assert "unless a package is bought" not in done.stdout
     assert "Changes ahead" not in done.stdout
     done = run("check", "recording", "app-released", "--target", demo.target)
-    assert re.match(r"DENIED · RESOURCES_RELEASED · released (now|\d+m ago) — ", done.stdout)
+    assert re.match(r"DENIED · RESOURCES_RELEASED · released (now|[0-9dhm ]+ ago) — ", done.stdout)
 
 
 # -- 11: the demo says where its Redis is and how to feed it -----------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from conftest import Events, FakeClock, deliveries
+from conftest import Events, FakeClock, deliveries, recorded_clock
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import tracing
@@ -218,7 +218,12 @@ async def test_reconciler_traces_batches_recomputations_and_releases(
     alert_at = clock.now - 62 * DAY
     src = StreamSource(store.redis, group="g", consumer="c1")
     rec = Reconciler(
-        store, policy, ReconcilerConfig(release_margin_ms=0, block_ms=10), [src], clock=clock
+        store,
+        policy,
+        ReconcilerConfig(release_margin_ms=0, block_ms=10),
+        [src],
+        clock=clock,
+        recorded_clock=recorded_clock(alert_at),  # a history read live, not backfilled
     )
     traced.instrument(rec)
     history = [
