@@ -222,6 +222,10 @@ def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
     if name == "event_id":
         if not isinstance(value, str) or not 1 <= len(value) <= _MAX_EVENT_ID:
             raise InvalidEvent(f"event_id: expected a string of 1-{_MAX_EVENT_ID} characters")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+            raise InvalidEvent("event_id: not valid Unicode") from None
         return value
     if name in _ID_FIELDS:
         if not valid_id(value):
