@@ -592,3 +592,19 @@ async def test_any_arrival_order_and_batching_gives_the_ordered_runs_table_and_d
     assert got[0] == expected[0]
     assert got[1] == expected[1]
     assert got[2] == expected[2]
+
+
+def test_limit_flags_reach_the_reconciler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lcic_guard.cli import build_parser
+    from lcic_guard.settings import settings_from
+
+    defaults = settings_from(build_parser().parse_args(["reconcile"])).reconciler
+    assert (defaults.deadletter_maxlen, defaults.parked_ttl_ms) == (100_000, 30 * DAY)
+    monkeypatch.setenv("LCIC_GUARD_PARKED_TTL", "2h")
+    args = build_parser().parse_args(["reconcile", "--deadletter-maxlen", "10"])
+    s = settings_from(args).reconciler
+    assert (s.deadletter_maxlen, s.parked_ttl_ms) == (10, 2 * HOUR)
+    off = settings_from(build_parser().parse_args(["reconcile", "--parked-ttl", "0"])).reconciler
+    assert off.parked_ttl_ms == 0
+    with pytest.raises(SystemExit):
+        settings_from(build_parser().parse_args(["reconcile", "--deadletter-maxlen", "-1"]))

@@ -142,12 +142,14 @@ def outcome(r: redis.Redis) -> Outcome:
             got.table[app] = (_s(account), _s(data))
         if moved is not None:
             got.unfinished_moves.append(app)
-    for _id, fields in r.xrange(DEAD_LETTER_STREAM):
+    rows: Any = r.xrange(DEAD_LETTER_STREAM)
+    for _id, fields in rows:
         got.dead_ids.add(json.loads(fields[b"event"])["event_id"])
     for key in r.scan_iter(match="lcic:acct:{*}:facts", count=2000):
         account = _s(key).split("{", 1)[1].split("}", 1)[0]
         got.facts[account] = {_s(k): _s(v) for k, v in r.hgetall(key).items()}
-    for _id, fields in r.xrange(GUARD_STREAM):
+    rows = r.xrange(GUARD_STREAM)
+    for _id, fields in rows:
         if json.loads(fields[b"event"])["type"] == "resources_released":
             got.releases += 1
     return got

@@ -26,6 +26,9 @@ MIN_TIME: Final[Millis] = 0
 MAX_TIME: Final[Millis] = 253370764799999  # 9998-12-31T23:59:59.999Z
 RESERVED_PREFIX: Final = "lcic-guard:"
 """Event ids starting with this are the reconciler's own facts (SPEC §2)."""
+RESERVED_REASON: Final = (
+    f"event_id: ids starting with {RESERVED_PREFIX!r} are reserved for lcic-guard"
+)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_DAY: Final = date(1970, 1, 1).toordinal()
 # RFC 3339 §5.6 date-time: "T" and "Z" are case-insensitive there, and a
@@ -276,9 +279,7 @@ def parse_event(raw: object, *, allow_internal: bool = False) -> Fact:
     if not allow_internal and isinstance(event_id, str) and event_id.startswith(RESERVED_PREFIX):
         # The reconciler's own facts (a release) must not be forgeable: a
         # billing event holding such an id would pre-empt the real one.
-        raise InvalidEvent(
-            f"event_id: ids starting with {RESERVED_PREFIX!r} are reserved for lcic-guard"
-        )
+        raise InvalidEvent(RESERVED_REASON)
     values = {f.name: _field_value(cls, f.name, raw) for f in fields(cls)}
     fact = cls(**values)
     if isinstance(fact, PackagePurchased) and fact.expires_at <= fact.starts_at:

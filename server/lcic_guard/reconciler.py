@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from lcic_guard.checker import wall_clock
 from lcic_guard.facts import (
+    RESERVED_REASON,
     ApplicationRegistered,
     Fact,
     InvalidEvent,
@@ -174,9 +175,7 @@ class Reconciler:
             try:
                 fact = parse_event_json(d.raw)
             except InvalidEvent as exc:
-                kind = (
-                    "reserved_id" if exc.reason.startswith("event_id: ids starting") else "invalid"
-                )
+                kind = "reserved_id" if exc.reason == RESERVED_REASON else "invalid"
                 await self._dead_letter(stats, d.raw, exc.reason, d.source, kind)
                 continue
             by_id.setdefault(fact.event_id, []).append((d, fact))
