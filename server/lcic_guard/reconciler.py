@@ -179,12 +179,28 @@ class Reconciler:
                 await self._dead_letter(stats, d.raw, exc.reason, d.source, kind)
                 continue
             by_id.setdefault(fact.event_id, []).append((d, fact))
-        claimed = await self._bounded([self._claim_ids(stats, items) for items in by_id.values()])
-        accepted = [
-            (items[0][0], fact)
-            for items, fact in zip(by_id.values(), claimed, strict=True)
-            if fact is not None
-        ]
+        # Claimed in delivery order: of one id's deliveries in this batch with
+        # different content, the first claims it and the others conflict.
+        distinct = list(dict.fromkeys(f for items in by_id.values() for _, f in items))
+        verdict = dict(zip(distinct, await self.store.claim_events(distinct), strict=True))
+        accepted: list[tuple[Delivery, Fact]] = []
+        for items in by_id.values():
+            taken = False
+            for d, fact in items:
+                if verdict[fact] == 2:
+                    await self._dead_letter(
+                        stats,
+                        d.raw,
+                        f"event_id: {fact.event_id} reused with different content "
+                        "(the first one is kept)",
+                        d.source,
+                        "conflict",
+                    )
+                elif taken:
+                    stats.duplicates += 1
+                else:
+                    accepted.append((d, fact))
+                    taken = True
         # Each event's routing is a one-key script: independent, so they run
         # concurrently; the results are used in delivery order.
         routes = await self._bounded([self._route(fact) for _, fact in accepted])
@@ -255,7 +271,7 @@ class Reconciler:
                 if (app := app_of(f)) is not None
             }
         )
-        owners = await self._bounded([self.store.app_owner(app) for _, app in touched])
+        owners = await self.store.app_owners([app for _, app in touched])
         cleanups.update(
             (app, account)
             for (account, app), owner in zip(touched, owners, strict=True)
@@ -283,32 +299,6 @@ class Reconciler:
         await self.store.dead_letter(raw, reason, source, self.config.deadletter_maxlen)
         stats.dead_lettered += 1
         stats.dead_letter_kinds[kind] += 1
-
-    async def _claim_ids(
-        self, stats: IngestStats, items: list[tuple[Delivery, Fact]]
-    ) -> Fact | None:
-        """Claim one event id for the deliveries of a batch that carry it, in
-        delivery order. Returns the fact to apply (the one whose content the
-        index holds), or None; the others are duplicates or conflicts."""
-        verdicts: dict[Fact, int] = {}
-        accepted: Fact | None = None
-        for d, fact in items:
-            if fact not in verdicts:
-                verdicts[fact] = await self.store.claim_event(fact)
-            if verdicts[fact] == 2:
-                await self._dead_letter(
-                    stats,
-                    d.raw,
-                    f"event_id: {fact.event_id} reused with different content "
-                    "(the first one is kept)",
-                    d.source,
-                    "conflict",
-                )
-            elif accepted is None:
-                accepted = fact
-            else:
-                stats.duplicates += 1
-        return accepted
 
     async def _clean_app(self, stats: IngestStats, app_id: str, account_id: str) -> set[str]:
         """Take an application's facts out of an account that does not own it

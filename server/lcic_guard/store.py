@@ -443,19 +443,6 @@ if removed > 0 then return redis.call('HINCRBY', KEYS[2], 'seq', 1) end
 return tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 """
 
-# KEYS[1] an event-id index bucket. ARGV: event_id, digest of its content.
-# Claims the id for the feed: 0 new (now claimed), 1 the same content was
-# claimed before, 2 the id was claimed with other content.
-_CLAIM_EVENT: Final = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  return 0
-end
-if cur == ARGV[2] then return 1 end
-return 2
-"""
-
 # KEYS[1] status. ARGV: field, started_at or '', scheduled_end or '',
 # ended_at or '', until, now, prune_threshold.
 # Merges a start or end report into the room's record (earliest start,
@@ -551,7 +538,6 @@ class Store:
         self._report_room = redis.register_script(_REPORT_ROOM)
         self._move_done = redis.register_script(_MOVE_DONE)
         self._remove_facts = redis.register_script(_REMOVE_FACTS)
-        self._claim_event = redis.register_script(_CLAIM_EVENT)
 
     async def close(self) -> None:
         # A Sentinel-managed client does not own its connections to the
@@ -661,14 +647,28 @@ class Store:
                 continue
         return seq, facts
 
-    async def claim_event(self, fact: Fact) -> int:
-        """Claim the fact's event id in the feed-wide index: 0 new, 1 seen
-        before with the same content, 2 seen with other content."""
-        return int(
-            await self._claim_event(
-                keys=[event_index_key(fact.event_id)], args=[fact.event_id, event_digest(fact)]
-            )
-        )
+    async def claim_events(self, facts: Sequence[Fact]) -> list[int]:
+        """Claim the facts' event ids in the feed-wide index, in order: for
+        each, 0 new (claimed now), 1 claimed before with the same content, 2
+        claimed with other content.
+
+        An index entry is written once and never changed, so HSETNX (atomic)
+        followed by HGET on the same key is the whole claim: plain commands,
+        one pipelined round trip for a batch, in order per key on a cluster
+        too (one id, one bucket, one node)."""
+        if not facts:
+            return []
+        digests = [event_digest(f) for f in facts]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fact, digest in zip(facts, digests, strict=True):
+                key = event_index_key(fact.event_id)
+                pipe.hsetnx(key, fact.event_id, digest)
+                pipe.hget(key, fact.event_id)
+            res = await pipe.execute()
+        return [
+            0 if int(res[2 * i]) else (1 if _text(res[2 * i + 1]) == digest else 2)
+            for i, digest in enumerate(digests)
+        ]
 
     async def claim_app(self, fact: ApplicationRegistered) -> AppClaim:
         """Bind an application to the account of its earliest registration."""
@@ -685,6 +685,16 @@ class Store:
 
     async def app_owner(self, app_id: str) -> str | None:
         return _text(await self.redis.hget(status_key(app_id), "account"))
+
+    async def app_owners(self, app_ids: Sequence[str]) -> list[str | None]:
+        """The owning accounts of many applications, in one round trip."""
+        if not app_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id in app_ids:
+                pipe.hget(status_key(app_id), "account")
+            res = await pipe.execute()
+        return [_text(x) for x in res]
 
     async def move_done(self, app_id: str, account_id: str) -> None:
         """The app's facts are cleaned out of ``account_id`` (see _CLAIM_APP)."""
