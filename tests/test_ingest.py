@@ -24,9 +24,9 @@ import pytest
 from conftest import T0, Events, FakeClock, deliveries
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lcic_guard.facts import ResourcesReleased, format_time
+from lcic_guard.facts import ApplicationRegistered, ResourcesReleased, format_time
 from lcic_guard.metrics import ReconcilerMetrics
-from lcic_guard.policy import DAY, HOUR, PolicyConfig, Reason, State
+from lcic_guard.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment, State
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.sources import StreamSource
 from lcic_guard.store import (
@@ -608,3 +608,34 @@ def test_limit_flags_reach_the_reconciler(monkeypatch: pytest.MonkeyPatch) -> No
     assert off.parked_ttl_ms == 0
     with pytest.raises(SystemExit):
         settings_from(build_parser().parse_args(["reconcile", "--deadletter-maxlen", "-1"]))
+
+
+async def test_the_store_assigns_versions_and_accepts_writes_only_from_the_owner(
+    store: Store,
+) -> None:
+    def status(account: str, seq: int) -> AppStatus:
+        return AppStatus("app-v", account, (Segment(T0, ()),), version=seq, updated_at=T0)
+
+    late = ApplicationRegistered("r-late", T0, "acct-b", "app-v")
+    early = ApplicationRegistered("r-early", T0 - DAY, "acct-a", "app-v")
+    assert (await store.claim_app(late)).verdict == "own"
+    res = await store.write_status(status("acct-b", 40))
+    assert res.written and res.version == 40  # the account's seq while it owns the app
+    again = await store.write_status(status("acct-b", 40))  # same facts: already stored
+    assert not again.written and again.version == 40
+    stale = await store.write_status(status("acct-b", 39))
+    assert not stale.written and stale.version == 0
+    assert (await store.write_status(status("acct-a", 3))).version == 0  # not the owner
+
+    claim = await store.claim_app(early)
+    assert (claim.verdict, claim.owner, claim.moved_from) == ("moved", "acct-a", ("acct-b",))
+    assert (await store.write_status(status("acct-b", 41))).version == 0  # no longer the owner
+    moved = await store.write_status(status("acct-a", 3))
+    assert moved.written and moved.version == 41  # past acct-b's, although seq 3 is lower
+    assert (await store.write_status(status("acct-a", 4))).version == 42
+    stored, _ = await store.read_status("app-v")
+    assert stored is not None and (stored.account_id, stored.version) == ("acct-a", 42)
+    # A registration of acct-b later than acct-a's changes nothing.
+    assert (await store.claim_app(late)).verdict == "later"
+    await store.move_done("app-v", "acct-b")
+    assert await store.redis.hget(status_key("app-v"), "moved_from") is None
