@@ -295,21 +295,25 @@ async def test_a_move_cut_short_is_finished_by_the_redelivery(
 
 
 class GatedStore(Store):
-    """The real store; once armed, adding facts to one account waits until
-    released, as a replica that routed an app fact to the app's owner and
-    paused before storing it."""
+    """The real store; adding facts to one account (after ``skip`` adds to
+    it) waits until released, as a replica that found an app's owner and
+    paused before storing facts there."""
 
-    def __init__(self, redis: RedisClient, account: str) -> None:
+    def __init__(self, redis: RedisClient, account: str, skip: int = 0) -> None:
         super().__init__(redis)
         self.account = account
+        self.skip = skip
         self.gate = asyncio.Event()
         self.waiting = asyncio.Event()
 
     async def add_facts(self, account_id: str, facts: Any) -> AddResult:
         facts = list(facts)
         if account_id == self.account:
-            self.waiting.set()
-            await self.gate.wait()
+            if self.skip:
+                self.skip -= 1
+            else:
+                self.waiting.set()
+                await self.gate.wait()
         return await super().add_facts(account_id, facts)
 
 
@@ -322,16 +326,45 @@ async def test_an_app_fact_routed_to_the_old_owner_during_a_move_follows_the_app
     exhausting = events(
         "package_usage", T0 - HOUR, app_id="app-x", package_id="pkg-x", used_minutes=600
     )
-    slow = Reconciler(GatedStore(store.redis, "acct-b"), policy, quick(), clock=clock)
+    gated = GatedStore(store.redis, "acct-b")
+    slow = Reconciler(gated, policy, quick(), clock=clock)
     task = asyncio.create_task(slow.ingest(deliveries([exhausting])))
-    await asyncio.wait_for(slow.store.waiting.wait(), 10)  # type: ignore[attr-defined]
+    await asyncio.wait_for(gated.waiting.wait(), 10)
     await rec.ingest(deliveries([c["reg_a"]]))  # the app moves meanwhile
-    slow.store.gate.set()  # type: ignore[attr-defined]
+    gated.gate.set()
     await asyncio.wait_for(task, 10)
     assert exhausting["event_id"] in await facts_of(store, "acct-a")
     assert exhausting["event_id"] not in await facts_of(store, "acct-b")
     assert Reason.PACKAGE_QUOTA_EXHAUSTED in await reasons_at(store, "app-x")
     await assert_owned_by_a(store, c)
+
+
+async def test_facts_moving_with_an_app_that_moves_again_end_with_the_last_owner_only(
+    store: Store, policy: PolicyConfig, clock: FakeClock, events: Events
+) -> None:
+    reg_c = events("application_registered", T0 - 5 * DAY, account_id="acct-c", app_id="app-x")
+    reg_b = events("application_registered", T0 - 10 * DAY, account_id="acct-b", app_id="app-x")
+    reg_a = events("application_registered", T0 - 20 * DAY, account_id="acct-a", app_id="app-x")
+    app = contested(events)["app"]
+    rec = Reconciler(store, policy, quick(), clock=clock)
+    await rec.ingest(deliveries([reg_c, *app]))
+    # acct-b's earlier registration moves the app from acct-c; its replica
+    # pauses while copying the app's facts to acct-b ...
+    gated = GatedStore(store.redis, "acct-b", skip=1)
+    slow = Reconciler(gated, policy, quick(), clock=clock)
+    task = asyncio.create_task(slow.ingest(deliveries([reg_b])))
+    await asyncio.wait_for(gated.waiting.wait(), 10)
+    # ... and meanwhile acct-a's even earlier one moves it on to acct-a.
+    await rec.ingest(deliveries([reg_a]))
+    gated.gate.set()
+    await asyncio.wait_for(task, 10)
+    app_ids = {e["event_id"] for e in app}
+    assert app_ids | {reg_a["event_id"]} <= set(await facts_of(store, "acct-a"))
+    for loser in ("acct-b", "acct-c"):
+        left = await facts_of(store, loser)
+        assert not [f for f in left.values() if f.get("app_id") == "app-x"], loser
+    assert (await owner_and_data(store, "app-x"))[0] == "acct-a"
+    assert {dead_id(d) for d in await dead_letters(store)} == {reg_b["event_id"], reg_c["event_id"]}
 
 
 # ---------------------------------------------------------------------------

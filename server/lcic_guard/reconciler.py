@@ -316,14 +316,20 @@ class Reconciler:
         app_facts = [f for f in mine if not isinstance(f, ApplicationRegistered)]
         changed = {account_id}
         # The app may move again while its facts are being added: the facts
-        # follow it until its owner stays the same across an add.
+        # follow it until its owner stays the same across an add, and leave
+        # the accounts it passed through (their own movers may have looked
+        # before the facts arrived).
+        passed: list[str] = []
         while app_facts:
             await self.store.add_facts(owner, app_facts)
             changed.add(owner)
             now_owner = await self.store.app_owner(app_id)
             if now_owner is None or now_owner == owner:
                 break
+            passed.append(owner)
             owner = now_owner
+        for account in passed:
+            await self.store.remove_facts(account, [f.event_id for f in app_facts])
         for reg in mine:
             if isinstance(reg, ApplicationRegistered):
                 await self._dead_letter(
