@@ -272,6 +272,13 @@ async def test_every_lua_script_call_stays_in_one_slot(
     assert await cstore.redis.exists(parked_key("app-3")) == 0
     usage = events("package_usage", T0, app_id="app-3", package_id="pkg-app-3", used_minutes=5)
     await rec.ingest(deliveries([usage]))
+    # An app registered to acct-2, then to ACCT earlier: it moves to ACCT
+    # (the scripts that clean its facts out of acct-2 run too).
+    late = events("application_registered", T0 - 3 * DAY, account_id="acct-2", app_id="app-4")
+    early = events("application_registered", T0 - 300 * DAY, account_id=ACCT, app_id="app-4")
+    await rec.ingest(deliveries([late]))
+    await rec.ingest(deliveries([early]))
+    assert await cstore.app_owner("app-4") == ACCT
     await csidecar.stub.ReportClassroomStarted(
         pb.ReportClassroomStartedRequest(
             app_id="app-3", room_id="room-1", started_at=ts(T0 - 30 * MINUTE)

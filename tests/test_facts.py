@@ -151,6 +151,16 @@ def test_resources_released_round_trips_only_when_internal_allowed() -> None:
         parse_event_json(text)
 
 
+@pytest.mark.parametrize("kind", list(VALID))
+def test_reserved_event_ids_rejected_from_the_billing_feed(kind: str) -> None:
+    # Issue 9 (6): a billing event named like the reconciler's release fact
+    # pre-empted the real one. The reconciler's own facts still load.
+    reason = rejected(event(kind, event_id="lcic-guard:release:acct-1:1"))
+    assert reason == "event_id: ids starting with 'lcic-guard:' are reserved for lcic-guard"
+    parse_event(event(kind, event_id="lcic-guard:release:acct-1:1"), allow_internal=True)
+    parse_event(event(kind, event_id="billing:lcic-guard:1"))  # only the prefix is reserved
+
+
 def test_optional_fields_default() -> None:
     alert = parse_event(without(event("overdue_alert"), "amount_due"))
     assert isinstance(alert, OverdueAlert)
@@ -280,13 +290,29 @@ def test_bad_event_id_rejected(kind: str, value: object) -> None:
 
 BAD_TIMES: list[Any] = [
     pytest.param("2026-09-21T14:13:20", "timestamp has no time zone", id="naive"),
-    pytest.param("2026-09-21", "timestamp has no time zone", id="date-only"),
+    pytest.param("2026-09-21", "not an RFC 3339 timestamp", id="date-only"),
+    pytest.param("2026-09-21T14:13Z", "not an RFC 3339 timestamp", id="no-seconds"),
+    pytest.param("20260921T141320Z", "not an RFC 3339 timestamp", id="iso-basic"),
+    pytest.param("2026-W39-1T14:13:20Z", "not an RFC 3339 timestamp", id="iso-week"),
+    pytest.param("2026-09-21T14:13:20+0800", "not an RFC 3339 timestamp", id="offset-no-colon"),
+    pytest.param("2026-09-21T14:13:20+08", "not an RFC 3339 timestamp", id="offset-hours"),
+    pytest.param("2026-09-21T14:13:20+24:00", "not an RFC 3339 timestamp", id="offset-24h"),
+    pytest.param("2026-09-21T24:00:00Z", "not an RFC 3339 timestamp", id="hour-24"),
+    pytest.param("2026-09-21T14:13:20.Z", "not an RFC 3339 timestamp", id="empty-fraction"),
+    pytest.param(
+        "\uff12\uff10\uff12\uff16-09-21T14:13:20Z",
+        "not an RFC 3339 timestamp",
+        id="non-ascii-digits",
+    ),
+    pytest.param("9999-01-01T00:00:00Z", "timestamp out of range", id="year-9999"),
+    pytest.param("10000-01-01T00:00:00Z", "not an RFC 3339 timestamp", id="year-10000"),
+    pytest.param("1970-01-01T00:30:00+01:00", "timestamp out of range", id="1969-in-utc"),
     pytest.param("yesterday", "not an RFC 3339 timestamp", id="words"),
     pytest.param("", "not an RFC 3339 timestamp", id="empty"),
     pytest.param("2026-13-01T00:00:00Z", "not an RFC 3339 timestamp", id="month-13"),
     pytest.param("2026-02-30T00:00:00Z", "not an RFC 3339 timestamp", id="feb-30"),
     pytest.param("1969-12-31T23:59:59.999Z", "timestamp out of range", id="before-epoch"),
-    pytest.param("9999-12-31T23:59:59-01:00", "timestamp out of range", id="after-9999"),
+    pytest.param("9998-12-31T23:59:59-01:00", "timestamp out of range", id="after-9998"),
     pytest.param(T0, "expected an RFC 3339 timestamp string", id="epoch-millis-int"),
     pytest.param(1.5, "expected an RFC 3339 timestamp string", id="float"),
     pytest.param(True, "expected an RFC 3339 timestamp string", id="bool"),
@@ -466,7 +492,15 @@ def test_first_wrong_field_is_named() -> None:
         pytest.param("2026-09-21T09:13:20-05:00", T0, id="west-offset"),
         pytest.param("2026-09-21T14:13:20.123Z", T0 + 123, id="millis"),
         pytest.param("2026-09-21T14:13:20.123999Z", T0 + 123, id="micros-truncated"),
-        pytest.param("9999-12-31T23:59:59.999Z", MAX_TIME, id="max"),
+        pytest.param("9998-12-31T23:59:59.999Z", MAX_TIME, id="max"),
+        # RFC 3339 §5.6: "T" and "Z" in any case; its note allows a space.
+        pytest.param("2026-09-21t14:13:20z", T0, id="lower-case-t-z"),
+        pytest.param("2026-09-21 14:13:20Z", T0, id="space"),
+        pytest.param("2026-09-21T14:13:20.1Z", T0 + 100, id="one-digit-fraction"),
+        pytest.param("2026-09-21T14:13:20.123456789Z", T0 + 123, id="nanos-truncated"),
+        pytest.param("2026-09-21T14:13:20-00:00", T0, id="unknown-local-offset"),
+        pytest.param("2026-09-22T00:13:20+10:00", T0, id="offset-crosses-midnight"),
+        pytest.param("2026-06-30T23:59:60Z", 1782863999999, id="leap-second"),
     ],
 )
 def test_parse_time(text: str, ms: int) -> None:
@@ -480,7 +514,7 @@ def test_parse_time(text: str, ms: int) -> None:
         pytest.param(1, "1970-01-01T00:00:00.001Z", id="1ms"),
         pytest.param(T0, T0_TEXT, id="t0"),
         pytest.param(T0 + 999, "2026-09-21T14:13:20.999Z", id="999ms"),
-        pytest.param(MAX_TIME, "9999-12-31T23:59:59.999Z", id="max"),
+        pytest.param(MAX_TIME, "9998-12-31T23:59:59.999Z", id="max"),
     ],
 )
 def test_format_time(ms: int, text: str) -> None:

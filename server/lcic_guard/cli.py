@@ -310,8 +310,6 @@ def _probe(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-
-
 # -- commands on Redis --------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Final
 
@@ -19,10 +19,25 @@ Millis = int
 """Milliseconds since the Unix epoch, UTC."""
 
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# Outside this window a timestamp is a bug upstream, not a fact.
+# Outside this window a timestamp is a bug upstream, not a fact. The last
+# year is 9998 so that any offset or rounding applied to a stored time still
+# formats as a four-digit year (what every reader of RFC 3339 expects).
 MIN_TIME: Final[Millis] = 0
-MAX_TIME: Final[Millis] = 253402300799999  # 9999-12-31T23:59:59.999Z
+MAX_TIME: Final[Millis] = 253370764799999  # 9998-12-31T23:59:59.999Z
+RESERVED_PREFIX: Final = "lcic-guard:"
+"""Event ids starting with this are the reconciler's own facts (SPEC §2)."""
+RESERVED_REASON: Final = (
+    f"event_id: ids starting with {RESERVED_PREFIX!r} are reserved for lcic-guard"
+)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_DAY: Final = date(1970, 1, 1).toordinal()
+# RFC 3339 §5.6 date-time: "T" and "Z" are case-insensitive there, and a
+# space between date and time is allowed by its note on readability.
+_RFC3339: Final = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))?",
+    re.ASCII,
+)
 
 
 class InvalidEvent(ValueError):
@@ -38,19 +53,39 @@ def valid_id(value: object) -> bool:
 
 
 def parse_time(value: object, field: str) -> Millis:
-    """Parse an RFC 3339 timestamp with a time zone into UTC milliseconds."""
+    """Parse an RFC 3339 date-time into UTC milliseconds (years 1970-9998).
+
+    Strict: a full date and time with seconds and an offset (``Z``, ``z`` or
+    ``+hh:mm``); fractions past the millisecond are truncated. A leap second
+    (``:60``) counts as the minute's last millisecond, which keeps order.
+    Other ISO 8601 forms (week dates, basic format, no seconds) are refused.
+    """
     if not isinstance(value, str):
         raise InvalidEvent(f"{field}: expected an RFC 3339 timestamp string")
+    m = _RFC3339.fullmatch(value)
+    if m is None:
+        raise InvalidEvent(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    frac, zulu, sign, off_h, off_m = m.group(7, 8, 9, 10, 11)
+    if zulu is None and sign is None:
+        raise InvalidEvent(f"{field}: timestamp has no time zone (use Z for UTC)")
     try:
-        parsed = datetime.fromisoformat(value)
+        day_number = date(year, month, day).toordinal() - _EPOCH_DAY
     except ValueError:
         raise InvalidEvent(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        raise InvalidEvent(f"{field}: timestamp has no time zone (use Z for UTC)")
-    delta = parsed - _EPOCH
-    ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    offset = 0
+    if sign is not None:
+        if int(off_h) > 23 or int(off_m) > 59:
+            raise InvalidEvent(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
+        offset = (int(off_h) * 60 + int(off_m)) * (1 if sign == "+" else -1)
+    if hour > 23 or minute > 59 or second > 60:
+        raise InvalidEvent(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
+    millis = int((frac or "0")[:3].ljust(3, "0"))
+    if second == 60:
+        second, millis = 59, 999
+    ms = ((day_number * 24 + hour) * 60 + minute - offset) * 60_000 + second * 1000 + millis
     if not MIN_TIME <= ms <= MAX_TIME:
-        raise InvalidEvent(f"{field}: timestamp out of range")
+        raise InvalidEvent(f"{field}: timestamp out of range (years 1970-9998, UTC)")
     return ms
 
 
@@ -193,6 +228,10 @@ def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
     if name == "event_id":
         if not isinstance(value, str) or not 1 <= len(value) <= _MAX_EVENT_ID:
             raise InvalidEvent(f"event_id: expected a string of 1-{_MAX_EVENT_ID} characters")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+            raise InvalidEvent("event_id: not valid Unicode") from None
         return value
     if name in _ID_FIELDS:
         if not valid_id(value):
@@ -239,6 +278,11 @@ def parse_event(raw: object, *, allow_internal: bool = False) -> Fact:
     cls = FACT_TYPES.get(kind)
     if cls is None or (cls.internal and not allow_internal):
         raise InvalidEvent(f"type: unknown event type {kind[:40]!r}")
+    event_id = raw.get("event_id")
+    if not allow_internal and isinstance(event_id, str) and event_id.startswith(RESERVED_PREFIX):
+        # The reconciler's own facts (a release) must not be forgeable: a
+        # billing event holding such an id would pre-empt the real one.
+        raise InvalidEvent(RESERVED_REASON)
     values = {f.name: _field_value(cls, f.name, raw) for f in fields(cls)}
     fact = cls(**values)
     if isinstance(fact, PackagePurchased) and fact.expires_at <= fact.starts_at:

@@ -58,6 +58,11 @@ Reconciler metrics:
     Times this replica gained or lost the lead, and whether it leads now.
 ``lcic_guard_reconciler_errors_total{loop}``
     Failed rounds of the ingest or deadline loop (each retried).
+``lcic_guard_reconciler_dead_letters_total{reason}``
+    Dead-lettered billing events: too_large, invalid, reserved_id, conflict,
+    registration.
+``lcic_guard_reconciler_deadletter_length``
+    Entries in the dead-letter stream (trimmed to about --deadletter-maxlen).
 
 The same listener answers the probes of orchestrators and load balancers:
 
@@ -89,6 +94,7 @@ from prometheus_client.registry import Collector
 
 from lcic_guard.facts import Millis
 from lcic_guard.policy import Check, Decision, Reason
+from lcic_guard.store import DEAD_LETTER_STREAM
 
 if TYPE_CHECKING:
     from lcic_guard.checker import Checker
@@ -342,6 +348,7 @@ class ReconcilerMetrics:
     """
 
     OUTCOMES: Final = ("applied", "duplicate", "dead_lettered", "parked")
+    DEAD_LETTER_REASONS: Final = ("too_large", "invalid", "reserved_id", "conflict", "registration")
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -406,6 +413,21 @@ class ReconcilerMetrics:
         )
         for loop in ("ingest", "deadlines"):
             self.errors.labels(loop)
+        self.dead_letters = Counter(
+            "lcic_guard_reconciler_dead_letters",
+            "Billing events dead-lettered, by why: too_large (not parsed), invalid, "
+            "reserved_id, conflict (event id reused with other content), registration "
+            "(an application registered earlier to another account).",
+            ("reason",),
+            registry=r,
+        )
+        for reason in self.DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason)
+        self.deadletter_length = Gauge(
+            "lcic_guard_reconciler_deadletter_length",
+            "Entries in the dead-letter stream (trimmed to about --deadletter-maxlen).",
+            registry=r,
+        )
 
     def on_ingest(self, stats: IngestStats) -> None:
         self.received.inc(stats.received)
@@ -417,6 +439,8 @@ class ReconcilerMetrics:
         ):
             if n:
                 self.events.labels(outcome).inc(n)
+        for reason, n in stats.dead_letter_kinds.items():
+            self.dead_letters.labels(reason).inc(n)
 
     def on_status_change(self) -> None:
         self.status_changes.inc()
@@ -450,6 +474,7 @@ class ReconcilerMetrics:
                     self.pending.set(int(g.get("pending") or 0))
                     lag = g.get("lag")
                     self.lag.set(math.nan if lag is None else int(lag))
+        self.deadletter_length.set(await reconciler.store.redis.xlen(DEAD_LETTER_STREAM))
         mark = await reconciler.watermark()
         self.watermark_age.set(math.nan if mark is None else max(0, now() - mark) / 1000)
 

@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
 from lcic_guard.checker import wall_clock
 from lcic_guard.facts import (
+    RESERVED_REASON,
     ApplicationRegistered,
     Fact,
     InvalidEvent,
@@ -31,6 +32,7 @@ from lcic_guard.facts import (
     app_of,
     format_time,
     parse_event_json,
+    to_json,
 )
 from lcic_guard.policy import (
     DAY,
@@ -43,7 +45,18 @@ from lcic_guard.policy import (
     overdue_notice,
 )
 from lcic_guard.sources import BillingSource, Delivery
-from lcic_guard.store import AccountFacts, Coordination, Outbox, Store, meta_key, status_key
+from lcic_guard.store import (
+    DEADLETTER_MAXLEN,
+    MAX_EVENT_BYTES,
+    OVERSIZED_KEEP,
+    AccountFacts,
+    AppClaim,
+    Coordination,
+    Outbox,
+    Store,
+    meta_key,
+    status_key,
+)
 
 if TYPE_CHECKING:
     from lcic_guard.metrics import ReconcilerMetrics
@@ -87,6 +100,10 @@ class ReconcilerConfig:
     release_reminders_ms: tuple[int, ...] = (30 * DAY, 7 * DAY, DAY)
     """R10: how long before ``release_at`` a ``release_scheduled`` reminder
     is announced (after the first notice, when the suspension becomes known)."""
+    deadletter_maxlen: int = DEADLETTER_MAXLEN
+    """About how many dead letters the dead-letter stream keeps (0: all)."""
+    parked_ttl_ms: int = 30 * DAY
+    """How long facts of an application never registered are kept (0: forever)."""
 
 
 @dataclass
@@ -97,6 +114,9 @@ class IngestStats:
     dead_lettered: int = 0
     parked: int = 0
     accounts: set[str] = field(default_factory=set)
+    dead_letter_kinds: Counter[str] = field(default_factory=Counter)
+    """Dead letters by kind: too_large, invalid, reserved_id, conflict,
+    registration."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,51 +213,95 @@ class Reconciler:
 
     async def ingest(self, deliveries: Sequence[Delivery]) -> IngestStats:
         """Apply a batch of raw events. Durable in Redis when it returns; the
-        caller then acknowledges the deliveries."""
+        caller then acknowledges the deliveries.
+
+        Each event is validated, then its id is claimed in the feed-wide
+        event-id index, and only then routed: an event dead-lettered at
+        either step has no effect at all. A crash anywhere leaves the
+        deliveries unacknowledged; redelivered, they find their ids claimed
+        with the same content and are applied again, which is idempotent."""
         stats = IngestStats(received=len(deliveries))
-        by_account: dict[str, list[Fact]] = defaultdict(list)
-        parked_moved: dict[str, list[str]] = defaultdict(list)
-        raw_of: dict[str, list[Delivery]] = defaultdict(list)
-        parsed: list[tuple[Delivery, Fact]] = []
+        by_id: dict[str, list[tuple[Delivery, Fact]]] = {}
         for d in deliveries:
+            size = len(d.raw.encode("utf-8", "surrogatepass"))
+            if size > MAX_EVENT_BYTES:
+                await self._dead_letter(
+                    stats,
+                    d.raw[:OVERSIZED_KEEP],
+                    f"event: {size} bytes, over the limit of {MAX_EVENT_BYTES} "
+                    f"(not parsed; its first {OVERSIZED_KEEP} characters are kept)",
+                    d.source,
+                    "too_large",
+                )
+                continue
             try:
                 fact = parse_event_json(d.raw)
             except InvalidEvent as exc:
-                await self.store.dead_letter(d.raw, exc.reason, d.source)
-                stats.dead_lettered += 1
+                kind = "reserved_id" if exc.reason == RESERVED_REASON else "invalid"
+                await self._dead_letter(stats, d.raw, exc.reason, d.source, kind)
                 continue
-            raw_of[fact.event_id].append(d)
-            parsed.append((d, fact))
+            by_id.setdefault(fact.event_id, []).append((d, fact))
+        # Claimed in delivery order: of one id's deliveries in this batch with
+        # different content, the first claims it and the others conflict.
+        distinct = list(dict.fromkeys(f for items in by_id.values() for _, f in items))
+        verdict = dict(zip(distinct, await self.store.claim_events(distinct), strict=True))
+        accepted: list[tuple[Delivery, Fact]] = []
+        for items in by_id.values():
+            taken = False
+            for d, fact in items:
+                if verdict[fact] == 2:
+                    await self._dead_letter(
+                        stats,
+                        d.raw,
+                        f"event_id: {fact.event_id} reused with different content "
+                        "(the first one is kept)",
+                        d.source,
+                        "conflict",
+                    )
+                elif taken:
+                    stats.duplicates += 1
+                else:
+                    accepted.append((d, fact))
+                    taken = True
         # Each event's routing is a one-key script: independent, so they run
         # concurrently; the results are used in delivery order.
-        routes = await self._bounded([self._route(fact) for _, fact in parsed])
-        for (d, fact), (owner, parked) in zip(parsed, routes, strict=True):
+        routes = await self._bounded([self._route(fact) for _, fact in accepted])
+        by_account: dict[str, dict[str, Fact]] = defaultdict(dict)
+        parked_moved: dict[str, list[str]] = defaultdict(list)
+        cleanups: set[tuple[str, str]] = set()
+        for (d, fact), route in zip(accepted, routes, strict=True):
             if isinstance(fact, ApplicationRegistered):
-                if owner != fact.account_id:
-                    await self.store.dead_letter(
-                        d.raw, f"app_id: already registered to account {owner}", d.source
+                assert isinstance(route, AppClaim)
+                cleanups.update((fact.app_id, a) for a in route.moved_from)
+                if route.verdict == "later":
+                    await self._dead_letter(
+                        stats,
+                        d.raw,
+                        f"app_id: {fact.app_id} is registered to account {route.owner} by an "
+                        "earlier registration (the earliest one owns the application)",
+                        d.source,
+                        "registration",
                     )
-                    stats.dead_lettered += 1
+                    # A crash may have left it in its account's facts (added
+                    # before the app moved): make sure it is gone.
+                    cleanups.add((fact.app_id, fact.account_id))
                     continue
-                by_account[owner] += [fact, *parked]
-                parked_moved[fact.app_id] += [p.event_id for p in parked]
+                facts = by_account[route.owner]
+                for f in (fact, *route.parked):
+                    facts[f.event_id] = f
+                parked_moved[fact.app_id] += [p.event_id for p in route.parked]
                 continue
-            if owner is None:
+            assert not isinstance(route, AppClaim)
+            if route is None:
                 # Kept, and applied when the app's registration arrives:
                 # events may come in any order.
-                app_id = app_of(fact) or ""
-                await self.store.dead_letter(
-                    d.raw,
-                    f"app_id: unknown application {app_id} (parked until it is registered)",
-                    d.source,
-                )
                 stats.parked += 1
                 continue
-            by_account[owner].append(fact)
+            by_account[route][fact.event_id] = fact
         recorded = await self.recorded_clock() if by_account else 0
         added = await self._bounded(
             [
-                self.store.add_facts(account, facts, recorded_at=recorded)
+                self.store.add_facts(account, facts.values(), recorded_at=recorded)
                 for account, facts in by_account.items()
             ]
         )
@@ -245,41 +309,121 @@ class Reconciler:
             stats.applied += res.added
             stats.duplicates += len(facts) - res.added - len(res.conflicts)
             for event_id in res.conflicts:
-                # The rejected event itself when this batch delivered it once
-                # (it may also be a parked fact: then only its id is known).
-                carriers = raw_of.get(event_id, [])
+                # Only facts stored before the event-id index existed can
+                # disagree with it here.
+                carriers = by_id.get(event_id, [])
                 raw, source = (
-                    (carriers[0].raw, carriers[0].source)
-                    if len(carriers) == 1
+                    (carriers[0][0].raw, carriers[0][0].source)
+                    if carriers
                     else (json.dumps({"event_id": event_id}), "reconciler")
                 )
-                await self.store.dead_letter(
+                await self._dead_letter(
+                    stats,
                     raw,
                     f"event_id: {event_id} reused with different content (the first one is kept)",
                     source,
+                    "conflict",
                 )
-                stats.dead_lettered += 1
             stats.accounts.add(account)
         for app_id, ids in parked_moved.items():
             await self.store.drop_parked(app_id, ids)
+        # An application may have moved to another account while its facts
+        # were being added to the one that owned it: look again.
+        touched = sorted(
+            {
+                (account, app)
+                for account, facts in by_account.items()
+                for f in facts.values()
+                if (app := app_of(f)) is not None
+            }
+        )
+        owners = await self.store.app_owners([app for _, app in touched])
+        cleanups.update(
+            (app, account)
+            for (account, app), owner in zip(touched, owners, strict=True)
+            if owner != account
+        )
+        moved = await self._bounded(
+            [self._clean_app(stats, app, account) for app, account in sorted(cleanups)]
+        )
+        for changed in moved:
+            stats.accounts.update(changed)
         accounts = sorted(stats.accounts)
         unknown = await self._bounded([self.recompute(a) for a in accounts])
         for account, none_registered in zip(accounts, unknown, strict=True):
             if none_registered:
-                stats.parked += len(by_account[account])
+                stats.parked += len(by_account.get(account, ()))
+        # Only now, with both accounts recomputed, is a move finished.
+        await self._bounded([self.store.move_done(app, account) for app, account in cleanups])
         if self.metrics is not None:
             self.metrics.on_ingest(stats)
         return stats
 
-    async def _route(self, fact: Fact) -> tuple[str | None, list[Fact]]:
-        """The account a fact belongs to (None: parked) and, for a
-        registration, the facts that were parked waiting for it."""
+    async def _dead_letter(
+        self, stats: IngestStats, raw: str, reason: str, source: str, kind: str
+    ) -> None:
+        await self.store.dead_letter(raw, reason, source, self.config.deadletter_maxlen)
+        stats.dead_lettered += 1
+        stats.dead_letter_kinds[kind] += 1
+
+    async def _clean_app(self, stats: IngestStats, app_id: str, account_id: str) -> set[str]:
+        """Take an application's facts out of an account that does not own it
+        (any more): its registrations there lost to an earlier one and are
+        dead-lettered; its other facts go to the owner. Idempotent, so a
+        redelivery redoes whatever a crash left undone. Returns the accounts
+        whose facts changed."""
+        owner = await self.store.app_owner(app_id)
+        if owner is None or owner == account_id:
+            return set()
+        loaded = await self.store.load_account_facts(account_id)
+        mine = [f for f in loaded.facts if app_of(f) == app_id]
+        if not mine:
+            return set()
+        app_facts = [f for f in mine if not isinstance(f, ApplicationRegistered)]
+        # A fact keeps the time it was first recorded wherever it moves: R6
+        # and R10 read when a fact became known, not which account held it.
+        by_recorded: dict[Millis | None, list[Fact]] = defaultdict(list)
+        for f in app_facts:
+            by_recorded[loaded.recorded_at.get(f.event_id)].append(f)
+        changed = {account_id}
+        # The app may move again while its facts are being added: the facts
+        # follow it until its owner stays the same across an add, and leave
+        # the accounts it passed through (their own movers may have looked
+        # before the facts arrived).
+        passed: list[str] = []
+        while app_facts:
+            for recorded_at, group in by_recorded.items():
+                await self.store.add_facts(owner, group, recorded_at=recorded_at)
+            changed.add(owner)
+            now_owner = await self.store.app_owner(app_id)
+            if now_owner is None or now_owner == owner:
+                break
+            passed.append(owner)
+            owner = now_owner
+        for account in passed:
+            await self.store.remove_facts(account, [f.event_id for f in app_facts])
+        for reg in mine:
+            if isinstance(reg, ApplicationRegistered):
+                await self._dead_letter(
+                    stats,
+                    to_json(reg),
+                    f"app_id: {app_id} moved to account {owner}, whose registration is "
+                    "earlier (the earliest one owns the application)",
+                    "reconciler",
+                    "registration",
+                )
+        await self.store.remove_facts(account_id, [f.event_id for f in mine])
+        return changed
+
+    async def _route(self, fact: Fact) -> AppClaim | str | None:
+        """Where a fact goes: for a registration, what its claim of the app
+        found; otherwise the account it belongs to (None: parked)."""
         if isinstance(fact, ApplicationRegistered):
-            return await self.store.claim_app(fact.app_id, fact.account_id)
+            return await self.store.claim_app(fact)
         account = account_of(fact)
         if account is not None:
-            return account, []
-        return await self.store.route_app_fact(app_of(fact) or "", fact), []
+            return account
+        return await self.store.route_app_fact(app_of(fact) or "", fact, self.config.parked_ttl_ms)
 
     async def _bounded(self, calls: Sequence[Awaitable[T]]) -> list[T]:
         """Run independent store calls concurrently, at most CONCURRENCY at once."""
@@ -334,9 +478,16 @@ class Reconciler:
         )
 
     async def _write_app(self, status: AppStatus, now: Millis) -> None:
-        await self.store.write_status(status)
-        # Published even when the write was a no-op: a replica that died
-        # between its write and this notice is covered by the redelivery.
+        res = await self.store.write_status(status)
+        if not res.version:
+            # Refused: newer facts of the account were written already, or the
+            # app belongs to another account now; that writer publishes.
+            return
+        # The store assigns the version (monotonic per app across moves).
+        status = replace(status, version=res.version)
+        # Published even when the write was a no-op from the same facts: a
+        # replica that died between its write and this notice is covered by
+        # the redelivery.
         await self.store.publish_change(status)
         await self._announce_and_schedule(status, now)
 

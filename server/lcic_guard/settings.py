@@ -520,6 +520,22 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         help="how long a billing-stream entry may stay unacknowledged by a consumer "
         "before another replica claims it (its consumer is presumed dead)",
     )
+    g.add_argument(
+        "--deadletter-maxlen",
+        action=_EnvDefault,
+        type=int,
+        default=ReconcilerConfig().deadletter_maxlen,
+        help="about how many entries the dead-letter stream keeps (approximate MAXLEN; "
+        "0 keeps all)",
+    )
+    g.add_argument(
+        "--parked-ttl",
+        action=_EnvDefault,
+        type=parse_duration_or_off,
+        default="30d",
+        help="how long facts about an application never registered are kept, from the "
+        "last one parked (0 keeps them for ever)",
+    )
 
 
 def _security_settings(s: Settings, ns: argparse.Namespace) -> None:
@@ -576,5 +592,9 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             claim_idle_ms=ns.claim_idle,
             release_reminders_ms=ns.release_reminders,
             announce_settle_ms=ns.announce_settle,
+            deadletter_maxlen=ns.deadletter_maxlen,
+            parked_ttl_ms=ns.parked_ttl,
         )
+        if s.reconciler.deadletter_maxlen < 0:
+            raise SystemExit("--deadletter-maxlen must be 0 or more")
     return s

@@ -27,7 +27,9 @@ a write whose version is not newer than the stored one is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -40,7 +42,14 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ResponseError
 
-from lcic_guard.facts import Fact, InvalidEvent, Millis, parse_event_json, to_json
+from lcic_guard.facts import (
+    ApplicationRegistered,
+    Fact,
+    InvalidEvent,
+    Millis,
+    parse_event_json,
+    to_json,
+)
 from lcic_guard.policy import AppStatus, Reason, Room, Segment
 
 RedisClient = Redis | RedisCluster
@@ -52,6 +61,13 @@ CHANGES_STREAM: Final = "lcic:guard:changes"
 # The change feed keeps about this many entries; a sidecar that falls
 # further behind re-reads everything it caches.
 CHANGES_MAXLEN: Final = 100_000
+# Default bound of the dead-letter stream (approximate MAXLEN).
+DEADLETTER_MAXLEN: Final = 100_000
+# An event longer than this is dead-lettered without being parsed.
+MAX_EVENT_BYTES: Final = 65_536
+# What is kept of such an event in its dead letter.
+OVERSIZED_KEEP: Final = 4_096
+EVENT_INDEX_BUCKETS: Final = 1024
 DEADLINES: Final = "lcic:guard:deadlines"
 HEARTBEAT: Final = "lcic:guard:heartbeat"
 
@@ -74,6 +90,19 @@ def meta_key(account_id: str) -> str:
 
 def recorded_key(account_id: str) -> str:
     return f"lcic:acct:{{{account_id}}}:recorded"
+
+
+def event_index_key(event_id: str) -> str:
+    """The index bucket of an event id: a stable hash, so every process
+    picks the same bucket, and the bucket is the hash tag (one slot)."""
+    bucket = zlib.crc32(event_id.encode()) % EVENT_INDEX_BUCKETS
+    return f"lcic:evt:{{{bucket:04d}}}"
+
+
+def event_digest(fact: Fact) -> str:
+    """What the index keeps of an event's content: enough to tell a repeat
+    from a reuse of the id (128 bits of SHA-256 of its canonical JSON)."""
+    return hashlib.sha256(to_json(fact).encode()).hexdigest()[:32]
 
 
 ROOM_FIELD_PREFIX: Final = "room:"
@@ -284,16 +313,32 @@ def _text(value: str | bytes | None) -> str | None:
 # ---------------------------------------------------------------------------
 # Lua scripts: each touches the keys of one hash slot only.
 
-# KEYS[1] status. ARGV: version, data, account, updated_at.
-# Refuses a version that is not newer than the stored one; returns
-# {written (0/1), previous data or false, previous version}.
+# KEYS[1] status. ARGV: account, account seq, data, updated_at.
+# The stored version is the store's own, monotonic per application even when
+# the application moves to another account (whose fact sequence may be
+# lower): it is max(stored + 1, seq), which is the account's seq while one
+# account owns the app. A write is accepted only from the owning account (or
+# for an application no registration has claimed) and only if its seq is
+# newer than the last one accepted from that account (``wseq:ACCOUNT``).
+# Returns {code, previous data or false, previous version, stored version}:
+# code 1 written, 2 already stored from this very seq, 0 refused.
 _WRITE_STATUS: Final = """
+local owner = redis.call('HGET', KEYS[1], 'account')
 local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local old = redis.call('HGET', KEYS[1], 'data')
-if cur >= tonumber(ARGV[1]) then return {0, old, cur} end
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'data', ARGV[2],
-           'account', ARGV[3], 'updated_at', ARGV[4])
-return {1, old, cur}
+if owner and owner ~= ARGV[1] then return {0, old, cur, cur} end
+local seq = tonumber(ARGV[2])
+local seen = tonumber(redis.call('HGET', KEYS[1], 'wseq:' .. ARGV[1]) or '-1')
+if seen >= seq then
+  if seen == seq and redis.call('HGET', KEYS[1], 'wacct') == ARGV[1] then
+    return {2, old, cur, cur}
+  end
+  return {0, old, cur, cur}
+end
+local v = math.max(cur + 1, seq)
+redis.call('HSET', KEYS[1], 'version', v, 'data', ARGV[3], 'account', ARGV[1],
+           'updated_at', ARGV[4], 'wseq:' .. ARGV[1], ARGV[2], 'wacct', ARGV[1])
+return {1, old, cur, v}
 """
 
 # Redis's own clock in ms, for a recording time the caller did not give.
@@ -345,31 +390,90 @@ local seq = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 return {seq, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[3])}
 """
 
-# KEYS[1] status, KEYS[2] parked. ARGV: account.
-# Claims the application for the account (first registration wins) and
-# returns {owner, parked json...}.
+# KEYS[1] status, KEYS[2] parked. ARGV: account, occurred_at, event_id, the
+# event id's UTF-8 bytes in hex (compared instead of the id: Lua compares
+# strings by the server's locale, hex compares like the bytes).
+# The earliest registration (occurred_at, then event id) owns the app,
+# whatever the arrival order. Returns {verdict, owner, moved_from, parked
+# json...}: 'own' (the registration's account owns the app), 'later' (another
+# account owns it by an earlier registration; nothing changes) or 'moved'
+# (this registration is earlier than the owner's: the app is now its
+# account's). ``moved_from`` lists accounts whose copies of the app's facts
+# have not been cleaned up yet (space-separated); the mover clears each entry
+# once done, so a redelivered registration finishes a move a crash cut short.
+# Parked facts are returned only to the owner.
 _CLAIM_APP: Final = """
-local owner = redis.call('HGET', KEYS[1], 'account')
+local cur = redis.call('HMGET', KEYS[1], 'account', 'reg_at', 'reg_ord', 'moved_from')
+local owner, moved = cur[1], cur[4] or ''
+local at, id = tonumber(ARGV[2]), ARGV[4]
+local verdict = 'own'
 if not owner then
-  redis.call('HSET', KEYS[1], 'account', ARGV[1])
+  redis.call('HSET', KEYS[1], 'account', ARGV[1], 'reg_at', ARGV[2], 'reg_ord', id,
+             'reg_id', ARGV[3])
   owner = ARGV[1]
+else
+  local oat, oid = tonumber(cur[2]), cur[3]
+  local earlier = oat ~= nil and (at < oat or (at == oat and id < oid))
+  if owner == ARGV[1] then
+    if oat == nil or earlier then
+      redis.call('HSET', KEYS[1], 'reg_at', ARGV[2], 'reg_ord', id, 'reg_id', ARGV[3])
+    end
+  elseif earlier then
+    if not string.find(' ' .. moved .. ' ', ' ' .. owner .. ' ', 1, true) then
+      moved = (moved == '' and owner) or (moved .. ' ' .. owner)
+    end
+    redis.call('HSET', KEYS[1], 'account', ARGV[1], 'reg_at', ARGV[2], 'reg_ord', id,
+               'reg_id', ARGV[3], 'moved_from', moved)
+    owner = ARGV[1]
+    verdict = 'moved'
+  else
+    verdict = 'later'
+  end
 end
-local res = {owner}
-if owner == ARGV[1] then
+local res = {verdict, owner, moved}
+if verdict ~= 'later' then
   local parked = redis.call('HVALS', KEYS[2])
   for i = 1, #parked do table.insert(res, parked[i]) end
 end
 return res
 """
 
-# KEYS[1] status, KEYS[2] parked. ARGV: event_id, json.
+# KEYS[1] status. ARGV: account. Marks the cleanup of ``account``'s copy of
+# the app's facts done (see _CLAIM_APP).
+_MOVE_DONE: Final = """
+local moved = redis.call('HGET', KEYS[1], 'moved_from')
+if not moved then return 0 end
+local rest = {}
+for a in string.gmatch(moved, '%S+') do
+  if a ~= ARGV[1] then table.insert(rest, a) end
+end
+if #rest == 0 then
+  redis.call('HDEL', KEYS[1], 'moved_from')
+else
+  redis.call('HSET', KEYS[1], 'moved_from', table.concat(rest, ' '))
+end
+return 1
+"""
+
+# KEYS[1] status, KEYS[2] parked. ARGV: event_id, json, parked ttl ms.
 # Returns the owner account if the application is known; otherwise parks
-# the fact and returns false.
+# the fact (the parked hash expires ttl after the last fact parked) and
+# returns false.
 _ROUTE_APP_FACT: Final = """
 local owner = redis.call('HGET', KEYS[1], 'account')
 if owner then return owner end
 redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 return false
+"""
+
+# KEYS[1] facts, KEYS[2] meta. ARGV: event ids. Removes the facts (an app's
+# facts from an account that no longer owns it); bumps seq if any was there.
+_REMOVE_FACTS: Final = """
+local removed = 0
+for i = 1, #ARGV do removed = removed + redis.call('HDEL', KEYS[1], ARGV[i]) end
+if removed > 0 then return redis.call('HINCRBY', KEYS[2], 'seq', 1) end
+return tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
 """
 
 # KEYS[1] status. ARGV: field, started_at or '', scheduled_end or '',
@@ -450,6 +554,19 @@ class AddResult:
 class WriteResult:
     written: bool
     previous: AppStatus | None
+    version: int = 0
+    """The stored version when the stored status is the one written (or was
+    already written from the same facts); 0 when the write was refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppClaim:
+    """What a registration found in its application's slot (see _CLAIM_APP)."""
+
+    verdict: str  # 'own', 'later' or 'moved'
+    owner: str
+    moved_from: tuple[str, ...]
+    parked: list[Fact]
 
 
 class Store:
@@ -463,6 +580,8 @@ class Store:
         self._claim_app = redis.register_script(_CLAIM_APP)
         self._route_app_fact = redis.register_script(_ROUTE_APP_FACT)
         self._report_room = redis.register_script(_REPORT_ROOM)
+        self._move_done = redis.register_script(_MOVE_DONE)
+        self._remove_facts = redis.register_script(_REMOVE_FACTS)
 
     async def close(self) -> None:
         # A Sentinel-managed client does not own its connections to the
@@ -499,13 +618,16 @@ class Store:
         ]
 
     async def write_status(self, status: AppStatus) -> WriteResult:
-        """Write a status unless the stored one is as new or newer."""
-        written, old_data, old_version = await self._write_status(
+        """Write a status computed from its account's facts at sequence
+        ``status.version``, unless the account no longer owns the app or a
+        status from the same or newer facts of that account is stored. The
+        stored version (the store's own, see _WRITE_STATUS) is returned."""
+        code, old_data, old_version, stored = await self._write_status(
             keys=[status_key(status.app_id)],
             args=[
+                status.account_id,
                 status.version,
                 encode_segments(status.segments),
-                status.account_id,
                 status.updated_at,
             ],
         )
@@ -514,7 +636,7 @@ class Store:
             previous = AppStatus(
                 status.app_id, status.account_id, decode_segments(old_data), int(old_version)
             )
-        return WriteResult(bool(written), previous)
+        return WriteResult(int(code) == 1, previous, int(stored) if int(code) else 0)
 
     async def report_room(
         self,
@@ -584,18 +706,78 @@ class Store:
         loaded = await self.load_account_facts(account_id)
         return loaded.seq, loaded.facts
 
-    async def claim_app(self, app_id: str, account_id: str) -> tuple[str, list[Fact]]:
-        """Bind an application to its account; return the owner and parked facts."""
-        res = await self._claim_app(
-            keys=[status_key(app_id), parked_key(app_id)], args=[account_id]
-        )
-        owner = _text(res[0]) or ""
-        return owner, [parse_event_json(raw) for raw in res[1:]]
+    async def claim_events(self, facts: Sequence[Fact]) -> list[int]:
+        """Claim the facts' event ids in the feed-wide index, in order: for
+        each, 0 new (claimed now), 1 claimed before with the same content, 2
+        claimed with other content.
 
-    async def route_app_fact(self, app_id: str, fact: Fact) -> str | None:
-        """The owning account of the fact's application, or None once parked."""
+        An index entry is written once and never changed, so HSETNX (atomic)
+        followed by HGET on the same key is the whole claim: plain commands,
+        one pipelined round trip for a batch, in order per key on a cluster
+        too (one id, one bucket, one node)."""
+        if not facts:
+            return []
+        digests = [event_digest(f) for f in facts]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fact, digest in zip(facts, digests, strict=True):
+                key = event_index_key(fact.event_id)
+                pipe.hsetnx(key, fact.event_id, digest)
+                pipe.hget(key, fact.event_id)
+            res = await pipe.execute()
+        return [
+            0 if int(res[2 * i]) else (1 if _text(res[2 * i + 1]) == digest else 2)
+            for i, digest in enumerate(digests)
+        ]
+
+    async def claim_app(self, fact: ApplicationRegistered) -> AppClaim:
+        """Bind an application to the account of its earliest registration."""
+        res = await self._claim_app(
+            keys=[status_key(fact.app_id), parked_key(fact.app_id)],
+            args=[fact.account_id, fact.occurred_at, fact.event_id, fact.event_id.encode().hex()],
+        )
+        return AppClaim(
+            verdict=_text(res[0]) or "",
+            owner=_text(res[1]) or "",
+            moved_from=tuple((_text(res[2]) or "").split()),
+            parked=[parse_event_json(raw) for raw in res[3:]],
+        )
+
+    async def app_owner(self, app_id: str) -> str | None:
+        return _text(await self.redis.hget(status_key(app_id), "account"))
+
+    async def app_owners(self, app_ids: Sequence[str]) -> list[str | None]:
+        """The owning accounts of many applications, in one round trip."""
+        if not app_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id in app_ids:
+                pipe.hget(status_key(app_id), "account")
+            res = await pipe.execute()
+        return [_text(x) for x in res]
+
+    async def move_done(self, app_id: str, account_id: str) -> None:
+        """The app's facts are cleaned out of ``account_id`` (see _CLAIM_APP)."""
+        await self._move_done(keys=[status_key(app_id)], args=[account_id])
+
+    async def remove_facts(self, account_id: str, event_ids: Sequence[str]) -> int:
+        """Remove facts from an account (bumping its seq if any was there)."""
+        if not event_ids:
+            return await self.account_seq(account_id)
+        return int(
+            await self._remove_facts(
+                keys=[facts_key(account_id), meta_key(account_id)], args=list(event_ids)
+            )
+        )
+
+    async def account_seq(self, account_id: str) -> int:
+        return int(await self.redis.hget(meta_key(account_id), "seq") or 0)
+
+    async def route_app_fact(self, app_id: str, fact: Fact, parked_ttl_ms: int = 0) -> str | None:
+        """The owning account of the fact's application, or None once parked
+        (for ``parked_ttl_ms`` after the app's last parked fact; 0: forever)."""
         owner = await self._route_app_fact(
-            keys=[status_key(app_id), parked_key(app_id)], args=[fact.event_id, to_json(fact)]
+            keys=[status_key(app_id), parked_key(app_id)],
+            args=[fact.event_id, to_json(fact), parked_ttl_ms],
         )
         return _text(owner)
 
@@ -681,9 +863,16 @@ class Store:
         entry_id = await self.redis.xadd(stream, {"event": json.dumps(event, sort_keys=True)})
         return _text(entry_id) or ""
 
-    async def dead_letter(self, raw: str, reason: str, source: str) -> None:
+    async def dead_letter(
+        self, raw: str, reason: str, source: str, maxlen: int = DEADLETTER_MAXLEN
+    ) -> None:
+        """Keep a rejected event with its reason; the stream keeps about the
+        last ``maxlen`` (0: all)."""
         await self.redis.xadd(
-            DEAD_LETTER_STREAM, {"event": raw[:65536], "reason": reason, "source": source}
+            DEAD_LETTER_STREAM,
+            {"event": raw[:MAX_EVENT_BYTES], "reason": reason, "source": source},
+            maxlen=maxlen or None,
+            approximate=True,
         )
 
     async def server_time(self) -> Millis:
