@@ -151,17 +151,23 @@ async def build_sidecar(
         store,
         settings.policy,
         read_timeout=settings.redis_timeout_ms / 1000,
+        store_down_timeout=settings.store_down_ms / 1000,
         clock=clock,
         cache=cache,
     )
     metrics: SidecarMetrics | None = None
     metrics_server: MetricsServer | None = None
+    watchers = Watchers(max_streams=settings.max_watch_streams)
+    readiness_box: list[Readiness] = []
+
+    async def on_sync(_in_sync: bool) -> None:
+        if readiness_box:
+            await readiness_box[0].check_once()
+
+    feed = ChangeFeedReader(store, cache, clock, on_change=watchers.publish, on_sync=on_sync)
     if registry is not None or settings.metrics_listen:
         metrics = SidecarMetrics(registry)
-        metrics.watch(checker)
-    watchers = Watchers()
-    feed = ChangeFeedReader(store, cache, clock, on_change=watchers.publish)
-    feed.start()
+        metrics.watch(checker, feed, watchers)
     observer = DecisionObserver(metrics, settings.shadow)
     servicer = EnforcementServicer(checker, store, watchers=watchers, observer=observer)
     tls = (
@@ -174,14 +180,22 @@ async def build_sidecar(
     )
     if settings.auth_token_file and tls is None:
         log.warning("bearer tokens are accepted without TLS: anyone on the path can read them")
+    # NOT_SERVING until the whole status table is loaded (and the
+    # reconciler's heartbeat is fresh, with --max-heartbeat-age).
     server = await start_server(
-        servicer, settings.listen, tls=tls, interceptors=auth.interceptors(auth_config)
+        servicer,
+        settings.listen,
+        tls=tls,
+        interceptors=auth.interceptors(auth_config),
+        serving=False,
     )
-    readiness = None
-    if settings.max_heartbeat_age_ms > 0:
-        readiness = Readiness(store, server, settings.max_heartbeat_age_ms, clock)
-        await readiness.check_once()
-        readiness.start()
+    readiness = Readiness(
+        store, server, settings.max_heartbeat_age_ms, clock, synced=lambda: feed.in_sync
+    )
+    readiness_box.append(readiness)
+    feed.start()
+    await readiness.check_once()
+    readiness.start()
     if metrics is not None and registry is None:
         metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
     if settings.shadow:

@@ -109,6 +109,11 @@ class Settings:
     # SIGTERM: NOT_SERVING for shutdown_delay, then in-flight calls get shutdown_grace.
     shutdown_delay_ms: int = 1000
     shutdown_grace_ms: int = 5000
+    # R13: how long a check with nothing to go on waits before Redis counts as down.
+    store_down_ms: int = 250
+    max_watch_streams: int = 1000
+    # Serve a non-loopback address with no authentication (refused otherwise).
+    insecure: bool = False
 
 
 def _env(name: str) -> str | None:
@@ -276,6 +281,31 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="R13: longest a check waits on Redis before answering without it",
     )
     g.add_argument(
+        "--store-down-after",
+        action=_EnvDefault,
+        type=parse_duration,
+        default="250ms",
+        help="R13: how long a check with no usable status waits on a slow Redis before "
+        "Redis counts as down and the failure mode answers (a refused or reset "
+        "connection, or an open circuit breaker, counts at once)",
+    )
+    g.add_argument(
+        "--max-watch-streams",
+        action=_EnvDefault,
+        type=int,
+        default=1000,
+        help="WatchApplicationStatus streams open at once per process; more are refused "
+        "with RESOURCE_EXHAUSTED",
+    )
+    g.add_argument(
+        "--insecure",
+        action=_EnvDefault,
+        type=parse_bool,
+        default=False,
+        help="allow listening on a non-loopback address without --auth-token-file or mutual "
+        "TLS (anyone who reaches the port can then report classes and read statuses)",
+    )
+    g.add_argument(
         "--cache-size",
         action=_EnvDefault,
         type=int,
@@ -414,6 +444,11 @@ def _security_settings(s: Settings, ns: argparse.Namespace) -> None:
     s.max_heartbeat_age_ms = get("max_heartbeat_age") or 0
     s.shutdown_delay_ms = get("shutdown_delay") or 0
     s.shutdown_grace_ms = get("shutdown_grace") or 0
+    s.store_down_ms = get("store_down_after") or s.store_down_ms
+    s.max_watch_streams = get("max_watch_streams") or s.max_watch_streams
+    s.insecure = bool(get("insecure"))
+    if s.max_watch_streams < 1:
+        raise SystemExit("--max-watch-streams must be at least 1")
     if s.auth_checks and not (s.auth_token_file or s.auth_allow_identities):
         raise SystemExit("--auth-checks needs --auth-token-file or --auth-allow-identity")
     if s.auth_allow_identities and not s.tls_client_ca:

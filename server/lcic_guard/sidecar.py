@@ -7,12 +7,14 @@ Validation and conversion live in :mod:`lcic_guard.api`, decisions in
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,10 +63,20 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self.watchers = watchers
         # Metrics, debug logs and shadow mode, after each decision.
         self.observer = observer if observer is not None else DecisionObserver()
+        if watchers is not None:
+            watchers.render = self.render_watched
+            watchers.clock = checker.clock
+            watchers.refresh = self._refresh
 
     @property
     def clock(self) -> Callable[[], Millis]:
         return self.checker.clock
+
+    async def _refresh(self, app_ids: list[str]) -> list[AppStatus]:
+        rows = await asyncio.wait_for(
+            self.store.read_rows([(a, None) for a in app_ids]), self.write_timeout
+        )
+        return [r[0] for r in rows if not isinstance(r, Exception) and r[0] is not None]
 
     async def _decide(self, req: CheckRequest) -> pb.Decision:
         start = time.perf_counter()
@@ -220,9 +232,9 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             self.observer.shadow_pb(check, getattr(resp, name))
         return resp
 
-    async def WatchApplicationStatus(
+    async def WatchApplicationStatus(  # type: ignore[override]
         self, request: pb.WatchApplicationStatusRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchApplicationStatusResponse]:
+    ) -> AsyncIterator[pb.WatchApplicationStatusResponse | bytes]:
         try:
             ids = api.watch_ids(request)
         except BadRequest as exc:
@@ -233,85 +245,279 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
                 grpc.StatusCode.UNIMPLEMENTED,
                 "this sidecar does not follow the change feed",
             )
-        queue = self.watchers.subscribe(ids)
+        watchers = self.watchers
+        try:
+            sub = watchers.subscribe(ids)
+        except WatchCut as cut:
+            await _abort(context, cut.code, cut.message)
         try:
             if ids:
                 try:
                     rows = await asyncio.wait_for(
-                        self.store.read_statuses([(a, None) for a in ids]), self.write_timeout
+                        self.store.read_rows([(a, None) for a in ids]), self.write_timeout
                     )
                 except Exception:
                     await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
                 now = self.clock()
-                for status, _ in rows:
-                    if status is not None:
-                        yield self._watched(status, now)
+                for row in rows:
+                    if isinstance(row, Exception) or row[0] is None:
+                        continue
+                    watchers.schedule(row[0], now)
+                    payload = watchers._render(row[0], now)
+                    if payload is not None:
+                        yield payload
             while True:
                 try:
-                    status = await asyncio.wait_for(queue.get(), self.watchers.heartbeat_s)
-                except TimeoutError:
+                    payloads = await sub.next(watchers.heartbeat_s)
+                except WatchCut as cut:
+                    await _abort(context, cut.code, cut.message)
+                if payloads is None:
                     if self.checker.cache.feed_healthy:
                         yield pb.WatchApplicationStatusResponse()
                     continue
-                if status is None and self.watchers.closing:
-                    await _abort(
-                        context, grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again"
-                    )
-                if status is None:  # the watcher fell too far behind
-                    await _abort(
-                        context, grpc.StatusCode.RESOURCE_EXHAUSTED, "watcher too slow; watch again"
-                    )
-                yield self._watched(status, self.clock())
+                for payload in payloads:
+                    yield payload
         finally:
-            self.watchers.unsubscribe(queue)
+            watchers.unsubscribe(sub)
 
-    def _watched(self, status: AppStatus, now: Millis) -> pb.WatchApplicationStatusResponse:
+    def render_watched(self, status: AppStatus, now: Millis) -> bytes:
+        """A watch message, serialized once for every stream that gets it."""
         resp = api.watch_response(status, now, self.checker.cfg)
         self.observer.shadow_schedule(resp)
-        return resp
+        return resp.SerializeToString()
+
+
+class WatchCut(Exception):
+    """A watch stream ends: ``code`` and ``message`` say why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Subscription:
+    """One WatchApplicationStatus stream's view of the shared change log."""
+
+    def __init__(self, watchers: Watchers, ids: frozenset[str] | None) -> None:
+        self.watchers = watchers
+        self.ids = ids
+        self.cursor = watchers.seq
+        # Latest payload per application not yet sent (coalesced: latest wins).
+        self.pending: dict[str, bytes] = {}
+
+    def _collect(self) -> None:
+        w = self.watchers
+        if w.closing:
+            raise WatchCut(grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again")
+        if w.seq == self.cursor:
+            return
+        first = w.seq - len(w.log) + 1  # seq of the oldest entry kept
+        if self.cursor + 1 < first:
+            w.slow_cuts += 1
+            raise WatchCut(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"watcher too slow: more than {w.log_size} changes behind; watch again",
+            )
+        ids = self.ids
+        for i in range(self.cursor + 1 - first, len(w.log)):
+            app_id, payload = w.log[i]
+            if ids is None or app_id in ids:
+                self.pending.pop(app_id, None)
+                self.pending[app_id] = payload
+        self.cursor = w.seq
+        if len(self.pending) > w.max_pending:
+            w.slow_cuts += 1
+            raise WatchCut(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"watcher too slow: {len(self.pending)} applications' changes unsent; watch again",
+            )
+
+    async def next(self, timeout: float) -> list[bytes] | None:
+        """The payloads to send now (each application's latest), or None when
+        ``timeout`` passed with nothing (time for a heartbeat)."""
+        self._collect()
+        if not self.pending:
+            wake = self.watchers.wake
+            try:
+                await asyncio.wait_for(wake.wait(), timeout)
+            except TimeoutError:
+                return None
+            self._collect()
+        out = list(self.pending.values())
+        self.pending.clear()
+        return out
 
 
 class Watchers:
-    """Fans the change feed out to WatchApplicationStatus streams."""
+    """Fans the change feed out to WatchApplicationStatus streams.
 
-    def __init__(self, *, queue_size: int = 10_000, heartbeat_s: float = 1.0) -> None:
-        self.queue_size = queue_size
+    Each change is rendered once (bytes on the wire, shared by every stream)
+    and appended to a bounded log; streams wake together at most every
+    ``flush_s`` and take what concerns them, coalesced by application, so
+    the work a change costs does not grow with the number of streams and a
+    burst of changes does not wake every stream once per change. A stream
+    whose client does not keep up is cut (RESOURCE_EXHAUSTED) once it falls
+    more than ``log_size`` changes behind or holds ``max_pending`` unsent
+    applications. Beyond ``max_streams`` open streams, new ones are refused.
+
+    Time-driven transitions (a grace ending, a package expiring) change no
+    record, so nothing comes on the feed: the transitions due within
+    ``horizon_ms`` are kept in a heap and pushed at their instant.
+    """
+
+    def __init__(
+        self,
+        *,
+        queue_size: int = 10_000,
+        heartbeat_s: float = 1.0,
+        max_streams: int = 1000,
+        log_size: int = 50_000,
+        flush_s: float = 0.02,
+        horizon_ms: int = 10 * 60_000,
+    ) -> None:
+        self.max_pending = queue_size
         self.heartbeat_s = heartbeat_s
-        self._subs: dict[asyncio.Queue[AppStatus | None], frozenset[str] | None] = {}
+        self.max_streams = max_streams
+        self.log_size = log_size
+        self.flush_s = flush_s
+        self.horizon_ms = horizon_ms
+        self.log: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=log_size)
+        self.seq = 0
+        self.wake = asyncio.Event()
+        self._wake_due: asyncio.TimerHandle | None = None
+        self._subs: set[Subscription] = set()
         self.closing = False
+        self.refused = 0
+        self.slow_cuts = 0
+        self.render_errors = 0
+        self.render: Callable[[AppStatus, Millis], bytes] | None = None
+        self.clock: Callable[[], Millis] = lambda: time.time_ns() // 1_000_000
+        # Time-driven transitions: (instant, app id), and the same as a set.
+        self._due: list[tuple[Millis, str]] = []
+        self._due_set: set[tuple[Millis, str]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self.refresh: Callable[[list[str]], Awaitable[list[AppStatus]]] | None = None
+        self.transitions_pushed = 0
 
-    def subscribe(self, app_ids: list[str]) -> asyncio.Queue[AppStatus | None]:
-        queue: asyncio.Queue[AppStatus | None] = asyncio.Queue(self.queue_size + 1)
-        self._subs[queue] = frozenset(app_ids) if app_ids else None
+    def subscribe(self, app_ids: list[str]) -> Subscription:
         if self.closing:
-            queue.put_nowait(None)
-        return queue
+            raise WatchCut(grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again")
+        if len(self._subs) >= self.max_streams:
+            self.refused += 1
+            raise WatchCut(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many watch streams open ({self.max_streams}, --max-watch-streams); "
+                "retry later or watch through another sidecar",
+            )
+        sub = Subscription(self, frozenset(app_ids) if app_ids else None)
+        self._subs.add(sub)
+        return sub
 
     def close(self) -> None:
         """Shutting down: end every stream (UNAVAILABLE, watch again)."""
         self.closing = True
-        for queue in list(self._subs):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(None)
+        self._wake_now()
+        if self._timer is not None:
+            self._timer.cancel()
 
-    def unsubscribe(self, queue: asyncio.Queue[AppStatus | None]) -> None:
-        self._subs.pop(queue, None)
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
 
     def __len__(self) -> int:
         return len(self._subs)
 
-    def publish(self, app_id: str, status: AppStatus | None) -> None:
-        if status is None:
+    def _wake_now(self) -> None:
+        self._wake_due = None
+        wake, self.wake = self.wake, asyncio.Event()
+        wake.set()
+
+    def _render(self, status: AppStatus, now: Millis) -> bytes | None:
+        if self.render is None:
+            return None
+        try:
+            return self.render(status, now)
+        except Exception as exc:
+            # A status that cannot be rendered is skipped, never a broken stream.
+            self.render_errors += 1
+            if self.render_errors == 1 or self.render_errors % 1000 == 0:
+                log.warning("cannot send the status of %s to watchers: %s", status.app_id, exc)
+            return None
+
+    def publish(self, app_id: str, status: AppStatus | None, now: Millis | None = None) -> None:
+        if status is None or self.closing:
             return
-        for queue, ids in list(self._subs.items()):
-            if ids is not None and app_id not in ids:
-                continue
-            if queue.qsize() >= self.queue_size:
-                # Never block the feed on one slow watcher: end its stream.
-                queue.put_nowait(None)
-                self._subs.pop(queue, None)
-            else:
-                queue.put_nowait(status)
+        now = self.clock() if now is None else now
+        self.schedule(status, now)
+        if not self._subs:
+            return
+        payload = self._render(status, now)
+        if payload is None:
+            return
+        self.log.append((app_id, payload))
+        self.seq += 1
+        if self._wake_due is None:
+            self._wake_due = asyncio.get_running_loop().call_later(self.flush_s, self._wake_now)
+
+    # -- time-driven transitions --------------------------------------------
+
+    def schedule(self, status: AppStatus, now: Millis) -> None:
+        """Remember the transitions of ``status`` due within the horizon."""
+        horizon = now + self.horizon_ms
+        added = False
+        for seg in status.segments:
+            if now < seg.starts_at <= horizon:
+                item = (seg.starts_at, status.app_id)
+                if item not in self._due_set:
+                    self._due_set.add(item)
+                    heapq.heappush(self._due, item)
+                    added = True
+        if added:
+            self._arm(now)
+
+    def _arm(self, now: Millis) -> None:
+        if not self._due or self.closing:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop (unit use)
+            loop = asyncio.get_running_loop()
+            if self._timer is not None:
+                self._timer.cancel()
+            delay = max(0.0, (self._due[0][0] - now) / 1000)
+            self._timer = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self.clock()
+        due: list[tuple[Millis, str]] = []
+        while self._due and self._due[0][0] <= now:
+            item = heapq.heappop(self._due)
+            self._due_set.discard(item)
+            due.append(item)
+        if due:
+            asyncio.get_running_loop().create_task(self._push(due))
+        self._arm(now)
+
+    async def _push(self, due: list[tuple[Millis, str]]) -> None:
+        """At a transition's instant, send each affected app's status as of then."""
+        if not self._subs or self.refresh is None:
+            return
+        app_ids = sorted({app for _, app in due if self._watched_by_any(app)})
+        if not app_ids:
+            return
+        try:
+            statuses = await self.refresh(app_ids)
+        except Exception as exc:
+            log.warning("cannot read statuses for time-driven watch updates: %s", exc)
+            return
+        at = {app: t for t, app in due}
+        for status in statuses:
+            t = at.get(status.app_id, 0)
+            if any(seg.starts_at == t for seg in status.segments):
+                self.transitions_pushed += 1
+                self.publish(status.app_id, status, max(t, self.clock()))
+
+    def _watched_by_any(self, app_id: str) -> bool:
+        return any(s.ids is None or app_id in s.ids for s in self._subs)
 
 
 @dataclass
@@ -349,6 +555,41 @@ class RunningServer:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(grace)
+
+
+# A connection that has not completed the TLS and HTTP/2 handshake (the
+# client's preface and first SETTINGS) by then is closed: an idle socket must
+# not hold a slot for ever.
+HANDSHAKE_TIMEOUT_MS = 10_000
+
+
+def connection_limits(handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS) -> list[tuple[str, Any]]:
+    """gRPC server options that bound what one peer can hold open."""
+    return [
+        ("grpc.server_handshake_timeout_ms", handshake_timeout_ms),
+        # Streams one connection may have open at once (watches included).
+        ("grpc.max_concurrent_streams", 256),
+        # A connection with no call for 5 minutes is closed (GOAWAY: a client
+        # reconnects on its next call).
+        ("grpc.max_connection_idle_ms", 300_000),
+        # Dead peers are found by keepalive pings, and clients may ping no
+        # more often than every 10 s.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ]
+
+
+def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A serializer that sends already serialized messages as they are (a
+    watch message is serialized once for all the streams that carry it)."""
+
+    def out(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return out
 
 
 def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
@@ -394,7 +635,7 @@ def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["EnforcementService"].methods:
         parse = getattr(pb, method.input_type.name).FromString
-        serialize = getattr(pb, method.output_type.name).SerializeToString
+        serialize = _passing_bytes(getattr(pb, method.output_type.name).SerializeToString)
         impl = parsing(getattr(servicer, method.name), parse, method.server_streaming)
         make = (
             grpc.unary_stream_rpc_method_handler
@@ -413,15 +654,22 @@ async def start_server(
     tls: TlsFiles | None = None,
     options: list[tuple[str, Any]] | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    serving: bool = True,
+    handshake_timeout_ms: int | None = None,
 ) -> RunningServer:
     """Start EnforcementService, health and reflection on ``listen``.
 
     With ``tls``, each new connection uses the certificate files as they are
     then (changed files are loaded again: see :mod:`lcic_guard.certs`).
-    ``interceptors`` (e.g. :mod:`lcic_guard.auth`) see every call.
+    ``interceptors`` (e.g. :mod:`lcic_guard.auth`) see every call. With
+    ``serving=False`` health says NOT_SERVING until the caller says otherwise.
     """
     server = grpc.aio.server(
-        options=[("grpc.so_reuseport", 1), *(options or [])],
+        options=[
+            ("grpc.so_reuseport", 1),
+            *connection_limits(handshake_timeout_ms or HANDSHAKE_TIMEOUT_MS),
+            *(options or []),
+        ],
         interceptors=list(interceptors or ()),
     )
     add_service(servicer, server)
@@ -440,5 +688,5 @@ async def start_server(
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     running = RunningServer(server, port, health_servicer, certificates)
-    await running.set_serving(True)
+    await running.set_serving(serving)
     return running
