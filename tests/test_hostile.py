@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import resource
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,7 +26,7 @@ from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.checker import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.facts import Millis
-from lcic_guard.policy import DAY, AppStatus, Reason, Segment
+from lcic_guard.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment
 from lcic_guard.runner import Sidecar, build_sidecar
 from lcic_guard.settings import Settings
 from lcic_guard.store import Store, connect, status_key
@@ -173,20 +176,24 @@ async def test_failure_mode_only_when_redis_is_down_and_counted(
     own_redis: EmbeddedRedis, rstore: Store
 ) -> None:
     await write_all(rstore, [active("app-up")])
-    async with started(own_redis, store_down_ms=100) as (sidecar, _channel, stub):
+    policy = PolicyConfig(stale_bound_ms=1500)
+    async with started(own_redis, store_down_ms=100, policy=policy) as (sidecar, _channel, stub):
         await eventually(lambda: _true(sidecar.feed.in_sync))
-        assert sidecar.checker.failure_mode_answers == {}
+        checker = sidecar.checker
+        assert checker.failure_mode_answers == {}
         own_redis.kill()
-        # The replica no longer vouches for absent ids once the feed is lost.
-        await eventually(lambda: _true(not sidecar.checker.cache.feed_healthy))
-        resp = await stub.CheckBatch(recordings(["never-seen"]), timeout=5)
-        d = resp.decisions[0]
-        assert d.reason == R.DECISION_REASON_STATUS_UNAVAILABLE and d.degraded
-        assert sum(sidecar.checker.failure_mode_answers.values()) == 1
-        # A known app is still answered from what was last seen (R13), no failure mode.
-        resp = await stub.CheckBatch(recordings(["app-up"]), timeout=5)
-        assert resp.decisions[0].allowed and resp.decisions[0].degraded
-        assert sum(sidecar.checker.failure_mode_answers.values()) == 1
+        await eventually(lambda: _true(not checker.cache.feed_healthy))
+        # Within the stale bound: what was last seen, degraded; no failure mode.
+        resp = await stub.CheckBatch(recordings(["never-seen", "app-up"]), timeout=5)
+        unknown, up = resp.decisions
+        assert unknown.reason == R.DECISION_REASON_UNKNOWN_APPLICATION and unknown.degraded
+        assert up.allowed and up.degraded
+        assert checker.failure_mode_answers == {}
+        # Past it: the failure mode, counted by check and mode.
+        await asyncio.sleep(1.6)
+        resp = await stub.CheckBatch(recordings(["never-seen", "app-up"]), timeout=5)
+        assert {d.reason for d in resp.decisions} == {R.DECISION_REASON_STATUS_UNAVAILABLE}
+        assert checker.failure_mode_answers == {("recording", "open"): 2}
 
 
 async def test_a_new_app_on_the_feed_is_inserted_into_the_replica(
@@ -317,3 +324,280 @@ async def test_room_ids_per_app_are_bounded(own_redis: EmbeddedRedis, rstore: St
         assert len(rooms) <= cache.rooms_per_app
         assert cache.room_count == len(rooms)
         assert cache.room_evictions >= 5000 - cache.rooms_per_app
+
+
+# -- finding 2: believe no caller too far ------------------------------------------
+
+
+def started_req(app: str, room: str, at: Millis, end: Millis | None = None) -> Any:
+    req = pb.ReportClassroomStartedRequest(app_id=app, room_id=room)
+    req.started_at.FromMilliseconds(at)
+    if end is not None:
+        req.scheduled_end_time.FromMilliseconds(end)
+    return req
+
+
+def ended_req(app: str, room: str, at: Millis) -> Any:
+    req = pb.ReportClassroomEndedRequest(app_id=app, room_id=room)
+    req.ended_at.FromMilliseconds(at)
+    return req
+
+
+async def code_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+YEAR_5000 = 95_617_584_000_000
+
+
+async def test_forged_reports_are_refused_naming_the_field(
+    own_redis: EmbeddedRedis, rstore: Store
+) -> None:
+    now = wall_clock()
+    # Suspended one second after the "start" a forger would claim.
+    await write_all(rstore, [suspended("app-f", now=now)])
+    async with started(own_redis) as (_sidecar, _channel, stub):
+        bad = [
+            (started_req("app-f", "r1", now - 2 * DAY - 1000, YEAR_5000), "started_at"),
+            (started_req("app-f", "r1", now + 10 * 60_000), "started_at"),
+            (started_req("app-f", "r1", now - 1000, now - 2000), "scheduled_end_time"),
+        ]
+        for req, field in bad:
+            code, details = await code_of(stub.ReportClassroomStarted(req, timeout=5))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field)
+        code, details = await code_of(
+            stub.ReportClassroomEnded(ended_req("app-f", "r1", 0), timeout=5)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("ended_at")
+        code, details = await code_of(
+            stub.ReportClassroomEnded(ended_req("app-f", "r1", now + DAY), timeout=5)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("ended_at")
+
+
+async def test_protection_never_outlasts_start_plus_the_maximum_class_length(
+    own_redis: EmbeddedRedis, rstore: Store
+) -> None:
+    now = wall_clock()
+    # Suspended 2 days ago, then re-suspended now: a class started 1 h ago
+    # under an OK status, with a scheduled end in year 5000.
+    seg_ok = Segment(now - 10 * DAY)
+    seg_s = Segment(now - 1000, (Reason.PACKAGE_EXPIRED,), suspended_at=now - 1000, release_at=None)
+    await rstore.write_status(AppStatus("app-p", "acct-p", (seg_ok, seg_s), 1, now))
+    async with started(own_redis) as (sidecar, _channel, stub):
+        await eventually(lambda: _true(sidecar.feed.in_sync))
+        await stub.ReportClassroomStarted(
+            started_req("app-p", "live", now - HOUR, YEAR_5000), timeout=5
+        )
+        resp = await stub.CanEnterClassroom(
+            pb.CanEnterClassroomRequest(app_id="app-p", room_id="live"), timeout=5
+        )
+        d = resp.decision
+        assert d.allowed and d.reason == R.DECISION_REASON_IN_PROGRESS_PROTECTED
+        max_class = sidecar.checker.cfg.max_class_ms
+        assert d.protected_until.ToMilliseconds() <= now - HOUR + max_class
+
+
+async def test_serve_refuses_a_network_address_without_auth(own_redis: EmbeddedRedis) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lcic_guard.cli",
+        "serve",
+        "--redis-url",
+        own_redis.url,
+        "--listen",
+        "0.0.0.0:0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "--auth-token-file" in lines[0] and "--insecure" in lines[0]
+
+
+async def test_scopes_grant_what_the_token_file_lists(
+    own_redis: EmbeddedRedis, rstore: Store, tmp_path: Path
+) -> None:
+    now = wall_clock()
+    await write_all(rstore, [active("app-a")])
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# token scopes\nreader-token read\nreporter-token report\nold-style-token\n")
+    async with started(own_redis, auth_token_file=str(tokens)) as (_sidecar, _channel, stub):
+
+        def auth(token: str) -> list[tuple[str, str]]:
+            return [("authorization", f"Bearer {token}")]
+
+        rep = started_req("app-a", "r", now - 1000)
+        status = pb.GetApplicationStatusRequest(app_id="app-a")
+        codes = {
+            "anonymous report": await code_of(stub.ReportClassroomStarted(rep, timeout=5)),
+            "reader report": await code_of(
+                stub.ReportClassroomStarted(rep, timeout=5, metadata=auth("reader-token"))
+            ),
+            "reader status": await code_of(
+                stub.GetApplicationStatus(status, timeout=5, metadata=auth("reader-token"))
+            ),
+            "reporter report": await code_of(
+                stub.ReportClassroomStarted(rep, timeout=5, metadata=auth("reporter-token"))
+            ),
+            "reporter status": await code_of(
+                stub.GetApplicationStatus(status, timeout=5, metadata=auth("reporter-token"))
+            ),
+            "old report": await code_of(
+                stub.ReportClassroomStarted(rep, timeout=5, metadata=auth("old-style-token"))
+            ),
+            "old status": await code_of(
+                stub.GetApplicationStatus(status, timeout=5, metadata=auth("old-style-token"))
+            ),
+        }
+        C = grpc.StatusCode
+        assert {k: v[0] for k, v in codes.items()} == {
+            "anonymous report": C.UNAUTHENTICATED,
+            "reader report": C.PERMISSION_DENIED,
+            "reader status": C.OK,
+            "reporter report": C.OK,
+            "reporter status": C.PERMISSION_DENIED,
+            "old report": C.OK,
+            "old status": C.OK,
+        }
+        assert "needs scope 'report'" in codes["reader report"][1]
+
+
+# -- finding 5: one bad stored value fails nothing else ------------------------------
+
+
+async def test_one_poisoned_room_does_not_fail_its_batch(
+    own_redis: EmbeddedRedis, rstore: Store
+) -> None:
+    now = wall_clock()
+    apps = [f"app-q{i}" for i in range(999)]
+    await write_all(rstore, [suspended(a, now=now) for a in [*apps, "app-poison"]])
+    # As Lua's cjson stores a report of 9999-12-31 (a float), and a room whose
+    # record is garbage.
+    key = status_key("app-poison")
+    await rstore.redis.hset(key, "room:far", json.dumps({"s": now - 3 * DAY, "e": 2.53402e14}))
+    await rstore.redis.hset(key, "room:bad", json.dumps({"s": "yesterday"}))
+    # A generous sub-deadline: this is about answers, not a slow Redis.
+    async with started(own_redis, redis_timeout_ms=5000) as (sidecar, _channel, stub):
+        await eventually(lambda: _true(sidecar.feed.in_sync))
+        checks = [
+            pb.Check(enter_classroom=pb.CanEnterClassroomRequest(app_id=a, room_id="room-1"))
+            for a in apps
+        ]
+        checks.append(
+            pb.Check(
+                enter_classroom=pb.CanEnterClassroomRequest(app_id="app-poison", room_id="bad")
+            )
+        )
+        checks.append(
+            pb.Check(
+                enter_classroom=pb.CanEnterClassroomRequest(app_id="app-poison", room_id="far")
+            )
+        )
+        resp = await stub.CheckBatch(pb.CheckBatchRequest(checks=checks[-1000:]), timeout=10)
+        reasons = [d.reason for d in resp.decisions]
+        assert reasons[-2] == R.DECISION_REASON_STATUS_UNAVAILABLE
+        assert reasons[-1] == R.DECISION_REASON_ACCOUNT_OVERDUE  # started after the suspension
+        assert set(reasons[:-2]) == {R.DECISION_REASON_ACCOUNT_OVERDUE}
+        assert sidecar.checker.internal_errors == 1
+        assert sum(sidecar.checker.failure_mode_answers.values()) == 1
+
+
+async def test_a_status_dated_9999_is_served_and_watched(
+    own_redis: EmbeddedRedis, rstore: Store
+) -> None:
+    late = 253_402_297_200_000  # 9999-12-31T23:00Z: its grace ends in year 10000
+    seg = Segment(late, (Reason.OVERDUE_GRACE,), grace_ends_at=late + DAY, suspended_at=None)
+    status = AppStatus("app-9999", "acct-9", (Segment(0), seg), 1, wall_clock())
+    async with started(own_redis) as (sidecar, _channel, stub):
+        await eventually(lambda: _true(sidecar.feed.in_sync))
+        watch = stub.WatchApplicationStatus(pb.WatchApplicationStatusRequest(), timeout=10)
+        await eventually(lambda: _true(len(sidecar.watchers or ()) == 1))
+        await rstore.write_status(status)
+        await rstore.publish_change(status)
+        await rstore.publish_change(active("app-after", 1))
+        got: list[str] = []
+        async for msg in watch:
+            if msg.HasField("status"):
+                got.append(msg.status.app_id)
+            if "app-after" in got:
+                break
+        watch.cancel()
+        # Its schedule cannot be written out (a grace end in year 10000): that
+        # one message is skipped and counted; the stream goes on.
+        assert got == ["app-after"]
+        assert sidecar.watchers is not None and sidecar.watchers.render_errors == 1
+        resp = await stub.GetApplicationStatus(
+            pb.GetApplicationStatusRequest(app_id="app-9999"), timeout=5
+        )
+        assert resp.status.app_id == "app-9999"
+
+
+# -- finding 4: watch streams cannot hurt checks ------------------------------------
+
+
+async def test_watch_streams_past_the_limit_are_refused(own_redis: EmbeddedRedis) -> None:
+    async with started(own_redis, max_watch_streams=5) as (sidecar, _channel, stub):
+        await eventually(lambda: _true(sidecar.feed.in_sync))
+        calls = [
+            stub.WatchApplicationStatus(pb.WatchApplicationStatusRequest(), timeout=10)
+            for _ in range(5)
+        ]
+        await eventually(lambda: _true(len(sidecar.watchers or ()) == 5))
+        extra = stub.WatchApplicationStatus(pb.WatchApplicationStatusRequest(), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await extra.read()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-watch-streams" in (err.value.details() or "")
+        # Checks are answered meanwhile, and a freed slot can be used again.
+        resp = await stub.CheckBatch(recordings(["x"]), timeout=5)
+        assert resp.decisions[0].reason == R.DECISION_REASON_UNKNOWN_APPLICATION
+        calls[0].cancel()
+        await eventually(lambda: _true(len(sidecar.watchers or ()) == 4))
+        again = stub.WatchApplicationStatus(pb.WatchApplicationStatusRequest(), timeout=10)
+        await eventually(lambda: _true(len(sidecar.watchers or ()) == 5))
+        for c in [*calls, again]:
+            c.cancel()
+
+
+async def test_watch_sends_a_time_driven_transition_at_its_instant(
+    own_redis: EmbeddedRedis, rstore: Store
+) -> None:
+    now = wall_clock()
+    flip = now + 1500  # grace ends: GRACE -> SUSPENDED with no new record
+    grace = Segment(now - HOUR, (Reason.OVERDUE_GRACE,), grace_ends_at=flip)
+    susp = Segment(
+        flip,
+        (Reason.ACCOUNT_OVERDUE,),
+        grace_ends_at=flip,
+        suspended_at=flip,
+        release_at=flip + 60 * DAY,
+    )
+    status = AppStatus("app-t", "acct-t", (Segment(now - DAY), grace, susp), 1, now)
+    await rstore.write_status(status)
+    async with started(own_redis) as (sidecar, _channel, stub):
+        await eventually(lambda: _true(sidecar.feed.in_sync))
+        watch = stub.WatchApplicationStatus(
+            pb.WatchApplicationStatusRequest(app_ids=["app-t"]), timeout=10
+        )
+        states = []
+        async for msg in watch:
+            if msg.HasField("status"):
+                states.append((msg.status.state, wall_clock()))
+                if msg.status.state == pb.APPLICATION_STATE_SUSPENDED:
+                    break
+        watch.cancel()
+        assert [s for s, _ in states] == [
+            pb.APPLICATION_STATE_GRACE,
+            pb.APPLICATION_STATE_SUSPENDED,
+        ]
+        late_by = states[-1][1] - flip
+        assert late_by >= 0
+        print(f"time-driven transition sent {late_by} ms after its instant")
+        assert sidecar.watchers is not None and sidecar.watchers.transitions_pushed == 1

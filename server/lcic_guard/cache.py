@@ -234,7 +234,9 @@ class StatusCache:
             seen = self._absent.get(app_id)
             if seen is not None:
                 return Entry(None, seen)
-            if self.replica_answers_absent() and app_id not in self._corrupt:
+            if self.complete and self.synced_since is not None and app_id not in self._corrupt:
+                # Not in the whole table as last confirmed (R13: a last-seen
+                # "not in the table" counts as a status).
                 return Entry(None, self.confirmed_at)
             return None
         status, fetched_at = unpack(app_id, rec)

@@ -72,6 +72,8 @@ Reconciler metrics:
     Accounts whose resources were released (R10).
 ``lcic_guard_reconciler_leader_changes_total``, ``lcic_guard_reconciler_is_leader``
     Times this replica gained or lost the lead, and whether it leads now.
+``lcic_guard_reconciler_generation_changes_total``
+    Times Redis was found holding a new data set; releases wait meanwhile.
 ``lcic_guard_reconciler_errors_total{loop}``
     Failed rounds of the ingest or deadline loop (each retried).
 """
@@ -449,6 +451,11 @@ class ReconcilerMetrics:
         )
         for loop in ("ingest", "deadlines"):
             self.errors.labels(loop)
+        self.generation_changes = Counter(
+            "lcic_guard_reconciler_generation_changes",
+            "Times Redis was found holding a new data set (releases wait for a full read).",
+            registry=r,
+        )
 
     def on_ingest(self, stats: IngestStats) -> None:
         self.received.inc(stats.received)
@@ -474,6 +481,9 @@ class ReconcilerMetrics:
     def on_leadership(self, leading: bool) -> None:
         self.leader_changes.inc()
         self.is_leader.set(1 if leading else 0)
+
+    def on_generation_change(self) -> None:
+        self.generation_changes.inc()
 
     def on_error(self, loop: str) -> None:
         self.errors.labels(loop).inc()

@@ -8,8 +8,10 @@ default. Durations take a unit: ``500ms``, ``30s``, ``5m``, ``24h``, ``60d``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -455,6 +457,32 @@ def _security_settings(s: Settings, ns: argparse.Namespace) -> None:
         raise SystemExit("--auth-allow-identity needs mutual TLS (--tls-client-ca)")
 
 
+def is_loopback(listen: str) -> bool:
+    """Whether ``HOST:PORT`` (or a unix socket) is reachable from this machine only."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or 0.0.0.0 / [::]: assume the network can reach it
+
+
+def refuse_open_listen(s: Settings) -> None:
+    """Secure by default: no network-reachable port without authentication."""
+    authenticated = bool(s.auth_token_file) or bool(s.tls_client_ca and s.tls_cert)
+    if authenticated or s.insecure or is_loopback(s.listen):
+        return
+    sys.stderr.write(
+        f"lcic-guard: refusing to listen on {s.listen} without authentication: give "
+        "--auth-token-file or mutual TLS (--tls-cert, --tls-key, --tls-client-ca), or "
+        "--insecure to accept anyone who can reach the port\n"
+    )
+    raise SystemExit(2)
+
+
 def settings_from(ns: argparse.Namespace) -> Settings:
     """Build :class:`Settings` from parsed flags (absent groups keep defaults)."""
     s = Settings()
@@ -485,6 +513,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         _security_settings(s, ns)
         if bool(s.tls_cert) != bool(s.tls_key):
             raise SystemExit("--tls-cert and --tls-key go together")
+        refuse_open_listen(s)
     if get("release_margin") is not None:
         s.events = ns.events
         s.reconciler = ReconcilerConfig(

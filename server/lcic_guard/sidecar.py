@@ -25,7 +25,7 @@ from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import api, logs, report
 from lcic_guard.api import BadRequest
 from lcic_guard.certs import CertificateFiles, reloading_server_credentials
-from lcic_guard.checker import Checker, CheckRequest
+from lcic_guard.checker import Checker, CheckRequest, bounded_room
 from lcic_guard.facts import Millis
 from lcic_guard.observe import PREVIEW_CHECKS, DecisionObserver
 from lcic_guard.policy import AppStatus, Room, protected_until
@@ -33,6 +33,8 @@ from lcic_guard.store import Store
 
 log = logging.getLogger(__name__)
 
+# How far in the future a classroom report's time may be (clock skew).
+REPORT_SKEW_MS: Final = 5 * 60_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnforcementService"].full_name
 
 
@@ -130,7 +132,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         room: Room,
         **times: Millis | None,
     ) -> None:
-        until = protected_until(room, self.checker.cfg)
+        until = protected_until(bounded_room(room, self.checker.cfg) or room, self.checker.cfg)
         try:
             known = await asyncio.wait_for(
                 self.store.report_room(app_id, room_id, now=self.clock(), until=until, **times),
@@ -153,6 +155,20 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             # entry ages out (--cache-max-age).
             log.warning("could not announce classroom report %s/%s: %s", app_id, room_id, exc)
 
+    def _believable(self, at: Millis, field: str) -> None:
+        """R6: a report is believed only about a class that could be running:
+        not earlier than now - the maximum class length, not later than
+        now + 5 min (clock skew)."""
+        now = self.clock()
+        earliest = now - self.checker.cfg.max_class_ms
+        if at < earliest:
+            raise BadRequest(
+                f"{field}: earlier than now minus the maximum class length "
+                f"({self.checker.cfg.max_class_ms // 60_000} min); not believed"
+            )
+        if at > now + REPORT_SKEW_MS:
+            raise BadRequest(f"{field}: more than 5 minutes in the future; not believed")
+
     async def ReportClassroomStarted(
         self, request: pb.ReportClassroomStartedRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportClassroomStartedResponse:
@@ -161,8 +177,9 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             room_id = api.require_id(request.room_id, "room_id")
             started = api.required_millis(request, "started_at", "started_at")
             end = api.optional_millis(request, "scheduled_end_time", "scheduled_end_time")
-            if end is not None and end < started:
-                raise BadRequest("scheduled_end_time: must not be before started_at")
+            self._believable(started, "started_at")
+            if end is not None and end <= started:
+                raise BadRequest("scheduled_end_time: must be after started_at")
         except BadRequest as exc:
             await _invalid(context, exc)
         room = Room(started_at=started, scheduled_end=end)
@@ -176,6 +193,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             app_id = api.require_id(request.app_id, "app_id")
             room_id = api.require_id(request.room_id, "room_id")
             ended = api.required_millis(request, "ended_at", "ended_at")
+            self._believable(ended, "ended_at")
         except BadRequest as exc:
             await _invalid(context, exc)
         # Only the end is known here; the stored start (if any) is kept.
@@ -190,23 +208,47 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             app_id = api.require_id(request.app_id, "app_id")
         except BadRequest as exc:
             await _invalid(context, exc)
-        try:
-            status, _ = await asyncio.wait_for(self.store.read_status(app_id), self.write_timeout)
-        except Exception:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
-        if status is None:
-            await _abort(
-                context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}"
-            )
+        status, _ = await self._read_one(context, app_id, None)
         try:  # the billing facts behind the reasons (one more read; not a hot RPC)
             _, facts = await asyncio.wait_for(
                 self.store.load_account(status.account_id), self.write_timeout
             )
         except Exception:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
-        return pb.GetApplicationStatusResponse(
-            status=report.explained_status(status, facts, self.clock())
-        )
+        try:
+            explained = report.explained_status(status, facts, self.clock())
+        except Exception as exc:
+            # A stored fact the explanation cannot render must not hide the status.
+            log.warning("cannot explain the status of %s (%s); sent without facts", app_id, exc)
+            explained = api.status_to_pb(status, self.clock())
+        return pb.GetApplicationStatusResponse(status=explained)
+
+    async def _read_one(
+        self, context: grpc.aio.ServicerContext, app_id: str, room_id: str | None
+    ) -> tuple[AppStatus, Room | None]:
+        """One status for an RPC that needs it: NOT_FOUND, UNAVAILABLE or
+        INTERNAL (a stored record that does not decode) otherwise."""
+        try:
+            rows = await asyncio.wait_for(
+                self.store.read_rows([(app_id, room_id)]), self.write_timeout
+            )
+        except Exception:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
+        row = rows[0]
+        if isinstance(row, Exception):
+            self.checker.internal_errors += 1
+            log.warning("stored status of %s does not decode: %s", app_id, row)
+            await _abort(
+                context,
+                grpc.StatusCode.INTERNAL,
+                f"app_id: the stored status of {app_id} cannot be read; the operator is told",
+            )
+        status, room = row
+        if status is None:
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}"
+            )
+        return status, room
 
     async def PreviewApplication(
         self, request: pb.PreviewApplicationRequest, context: grpc.aio.ServicerContext
@@ -217,17 +259,19 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             room_id = api.optional_id(request.room_id, "room_id")
         except BadRequest as exc:
             await _invalid(context, exc)
+        status, room = await self._read_one(context, app_id, room_id)
         try:
-            status, room = await asyncio.wait_for(
-                self.store.read_status(app_id, room_id), self.write_timeout
+            resp = report.preview(
+                status,
+                bounded_room(room, self.checker.cfg),
+                max(at, self.clock()),
+                self.checker.cfg,
             )
-        except Exception:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
-        if status is None:
+        except Exception as exc:
+            log.warning("cannot preview %s: %s", app_id, exc)
             await _abort(
-                context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}"
+                context, grpc.StatusCode.INTERNAL, f"app_id: cannot preview {app_id}: {exc}"
             )
-        resp = report.preview(status, room, max(at, self.clock()), self.checker.cfg)
         for name, check in PREVIEW_CHECKS:
             self.observer.shadow_pb(check, getattr(resp, name))
         return resp
@@ -618,9 +662,13 @@ def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
                 return await impl(message, context)
             except grpc.aio.AbortError:
                 raise
-            except Exception:
+            except Exception as exc:
+                # Logged with the request id; the caller gets INTERNAL, never
+                # grpc's UNKNOWN naming a Python class.
                 log.exception("unexpected error", extra={"event": "rpc_error"})
-                raise
+                await _abort(
+                    context, grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
+                )
             finally:
                 with contextlib.suppress(ValueError):
                     logs.request_id.reset(token)
