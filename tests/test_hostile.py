@@ -25,10 +25,12 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.checker import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.facts import Millis
+from lcic_guard.facts import Millis, format_time
 from lcic_guard.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment
+from lcic_guard.reconciler import RESYNCING, Reconciler, ReconcilerConfig
 from lcic_guard.runner import Sidecar, build_sidecar
 from lcic_guard.settings import Settings
+from lcic_guard.sources import FileSource
 from lcic_guard.store import Store, connect, status_key
 
 R = pb.DecisionReason
@@ -601,3 +603,82 @@ async def test_watch_sends_a_time_driven_transition_at_its_instant(
         assert late_by >= 0
         print(f"time-driven transition sent {late_by} ms after its instant")
         assert sidecar.watchers is not None and sidecar.watchers.transitions_pushed == 1
+
+
+# -- finding 7: errors that say what happened -------------------------------------
+
+
+async def test_a_wrong_redis_password_is_reported_as_such_and_not_repeated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with EmbeddedRedis() as redis:
+        admin = Store(connect(redis.url))
+        await admin.redis.config_set("requirepass", "right-password")
+        await admin.close()
+        url = f"redis://:wrong-password@127.0.0.1:{redis.port}/0"
+        settings = Settings(redis_url=url, listen="127.0.0.1:0")
+        store = Store(connect(url))
+        rec_store = Store(connect(url))
+        reconciler = Reconciler(rec_store, PolicyConfig(), ReconcilerConfig(tick_ms=50))
+        stop = asyncio.Event()
+        running = asyncio.create_task(reconciler.run(stop))
+        sidecar = await build_sidecar(settings, store)
+        try:
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}")
+            stub = pb_grpc.EnforcementServiceStub(channel)
+            for _ in range(20):
+                await stub.CheckBatch(recordings(["app-1"]), timeout=5)
+            await asyncio.sleep(1.5)  # ~30 reconciler ticks
+            await channel.close()
+        finally:
+            stop.set()
+            await running
+            await sidecar.stop(grace=0.1)
+            await store.close()
+            await rec_store.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("Redis refused the credentials" in w for w in warnings)
+    ticks = [w for w in warnings if w.startswith("deadline work failed")]
+    assert 1 <= len(ticks) <= 2, ticks
+    assert "refused the credentials" in ticks[0]
+
+
+async def test_reconciler_refuses_releases_after_flushall_until_the_feed_is_read_again(
+    own_redis: EmbeddedRedis, rstore: Store, tmp_path: Path
+) -> None:
+    now = wall_clock()
+    events = [
+        {
+            "event_id": "e1",
+            "type": "application_registered",
+            "occurred_at": format_time(now - 100 * DAY),
+            "account_id": "acct-r",
+            "app_id": "app-r",
+        },
+        {
+            "event_id": "e2",
+            "type": "overdue_alert",
+            "occurred_at": format_time(now - 70 * DAY),
+            "account_id": "acct-r",
+        },
+    ]
+    snapshot = tmp_path / "snapshot.jsonl"
+    snapshot.write_text("".join(json.dumps(e) + "\n" for e in events))
+    source = FileSource(snapshot, clock_ms=rstore.server_time)
+    rec = Reconciler(rstore, PolicyConfig(), ReconcilerConfig(release_margin_ms=0), [source])
+    assert not await rec.check_generation()  # a new store: its generation is created
+    await rec.drain(source)
+    await rstore.redis.flushall()
+    assert await rec.check_generation()
+    assert rec.resyncing
+    rec.token = await rec.coord.hold_lease(rec.name, 5000)
+    plan = await rec.try_release("acct-r", wall_clock())
+    assert not plan.eligible and plan.why == RESYNCING
+    assert rec.releases_done == []
+    # The snapshot is loaded again and read to its end: releases may go on.
+    source2 = FileSource(snapshot, clock_ms=rstore.server_time)
+    rec.sources = [source2]
+    await rec.drain(source2)
+    assert not rec.resyncing
+    plan = await rec.try_release("acct-r", wall_clock())
+    assert plan.why != RESYNCING

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from lcic_guard.facts import Millis
 from lcic_guard.policy import SUSPENSION_PRECEDENCE, AppStatus, Reason, Room, Segment
+from lcic_guard.ratelimit import describe_error
 
 if TYPE_CHECKING:
     from lcic_guard.store import Change
@@ -656,21 +657,3 @@ class ChangeFeedReader:
                 # capped low, so that answers are fresh soon after Redis is back.
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, 0.5)
-
-
-def describe_error(exc: BaseException) -> str:
-    """What went wrong with Redis, in words an operator acts on: a refused
-    password says so (redis-py may surface it only as the cause of a timeout
-    or connection error)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        name = type(cur).__name__
-        text = str(cur)
-        if name == "AuthenticationError" or "WRONGPASS" in text or "NOAUTH" in text:
-            return f"Redis refused the credentials: {name}: {text}"
-        cur = cur.__cause__ or cur.__context__
-    if isinstance(exc, TimeoutError):
-        return "TimeoutError: no answer from Redis in time"
-    return f"{type(exc).__name__}: {exc}"

@@ -13,13 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from lcic_guard.cache import (
     CircuitBreaker,
     Entry,
     StatusCache,
-    describe_error,
     segment_span,
     unpack_segment,
 )
@@ -34,6 +33,7 @@ from lcic_guard.policy import (
     decide_without_store,
     r4_r5_allowed,
 )
+from lcic_guard.ratelimit import RateLimitedLog, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ RowOrError = Row | Exception
 # a cold or expired batch of 1,000 is a bigger reply, not a sign that Redis
 # is down.
 PER_MISS_S: Final = 0.00005
-_WARN_EVERY_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,30 +77,6 @@ def bounded_room(room: Room | None, cfg: PolicyConfig) -> Room | None:
     if room.scheduled_end <= latest:
         return room
     return Room(room.started_at, max(room.started_at, latest), room.ended_at)
-
-
-class RateLimitedLog:
-    """A warning repeated at most once per ``every`` seconds per key, with the
-    number of times it was suppressed meanwhile."""
-
-    def __init__(self, logger: logging.Logger, every: float = _WARN_EVERY_S) -> None:
-        self.logger = logger
-        self.every = every
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (-1e18, 0))
-        if now - last < self.every:
-            self._last[key] = (last, suppressed + 1)
-            return
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[key] = (now, 0)
-        if suppressed:
-            msg += " (%d similar messages suppressed)"
-            args = (*args, suppressed)
-        self.logger.warning(msg, *args)
 
 
 class Checker:
@@ -332,14 +307,24 @@ class Checker:
 
     def _read_done(self, key: tuple[str, str | None], read: asyncio.Future[RowOrError]) -> None:
         self._reads.pop(key, None)
-        if not read.cancelled() and read.exception() is None:
-            self._keep([key], [read.result()])
+        self._finished(read, [key])
 
     def _batch_done(
         self, keys: list[tuple[str, str | None]], read: asyncio.Future[list[RowOrError]]
     ) -> None:
-        if not read.cancelled() and read.exception() is None:
-            self._keep(keys, read.result())
+        self._finished(read, keys)
+
+    def _finished(self, read: asyncio.Future[Any], keys: list[tuple[str, str | None]]) -> None:
+        if read.cancelled():
+            return
+        exc = read.exception()
+        if exc is not None:
+            # The check may have given up on this read already (a timeout):
+            # say what Redis actually answered, e.g. a refused password.
+            self._warn.warning("read-failed", "status store read failed: %s", describe_error(exc))
+            return
+        result = read.result()
+        self._keep(keys, result if isinstance(result, list) else [result])
 
     def _keep(self, keys: Sequence[tuple[str, str | None]], rows: Sequence[RowOrError]) -> None:
         # Redis answered, if late: it is reachable, so close the breaker (a

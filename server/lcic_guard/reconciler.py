@@ -40,6 +40,7 @@ from lcic_guard.policy import (
     Segment,
     compute_account,
 )
+from lcic_guard.ratelimit import RateLimitedLog, describe_error
 from lcic_guard.sources import BillingSource, Delivery
 from lcic_guard.store import Coordination, Outbox, Store, meta_key, status_key
 
@@ -130,6 +131,7 @@ class Reconciler:
         self.generation: str | None = None
         self.resyncing = False
         self._caught_up: set[int] = set()
+        self._warn = RateLimitedLog(log)
         self.releases_done: list[str] = []
         self.releases_planned: list[ReleasePlan] = []
 
@@ -638,8 +640,11 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning(
-                    "ingest from %s failed (%s: %s); retrying", source.name, type(exc).__name__, exc
+                self._warn.warning(
+                    f"ingest:{source.name}",
+                    "ingest from %s failed (%s); retrying",
+                    source.name,
+                    describe_error(exc),
                 )
                 if self.metrics is not None:
                     self.metrics.on_error("ingest")
@@ -664,7 +669,9 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("deadline work failed (%s: %s); retrying", type(exc).__name__, exc)
+                self._warn.warning(
+                    "deadlines", "deadline work failed (%s); retrying", describe_error(exc)
+                )
                 if self.metrics is not None:
                     self.metrics.on_error("deadlines")
             with contextlib.suppress(asyncio.TimeoutError):
