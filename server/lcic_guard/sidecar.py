@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # How far in the future a classroom report's time may be (clock skew).
 REPORT_SKEW_MS: Final = 5 * 60_000
+# Watch messages sent per second, all streams together (see Watchers).
+SEND_RATE: Final = 5_000.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnforcementService"].full_name
 
 
@@ -388,6 +390,9 @@ class Subscription:
             except TimeoutError:
                 return None
             self._collect()
+        # Wait for the shared send budget; what changes meanwhile coalesces.
+        await self.watchers.budget(len(self.pending))
+        self._collect()
         out = list(self.pending.values())
         self.pending.clear()
         return out
@@ -405,6 +410,11 @@ class Watchers:
     more than ``log_size`` changes behind or holds ``max_pending`` unsent
     applications. Beyond ``max_streams`` open streams, new ones are refused.
 
+    Every message sent to a watcher takes a token from one bucket refilled at
+    ``send_rate`` a second: fan-out work is bounded whatever the number of
+    streams, so it never runs ahead of the checks; streams wait their turn
+    (coalescing meanwhile) and one that falls too far behind is cut.
+
     Time-driven transitions (a grace ending, a package expiring) change no
     record, so nothing comes on the feed: the transitions due within
     ``horizon_ms`` are kept in a heap and pushed at their instant.
@@ -419,8 +429,12 @@ class Watchers:
         log_size: int = 50_000,
         flush_s: float = 0.02,
         horizon_ms: int = 10 * 60_000,
+        send_rate: float = SEND_RATE,
     ) -> None:
         self.max_pending = queue_size
+        self.send_rate = send_rate
+        self._tokens = send_rate / 10
+        self._refilled = time.monotonic()
         self.heartbeat_s = heartbeat_s
         self.max_streams = max_streams
         self.log_size = log_size
@@ -443,6 +457,18 @@ class Watchers:
         self._timer: asyncio.TimerHandle | None = None
         self.refresh: Callable[[list[str]], Awaitable[list[AppStatus]]] | None = None
         self.transitions_pushed = 0
+
+    async def budget(self, n: int) -> None:
+        """Take ``n`` send tokens, waiting for the bucket to refill if need be."""
+        while True:
+            now = time.monotonic()
+            cap = self.send_rate / 10  # a tenth of a second of burst
+            self._tokens = min(cap, self._tokens + (now - self._refilled) * self.send_rate)
+            self._refilled = now
+            if self._tokens >= min(n, cap):
+                self._tokens -= n
+                return
+            await asyncio.sleep((min(n, cap) - self._tokens) / self.send_rate)
 
     def subscribe(self, app_ids: list[str]) -> Subscription:
         if self.closing:
@@ -605,6 +631,7 @@ class RunningServer:
 # client's preface and first SETTINGS) by then is closed: an idle socket must
 # not hold a slot for ever.
 HANDSHAKE_TIMEOUT_MS = 10_000
+
 
 
 def connection_limits(handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS) -> list[tuple[str, Any]]:
