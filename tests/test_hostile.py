@@ -568,26 +568,34 @@ async def test_watch_streams_past_the_limit_are_refused(own_redis: EmbeddedRedis
             c.cancel()
 
 
+@pytest.mark.parametrize("ids", [["app-t"], []], ids=["by-id", "watch-all"])
 async def test_watch_sends_a_time_driven_transition_at_its_instant(
-    own_redis: EmbeddedRedis, rstore: Store
+    own_redis: EmbeddedRedis, rstore: Store, ids: list[str]
 ) -> None:
-    now = wall_clock()
-    flip = now + 1500  # grace ends: GRACE -> SUSPENDED with no new record
-    grace = Segment(now - HOUR, (Reason.OVERDUE_GRACE,), grace_ends_at=flip)
-    susp = Segment(
-        flip,
-        (Reason.ACCOUNT_OVERDUE,),
-        grace_ends_at=flip,
-        suspended_at=flip,
-        release_at=flip + 60 * DAY,
-    )
-    status = AppStatus("app-t", "acct-t", (Segment(now - DAY), grace, susp), 1, now)
-    await rstore.write_status(status)
+    def with_deadline(flip: Millis) -> AppStatus:
+        """In grace until ``flip``, then suspended: no new record at the flip."""
+        now = wall_clock()
+        grace = Segment(now - HOUR, (Reason.OVERDUE_GRACE,), grace_ends_at=flip)
+        susp = Segment(
+            flip,
+            (Reason.ACCOUNT_OVERDUE,),
+            grace_ends_at=flip,
+            suspended_at=flip,
+            release_at=flip + 60 * DAY,
+        )
+        return AppStatus("app-t", "acct-t", (Segment(now - DAY), grace, susp), 1, now)
+
+    if not ids:
+        # Held since the start and never changed while watched.
+        await rstore.write_status(with_deadline(wall_clock() + 3000))
     async with started(own_redis) as (sidecar, _channel, stub):
         await eventually(lambda: _true(sidecar.feed.in_sync))
-        watch = stub.WatchApplicationStatus(
-            pb.WatchApplicationStatusRequest(app_ids=["app-t"]), timeout=10
-        )
+        if ids:
+            await rstore.write_status(with_deadline(wall_clock() + 1000))
+        status, _ = await rstore.read_status("app-t")
+        assert status is not None
+        flip = status.segments[-1].starts_at
+        watch = stub.WatchApplicationStatus(pb.WatchApplicationStatusRequest(app_ids=ids))
         states = []
         async for msg in watch:
             if msg.HasField("status"):
@@ -595,10 +603,10 @@ async def test_watch_sends_a_time_driven_transition_at_its_instant(
                 if msg.status.state == pb.APPLICATION_STATE_SUSPENDED:
                     break
         watch.cancel()
-        assert [s for s, _ in states] == [
-            pb.APPLICATION_STATE_GRACE,
-            pb.APPLICATION_STATE_SUSPENDED,
-        ]
+        # Watching by id starts with the current status; watch-all sends
+        # changes only, and this app's only change is the deadline.
+        first = [pb.APPLICATION_STATE_GRACE] if ids else []
+        assert [s for s, _ in states] == [*first, pb.APPLICATION_STATE_SUSPENDED]
         late_by = states[-1][1] - flip
         assert late_by >= 0
         print(f"time-driven transition sent {late_by} ms after its instant")

@@ -338,6 +338,21 @@ class StatusCache:
         self._store(app_id, pack(status, now))
         return True
 
+    def transitions(self, app_id: str, after: Millis, until: Millis) -> list[Millis]:
+        """The instants in (after, until] at which the held status changes."""
+        rec = self._records.get(app_id)
+        if rec is None:
+            return []
+        _, _, known, count = _HEAD.unpack_from(rec)
+        if not known:
+            return []
+        out = []
+        for offset in _spans(rec, count):
+            start = _SEG.unpack_from(rec, offset)[0]
+            if after < start <= until:
+                out.append(int(start))
+        return out
+
     def held_version(self, app_id: str) -> int | None:
         rec = self._records.get(app_id)
         if rec is None:

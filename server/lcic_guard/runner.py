@@ -113,6 +113,7 @@ class Sidecar:
     metrics_server: MetricsServer | None = None  # when it serves its own registry
     watchers: Watchers | None = None
     readiness: Readiness | None = None
+    transitions: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -130,6 +131,10 @@ class Sidecar:
             self.watchers.close()
         await self.server.stop(grace)
         await self.feed.stop()
+        if self.transitions is not None:
+            self.transitions.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.transitions
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
 
@@ -196,6 +201,9 @@ async def build_sidecar(
     feed.start()
     await readiness.check_once()
     readiness.start()
+    transitions = asyncio.create_task(
+        watchers.follow_transitions(cache), name="lcic-guard-watch-transitions"
+    )
     if metrics is not None and registry is None:
         metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
     if settings.shadow:
@@ -204,7 +212,7 @@ async def build_sidecar(
             "logged and counted",
             ",".join(sorted(c.value for c in settings.shadow)),
         )
-    return Sidecar(server, checker, feed, metrics, metrics_server, watchers, readiness)
+    return Sidecar(server, checker, feed, metrics, metrics_server, watchers, readiness, transitions)
 
 
 def _stopping(settings: Settings) -> dict[str, float]:

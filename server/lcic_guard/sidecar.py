@@ -24,6 +24,7 @@ from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 
 from lcic_guard import api, logs, report
 from lcic_guard.api import BadRequest
+from lcic_guard.cache import StatusCache
 from lcic_guard.certs import CertificateFiles, reloading_server_credentials
 from lcic_guard.checker import Checker, CheckRequest, bounded_room
 from lcic_guard.facts import Millis
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 
 # How far in the future a classroom report's time may be (clock skew).
 REPORT_SKEW_MS: Final = 5 * 60_000
-# Watch messages sent per second, all streams together (see Watchers).
+# Watch messages sent per second, all streams together, and how often the
+# streams are woken per stream open (see Watchers).
 SEND_RATE: Final = 5_000.0
+FLUSH_PER_STREAM_S: Final = 0.0001
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnforcementService"].full_name
 
 
@@ -381,21 +384,19 @@ class Subscription:
 
     async def next(self, timeout: float) -> list[bytes] | None:
         """The payloads to send now (each application's latest), or None when
-        ``timeout`` passed with nothing (time for a heartbeat)."""
-        self._collect()
-        if not self.pending:
-            wake = self.watchers.wake
+        ``timeout`` passed with nothing sent (time for a heartbeat). A stream
+        wakes only when the watchers flush; without send budget it waits for
+        the next flush, coalescing meanwhile."""
+        while True:
+            self._collect()
+            if self.pending and self.watchers.take(len(self.pending)):
+                out = list(self.pending.values())
+                self.pending.clear()
+                return out
             try:
-                await asyncio.wait_for(wake.wait(), timeout)
+                await asyncio.wait_for(self.watchers.wake.wait(), timeout)
             except TimeoutError:
                 return None
-            self._collect()
-        # Wait for the shared send budget; what changes meanwhile coalesces.
-        await self.watchers.budget(len(self.pending))
-        self._collect()
-        out = list(self.pending.values())
-        self.pending.clear()
-        return out
 
 
 class Watchers:
@@ -411,9 +412,11 @@ class Watchers:
     applications. Beyond ``max_streams`` open streams, new ones are refused.
 
     Every message sent to a watcher takes a token from one bucket refilled at
-    ``send_rate`` a second: fan-out work is bounded whatever the number of
-    streams, so it never runs ahead of the checks; streams wait their turn
-    (coalescing meanwhile) and one that falls too far behind is cut.
+    ``send_rate`` a second, and streams are woken at most every 100 µs times
+    their number (200 ms with 2,000 open): fan-out work is bounded whatever
+    the number of streams, so it never runs ahead of the checks; streams wait
+    their turn (coalescing meanwhile) and one that falls too far behind is
+    cut. A time-driven transition wakes them at once.
 
     Time-driven transitions (a grace ending, a package expiring) change no
     record, so nothing comes on the feed: the transitions due within
@@ -443,7 +446,7 @@ class Watchers:
         self.log: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=log_size)
         self.seq = 0
         self.wake = asyncio.Event()
-        self._wake_due: asyncio.TimerHandle | None = None
+        self._wake_due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._subs: set[Subscription] = set()
         self.closing = False
         self.refused = 0
@@ -457,18 +460,19 @@ class Watchers:
         self._timer: asyncio.TimerHandle | None = None
         self.refresh: Callable[[list[str]], Awaitable[list[AppStatus]]] | None = None
         self.transitions_pushed = 0
+        self._first_watcher = asyncio.Event()
 
-    async def budget(self, n: int) -> None:
-        """Take ``n`` send tokens, waiting for the bucket to refill if need be."""
-        while True:
-            now = time.monotonic()
-            cap = self.send_rate / 10  # a tenth of a second of burst
-            self._tokens = min(cap, self._tokens + (now - self._refilled) * self.send_rate)
-            self._refilled = now
-            if self._tokens >= min(n, cap):
-                self._tokens -= n
-                return
-            await asyncio.sleep((min(n, cap) - self._tokens) / self.send_rate)
+    def take(self, n: int) -> bool:
+        """Take ``n`` send tokens if the bucket holds them (it may go into
+        debt by one burst, so that a large backlog is not starved)."""
+        now = time.monotonic()
+        cap = self.send_rate / 10  # a tenth of a second of burst
+        self._tokens = min(cap, self._tokens + (now - self._refilled) * self.send_rate)
+        self._refilled = now
+        if self._tokens >= min(n, cap):
+            self._tokens -= n
+            return True
+        return False
 
     def subscribe(self, app_ids: list[str]) -> Subscription:
         if self.closing:
@@ -481,6 +485,8 @@ class Watchers:
                 "retry later or watch through another sidecar",
             )
         sub = Subscription(self, frozenset(app_ids) if app_ids else None)
+        if not self._subs:
+            self._first_watcher.set()
         self._subs.add(sub)
         return sub
 
@@ -514,7 +520,14 @@ class Watchers:
                 log.warning("cannot send the status of %s to watchers: %s", status.app_id, exc)
             return None
 
-    def publish(self, app_id: str, status: AppStatus | None, now: Millis | None = None) -> None:
+    def publish(
+        self,
+        app_id: str,
+        status: AppStatus | None,
+        now: Millis | None = None,
+        *,
+        urgent: bool = False,
+    ) -> None:
         if status is None or self.closing:
             return
         now = self.clock() if now is None else now
@@ -526,10 +539,42 @@ class Watchers:
             return
         self.log.append((app_id, payload))
         self.seq += 1
-        if self._wake_due is None:
-            self._wake_due = asyncio.get_running_loop().call_later(self.flush_s, self._wake_now)
+        if urgent:
+            if self._wake_due is not None:
+                self._wake_due.cancel()
+            self._wake_due = asyncio.get_running_loop().call_soon(self._wake_now)
+        elif self._wake_due is None:
+            # Waking every stream costs in proportion to their number: the
+            # more streams, the less often (each wake carries more changes).
+            interval = max(self.flush_s, len(self._subs) * FLUSH_PER_STREAM_S)
+            self._wake_due = asyncio.get_running_loop().call_later(interval, self._wake_now)
 
     # -- time-driven transitions --------------------------------------------
+
+    async def follow_transitions(self, cache: StatusCache) -> None:
+        """Keep the heap filled from every status held, not only those that
+        changed: every ``horizon/2`` while someone watches, and as soon as
+        the first stream opens. Chunked, so that checks are not held up."""
+        while True:
+            if self._subs:
+                now = self.clock()
+                until = now + self.horizon_ms
+                ids = cache.app_ids()
+                for n, app_id in enumerate(ids):
+                    for t in cache.transitions(app_id, now, until):
+                        item = (t, app_id)
+                        if item not in self._due_set:
+                            self._due_set.add(item)
+                            heapq.heappush(self._due, item)
+                    if n % 2000 == 1999:
+                        await asyncio.sleep(0)
+                self._arm(self.clock())
+                wait = self.horizon_ms / 2000
+            else:
+                wait = 3600.0
+            self._first_watcher.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_watcher.wait(), wait)
 
     def schedule(self, status: AppStatus, now: Millis) -> None:
         """Remember the transitions of ``status`` due within the horizon."""
@@ -584,7 +629,7 @@ class Watchers:
             t = at.get(status.app_id, 0)
             if any(seg.starts_at == t for seg in status.segments):
                 self.transitions_pushed += 1
-                self.publish(status.app_id, status, max(t, self.clock()))
+                self.publish(status.app_id, status, max(t, self.clock()), urgent=True)
 
     def _watched_by_any(self, app_id: str) -> bool:
         return any(s.ids is None or app_id in s.ids for s in self._subs)
@@ -631,7 +676,6 @@ class RunningServer:
 # client's preface and first SETTINGS) by then is closed: an idle socket must
 # not hold a slot for ever.
 HANDSHAKE_TIMEOUT_MS = 10_000
-
 
 
 def connection_limits(handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS) -> list[tuple[str, Any]]:
