@@ -40,6 +40,7 @@ REPORT_SKEW_MS: Final = 5 * 60_000
 # streams are woken per stream open (see Watchers).
 SEND_RATE: Final = 5_000.0
 FLUSH_PER_STREAM_S: Final = 0.0001
+WAKE_GROUPS: Final = 8
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnforcementService"].full_name
 
 
@@ -352,6 +353,7 @@ class Subscription:
         self.watchers = watchers
         self.ids = ids
         self.cursor = watchers.seq
+        self.group = watchers.next_group()
         # Latest payload per application not yet sent (coalesced: latest wins).
         self.pending: dict[str, bytes] = {}
 
@@ -394,7 +396,7 @@ class Subscription:
                 self.pending.clear()
                 return out
             try:
-                await asyncio.wait_for(self.watchers.wake.wait(), timeout)
+                await asyncio.wait_for(self.watchers.wakes[self.group].wait(), timeout)
             except TimeoutError:
                 return None
 
@@ -445,7 +447,11 @@ class Watchers:
         self.horizon_ms = horizon_ms
         self.log: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=log_size)
         self.seq = 0
-        self.wake = asyncio.Event()
+        # Streams are woken a group at a time, so that no single wake holds
+        # the event loop for long.
+        self.wakes = [asyncio.Event() for _ in range(WAKE_GROUPS)]
+        self._groups = 0
+        self._cycle_seq = 0
         self._wake_due: asyncio.TimerHandle | asyncio.Handle | None = None
         self._subs: set[Subscription] = set()
         self.closing = False
@@ -503,10 +509,27 @@ class Watchers:
     def __len__(self) -> int:
         return len(self._subs)
 
+    def next_group(self) -> int:
+        self._groups += 1
+        return self._groups % WAKE_GROUPS
+
     def _wake_now(self) -> None:
+        """Wake every group at once (shutdown, a time-driven transition)."""
         self._wake_due = None
-        wake, self.wake = self.wake, asyncio.Event()
+        for g in range(WAKE_GROUPS):
+            self._wake_group(g)
+
+    def _wake_group(self, g: int) -> None:
+        wake, self.wakes[g] = self.wakes[g], asyncio.Event()
         wake.set()
+
+    def _cycle(self, g: int, step: float) -> None:
+        """Wake group ``g``, then the next one ``step`` seconds later."""
+        self._wake_group(g)
+        if g + 1 < WAKE_GROUPS:
+            self._wake_due = asyncio.get_running_loop().call_later(step, self._cycle, g + 1, step)
+        else:
+            self._wake_due = None
 
     def _render(self, status: AppStatus, now: Millis) -> bytes | None:
         if self.render is None:
@@ -547,7 +570,8 @@ class Watchers:
             # Waking every stream costs in proportion to their number: the
             # more streams, the less often (each wake carries more changes).
             interval = max(self.flush_s, len(self._subs) * FLUSH_PER_STREAM_S)
-            self._wake_due = asyncio.get_running_loop().call_later(interval, self._wake_now)
+            step = interval / WAKE_GROUPS
+            self._wake_due = asyncio.get_running_loop().call_later(step, self._cycle, 0, step)
 
     # -- time-driven transitions --------------------------------------------
 

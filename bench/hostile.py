@@ -1,0 +1,178 @@
+"""Probe the sidecar as a hostile or careless client would, through
+``lcic-guard serve`` (a real process) and a private redis-server:
+
+1. a cold sidecar (checks sent the moment its port opens) asked about 1,000
+   suspended applications in one CheckBatch, ``--runs`` times;
+2. 50,000 never-seen ids in CheckBatches of 1,000, and the server's RSS;
+3. forged classroom reports (a start 1 s before the suspension with a
+   scheduled end in year 5000; an end in 1970);
+4. FLUSHALL and a snapshot reload (the app back at version 1, suspended):
+   how long until the sidecar answers what Redis holds.
+
+    .venv/bin/python bench/hostile.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from lcic.guard.v1 import enforcement_pb2 as pb
+from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.checker import wall_clock
+from lcic_guard.embedded import EmbeddedRedis, free_port
+from lcic_guard.policy import DAY, AppStatus, Reason, Segment
+from lcic_guard.store import Store, connect
+
+YEAR_5000 = 95_617_584_000_000
+
+
+def suspended(app_id: str, version: int, now: int) -> AppStatus:
+    seg = Segment(
+        now - 2 * DAY,
+        (Reason.ACCOUNT_OVERDUE,),
+        grace_ends_at=now - 2 * DAY,
+        suspended_at=now - 2 * DAY,
+        release_at=now + 50 * DAY,
+    )
+    return AppStatus(app_id, "acct-" + app_id, (Segment(now - 10 * DAY), seg), version, now)
+
+
+def active(app_id: str, version: int, now: int) -> AppStatus:
+    return AppStatus(app_id, "acct-" + app_id, (Segment(now - 10 * DAY),), version, now)
+
+
+def recordings(ids: list[str]) -> pb.CheckBatchRequest:
+    return pb.CheckBatchRequest(
+        checks=[
+            pb.Check(access_recording=pb.CanAccessRecordingRequest(app_id=a, recording_id="r"))
+            for a in ids
+        ]
+    )
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def serve(url: str, port: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "lcic_guard.cli", "serve", "--redis-url", url]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--max-heartbeat-age", "0"]
+    env = {**os.environ, "LCIC_GUARD_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_port(port: int) -> None:
+    while True:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.005)
+
+
+async def main(runs: int = 5) -> None:
+    with EmbeddedRedis() as redis:
+        store = Store(connect(redis.url))
+        now = wall_clock()
+        apps = [f"app-s{i}" for i in range(1000)]
+        for i in range(0, 1000, 200):
+            await asyncio.gather(
+                *(store.write_status(suspended(a, 1, now)) for a in apps[i : i + 200])
+            )
+        await store.write_status(active("app-g", 42, now))
+
+        # 1. cold sidecar, 1,000 suspended apps in one batch
+        allowed_runs = []
+        for _ in range(runs):
+            port = free_port()
+            proc = serve(redis.url, port)
+            try:
+                await wait_port(port)
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    stub = pb_grpc.EnforcementServiceStub(ch)
+                    resp = await stub.CheckBatch(recordings(apps), timeout=10)
+                    allowed_runs.append(sum(d.allowed for d in resp.decisions))
+            finally:
+                proc.terminate()
+                proc.wait(10)
+        print(f"1. cold CheckBatch of 1,000 suspended apps, allowed per run: {allowed_runs}")
+
+        port = free_port()
+        proc = serve(redis.url, port)
+        try:
+            await wait_port(port)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = pb_grpc.EnforcementServiceStub(ch)
+                await asyncio.sleep(1.0)  # let it load the table
+                # 2. unknown flood
+                before = rss_mb(proc.pid)
+                allowed = 0
+                for n in range(50):
+                    ids = [f"nobody-{n}-{i}" for i in range(1000)]
+                    resp = await stub.CheckBatch(recordings(ids), timeout=10)
+                    allowed += sum(d.allowed for d in resp.decisions)
+                after = rss_mb(proc.pid)
+                print(
+                    f"2. 50,000 never-seen ids: {allowed} allowed; RSS {before:.1f} MB -> "
+                    f"{after:.1f} MB"
+                )
+                # 3. forged reports
+                forged = pb.ReportClassroomStartedRequest(app_id="app-s1", room_id="forged")
+                forged.started_at.FromMilliseconds(now - 2 * DAY - 1000)
+                forged.scheduled_end_time.FromMilliseconds(YEAR_5000)
+                ended = pb.ReportClassroomEndedRequest(app_id="app-s1", room_id="real")
+                ended.ended_at.FromMilliseconds(0)
+                for name, call in (
+                    (
+                        "start 1 s before the suspension, end in 5000",
+                        stub.ReportClassroomStarted(forged, timeout=5),
+                    ),
+                    ("end in 1970", stub.ReportClassroomEnded(ended, timeout=5)),
+                ):
+                    try:
+                        await call
+                        code = "OK (believed)"
+                    except grpc.aio.AioRpcError as exc:
+                        code = f"{exc.code().name}: {exc.details()}"
+                    print(f"3. forged report ({name}): {code}")
+                enter = await stub.CanEnterClassroom(
+                    pb.CanEnterClassroomRequest(app_id="app-s1", room_id="forged"), timeout=5
+                )
+                d = enter.decision
+                reason = pb.DecisionReason.Name(d.reason)
+                print(f"   enter the forged room: allowed={d.allowed} reason={reason}")
+                # 4. FLUSHALL and reload
+                await store.redis.flushall()
+                reloaded = suspended("app-g", 1, wall_clock())
+                await store.write_status(reloaded)
+                await store.publish_change(reloaded)
+                t0 = time.monotonic()
+                took = None
+                while time.monotonic() - t0 < 10:
+                    r = await stub.CheckBatch(recordings(["app-g"]), timeout=5)
+                    if not r.decisions[0].allowed and r.decisions[0].status_version == 1:
+                        took = time.monotonic() - t0
+                        break
+                    await asyncio.sleep(0.01)
+                shown = f"{took:.2f} s" if took is not None else "not within 10 s"
+                print(f"4. FLUSHALL + reload answered right after: {shown}")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            await store.close()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    asyncio.run(main())
