@@ -152,7 +152,9 @@ async def main(runs: int = 5) -> None:
                 d = enter.decision
                 reason = pb.DecisionReason.Name(d.reason)
                 print(f"   enter the forged room: allowed={d.allowed} reason={reason}")
-                # 4. FLUSHALL and reload
+                # 4. FLUSHALL and reload (the app checked first, so that it is held)
+                first = await stub.CheckBatch(recordings(["app-g"]), timeout=5)
+                assert first.decisions[0].allowed
                 await store.redis.flushall()
                 reloaded = suspended("app-g", 1, wall_clock())
                 await store.write_status(reloaded)
