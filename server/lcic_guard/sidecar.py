@@ -30,6 +30,7 @@ from lcic_guard.checker import Checker, CheckRequest, bounded_room
 from lcic_guard.facts import Millis
 from lcic_guard.observe import PREVIEW_CHECKS, DecisionObserver
 from lcic_guard.policy import AppStatus, Room, protected_until
+from lcic_guard.ratelimit import describe_error
 from lcic_guard.store import Store
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,10 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             rows = await asyncio.wait_for(
                 self.store.read_rows([(app_id, room_id)]), self.write_timeout
             )
-        except Exception:
+        except Exception as exc:
+            self.checker._warn.warning(
+                "rpc-read", "status store unavailable for a status read (%s)", describe_error(exc)
+            )
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
         row = rows[0]
         if isinstance(row, Exception):
