@@ -7,7 +7,15 @@
 3. forged classroom reports (a start 1 s before the suspension with a
    scheduled end in year 5000; an end in 1970);
 4. FLUSHALL and a snapshot reload (the app back at version 1, suspended):
-   how long until the sidecar answers what Redis holds.
+   how long until the sidecar answers what Redis holds;
+5. 100,000 distinct room ids checked on one suspended application, and the
+   server's RSS;
+6. 200 raw TCP connections that never send the HTTP/2 preface: how many are
+   still open 15 s later;
+7. one classroom report stored with a scheduled end of 9999-12-31 (as Lua's
+   cjson stores it, a float) in a CheckBatch of 1,000 enter checks;
+8. a watch stream on an application whose grace ends 2 s later (no new
+   record at that instant): what it sends then.
 
     .venv/bin/python bench/hostile.py
 """
@@ -15,7 +23,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +81,18 @@ def serve(url: str, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def stopped(proc: subprocess.Popen[bytes]) -> bool:
+    """SIGTERM, and whether it exited within 15 s (killed otherwise)."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+
+
 async def wait_port(port: int) -> None:
     while True:
         try:
@@ -94,6 +116,7 @@ async def main(runs: int = 5) -> None:
 
         # 1. cold sidecar, 1,000 suspended apps in one batch
         allowed_runs = []
+        stop_slow = 0
         for _ in range(runs):
             port = free_port()
             proc = serve(redis.url, port)
@@ -104,9 +127,9 @@ async def main(runs: int = 5) -> None:
                     resp = await stub.CheckBatch(recordings(apps), timeout=10)
                     allowed_runs.append(sum(d.allowed for d in resp.decisions))
             finally:
-                proc.terminate()
-                proc.wait(10)
+                stop_slow += not stopped(proc)
         print(f"1. cold CheckBatch of 1,000 suspended apps, allowed per run: {allowed_runs}")
+        print(f"   servers that did not exit within 15 s of SIGTERM: {stop_slow}/{runs}")
 
         port = free_port()
         proc = serve(redis.url, port)
@@ -169,9 +192,103 @@ async def main(runs: int = 5) -> None:
                     await asyncio.sleep(0.01)
                 shown = f"{took:.2f} s" if took is not None else "not within 10 s"
                 print(f"4. FLUSHALL + reload answered right after: {shown}")
+                # 5. room ids
+                await store.write_status(suspended("app-r", 1, wall_clock()))
+                await asyncio.sleep(0.5)
+                before = rss_mb(proc.pid)
+                for n in range(100):
+                    req = pb.CheckBatchRequest(
+                        checks=[
+                            pb.Check(
+                                enter_classroom=pb.CanEnterClassroomRequest(
+                                    app_id="app-r", room_id=f"room-{n}-{i}"
+                                )
+                            )
+                            for i in range(1000)
+                        ]
+                    )
+                    await stub.CheckBatch(req, timeout=10)
+                after = rss_mb(proc.pid)
+                print(f"5. 100,000 room ids on one app: RSS {before:.1f} MB -> {after:.1f} MB")
+                # 7. a poisoned room in a batch
+                now = wall_clock()
+                await store.write_status(suspended("app-p", 1, now))
+                await store.redis.hset(
+                    "lcic:app:{app-p}:status",
+                    "room:far",
+                    f'{{"s":{now - 3 * DAY},"e":2.5340230079999e+14}}',
+                )
+                checks = [
+                    pb.Check(enter_classroom=pb.CanEnterClassroomRequest(app_id=a, room_id="r"))
+                    for a in apps[:999]
+                ]
+                checks.append(
+                    pb.Check(
+                        enter_classroom=pb.CanEnterClassroomRequest(app_id="app-p", room_id="far")
+                    )
+                )
+                single = pb.CanEnterClassroomRequest(app_id="app-p", room_id="far")
+                outcome = ""
+                for _ in range(3):  # the first read fills the cache with the room
+                    try:
+                        d = (await stub.CanEnterClassroom(single, timeout=5)).decision
+                        outcome = f"{pb.DecisionReason.Name(d.reason)}"
+                    except grpc.aio.AioRpcError as exc:
+                        outcome = f"RPC failed: {exc.code().name}"
+                    await asyncio.sleep(0.05)
+                try:
+                    resp = await stub.CheckBatch(pb.CheckBatchRequest(checks=checks), timeout=10)
+                    batch = f"{len(resp.decisions)} answers, poisoned item " + (
+                        pb.DecisionReason.Name(resp.decisions[-1].reason)
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    batch = f"the whole batch failed: {exc.code().name}"
+                print(f"7. a room with a scheduled end in 9999: enter check {outcome}; {batch}")
+                # 8. a time-driven transition on a watch stream
+                flip = wall_clock() + 2000
+                grace = Segment(flip - DAY, (Reason.OVERDUE_GRACE,), grace_ends_at=flip)
+                susp = Segment(
+                    flip,
+                    (Reason.ACCOUNT_OVERDUE,),
+                    grace_ends_at=flip,
+                    suspended_at=flip,
+                    release_at=flip + 60 * DAY,
+                )
+                await store.write_status(
+                    AppStatus("app-t", "acct-t", (Segment(0), grace, susp), 1, wall_clock())
+                )
+                watch = stub.WatchApplicationStatus(
+                    pb.WatchApplicationStatusRequest(app_ids=["app-t"])
+                )
+                seen = []
+                end = time.monotonic() + 4
+                with contextlib.suppress(TimeoutError):
+                    while time.monotonic() < end:
+                        msg = await asyncio.wait_for(watch.read(), end - time.monotonic())
+                        if msg.HasField("status"):
+                            state = pb.ApplicationState.Name(msg.status.state)
+                            seen.append(f"{state} at {wall_clock() - flip:+d} ms")
+                watch.cancel()
+                print(f"8. watch around a grace end (instant = 0 ms): {seen}")
+            # 6. connections that never send the preface
+            socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+            await asyncio.sleep(15)
+            still = 0
+            for sock in socks:
+                sock.setblocking(False)
+                try:
+                    while sock.recv(4096):
+                        pass
+                except BlockingIOError:
+                    still += 1  # nothing to read and not closed
+                except OSError:
+                    pass
+                sock.close()
+            print(
+                f"6. raw TCP connections with no HTTP/2 preface still open after 15 s: {still}/200"
+            )
         finally:
-            proc.terminate()
-            proc.wait(10)
+            stopped(proc)
             await store.close()
 
 

@@ -63,6 +63,7 @@ class Readiness:
         self.last_heartbeat: Millis | None = None
         self.serving: bool | None = None
         self.read_errors = 0
+        self.stopped = False
         self._task: asyncio.Task[None] | None = None
 
     def age_ms(self, now: Millis) -> Millis | None:
@@ -70,6 +71,8 @@ class Readiness:
 
     async def check_once(self) -> bool:
         """Read the heartbeat, set health; True if serving."""
+        if self.stopped:
+            return False  # shutting down: nothing turns health back on
         if self.max_age_ms <= 0:
             return await self._set(True, None)
         try:
@@ -115,6 +118,7 @@ class Readiness:
         self._task = asyncio.create_task(self.run(), name="lcic-guard-readiness")
 
     async def stop(self) -> None:
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
