@@ -81,6 +81,11 @@ def serve(url: str, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+async def announce(store: Store, status: AppStatus) -> None:
+    await store.write_status(status)
+    await store.publish_change(status)
+
+
 def stopped(proc: subprocess.Popen[bytes]) -> bool:
     """SIGTERM, and whether it exited within 15 s (killed otherwise)."""
     proc.terminate()
@@ -193,7 +198,8 @@ async def main(runs: int = 5) -> None:
                 shown = f"{took:.2f} s" if took is not None else "not within 10 s"
                 print(f"4. FLUSHALL + reload answered right after: {shown}")
                 # 5. room ids
-                await store.write_status(suspended("app-r", 1, wall_clock()))
+                # Written and announced, as the reconciler does.
+                await announce(store, suspended("app-r", 1, wall_clock()))
                 await asyncio.sleep(0.5)
                 before = rss_mb(proc.pid)
                 for n in range(100):
@@ -212,7 +218,7 @@ async def main(runs: int = 5) -> None:
                 print(f"5. 100,000 room ids on one app: RSS {before:.1f} MB -> {after:.1f} MB")
                 # 7. a poisoned room in a batch
                 now = wall_clock()
-                await store.write_status(suspended("app-p", 1, now))
+                await announce(store, suspended("app-p", 1, now))
                 await store.redis.hset(
                     "lcic:app:{app-p}:status",
                     "room:far",
@@ -254,8 +260,8 @@ async def main(runs: int = 5) -> None:
                     suspended_at=flip,
                     release_at=flip + 60 * DAY,
                 )
-                await store.write_status(
-                    AppStatus("app-t", "acct-t", (Segment(0), grace, susp), 1, wall_clock())
+                await announce(
+                    store, AppStatus("app-t", "acct-t", (Segment(0), grace, susp), 1, wall_clock())
                 )
                 watch = stub.WatchApplicationStatus(
                     pb.WatchApplicationStatusRequest(app_ids=["app-t"])
