@@ -84,6 +84,11 @@ class Reader:
     ) -> list[tuple[AppStatus | None, Room | None]]:
         return [await self.read_status(a, r) for a, r in requests]
 
+    async def read_rows(
+        self, requests: Sequence[tuple[str, str | None]]
+    ) -> list[tuple[AppStatus | None, Room | None] | Exception]:
+        return list(await self.read_statuses(requests))
+
 
 @settings(max_examples=100, deadline=None)
 @given(

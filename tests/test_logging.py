@@ -276,7 +276,9 @@ async def test_an_unexpected_fault_is_one_error_line_with_its_traceback(
         await sidecar.stub.CanCreateClassroom(
             pb.CanCreateClassroomRequest(app_id="app-1"), metadata=(("x-request-id", "rid-boom"),)
         )
-    assert err.value.code() == grpc.StatusCode.UNKNOWN
+    # INTERNAL, never grpc's UNKNOWN naming a Python class to the caller.
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "checker exploded" not in (err.value.details() or "")
     [line] = captured.events("rpc_error")
     assert line["level"] == "ERROR" and line["request_id"] == "rid-boom"
     assert "RuntimeError: checker exploded" in line["exc"]

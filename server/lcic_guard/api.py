@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard.checker import CheckRequest
-from lcic_guard.facts import MAX_TIME, MIN_TIME, Millis, valid_id
+from lcic_guard.facts import MAX_TIME, MIN_TIME, Millis, format_time, valid_id
 from lcic_guard.policy import (
     AppStatus,
     Check,
@@ -30,6 +30,14 @@ from lcic_guard.policy import (
 
 MAX_BATCH: Final = 1000
 MAX_WATCH_IDS: Final = 1000
+
+
+_RANGE: Final = f"{format_time(MIN_TIME)[:10]} to {format_time(MAX_TIME)[:10]}"
+# What a protobuf Timestamp can hold: a time computed from a stored one (an
+# alert's grace end, a release date) is clamped to it rather than failing the
+# answer.
+_PB_MIN: Final = -62_135_596_800_000
+_PB_MAX: Final = 253_402_300_799_999
 
 
 class BadRequest(ValueError):
@@ -58,7 +66,7 @@ def to_millis(ts: Timestamp, field: str) -> Millis:
         raise BadRequest(f"{field}: nanos out of range")
     ms = ts.seconds * 1000 + ts.nanos // 1_000_000
     if not MIN_TIME <= ms <= MAX_TIME:
-        raise BadRequest(f"{field}: out of range (1970-01-01 to 9999-12-31)")
+        raise BadRequest(f"{field}: out of range ({_RANGE})")
     return ms
 
 
@@ -79,7 +87,7 @@ def timestamp(ms: Millis | None) -> Timestamp | None:
     if ms is None:
         return None
     ts = Timestamp()
-    ts.FromMilliseconds(ms)
+    ts.FromMilliseconds(min(max(int(ms), _PB_MIN), _PB_MAX))
     return ts
 
 
@@ -144,7 +152,7 @@ def watch_ids(req: pb.WatchApplicationStatusRequest) -> list[str]:
 
 def _set_time(msg: object, name: str, ms: Millis | None) -> None:
     if ms is not None:
-        getattr(msg, name).FromMilliseconds(ms)
+        getattr(msg, name).FromMilliseconds(min(max(int(ms), _PB_MIN), _PB_MAX))
 
 
 def decision_to_pb(d: Decision) -> pb.Decision:
@@ -170,7 +178,7 @@ def _transitions(segments: Iterable[Segment]) -> list[pb.StatusTransition]:
         t = pb.StatusTransition(
             state=_STATE_TO_PB[seg.state], reasons=[_REASON_TO_PB[r] for r in seg.reasons]
         )
-        t.at.FromMilliseconds(seg.starts_at)
+        _set_time(t, "at", seg.starts_at)
         out.append(t)
     return out
 
@@ -209,7 +217,7 @@ def schedule_to_pb(
             enter_classroom=decision_to_pb(decide(Check.ENTER_CLASSROOM, status, at, cfg)),
             access_recording=decision_to_pb(decide(Check.ACCESS_RECORDING, status, at, cfg)),
         )
-        entry.starts_at.FromMilliseconds(seg.starts_at)
+        _set_time(entry, "starts_at", seg.starts_at)
         out.append(entry)
     return out
 

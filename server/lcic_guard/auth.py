@@ -1,16 +1,26 @@
-"""Who may call what: bearer tokens and mutual-TLS identities.
+"""Who may call what: bearer tokens and mutual-TLS identities, with scopes.
 
 When configured (``--auth-token-file`` and/or ``--auth-allow-identity``),
 every EnforcementService RPC other than the checks — the reports that change
 state (``ReportClassroomStarted/Ended``) and those that reveal it
-(``GetApplicationStatus``, ``WatchApplicationStatus`` and any added later) —
-requires one of:
+(``GetApplicationStatus``, ``PreviewApplication``, ``WatchApplicationStatus``
+and any added later) — requires one of:
 
 * ``authorization: Bearer <token>`` metadata with a token listed in the token
-  file (one a line; blank lines and ``#`` comments ignored; the file is read
-  again when it changes), compared in constant time;
+  file, compared in constant time. A line is ``TOKEN`` or ``TOKEN SCOPES``
+  (``SCOPES`` comma-separated); blank lines and ``#`` comments are ignored;
+  the file is read again when it changes;
 * a client certificate (mutual TLS, ``--tls-client-ca``) whose common name or
-  one of whose subject alternative names is on the allow-list.
+  one of whose subject alternative names is on the allow-list
+  (``NAME`` or ``NAME=SCOPE+SCOPE``).
+
+Scopes: ``check`` (the four checks, when ``--auth-checks`` protects them),
+``report`` (``ReportClassroomStarted/Ended``), ``read``
+(``GetApplicationStatus``, ``PreviewApplication``, ``WatchApplicationStatus``)
+and ``admin`` (everything, including RPCs added later). A token or identity
+listed without scopes gets ``check,report,read`` — what every listed token
+could do before scopes existed. A credential without the scope an RPC needs
+is refused with ``PERMISSION_DENIED`` naming the scope.
 
 The checks (``CanCreateClassroom``, ``CanEnterClassroom``,
 ``CanAccessRecording``, ``CheckBatch``) stay open to whoever can reach the
@@ -44,6 +54,37 @@ CHECK_METHODS: Final = frozenset(
 )
 _PREFIX: Final = f"/{SERVICE}/"
 _LOG_EVERY_S: Final = 10.0
+SCOPES: Final = ("check", "report", "read", "admin")
+DEFAULT_SCOPES: Final = frozenset({"check", "report", "read"})
+_SCOPE_OF: Final = {
+    **{m: "check" for m in CHECK_METHODS},
+    f"/{SERVICE}/ReportClassroomStarted": "report",
+    f"/{SERVICE}/ReportClassroomEnded": "report",
+    f"/{SERVICE}/GetApplicationStatus": "read",
+    f"/{SERVICE}/PreviewApplication": "read",
+    f"/{SERVICE}/WatchApplicationStatus": "read",
+}
+
+
+def scope_of(method: str) -> str:
+    """The scope an RPC needs (``admin`` for any not listed)."""
+    return _SCOPE_OF.get(method, "admin")
+
+
+def parse_scopes(text: str, where: str) -> frozenset[str]:
+    scopes = frozenset(x.strip() for x in text.replace("+", ",").split(",") if x.strip())
+    unknown = sorted(scopes - set(SCOPES))
+    if unknown:
+        raise ValueError(f"{where}: unknown scope {unknown[0]!r} (use {', '.join(SCOPES)})")
+    return scopes
+
+
+def parse_identity(entry: str) -> tuple[str, frozenset[str]]:
+    """``NAME`` or ``NAME=SCOPE+SCOPE`` from ``--auth-allow-identity``."""
+    name, sep, tail = entry.rpartition("=")
+    if sep and tail and all(x in SCOPES for x in tail.replace("+", ",").split(",") if x):
+        return name, parse_scopes(tail, f"--auth-allow-identity {entry}")
+    return entry, DEFAULT_SCOPES
 
 
 class TokenFile:
@@ -56,7 +97,7 @@ class TokenFile:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
-        self._tokens: tuple[bytes, ...] = ()
+        self._tokens: tuple[tuple[bytes, frozenset[str]], ...] = ()
         self._reload()  # raises if unreadable at start
         if not self._tokens:
             log.warning("auth: the token file %s lists no token", path)
@@ -68,35 +109,45 @@ class TokenFile:
             return
         with open(self.path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
-        tokens = tuple(
-            line.strip().encode()
-            for line in lines
-            if line.strip() and not line.strip().startswith("#")
-        )
+        tokens = []
+        for n, line in enumerate(lines, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            token, _, scopes = text.partition(" ")
+            granted = (
+                parse_scopes(scopes, f"{self.path} line {n}") if scopes.strip() else DEFAULT_SCOPES
+            )
+            tokens.append((token.encode(), granted))
         if self._stamp is not None:
             log.info("auth: token file %s read again (%d tokens)", self.path, len(tokens))
-        self._tokens, self._stamp = tokens, stamp
+        self._tokens, self._stamp = tuple(tokens), stamp
 
-    def tokens(self) -> tuple[bytes, ...]:
+    def tokens(self) -> tuple[tuple[bytes, frozenset[str]], ...]:
         now = self.clock()
         if now - self._checked >= 1.0:
             with self._lock:
                 self._checked = now
                 try:
                     self._reload()
-                except OSError as exc:
+                except (OSError, ValueError) as exc:
                     log.warning(
                         "auth: cannot read the token file (%s); keeping the old tokens", exc
                     )
         return self._tokens
 
-    def accepts(self, token: str) -> bool:
-        """Constant time in the token: every listed token is compared."""
+    def scopes_of(self, token: str) -> frozenset[str] | None:
+        """The token's scopes, None if it is not listed. Constant time in the
+        token: every listed token is compared."""
         presented = token.encode()
-        ok = False
-        for known in self.tokens():
-            ok |= hmac.compare_digest(known, presented)
-        return ok
+        found: frozenset[str] | None = None
+        for known, scopes in self.tokens():
+            if hmac.compare_digest(known, presented):
+                found = scopes
+        return found
+
+    def accepts(self, token: str) -> bool:
+        return self.scopes_of(token) is not None
 
 
 @dataclass(frozen=True)
@@ -144,6 +195,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.tokens = tokens
         if tokens is None and config.token_file:
             self.tokens = TokenFile(config.token_file)
+        self.identities: dict[str, frozenset[str]] = dict(
+            parse_identity(e) for e in config.allow_identities
+        )
         self.denied = 0
         self._last_log: dict[tuple[str, str], float] = {}
 
@@ -176,13 +230,31 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         raise AssertionError("abort returned")  # pragma: no cover
 
     async def authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        token = bearer_token(context.invocation_metadata())
-        if token is not None and self.tokens is not None and self.tokens.accepts(token):
-            return
-        identities = peer_identities(context)
-        if identities & self.config.allow_identities:
-            return
         name = method.rpartition("/")[2]
+        needed = scope_of(method)
+        token = bearer_token(context.invocation_metadata())
+        granted: frozenset[str] | None = None
+        who = ""
+        if token is not None and self.tokens is not None:
+            granted = self.tokens.scopes_of(token)
+            who = "bearer token"
+        identities = peer_identities(context)
+        if granted is None:
+            for identity in sorted(identities):
+                scopes = self.identities.get(identity)
+                if scopes is not None:
+                    granted = scopes if granted is None else granted | scopes
+                    who = f"client identity {identity}"
+        if granted is not None:
+            if needed in granted or "admin" in granted:
+                return
+            await self._refuse(
+                context,
+                method,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{name}: needs scope {needed!r}; the {who} has "
+                f"{','.join(sorted(granted)) or 'none'}",
+            )
         if token is not None:
             await self._refuse(
                 context, method, grpc.StatusCode.UNAUTHENTICATED, f"{name}: invalid bearer token"

@@ -35,6 +35,22 @@ Sidecar metrics:
     Status reads that failed or timed out (answered per R13).
 ``lcic_guard_breaker_open``, ``lcic_guard_breaker_trips_total``
     The Redis circuit breaker's state (1 = open) and how often it opened.
+``lcic_guard_failure_mode_answers_total{check,mode}``
+    Checks answered by their failure mode (R13), by check and mode (open,
+    closed): Redis really unavailable, or an item that could not be decided.
+``lcic_guard_internal_errors_total``
+    Check items that could not be decided (answered by the failure mode).
+``lcic_guard_cache_complete``, ``lcic_guard_table_loaded``, ``lcic_guard_table_loads_total{cause}``
+    Whether the cache is a whole replica of the status table; whether it is
+    loaded and followed; loads by cause (start, generation, rollback, gap).
+``lcic_guard_cache_rooms``, ``lcic_guard_cache_room_evictions_total``
+    Classroom reports held, and those dropped by the per-application bound.
+``lcic_guard_negative_cache_entries``, ``lcic_guard_negative_cache_evictions_total``
+    Ids remembered as absent from the table, and those forgotten.
+``lcic_guard_watch_streams``, ``lcic_guard_watch_streams_refused_total``,
+``lcic_guard_watch_slow_cuts_total``, ``lcic_guard_watch_render_errors_total``
+    Open watch streams, refusals past ``--max-watch-streams``, slow consumers
+    cut, statuses skipped because they could not be rendered.
 
 Reconciler metrics:
 
@@ -56,6 +72,8 @@ Reconciler metrics:
     Accounts whose resources were released (R10).
 ``lcic_guard_reconciler_leader_changes_total``, ``lcic_guard_reconciler_is_leader``
     Times this replica gained or lost the lead, and whether it leads now.
+``lcic_guard_reconciler_generation_changes_total``
+    Times Redis was found holding a new data set; releases wait meanwhile.
 ``lcic_guard_reconciler_errors_total{loop}``
     Failed rounds of the ingest or deadline loop (each retried).
 ``lcic_guard_reconciler_dead_letters_total{reason}``
@@ -97,8 +115,10 @@ from lcic_guard.policy import Check, Decision, Reason
 from lcic_guard.store import DEAD_LETTER_STREAM
 
 if TYPE_CHECKING:
+    from lcic_guard.cache import ChangeFeedReader
     from lcic_guard.checker import Checker
     from lcic_guard.reconciler import IngestStats, Reconciler
+    from lcic_guard.sidecar import Watchers
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +253,100 @@ def serve_metrics(
 class _CheckerCollector(Collector):
     """What the checker and its cache count, read at scrape time."""
 
-    def __init__(self, checker: Checker) -> None:
+    def __init__(
+        self,
+        checker: Checker,
+        feed: ChangeFeedReader | None = None,
+        watchers: Watchers | None = None,
+    ) -> None:
         self.checker = checker
+        self.feed = feed
+        self.watchers = watchers
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._bounds()
+        yield from self._checker()
+
+    def _bounds(self) -> Iterator[Metric]:
+        checker = self.checker
+        cache = checker.cache
+        modes = CounterMetricFamily(
+            "lcic_guard_failure_mode_answers",
+            "Checks answered by their failure mode (R13): Redis unavailable, or the item "
+            "could not be decided.",
+            labels=("check", "mode"),
+        )
+        for check in Check:
+            for mode in ("open", "closed"):
+                n = checker.failure_mode_answers.get((check.value, mode), 0)
+                modes.add_metric((check.value, mode), n)
+        yield modes
+        yield CounterMetricFamily(
+            "lcic_guard_internal_errors",
+            "Check items that could not be decided (a stored record that does not decode); "
+            "each answered by its failure mode.",
+            checker.internal_errors,
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_cache_complete",
+            "1 while the cache holds the whole status table (absent ids answer "
+            "UNKNOWN_APPLICATION with no Redis read).",
+            1.0 if cache.replica_answers_absent() else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_cache_rooms", "Classroom reports held in the cache.", cache.room_count
+        )
+        yield CounterMetricFamily(
+            "lcic_guard_cache_room_evictions",
+            "Classroom reports dropped by the per-application bound.",
+            cache.room_evictions,
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_negative_cache_entries",
+            "Ids remembered as absent from the status table.",
+            cache.absent_count,
+        )
+        yield CounterMetricFamily(
+            "lcic_guard_negative_cache_evictions",
+            "Ids forgotten by the negative cache's bound.",
+            cache.negative_evictions,
+        )
+        if self.feed is not None:
+            resyncs = CounterMetricFamily(
+                "lcic_guard_table_loads",
+                "Loads of the whole status table, by cause (start, generation: Redis holds a "
+                "new data set, rollback: a version went backwards, gap: the change feed was "
+                "trimmed past this reader).",
+                labels=("cause",),
+            )
+            for cause in ("start", "generation", "rollback", "gap"):
+                resyncs.add_metric((cause,), self.feed.resync_causes.get(cause, 0))
+            yield resyncs
+            yield GaugeMetricFamily(
+                "lcic_guard_table_loaded",
+                "1 while the whole status table is loaded and followed.",
+                1.0 if self.feed.in_sync else 0.0,
+            )
+        if self.watchers is not None:
+            w = self.watchers
+            yield GaugeMetricFamily("lcic_guard_watch_streams", "Open watch streams.", len(w))
+            yield CounterMetricFamily(
+                "lcic_guard_watch_streams_refused",
+                "Watch streams refused by --max-watch-streams.",
+                w.refused,
+            )
+            yield CounterMetricFamily(
+                "lcic_guard_watch_slow_cuts",
+                "Watch streams cut because their client did not keep up.",
+                w.slow_cuts,
+            )
+            yield CounterMetricFamily(
+                "lcic_guard_watch_render_errors",
+                "Statuses that could not be sent to watchers (skipped).",
+                w.render_errors,
+            )
+
+    def _checker(self) -> Iterator[Metric]:
         checker = self.checker
         cache = checker.cache
         yield CounterMetricFamily(
@@ -308,9 +418,15 @@ class SidecarMetrics:
         self._timed: dict[str, Any] = {}
         self._shadowed: dict[tuple[Check, Reason], Any] = {}
 
-    def watch(self, checker: Checker) -> None:
-        """Expose the checker's own counters (cache, store errors, breaker)."""
-        self.registry.register(_CheckerCollector(checker))
+    def watch(
+        self,
+        checker: Checker,
+        feed: ChangeFeedReader | None = None,
+        watchers: Watchers | None = None,
+    ) -> None:
+        """Expose the checker's own counters (cache, store errors, breaker),
+        the table loads and the watch streams."""
+        self.registry.register(_CheckerCollector(checker, feed, watchers))
 
     def decided(self, check: Check, decision: Decision, allowed: bool) -> None:
         key = (check, decision.reason, allowed)
@@ -428,6 +544,11 @@ class ReconcilerMetrics:
             "Entries in the dead-letter stream (trimmed to about --deadletter-maxlen).",
             registry=r,
         )
+        self.generation_changes = Counter(
+            "lcic_guard_reconciler_generation_changes",
+            "Times Redis was found holding a new data set (releases wait for a full read).",
+            registry=r,
+        )
 
     def on_ingest(self, stats: IngestStats) -> None:
         self.received.inc(stats.received)
@@ -455,6 +576,9 @@ class ReconcilerMetrics:
     def on_leadership(self, leading: bool) -> None:
         self.leader_changes.inc()
         self.is_leader.set(1 if leading else 0)
+
+    def on_generation_change(self) -> None:
+        self.generation_changes.inc()
 
     def on_error(self, loop: str) -> None:
         self.errors.labels(loop).inc()

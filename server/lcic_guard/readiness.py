@@ -11,6 +11,11 @@ or an orchestrator acts on.
 
 While Redis cannot be read the last heartbeat seen keeps ageing, so a Redis
 outage longer than the bound also turns health NOT_SERVING.
+
+With ``synced`` (the change-feed reader's state), health is also NOT_SERVING
+until the sidecar holds the whole status table, and again whenever it loads
+it anew (Redis lost its data or went backwards); ``max_age_ms = 0`` then
+means "the table only, no heartbeat".
 """
 
 from __future__ import annotations
@@ -39,21 +44,26 @@ class Readiness:
         *,
         interval_s: float | None = None,
         read_timeout_s: float = 1.0,
+        synced: Callable[[], bool] | None = None,
     ) -> None:
-        if max_age_ms <= 0:
+        if max_age_ms <= 0 and synced is None:
             raise ValueError("max_age_ms must be positive (0 disables: do not build one)")
+        self.synced = synced
         self.coord = Coordination(store)
         self.server = server
         self.max_age_ms = max_age_ms
         self.clock = clock
         # Often enough to notice within a fifth of the bound, at most once a second.
         self.interval_s = (
-            interval_s if interval_s is not None else min(1.0, max(0.05, max_age_ms / 5000))
+            interval_s
+            if interval_s is not None
+            else min(1.0, max(0.05, (max_age_ms or 1000) / 5000))
         )
         self.read_timeout_s = read_timeout_s
         self.last_heartbeat: Millis | None = None
         self.serving: bool | None = None
         self.read_errors = 0
+        self.stopped = False
         self._task: asyncio.Task[None] | None = None
 
     def age_ms(self, now: Millis) -> Millis | None:
@@ -61,6 +71,10 @@ class Readiness:
 
     async def check_once(self) -> bool:
         """Read the heartbeat, set health; True if serving."""
+        if self.stopped:
+            return False  # shutting down: nothing turns health back on
+        if self.max_age_ms <= 0:
+            return await self._set(True, None)
         try:
             beat = await asyncio.wait_for(self.coord.last_heartbeat(), self.read_timeout_s)
             if beat is not None:
@@ -70,10 +84,20 @@ class Readiness:
             if self.read_errors == 1 or self.read_errors % 100 == 0:
                 log.warning("readiness: cannot read the reconciler heartbeat (%s)", exc)
         age = self.age_ms(self.clock())
-        fresh = age is not None and age <= self.max_age_ms
+        return await self._set(age is not None and age <= self.max_age_ms, age)
+
+    async def _set(self, fresh: bool, age: Millis | None) -> bool:
+        if self.synced is not None and not self.synced():
+            if self.serving is not False:
+                await self.server.set_serving(False)
+                log.warning("readiness: status table not loaded yet: health NOT_SERVING")
+                self.serving = False
+            return False
         if fresh != self.serving:
             await self.server.set_serving(fresh)
-            if fresh:
+            if fresh and age is None:
+                log.info("readiness: status table loaded: SERVING")
+            elif fresh:
                 log.info("readiness: reconciler heartbeat is fresh (%d ms old): SERVING", age)
             else:
                 shown = "never written" if age is None else f"{age / 1000:.1f}s old"
@@ -94,6 +118,7 @@ class Readiness:
         self._task = asyncio.create_task(self.run(), name="lcic-guard-readiness")
 
     async def stop(self) -> None:
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

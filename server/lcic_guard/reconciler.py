@@ -44,6 +44,7 @@ from lcic_guard.policy import (
     compute_account,
     overdue_notice,
 )
+from lcic_guard.ratelimit import RateLimitedLog, describe_error
 from lcic_guard.sources import BillingSource, Delivery
 from lcic_guard.store import (
     DEADLETTER_MAXLEN,
@@ -70,6 +71,7 @@ NOTICE_FIELD = "notice"
 STALE_OUTBOX_MS = 10_000
 RETRY_MS = 5_000
 ALREADY_RELEASED = "already released"
+RESYNCING = "Redis holds a new data set: waiting until the billing feed is read again"
 NOT_LEADER = "not the leader: another reconciler holds the lease"
 FENCED = "fenced off: a newer leader has acted on the account"
 # How often a replica redoes its work on an account whose facts keep changing
@@ -206,6 +208,12 @@ class Reconciler:
         self.clock = clock
         self.name = name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.token = 0
+        # The data set in Redis this replica works on (see store.GENERATION);
+        # after it changes, releases wait until every source was read empty.
+        self.generation: str | None = None
+        self.resyncing = False
+        self._caught_up: set[int] = set()
+        self._warn = RateLimitedLog(log)
         self.releases_done: list[str] = []
         self.releases_planned: list[ReleasePlan] = []
 
@@ -683,6 +691,35 @@ class Reconciler:
             return plan(seg.release_at, False, f"billing feed confirmed read only up to {seen}")
         return plan(seg.release_at, True, "due")
 
+    async def check_generation(self) -> bool:
+        """Read the store's generation (creating it on a new store); True if
+        it changed: Redis lost its data or was reloaded, so releases are
+        refused until the billing sources have been read to their end again."""
+        gen = await self.store.ensure_generation()
+        if self.generation is None or gen == self.generation:
+            self.generation = gen
+            return False
+        log.warning(
+            "Redis holds a new data set (generation %s, was %s): releases are refused until "
+            "the billing feed is read again",
+            gen,
+            self.generation,
+        )
+        self.generation = gen
+        self.resyncing = True
+        self._caught_up.clear()
+        if self.metrics is not None:
+            self.metrics.on_generation_change()
+        return True
+
+    def _source_read_empty(self, source: BillingSource) -> None:
+        if not self.resyncing:
+            return
+        self._caught_up.add(id(source))
+        if all(id(s) in self._caught_up for s in self.sources):
+            self.resyncing = False
+            log.info("billing feed read again after the new data set: releases allowed")
+
     async def try_release(self, account_id: str, now: Millis) -> ReleasePlan:
         """R10: release the account if, on the facts as they are now in Redis
         and with the feed confirmed read past ``release_at``, it is due.
@@ -704,6 +741,9 @@ class Reconciler:
 
     async def _try_release(self, account_id: str, now: Millis) -> ReleasePlan:
         member = f"release:{account_id}"
+        if self.resyncing:
+            plan, _ = await self.release_plan(account_id, now)
+            return replace(plan, eligible=False, why=RESYNCING)
         if self.token and not await self.coord.fence_account(account_id, self.token):
             log.warning("not releasing %s: a newer leader has fenced it", account_id)
             return ReleasePlan(account_id, (), 0, False, FENCED)
@@ -914,6 +954,7 @@ class Reconciler:
         """One fetch-apply-ack round for one source."""
         deliveries = await source.fetch(self.config.batch_size, self.config.block_ms)
         if not deliveries:
+            self._source_read_empty(source)
             return IngestStats()
         stats = await self.ingest(deliveries)
         await source.ack(deliveries)
@@ -939,8 +980,11 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning(
-                    "ingest from %s failed (%s: %s); retrying", source.name, type(exc).__name__, exc
+                self._warn.warning(
+                    f"ingest:{source.name}",
+                    "ingest from %s failed (%s); retrying",
+                    source.name,
+                    describe_error(exc),
                 )
                 if self.metrics is not None:
                     self.metrics.on_error("ingest")
@@ -950,6 +994,7 @@ class Reconciler:
         while not stop.is_set():
             try:
                 now = self.clock()
+                await self.check_generation()
                 await self.coord.heartbeat(now)
                 token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
                 if token and token != self.token:
@@ -964,7 +1009,9 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("deadline work failed (%s: %s); retrying", type(exc).__name__, exc)
+                self._warn.warning(
+                    "deadlines", "deadline work failed (%s); retrying", describe_error(exc)
+                )
                 if self.metrics is not None:
                     self.metrics.on_error("deadlines")
             with contextlib.suppress(asyncio.TimeoutError):

@@ -164,6 +164,7 @@ class Sidecar:
     metrics_server: MetricsServer | None = None  # when it serves its own registry
     watchers: Watchers | None = None
     readiness: Readiness | None = None
+    transitions: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -181,6 +182,10 @@ class Sidecar:
             self.watchers.close()
         await self.server.stop(grace)
         await self.feed.stop()
+        if self.transitions is not None:
+            self.transitions.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.transitions
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
 
@@ -203,17 +208,23 @@ async def build_sidecar(
         store,
         settings.policy,
         read_timeout=settings.redis_timeout_ms / 1000,
+        store_down_timeout=settings.store_down_ms / 1000,
         clock=clock,
         cache=cache,
     )
     metrics: SidecarMetrics | None = None
     metrics_server: MetricsServer | None = None
+    watchers = Watchers(max_streams=settings.max_watch_streams)
+    readiness_box: list[Readiness] = []
+
+    async def on_sync(_in_sync: bool) -> None:
+        if readiness_box:
+            await readiness_box[0].check_once()
+
+    feed = ChangeFeedReader(store, cache, clock, on_change=watchers.publish, on_sync=on_sync)
     if registry is not None or settings.metrics_listen:
         metrics = SidecarMetrics(registry)
-        metrics.watch(checker)
-    watchers = Watchers()
-    feed = ChangeFeedReader(store, cache, clock, on_change=watchers.publish)
-    feed.start()
+        metrics.watch(checker, feed, watchers)
     observer = DecisionObserver(metrics, settings.shadow)
     servicer = EnforcementServicer(checker, store, watchers=watchers, observer=observer)
     tls = (
@@ -228,6 +239,8 @@ async def build_sidecar(
         log.warning("bearer tokens are accepted without TLS: anyone on the path can read them")
     # Tracing outermost, so that calls refused by auth are traced too.
     interceptors = [*(traced.interceptors() if traced else ()), *auth.interceptors(auth_config)]
+    # NOT_SERVING until the whole status table is loaded (and the
+    # reconciler's heartbeat is fresh, with --max-heartbeat-age).
     try:
         server = await start_server(
             servicer,
@@ -235,15 +248,21 @@ async def build_sidecar(
             tls=tls,
             interceptors=interceptors,
             reuse_port=settings.workers > 1,
+            serving=False,
         )
     except (RuntimeError, OSError) as exc:  # grpc says only "Failed to bind"
         await feed.stop()
         raise bind_error(settings.listen, exc if isinstance(exc, OSError) else None) from exc
-    readiness = None
-    if settings.max_heartbeat_age_ms > 0:
-        readiness = Readiness(store, server, settings.max_heartbeat_age_ms, clock)
-        await readiness.check_once()
-        readiness.start()
+    readiness = Readiness(
+        store, server, settings.max_heartbeat_age_ms, clock, synced=lambda: feed.in_sync
+    )
+    readiness_box.append(readiness)
+    feed.start()
+    await readiness.check_once()
+    readiness.start()
+    transitions = asyncio.create_task(
+        watchers.follow_transitions(cache), name="lcic-guard-watch-transitions"
+    )
     if metrics is not None and registry is None:
         metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
         metrics_server.probes.ready = lambda: server.serving
@@ -253,7 +272,7 @@ async def build_sidecar(
             "logged and counted",
             ",".join(sorted(c.value for c in settings.shadow)),
         )
-    return Sidecar(server, checker, feed, metrics, metrics_server, watchers, readiness)
+    return Sidecar(server, checker, feed, metrics, metrics_server, watchers, readiness, transitions)
 
 
 def _stopping(settings: Settings) -> dict[str, float]:

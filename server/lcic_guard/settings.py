@@ -8,8 +8,10 @@ default. Durations take a unit: ``500ms``, ``30s``, ``5m``, ``24h``, ``60d``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,11 @@ class Settings:
     # SIGTERM: NOT_SERVING for shutdown_delay, then in-flight calls get shutdown_grace.
     shutdown_delay_ms: int = 1000
     shutdown_grace_ms: int = 5000
+    # R13: how long a check with nothing to go on waits before Redis counts as down.
+    store_down_ms: int = 250
+    max_watch_streams: int = 1000
+    # Serve a non-loopback address with no authentication (refused otherwise).
+    insecure: bool = False
 
 
 def _env(name: str) -> str | None:
@@ -375,6 +382,31 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="R13: longest a check waits on Redis before answering without it",
     )
     g.add_argument(
+        "--store-down-after",
+        action=_EnvDefault,
+        type=parse_duration,
+        default="250ms",
+        help="R13: how long a check with no usable status waits on a slow Redis before "
+        "Redis counts as down and the failure mode answers (a refused or reset "
+        "connection, or an open circuit breaker, counts at once)",
+    )
+    g.add_argument(
+        "--max-watch-streams",
+        action=_EnvDefault,
+        type=int,
+        default=1000,
+        help="WatchApplicationStatus streams open at once per process; more are refused "
+        "with RESOURCE_EXHAUSTED",
+    )
+    g.add_argument(
+        "--insecure",
+        action=_EnvDefault,
+        type=parse_bool,
+        default=False,
+        help="allow listening on a non-loopback address without --auth-token-file or mutual "
+        "TLS (anyone who reaches the port can then report classes and read statuses)",
+    )
+    g.add_argument(
         "--cache-size",
         action=_EnvDefault,
         type=int,
@@ -546,10 +578,41 @@ def _security_settings(s: Settings, ns: argparse.Namespace) -> None:
     s.max_heartbeat_age_ms = get("max_heartbeat_age") or 0
     s.shutdown_delay_ms = get("shutdown_delay") or 0
     s.shutdown_grace_ms = get("shutdown_grace") or 0
+    s.store_down_ms = get("store_down_after") or s.store_down_ms
+    s.max_watch_streams = get("max_watch_streams") or s.max_watch_streams
+    s.insecure = bool(get("insecure"))
+    if s.max_watch_streams < 1:
+        raise SystemExit("--max-watch-streams must be at least 1")
     if s.auth_checks and not (s.auth_token_file or s.auth_allow_identities):
         raise SystemExit("--auth-checks needs --auth-token-file or --auth-allow-identity")
     if s.auth_allow_identities and not s.tls_client_ca:
         raise SystemExit("--auth-allow-identity needs mutual TLS (--tls-client-ca)")
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``HOST:PORT`` (or a unix socket) is reachable from this machine only."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or 0.0.0.0 / [::]: assume the network can reach it
+
+
+def refuse_open_listen(s: Settings) -> None:
+    """Secure by default: no network-reachable port without authentication."""
+    authenticated = bool(s.auth_token_file) or bool(s.tls_client_ca and s.tls_cert)
+    if authenticated or s.insecure or is_loopback(s.listen):
+        return
+    sys.stderr.write(
+        f"lcic-guard: refusing to listen on {s.listen} without authentication: give "
+        "--auth-token-file or mutual TLS (--tls-cert, --tls-key, --tls-client-ca), or "
+        "--insecure to accept anyone who can reach the port\n"
+    )
+    raise SystemExit(2)
 
 
 def settings_from(ns: argparse.Namespace) -> Settings:
@@ -583,6 +646,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         _security_settings(s, ns)
         if bool(s.tls_cert) != bool(s.tls_key):
             raise SystemExit("--tls-cert and --tls-key go together")
+        refuse_open_listen(s)
     if get("release_margin") is not None:
         s.events = ns.events
         s.reconciler = ReconcilerConfig(

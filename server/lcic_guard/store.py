@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -70,6 +71,12 @@ OVERSIZED_KEEP: Final = 4_096
 EVENT_INDEX_BUCKETS: Final = 1024
 DEADLINES: Final = "lcic:guard:deadlines"
 HEARTBEAT: Final = "lcic:guard:heartbeat"
+# A random id naming the data set Redis holds: created when a process first
+# finds none (a new table, or one emptied by FLUSHALL or a restart without
+# data, before a snapshot is loaded again). A different id means whatever a
+# process holds from Redis describes data that is gone.
+GENERATION: Final = "lcic:guard:generation"
+STATUS_PATTERN: Final = "lcic:app:{*}:status"
 
 
 def status_key(app_id: str) -> str:
@@ -278,14 +285,41 @@ def decode_status(app_id: str, fields: Sequence[Any]) -> AppStatus | None:
     )
 
 
+def _stored_millis(value: Any) -> Millis | None:
+    """A stored time as int ms. Lua's cjson writes numbers >= 1e14 as floats;
+    a value that is not a number at all is a corrupt record."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"stored time is not a number: {value!r:.40}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("stored time is not finite")
+    return int(value)
+
+
 def decode_room(raw: str | bytes | None) -> Room | None:
     if raw is None:
         return None
     obj = json.loads(raw)
-    if obj.get("s") is None:
+    if not isinstance(obj, dict):
+        raise ValueError("stored room is not an object")
+    started = _stored_millis(obj.get("s"))
+    if started is None:
         # Only an end was reported: the class cannot be protected.
         return None
-    return Room(started_at=obj["s"], scheduled_end=obj.get("e"), ended_at=obj.get("x"))
+    return Room(
+        started_at=started,
+        scheduled_end=_stored_millis(obj.get("e")),
+        ended_at=_stored_millis(obj.get("x")),
+    )
+
+
+def status_key_app(key: str | bytes) -> str | None:
+    """The application id of a status key, None for any other key."""
+    text = _text(key) or ""
+    if not (text.startswith("lcic:app:{") and text.endswith("}:status")):
+        return None
+    return text[len("lcic:app:{") : -len("}:status")]
 
 
 _STATUS_FIELDS: Final = ("version", "data", "account", "updated_at")
@@ -616,6 +650,49 @@ class Store:
             _status_row(app_id, room_id, values)
             for (app_id, room_id), values in zip(requests, rows, strict=True)
         ]
+
+    async def read_rows(
+        self, requests: Sequence[tuple[str, str | None]]
+    ) -> list[tuple[AppStatus | None, Room | None] | Exception]:
+        """Like :meth:`read_statuses`, but a record that does not decode is
+        its row's exception, not the whole read's: one corrupt record must
+        not take the other answers with it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id, room_id in requests:
+                pipe.hmget(status_key(app_id), _status_fields(room_id))
+            rows = await pipe.execute()
+        out: list[tuple[AppStatus | None, Room | None] | Exception] = []
+        for (app_id, room_id), values in zip(requests, rows, strict=True):
+            try:
+                out.append(_status_row(app_id, room_id, values))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def scan_app_ids(self, count: int = 1000) -> AsyncIterator[list[str]]:
+        """Every application id in the status table, in chunks (SCAN, so a
+        large table never blocks Redis; on Redis Cluster, every master)."""
+        kwargs: dict[str, Any] = {"match": STATUS_PATTERN, "count": count}
+        if isinstance(self.redis, RedisCluster):
+            kwargs["target_nodes"] = RedisCluster.PRIMARIES
+        chunk: list[str] = []
+        async for key in self.redis.scan_iter(**kwargs):
+            app_id = status_key_app(key)
+            if app_id is not None:
+                chunk.append(app_id)
+            if len(chunk) >= count:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    async def generation(self) -> str | None:
+        return _text(await self.redis.get(GENERATION))
+
+    async def ensure_generation(self) -> str:
+        """The data set's generation id, created if Redis has none."""
+        await self.redis.set(GENERATION, uuid.uuid4().hex, nx=True)
+        return _text(await self.redis.get(GENERATION)) or ""
 
     async def write_status(self, status: AppStatus) -> WriteResult:
         """Write a status computed from its account's facts at sequence
