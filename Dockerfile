@@ -5,9 +5,10 @@
 #   docker run --read-only --tmpfs /tmp lcic-guard:0.1.0 serve --redis-url redis://redis:6379/0
 #
 # Offline builds (no package index reachable from inside the build): build the
-# wheels beforehand, next to this file, and they are used instead of the index:
+# wheels beforehand, next to this file, and they are used instead of the index
+# (the client first, so that the server's dependency on it is met from client/):
 #
-#   pip wheel --wheel-dir wheelhouse '.[otel]' && docker build -t lcic-guard .
+#   pip wheel --wheel-dir wheelhouse ./client '.[otel]' && docker build -t lcic-guard .
 #
 # BASE_IMAGE must provide python3 (3.11) with its venv module, the same in
 # both stages (the virtual environment is copied from one to the other).
@@ -19,11 +20,12 @@ FROM ${BASE_IMAGE} AS build
 LABEL org.lcic-guard.stage="build"
 WORKDIR /src
 COPY . .
-# One virtual environment holding the package, its dependencies and the
-# OpenTelemetry extra; pip and setuptools leave it before it is copied.
+# One virtual environment holding the server, its client (a distribution of
+# its own, built from client/), their dependencies and the OpenTelemetry
+# extra; pip and setuptools leave it before it is copied.
 RUN python3 -m venv /opt/lcic-guard \
- && if ! ls wheelhouse/lcic_guard-*.whl >/dev/null 2>&1; then \
-        /opt/lcic-guard/bin/pip wheel --no-cache-dir --wheel-dir wheelhouse '.[otel]'; \
+ && if ! ls wheelhouse/lcic_guard-*.whl wheelhouse/lcic_guard_client-*.whl >/dev/null 2>&1; then \
+        /opt/lcic-guard/bin/pip wheel --no-cache-dir --wheel-dir wheelhouse ./client '.[otel]'; \
     fi \
  && /opt/lcic-guard/bin/pip install --no-cache-dir --no-index --find-links wheelhouse \
         'lcic-guard[otel]' \

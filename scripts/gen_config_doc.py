@@ -2,6 +2,8 @@
 
 Usage: python scripts/gen_config_doc.py [OUT]
 
+One part of scripts/generate, which regenerates everything generated.
+
 A test compares the committed file with a fresh rendering, so the document
 cannot drift from the flags.
 """
@@ -27,8 +29,8 @@ Every flag can also be given as an environment variable: `--some-flag` is
 which wins over the default. Durations take a unit: `500ms`, `30s`, `5m`,
 `24h`, `60d`; values shown in milliseconds are the defaults so expressed.
 
-This file is generated from the flag definitions by
-`.venv/bin/python scripts/gen_config_doc.py`.
+This file is generated from the flag definitions by `scripts/generate`
+(do not edit it by hand).
 """
 
 

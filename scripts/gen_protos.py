@@ -2,8 +2,11 @@
 
 Usage: python scripts/gen_protos.py [OUT_DIR]
 
+One part of scripts/generate, which regenerates everything generated.
+
 OUT_DIR defaults to client/, where the generated package `lcic.guard.v1`
-lives so that the client can be used without the server. The test suite runs
+lives: it ships in the client's distribution (lcic-guard-client), and the
+server imports it from there. The test suite runs
 this into a temporary directory and fails if the committed files differ.
 """
 

@@ -2,6 +2,8 @@
 
 Usage: .venv/bin/python scripts/timeline.py [--png] [--check] [--out DIR]
 
+One part of scripts/generate, which regenerates everything generated.
+
 Writes ``docs/img/account-timeline.svg`` (hand-written SVG, no dependency)
 and, with ``--png``, renders ``docs/img/account-timeline.png`` with
 ``rsvg-convert`` (Debian: ``apt-get install librsvg2-bin``; not a project
@@ -565,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = svg_path.read_text(encoding="utf-8") if svg_path.exists() else ""
         if current != content:
-            print(f"{svg_path} is out of date: run scripts/timeline.py --png", file=sys.stderr)
+            print(f"{svg_path} is out of date: run scripts/generate", file=sys.stderr)
             return 1
         return 0
     args.out.mkdir(parents=True, exist_ok=True)

@@ -205,6 +205,7 @@ def build_context(dest: Path) -> Path:
             "--quiet",
             "--wheel-dir",
             str(context / "wheelhouse"),
+            str(context / "client"),  # meets the server's dependency on lcic-guard-client
             f"{context}[otel]",
             *EXTRA_WHEELS,
         ],

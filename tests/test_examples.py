@@ -519,7 +519,7 @@ def _load_timeline() -> ModuleType:
 def test_the_timeline_picture_is_what_the_policy_draws_today() -> None:
     timeline = _load_timeline()
     svg = (ROOT / "docs" / "img" / "account-timeline.svg").read_text(encoding="utf-8")
-    assert svg == timeline.render(), "run: .venv/bin/python scripts/timeline.py --png"
+    assert svg == timeline.render(), "run: scripts/generate"
     # The picture shows both endings, from the policy's own answers.
     for text in ("ACCOUNT_OVERDUE", "OVERDUE_GRACE", "RESOURCES_RELEASED", "IN_PROGRESS_PROTECTED"):
         assert text in svg

@@ -18,7 +18,7 @@ from grpc_tools import protoc
 REPO = Path(__file__).resolve().parent.parent
 CLIENT = REPO / "client"
 PROTO_ROOT = REPO / "protos"
-REGENERATE = "regenerate it with: .venv/bin/python scripts/gen_protos.py"
+REGENERATE = "regenerate it with: scripts/generate"
 
 
 def _gen_protos() -> ModuleType:

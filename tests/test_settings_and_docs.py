@@ -64,7 +64,7 @@ def test_configuration_doc_lists_every_flag() -> None:
     spec.loader.exec_module(module)
     committed = (ROOT / "docs/configuration.md").read_text(encoding="utf-8")
     assert committed == module.render(), (
-        "docs/configuration.md is out of date: run .venv/bin/python scripts/gen_config_doc.py"
+        "docs/configuration.md is out of date: run scripts/generate"
     )
 
 
