@@ -610,11 +610,12 @@ class ChangeFeedReader:
         """One read of the feed; why the table must be loaded again, if it must."""
         assert self.last_id is not None
         # A Redis that stopped answering (frozen, partitioned) is noticed when
-        # the blocking read overruns, not after the socket timeout.
-        changes = await asyncio.wait_for(
-            self.store.read_changes(self.last_id, self.block_ms),
-            self.block_ms / 1000 + 0.5,
-        )
+        # the blocking read overruns, not after the socket timeout. A timeout
+        # scope rather than wait_for: Python 3.11's wait_for loses a
+        # cancellation that lands as the read completes, and stop() would
+        # then wait for this loop forever.
+        async with asyncio.timeout(self.block_ms / 1000 + 0.5):
+            changes = await self.store.read_changes(self.last_id, self.block_ms)
         now = self.clock()
         for change in changes:
             self.last_id = change.entry_id

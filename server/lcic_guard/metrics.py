@@ -618,4 +618,5 @@ class ReconcilerMetrics:
             except Exception as exc:
                 log.warning("metrics poll failed (%s: %s)", type(exc).__name__, exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                async with asyncio.timeout(interval):  # not wait_for: it can lose a cancel
+                    await stop.wait()

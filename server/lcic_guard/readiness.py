@@ -76,7 +76,8 @@ class Readiness:
         if self.max_age_ms <= 0:
             return await self._set(True, None)
         try:
-            beat = await asyncio.wait_for(self.coord.last_heartbeat(), self.read_timeout_s)
+            async with asyncio.timeout(self.read_timeout_s):  # not wait_for: see cache.py
+                beat = await self.coord.last_heartbeat()
             if beat is not None:
                 self.last_heartbeat = max(beat, self.last_heartbeat or beat)
         except Exception as exc:  # the last one seen keeps ageing

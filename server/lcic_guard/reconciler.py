@@ -1014,8 +1014,9 @@ class Reconciler:
                 )
                 if self.metrics is not None:
                     self.metrics.on_error("deadlines")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.tick_ms / 1000)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.tick_ms / 1000):  # not wait_for:
+                    await stop.wait()  # Python 3.11's can lose the cancel at shutdown
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self._source_loop(s, stop)) for s in self.sources]

@@ -405,7 +405,8 @@ class Subscription:
                 self.pending.clear()
                 return out
             try:
-                await asyncio.wait_for(self.watchers.wakes[self.group].wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: it can lose a cancel
+                    await self.watchers.wakes[self.group].wait()
             except TimeoutError:
                 return None
 
@@ -607,7 +608,10 @@ class Watchers:
                 wait = 3600.0
             self._first_watcher.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._first_watcher.wait(), wait)
+                # Not wait_for: Python 3.11's loses a cancellation that lands
+                # as the event is set, and the sidecar's stop would hang.
+                async with asyncio.timeout(wait):
+                    await self._first_watcher.wait()
 
     def schedule(self, status: AppStatus, now: Millis) -> None:
         """Remember the transitions of ``status`` due within the horizon."""
