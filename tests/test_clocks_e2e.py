@@ -278,8 +278,15 @@ async def test_release_scheduled_once_per_reminder_across_two_replicas(
         release_at - 7 * DAY,
         release_at - DAY,
     ]
+    settle = r1.config.announce_settle_ms  # a notice, like a change, waits for it
     for n, at in enumerate(moments, start=1):
-        for t in (at - 1, at, at + MINUTE):
+        for t in (at - 1, at, at + settle - 1):
+            clock.now = t
+            await asyncio.gather(
+                r1.run_deadlines(), r2.run_deadlines(), r1.recompute("acct-1"), r2.ingest(batch)
+            )
+        assert len(await notices(store)) == n - 1
+        for t in (at + settle, at + MINUTE):
             clock.now = t
             await asyncio.gather(
                 r1.run_deadlines(), r2.run_deadlines(), r1.recompute("acct-1"), r2.ingest(batch)
@@ -292,7 +299,7 @@ async def test_release_scheduled_once_per_reminder_across_two_replicas(
     for e in sent:
         assert e["account_id"] == "acct-1" and e["app_ids"] == ["app-1", "app-2"]
         assert _t(e["release_at"]) == release_at
-    assert [_t(e["occurred_at"]) for e in sent] == [m + 0 for m in moments]
+    assert [_t(e["occurred_at"]) for e in sent] == [m + settle for m in moments]
 
     plans = await r1.plan_releases(release_at - HOUR)
     assert [(n.kind, n.sent) for n in plans[0].notices] == [
@@ -308,6 +315,9 @@ async def test_a_backfilled_history_gets_its_notice_now_and_only_reminders_ahead
 ) -> None:
     rec = Reconciler(store, policy, ReconcilerConfig(release_margin_ms=0), clock=clock)
     await rec.ingest(deliveries(overdue_history(events, "acct-1", ["app-1"], T0 - 63 * DAY)))
+    assert await notices(store) == []  # not before the facts have settled
+    clock.now = T0 + rec.config.announce_settle_ms
+    await rec.run_deadlines()
     [first] = await notices(store)
     assert first["notice"] == "initial" and _t(first["release_at"]) == T0 + NOTICE
     [plan] = await rec.plan_releases()

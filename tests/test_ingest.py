@@ -33,6 +33,7 @@ from lcic_guard.store import (
     BILLING_STREAM,
     CHANGES_STREAM,
     DEAD_LETTER_STREAM,
+    GUARD_STREAM,
     AddResult,
     RedisClient,
     Store,
@@ -583,6 +584,32 @@ async def run_table(store: Store, rec: Reconciler) -> tuple[dict[str, Any], list
     return table, ids, facts
 
 
+async def settled_announcements(
+    store: Store, rec: Reconciler, clock: FakeClock
+) -> list[tuple[Any, ...]]:
+    """Once every new state has held for the settle time: what was announced,
+    without what only says which run made it (versions, announcement ids)."""
+    clock.now = T0 + rec.config.announce_settle_ms + 1
+    for _ in range(5):
+        if not await rec.run_deadlines(clock.now):
+            break
+    rows: Any = await store.redis.xrange(GUARD_STREAM)
+    out: list[tuple[Any, ...]] = []
+    for _id, fields in rows:
+        event = json.loads(fields[b"event"])
+        kind = event["type"]
+        keys: tuple[str, ...]
+        if kind == "status_changed":
+            keys = ("app_id", "account_id", "old_state", "old_reasons", "new_state", "reasons")
+        elif kind == "release_scheduled":
+            keys = ("account_id", "app_ids", "release_at", "notice")
+        else:
+            keys = ("account_id", "app_ids")
+        out.append((kind, *(json.dumps(event.get(k), sort_keys=True) for k in keys)))
+    assert out, "nothing was announced"
+    return sorted(out)
+
+
 @settings(
     max_examples=60,
     deadline=None,
@@ -600,7 +627,10 @@ async def test_any_arrival_order_and_batching_gives_the_ordered_runs_table_and_d
     raws = [json.dumps(e) for e in made]
 
     await store.redis.flushall()
-    await Reconciler(store, policy, quick(), clock=clock).ingest(deliveries(raws))
+    clock.now = T0
+    first = Reconciler(store, policy, quick(), clock=clock)
+    await first.ingest(deliveries(raws))
+    expected_announced = await settled_announcements(store, first, clock)
     expected = await run_table(store, Reconciler(store, policy, quick(), clock=clock))
     registered = {e["app_id"] for e in made if e["type"] == "application_registered"}
     assert {k.split("{")[1].split("}")[0] for k in expected[0]} <= registered
@@ -620,13 +650,18 @@ async def test_any_arrival_order_and_batching_gives_the_ordered_runs_table_and_d
     batches = [shuffled[a:b] for a, b in zip([0, *cuts], [*cuts, len(shuffled)], strict=True)]
 
     await store.redis.flushall()
+    clock.now = T0
     other = Reconciler(store, policy, quick(), clock=clock)
     for batch in batches:
         await other.ingest(deliveries(batch))
+    got_announced = await settled_announcements(store, other, clock)
     got = await run_table(store, other)
     assert got[0] == expected[0]
     assert got[1] == expected[1]
     assert got[2] == expected[2]
+    # What notification jobs are told: the same changes, notices and releases
+    # (a state passed through between batches is never announced).
+    assert got_announced == expected_announced
 
 
 def test_limit_flags_reach_the_reconciler(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -884,7 +884,14 @@ class Reconciler:
 
         Only the latest notice due is announced: one missed while no
         reconciler ran would be stale (a "30 days left" that arrives with 7
-        days left). A settlement, or the release itself, ends the episode."""
+        days left). A settlement, or the release itself, ends the episode.
+
+        Like a status change, a notice waits for the settle time: the facts of
+        one burst may arrive in any order, and a notice made in between (an
+        app registered first to the account that loses it to an earlier
+        registration, an alert read just before its settlement) would tell a
+        customer something the complete facts do not say."""
+        settle = self.config.announce_settle_ms
         member = f"notice:{account_id}"
         episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
         if episode is None or not statuses:
@@ -902,7 +909,7 @@ class Reconciler:
             return
         sent = _sent_notices(cursor, alert.event_id)
         last = max(sent, default=-1)
-        due = [i for i, n in enumerate(plan) if n.at <= now and i > last]
+        due = [i for i, n in enumerate(plan) if n.at + settle <= now and i > last]
         if due:
             i = due[-1]
             notice = plan[i]
@@ -933,7 +940,7 @@ class Reconciler:
                 extra={"event": "release_scheduled", "account_id": account_id},
             )
             last = i
-        ahead = [n.at for i, n in enumerate(plan) if i > last and n.at > now]
+        ahead = [n.at + settle for i, n in enumerate(plan) if i > last and n.at + settle > now]
         if ahead:
             await self.coord.schedule(member, ahead[0])
         else:
