@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lcic_guard.embedded import free_port
@@ -591,13 +592,20 @@ ANNOUNCED = {
 def test_announcements_carry_the_documented_fields(demo: Served) -> None:
     wait_for("the demo's release", lambda: released(demo))
     doc = (ROOT / "docs/events.md").read_text(encoding="utf-8")
-    done = subprocess.run(
-        ["redis-cli", "-u", demo.redis_url, "--json", "XRANGE", "lcic:guard:events", "-", "+"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    entries = json.loads(done.stdout)
+
+    def announced() -> list[Any]:
+        done = subprocess.run(
+            ["redis-cli", "-u", demo.redis_url, "--json", "XRANGE", "lcic:guard:events", "-", "+"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        entries: list[Any] = json.loads(done.stdout)
+        return entries
+
+    # Status changes are announced once they have held for the settle time.
+    wait_for("a status change", lambda: "status_changed" in json.dumps(announced()))
+    entries = announced()
     seen = set()
     for _id, fields in entries:
         event = json.loads(dict(zip(fields[::2], fields[1::2], strict=True))["event"])
