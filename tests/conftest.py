@@ -13,14 +13,14 @@ import grpc
 import pytest
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.checker import Checker
+from lcic_guard.domain.policy import DAY, PolicyConfig
+from lcic_guard.domain.time import Millis, format_time
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.facts import Millis, format_time
-from lcic_guard.policy import DAY, PolicyConfig
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
-from lcic_guard.sidecar import EnforcementServicer, RunningServer, start_server
-from lcic_guard.sources import Delivery
-from lcic_guard.store import Store, connect
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import Delivery
+from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.server import EnforcementServicer, RunningServer, start_server
+from lcic_guard.store.status import Store, connect
 
 T0: Millis = 1_790_000_000_000  # 2026-09-21T14:13:20Z, a fixed "now" for tests
 

@@ -15,9 +15,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lcic.guard.v1 import enforcement_pb2 as pb
-from lcic_guard.api import MAX_BATCH
-from lcic_guard.policy import HOUR
-from lcic_guard.reconciler import Reconciler
+from lcic_guard.domain.policy import HOUR
+from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.sidecar.wire import MAX_BATCH
 
 SERVICE = "/lcic.guard.v1.EnforcementService/"
 GOOD = "app-1"

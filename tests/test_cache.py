@@ -11,11 +11,11 @@ import pytest_asyncio
 from conftest import T0, Events, FakeClock, deliveries
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.policy import DAY, HOUR, PolicyConfig
-from lcic_guard.reconciler import Reconciler
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
+from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.store import CHANGES_STREAM, Store
+from lcic_guard.store.status import CHANGES_STREAM, Store
 from lcic_guard_client import CachedGuardClient
 
 

@@ -7,10 +7,7 @@ from collections.abc import Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lcic_guard.cache import StatusCache, pack, segment_span, unpack, unpack_segment
-from lcic_guard.checker import Checker, CheckRequest
-from lcic_guard.facts import MAX_TIME
-from lcic_guard.policy import (
+from lcic_guard.domain.policy import (
     HOUR,
     SUSPENSION_PRECEDENCE,
     AppStatus,
@@ -21,6 +18,9 @@ from lcic_guard.policy import (
     Segment,
     decide,
 )
+from lcic_guard.domain.time import MAX_TIME
+from lcic_guard.sidecar.cache import StatusCache, pack, segment_span, unpack, unpack_segment
+from lcic_guard.sidecar.checker import Checker, CheckRequest
 
 T0 = 1_790_000_000_000
 CANONICAL = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)

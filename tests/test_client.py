@@ -24,12 +24,12 @@ import pytest
 from conftest import T0, Events, FakeClock, Sidecar, deliveries
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.checker import Checker
+from lcic_guard.domain.policy import HOUR, MINUTE, PolicyConfig
 from lcic_guard.embedded import free_port
-from lcic_guard.policy import HOUR, MINUTE, PolicyConfig
-from lcic_guard.reconciler import Reconciler
-from lcic_guard.sidecar import EnforcementServicer, TlsFiles, start_server
-from lcic_guard.store import Store, connect
+from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.server import EnforcementServicer, TlsFiles, start_server
+from lcic_guard.store.status import Store, connect
 from lcic_guard_client import (
     DEFAULT_TIMEOUT,
     AsyncGuardClient,

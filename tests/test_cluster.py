@@ -24,13 +24,13 @@ from conftest import T0, Events, FakeClock, deliveries, recorded_clock
 from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.facts import Millis
-from lcic_guard.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Segment
-from lcic_guard.reconciler import ALREADY_RELEASED, Reconciler, ReconcilerConfig
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Segment
+from lcic_guard.domain.time import Millis
+from lcic_guard.reconciler.reconciler import ALREADY_RELEASED, Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.sources import FileSource, StreamSource
-from lcic_guard.store import (
+from lcic_guard.store.status import (
     BILLING_STREAM,
     CHANGES_STREAM,
     DEADLINES,

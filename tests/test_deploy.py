@@ -15,9 +15,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from lcic_guard.settings import parse_duration
-from lcic_guard.sidecar import LIVENESS_SERVICE
-from lcic_guard.store import parse_sentinel_url
+from lcic_guard.config import parse_duration
+from lcic_guard.sidecar.server import LIVENESS_SERVICE
+from lcic_guard.store.status import parse_sentinel_url
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "kubernetes" / "base"

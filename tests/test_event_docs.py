@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
-from lcic_guard.facts import FACT_TYPES, InvalidEvent, parse_event
+from lcic_guard.domain.facts import FACT_TYPES, InvalidEvent, parse_event
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/billing-event.schema.json").read_text(encoding="utf-8"))

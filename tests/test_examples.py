@@ -30,18 +30,17 @@ from typing import Any
 
 import pytest_asyncio
 from conftest import Events
-from lcic_guard.checker import wall_clock
-from lcic_guard.facts import (
+from lcic_guard.config import Settings
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ComplianceBan,
     Fact,
-    Millis,
     OverdueAlert,
     PackagePurchased,
     PackageUsage,
     ResourcesReleased,
 )
-from lcic_guard.policy import (
+from lcic_guard.domain.policy import (
     DAY,
     HOUR,
     Check,
@@ -53,11 +52,11 @@ from lcic_guard.policy import (
     decide,
     decide_without_store,
 )
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.domain.time import Millis, wall_clock
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.sources import StreamSource
-from lcic_guard.store import BILLING_STREAM, GUARD_STREAM, Store
+from lcic_guard.store.status import BILLING_STREAM, GUARD_STREAM, Store
 from lcic_guard_client import GuardClient, pb
 
 ROOT = Path(__file__).resolve().parent.parent

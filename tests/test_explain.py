@@ -13,11 +13,20 @@ from conftest import T0, Events, Sidecar, deliveries
 from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard import cli
-from lcic_guard.explain import DeadlineKind, ReasonFact, deadlines, reason_facts
-from lcic_guard.facts import Fact, ResourcesReleased, format_time, parse_event
-from lcic_guard.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Reason, compute_account
-from lcic_guard.reconciler import Reconciler
-from lcic_guard.report import relative
+from lcic_guard.domain.evidence import DeadlineKind, ReasonFact, deadlines, reason_facts
+from lcic_guard.domain.facts import Fact, ResourcesReleased, parse_event
+from lcic_guard.domain.policy import (
+    DAY,
+    HOUR,
+    MINUTE,
+    AppStatus,
+    PolicyConfig,
+    Reason,
+    compute_account,
+)
+from lcic_guard.domain.time import format_time
+from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.render import relative
 
 CFG = PolicyConfig()
 

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lcic_guard.facts import (
-    MAX_TIME,
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ArrearsSettled,
     ComplianceBan,
@@ -25,14 +24,13 @@ from lcic_guard.facts import (
     PackageUsage,
     PaygChanged,
     ResourcesReleased,
-    format_time,
     parse_event,
     parse_event_json,
-    parse_time,
     to_json,
     to_record,
     valid_id,
 )
+from lcic_guard.domain.time import MAX_TIME, format_time, parse_time
 
 T0 = 1_790_000_000_000  # 2026-09-21T14:13:20Z
 T0_TEXT = "2026-09-21T14:13:20.000Z"

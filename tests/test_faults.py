@@ -23,14 +23,14 @@ import pytest_asyncio
 from conftest import Events, deliveries
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.checker import CheckRequest, wall_clock
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import DAY, Check, Decision, PolicyConfig
+from lcic_guard.domain.time import format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.facts import format_time
-from lcic_guard.policy import DAY, Check, Decision, PolicyConfig
-from lcic_guard.reconciler import Reconciler
+from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.store import Store, connect
+from lcic_guard.sidecar.checker import CheckRequest
+from lcic_guard.store.status import Store, connect
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 RATE = 800  # checks/s asked of the load generator

@@ -23,16 +23,15 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.checker import wall_clock
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment
+from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.facts import Millis, format_time
-from lcic_guard.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment
-from lcic_guard.reconciler import RESYNCING, Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.reconciler import RESYNCING, Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.sidecar import WatchCut, Watchers
-from lcic_guard.sources import FileSource
-from lcic_guard.store import Store, connect, status_key
+from lcic_guard.sidecar.server import WatchCut, Watchers
+from lcic_guard.store.status import Store, connect, status_key
 
 R = pb.DecisionReason
 
@@ -278,7 +277,7 @@ async def test_restored_older_data_is_noticed_by_the_version_going_back(
 async def test_raw_tcp_connections_without_the_http2_preface_are_closed(
     own_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lcic_guard import sidecar as sidecar_mod
+    from lcic_guard.sidecar import server as sidecar_mod
 
     # 10 s in production; short here so that the test is fast.
     monkeypatch.setattr(sidecar_mod, "HANDSHAKE_TIMEOUT_MS", 300)

@@ -31,9 +31,9 @@ from docker_support import (
 )
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.checker import wall_clock
+from lcic_guard.domain.policy import DAY
+from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
-from lcic_guard.policy import DAY
 
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 

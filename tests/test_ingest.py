@@ -24,12 +24,13 @@ import pytest
 from conftest import T0, Events, FakeClock, deliveries
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lcic_guard.facts import ApplicationRegistered, Millis, ResourcesReleased, format_time
+from lcic_guard.domain.facts import ApplicationRegistered, ResourcesReleased
+from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment, State
+from lcic_guard.domain.time import Millis, format_time
 from lcic_guard.metrics import ReconcilerMetrics
-from lcic_guard.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment, State
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
-from lcic_guard.sources import StreamSource
-from lcic_guard.store import (
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import StreamSource
+from lcic_guard.store.status import (
     BILLING_STREAM,
     CHANGES_STREAM,
     DEAD_LETTER_STREAM,
@@ -631,7 +632,7 @@ async def test_any_arrival_order_and_batching_gives_the_ordered_runs_table_and_d
 
 def test_limit_flags_reach_the_reconciler(monkeypatch: pytest.MonkeyPatch) -> None:
     from lcic_guard.cli import build_parser
-    from lcic_guard.settings import settings_from
+    from lcic_guard.config import settings_from
 
     defaults = settings_from(build_parser().parse_args(["reconcile"])).reconciler
     assert (defaults.deadletter_maxlen, defaults.parked_ttl_ms) == (100_000, 30 * DAY)

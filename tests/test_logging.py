@@ -17,13 +17,13 @@ from conftest import T0, Events, FakeClock, Sidecar, deliveries, recorded_clock
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard import logs
 from lcic_guard.cli import build_parser
+from lcic_guard.config import Settings, settings_from
+from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.embedded import free_port
-from lcic_guard.policy import DAY, HOUR, PolicyConfig
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.runner import build_sidecar
-from lcic_guard.settings import Settings, settings_from
-from lcic_guard.sources import FileSource
-from lcic_guard.store import Store, connect
+from lcic_guard.store.status import Store, connect
 
 
 class Captured:

@@ -16,8 +16,10 @@ import pytest_asyncio
 from conftest import T0, Events, FakeClock, deliveries, recorded_clock
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import DAY, PolicyConfig
+from lcic_guard.domain.time import Millis
 from lcic_guard.embedded import free_port
-from lcic_guard.facts import Millis
 from lcic_guard.metrics import (
     CHECK_BUCKETS,
     ReconcilerMetrics,
@@ -26,12 +28,10 @@ from lcic_guard.metrics import (
     serve_metrics,
     worker_listen,
 )
-from lcic_guard.policy import DAY, PolicyConfig
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.sources import FileSource, StreamSource
-from lcic_guard.store import BILLING_STREAM, Store, connect
+from lcic_guard.store.status import BILLING_STREAM, Store, connect
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,18 +11,17 @@ from collections.abc import Mapping
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from lcic_guard.facts import (
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ArrearsSettled,
     Fact,
-    Millis,
     OverdueAlert,
     PackagePurchased,
     PackageUsage,
     PaygChanged,
     ResourcesReleased,
 )
-from lcic_guard.policy import (
+from lcic_guard.domain.policy import (
     BILLING_SUSPENSIONS,
     DAY,
     HOUR,
@@ -38,7 +37,8 @@ from lcic_guard.policy import (
     overdue_notice,
     protected_until,
 )
-from lcic_guard.store import decode_segments, encode_segments
+from lcic_guard.domain.time import Millis
+from lcic_guard.store.status import decode_segments, encode_segments
 from test_policy_properties import ACCT, STEP, History, histories
 
 T0: Millis = 1_790_000_000_000

@@ -20,19 +20,18 @@ from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lcic_guard.facts import (
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ArrearsSettled,
     ComplianceBan,
     Fact,
-    Millis,
     OverdueAlert,
     PackagePurchased,
     PackageUsage,
     PaygChanged,
     ResourcesReleased,
 )
-from lcic_guard.policy import (
+from lcic_guard.domain.policy import (
     BILLING_SUSPENSIONS,
     FUTURE_SKEW_MS,
     HOUR,
@@ -49,6 +48,7 @@ from lcic_guard.policy import (
     decide,
     protected_until,
 )
+from lcic_guard.domain.time import Millis
 
 T0: Millis = 1_790_000_000_000
 ACCT = "acct-1"

@@ -11,20 +11,18 @@ import itertools
 from typing import Any
 
 import pytest
-from lcic_guard.facts import (
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ArrearsSettled,
     ComplianceBan,
     Fact,
-    Millis,
     OverdueAlert,
     PackagePurchased,
     PackageUsage,
     PaygChanged,
     ResourcesReleased,
-    format_time,
 )
-from lcic_guard.policy import (
+from lcic_guard.domain.policy import (
     DAY,
     HOUR,
     MINUTE,
@@ -43,6 +41,7 @@ from lcic_guard.policy import (
     explain,
     protected_until,
 )
+from lcic_guard.domain.time import Millis, format_time
 
 T0: Millis = 1_790_000_000_000  # 2026-09-21T14:13:20Z
 ACCT = "acct-1"

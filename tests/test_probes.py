@@ -18,12 +18,12 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2
 from lcic_guard import cli, runner
-from lcic_guard.checker import wall_clock
+from lcic_guard.config import Settings
+from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.sidecar import LIVENESS_SERVICE
-from lcic_guard.store import HEARTBEAT, Store
+from lcic_guard.sidecar.server import LIVENESS_SERVICE
+from lcic_guard.store.status import HEARTBEAT, Store
 from test_readiness import health_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lcic_guard.checker import wall_clock
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import PolicyConfig
+from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.policy import PolicyConfig
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.store import HEARTBEAT, Store, connect
+from lcic_guard.store.status import HEARTBEAT, Store, connect
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

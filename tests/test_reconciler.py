@@ -22,14 +22,14 @@ from conftest import T0, Events, FakeClock, Sidecar, deliveries
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lcic.guard.v1 import enforcement_pb2 as pb
-from lcic_guard.api import timestamp
-from lcic_guard.checker import wall_clock
+from lcic_guard.domain.facts import ResourcesReleased
+from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Reason, State
+from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.facts import Millis, ResourcesReleased, format_time
-from lcic_guard.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Reason, State
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
-from lcic_guard.sources import FileSource, StreamSource
-from lcic_guard.store import (
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import FileSource, StreamSource
+from lcic_guard.sidecar.wire import timestamp
+from lcic_guard.store.status import (
     BILLING_STREAM,
     DEAD_LETTER_STREAM,
     DEADLINES,

@@ -29,11 +29,10 @@ from typing import Any
 
 import pytest
 import redis
-from lcic_guard.checker import wall_clock
+from lcic_guard.domain.policy import DAY, HOUR, Reason
+from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.facts import Millis, format_time
-from lcic_guard.policy import DAY, HOUR, Reason
-from lcic_guard.store import BILLING_STREAM, GUARD_STREAM, decode_segments, encode_segments
+from lcic_guard.store.status import BILLING_STREAM, GUARD_STREAM, decode_segments, encode_segments
 
 LCIC_GUARD = str(Path(sys.executable).with_name("lcic-guard"))
 GROUP = "lcic-guard"
@@ -457,7 +456,7 @@ def busy_consumers(r: redis.Redis) -> set[str]:
 
 
 def test_generator_is_deterministic_and_valid() -> None:
-    from lcic_guard.facts import parse_event
+    from lcic_guard.domain.facts import parse_event
 
     a = make_events(2000, seed=7, base=0 + 100 * DAY, releasable=1)
     b = make_events(2000, seed=7, base=0 + 100 * DAY, releasable=1)

@@ -27,14 +27,14 @@ from hypothesis import strategies as st
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.cli import build_parser
+from lcic_guard.config import Settings, settings_from
+from lcic_guard.domain.facts import valid_id
+from lcic_guard.domain.policy import PolicyConfig
 from lcic_guard.embedded import EmbeddedRedis, find_redis_server, free_port
-from lcic_guard.facts import valid_id
-from lcic_guard.policy import PolicyConfig
-from lcic_guard.reconciler import Reconciler
+from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.redact import redact_url
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings, settings_from
-from lcic_guard.store import Store, connect, facts_key, meta_key, parked_key, status_key
+from lcic_guard.store.status import Store, connect, facts_key, meta_key, parked_key, status_key
 from pki import Authority, Issued
 from redis.asyncio import Redis
 from redis.crc import key_slot

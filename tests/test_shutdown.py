@@ -16,11 +16,11 @@ from conftest import Events, deliveries
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.checker import wall_clock
+from lcic_guard.domain.policy import DAY, PolicyConfig
+from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
-from lcic_guard.policy import DAY, PolicyConfig
-from lcic_guard.reconciler import Reconciler
-from lcic_guard.store import Store, connect
+from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.store.status import Store, connect
 from redis.asyncio import Redis
 
 DRAIN_S = 0.3

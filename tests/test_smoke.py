@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from conftest import T0, Events, FakeClock, Sidecar, deliveries
 from lcic.guard.v1 import enforcement_pb2 as pb
-from lcic_guard.policy import HOUR
-from lcic_guard.reconciler import Reconciler
+from lcic_guard.domain.policy import HOUR
+from lcic_guard.reconciler.reconciler import Reconciler
 
 
 async def test_grace_then_suspension_over_grpc(

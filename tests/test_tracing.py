@@ -19,14 +19,14 @@ from conftest import Events, FakeClock, deliveries, recorded_clock
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import tracing
-from lcic_guard.checker import wall_clock
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import DAY, PolicyConfig
+from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.policy import DAY, PolicyConfig
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.settings import Settings
-from lcic_guard.sources import StreamSource
-from lcic_guard.store import BILLING_STREAM, Store, status_key
+from lcic_guard.store.status import BILLING_STREAM, Store, status_key
 from lcic_guard.tracing import Tracing
 from otlp_receiver import Receiver
 

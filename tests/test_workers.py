@@ -15,8 +15,8 @@ from conftest import Events, deliveries
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.embedded import EmbeddedRedis, free_port
-from lcic_guard.reconciler import Reconciler
-from lcic_guard.store import Store
+from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.store.status import Store
 
 LCIC_GUARD = str(Path(sys.executable).with_name("lcic-guard"))
 

@@ -110,15 +110,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from lcic_guard.facts import Millis
-from lcic_guard.policy import Check, Decision, Reason
-from lcic_guard.store import DEAD_LETTER_STREAM
+from lcic_guard.domain.policy import Check, Decision, Reason
+from lcic_guard.domain.time import Millis
+from lcic_guard.store.status import DEAD_LETTER_STREAM
 
 if TYPE_CHECKING:
-    from lcic_guard.cache import ChangeFeedReader
-    from lcic_guard.checker import Checker
-    from lcic_guard.reconciler import IngestStats, Reconciler
-    from lcic_guard.sidecar import Watchers
+    from lcic_guard.reconciler.reconciler import IngestStats, Reconciler
+    from lcic_guard.sidecar.cache import ChangeFeedReader
+    from lcic_guard.sidecar.checker import Checker
+    from lcic_guard.sidecar.server import Watchers
 
 log = logging.getLogger(__name__)
 
@@ -585,7 +585,7 @@ class ReconcilerMetrics:
 
     async def poll(self, reconciler: Reconciler, now: Callable[[], Millis]) -> None:
         """Read the billing stream's consumer group and the watermark."""
-        from lcic_guard.sources import StreamSource  # no import cycle at load time
+        from lcic_guard.reconciler.sources import StreamSource  # no import cycle at load time
 
         for source in reconciler.sources:
             if isinstance(source, StreamSource):

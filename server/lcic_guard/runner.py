@@ -24,13 +24,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from lcic_guard import auth, logs, tracing
-from lcic_guard.auth import AuthConfig
-from lcic_guard.cache import ChangeFeedReader, StatusCache
-from lcic_guard.checker import Checker, wall_clock
+from lcic_guard import logs, tracing
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import Room, protected_until
+from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.errors import CommandError, bind_error, check_readable
-from lcic_guard.facts import Millis, format_time
 from lcic_guard.metrics import (
     MetricsServer,
     ReconcilerMetrics,
@@ -38,22 +37,24 @@ from lcic_guard.metrics import (
     serve_metrics,
     worker_listen,
 )
-from lcic_guard.observe import DecisionObserver
-from lcic_guard.policy import Room, protected_until
-from lcic_guard.readiness import Readiness
-from lcic_guard.reconciler import Reconciler
+from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler.sources import BillingSource, FileSource, StreamSource
 from lcic_guard.redact import redact_url
 from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl, sample_recorded_at
-from lcic_guard.settings import Settings
-from lcic_guard.sidecar import (
+from lcic_guard.sidecar import auth
+from lcic_guard.sidecar.auth import AuthConfig
+from lcic_guard.sidecar.cache import ChangeFeedReader, StatusCache
+from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.observe import DecisionObserver
+from lcic_guard.sidecar.readiness import Readiness
+from lcic_guard.sidecar.server import (
     EnforcementServicer,
     RunningServer,
     TlsFiles,
     Watchers,
     start_server,
 )
-from lcic_guard.sources import BillingSource, FileSource, StreamSource
-from lcic_guard.store import BILLING_STREAM, Store, connect
+from lcic_guard.store.status import BILLING_STREAM, Store, connect
 from lcic_guard.tracing import Tracing
 
 log = logging.getLogger("lcic_guard")

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-    from lcic_guard.reconciler import IngestStats, Reconciler, ReleasePlan
-    from lcic_guard.sources import Delivery
+    from lcic_guard.reconciler.reconciler import IngestStats, Reconciler, ReleasePlan
+    from lcic_guard.reconciler.sources import Delivery
 
 log = logging.getLogger(__name__)
 

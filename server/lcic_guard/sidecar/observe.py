@@ -21,10 +21,10 @@ from typing import Final
 
 from lcic.guard.v1 import enforcement_pb2 as pb
 
-from lcic_guard import api
-from lcic_guard.checker import CheckRequest
+from lcic_guard.domain.policy import Check, Decision
 from lcic_guard.metrics import BATCH, SidecarMetrics
-from lcic_guard.policy import Check, Decision
+from lcic_guard.sidecar import wire
+from lcic_guard.sidecar.checker import CheckRequest
 
 decision_log = logging.getLogger("lcic_guard.decisions")
 PB_MEMO_SIZE: Final = 8192
@@ -69,7 +69,7 @@ class DecisionObserver:
         hit = self._pb.get(id(d))
         if hit is not None and hit[0] is d:
             return hit[1]
-        out = api.decision_to_pb(d)
+        out = wire.decision_to_pb(d)
         if len(self._pb) >= PB_MEMO_SIZE:
             self._pb.clear()
         self._pb[id(d)] = (d, out)

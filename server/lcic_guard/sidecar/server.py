@@ -1,7 +1,7 @@
 """The gRPC face of the sidecar: EnforcementService, health and reflection.
 
-Validation and conversion live in :mod:`lcic_guard.api`, decisions in
-:mod:`lcic_guard.checker`; this module only maps them onto grpc.aio.
+Validation and conversion live in :mod:`lcic_guard.sidecar.wire`, decisions in
+:mod:`lcic_guard.sidecar.checker`; this module only maps them onto grpc.aio.
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ from grpc_reflection.v1alpha import reflection
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 
-from lcic_guard import api, logs, report
-from lcic_guard.api import BadRequest
-from lcic_guard.cache import StatusCache
-from lcic_guard.certs import CertificateFiles, reloading_server_credentials
-from lcic_guard.checker import Checker, CheckRequest, bounded_room
-from lcic_guard.facts import Millis
-from lcic_guard.observe import PREVIEW_CHECKS, DecisionObserver
-from lcic_guard.policy import AppStatus, Room, protected_until
+from lcic_guard import logs
+from lcic_guard.domain.policy import AppStatus, Room, protected_until
+from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import describe_error
-from lcic_guard.store import Store
+from lcic_guard.sidecar import wire
+from lcic_guard.sidecar.cache import StatusCache
+from lcic_guard.sidecar.certs import CertificateFiles, reloading_server_credentials
+from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
+from lcic_guard.sidecar.observe import PREVIEW_CHECKS, DecisionObserver
+from lcic_guard.sidecar.wire import BadRequest
+from lcic_guard.store.status import Store
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.CanCreateClassroomRequest, context: grpc.aio.ServicerContext
     ) -> pb.CanCreateClassroomResponse:
         try:
-            req = api.create_request(request)
+            req = wire.create_request(request)
         except BadRequest as exc:
             await _invalid(context, exc)
         return pb.CanCreateClassroomResponse(decision=await self._decide(req))
@@ -110,7 +111,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.CanEnterClassroomRequest, context: grpc.aio.ServicerContext
     ) -> pb.CanEnterClassroomResponse:
         try:
-            req = api.enter_request(request)
+            req = wire.enter_request(request)
         except BadRequest as exc:
             await _invalid(context, exc)
         return pb.CanEnterClassroomResponse(decision=await self._decide(req))
@@ -119,7 +120,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.CanAccessRecordingRequest, context: grpc.aio.ServicerContext
     ) -> pb.CanAccessRecordingResponse:
         try:
-            req = api.recording_request(request)
+            req = wire.recording_request(request)
         except BadRequest as exc:
             await _invalid(context, exc)
         return pb.CanAccessRecordingResponse(decision=await self._decide(req))
@@ -128,7 +129,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.CheckBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.CheckBatchResponse:
         try:
-            reqs = api.batch_requests(request)
+            reqs = wire.batch_requests(request)
         except BadRequest as exc:
             await _invalid(context, exc)
         start = time.perf_counter()
@@ -185,10 +186,10 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.ReportClassroomStartedRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportClassroomStartedResponse:
         try:
-            app_id = api.require_id(request.app_id, "app_id")
-            room_id = api.require_id(request.room_id, "room_id")
-            started = api.required_millis(request, "started_at", "started_at")
-            end = api.optional_millis(request, "scheduled_end_time", "scheduled_end_time")
+            app_id = wire.require_id(request.app_id, "app_id")
+            room_id = wire.require_id(request.room_id, "room_id")
+            started = wire.required_millis(request, "started_at", "started_at")
+            end = wire.optional_millis(request, "scheduled_end_time", "scheduled_end_time")
             self._believable(started, "started_at")
             if end is not None and end <= started:
                 raise BadRequest("scheduled_end_time: must be after started_at")
@@ -202,9 +203,9 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.ReportClassroomEndedRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportClassroomEndedResponse:
         try:
-            app_id = api.require_id(request.app_id, "app_id")
-            room_id = api.require_id(request.room_id, "room_id")
-            ended = api.required_millis(request, "ended_at", "ended_at")
+            app_id = wire.require_id(request.app_id, "app_id")
+            room_id = wire.require_id(request.room_id, "room_id")
+            ended = wire.required_millis(request, "ended_at", "ended_at")
             self._believable(ended, "ended_at")
         except BadRequest as exc:
             await _invalid(context, exc)
@@ -217,7 +218,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.GetApplicationStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetApplicationStatusResponse:
         try:
-            app_id = api.require_id(request.app_id, "app_id")
+            app_id = wire.require_id(request.app_id, "app_id")
         except BadRequest as exc:
             await _invalid(context, exc)
         status, _ = await self._read_one(context, app_id, None)
@@ -228,11 +229,11 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         except Exception:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
         try:
-            explained = report.explained_status(status, facts, self.clock())
+            explained = wire.explained_status(status, facts, self.clock())
         except Exception as exc:
             # A stored fact the explanation cannot render must not hide the status.
             log.warning("cannot explain the status of %s (%s); sent without facts", app_id, exc)
-            explained = api.status_to_pb(status, self.clock())
+            explained = wire.status_to_pb(status, self.clock())
         return pb.GetApplicationStatusResponse(status=explained)
 
     async def _read_one(
@@ -269,14 +270,14 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.PreviewApplicationRequest, context: grpc.aio.ServicerContext
     ) -> pb.PreviewApplicationResponse:
         try:
-            app_id = api.require_id(request.app_id, "app_id")
-            at = api.required_millis(request, "at", "at")
-            room_id = api.optional_id(request.room_id, "room_id")
+            app_id = wire.require_id(request.app_id, "app_id")
+            at = wire.required_millis(request, "at", "at")
+            room_id = wire.optional_id(request.room_id, "room_id")
         except BadRequest as exc:
             await _invalid(context, exc)
         status, room = await self._read_one(context, app_id, room_id)
         try:
-            resp = report.preview(
+            resp = wire.preview(
                 status,
                 bounded_room(room, self.checker.cfg),
                 max(at, self.clock()),
@@ -295,7 +296,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.WatchApplicationStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchApplicationStatusResponse | bytes]:
         try:
-            ids = api.watch_ids(request)
+            ids = wire.watch_ids(request)
         except BadRequest as exc:
             await _invalid(context, exc)
         if self.watchers is None:
@@ -341,7 +342,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
 
     def render_watched(self, status: AppStatus, now: Millis) -> bytes:
         """A watch message, serialized once for every stream that gets it."""
-        resp = api.watch_response(status, now, self.checker.cfg)
+        resp = wire.watch_response(status, now, self.checker.cfg)
         self.observer.shadow_schedule(resp)
         return resp.SerializeToString()
 
@@ -815,8 +816,8 @@ async def start_server(
     """Start EnforcementService, health and reflection on ``listen``.
 
     With ``tls``, each new connection uses the certificate files as they are
-    then (changed files are loaded again: see :mod:`lcic_guard.certs`).
-    ``interceptors`` (e.g. :mod:`lcic_guard.auth`) see every call.
+    then (changed files are loaded again: see :mod:`lcic_guard.sidecar.certs`).
+    ``interceptors`` (e.g. :mod:`lcic_guard.sidecar.auth`) see every call.
     ``reuse_port`` only for the processes of one ``--workers N``: gRPC turns
     SO_REUSEPORT on by default, and with it a second sidecar on a taken port
     would silently share it and half the checks would reach the wrong one.

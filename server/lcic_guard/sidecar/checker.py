@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Protocol
 
-from lcic_guard.cache import (
-    CircuitBreaker,
-    Entry,
-    StatusCache,
-    segment_span,
-    unpack_segment,
-)
-from lcic_guard.facts import Millis
-from lcic_guard.policy import (
+from lcic_guard.domain.policy import (
     AppStatus,
     Check,
     Decision,
@@ -33,16 +24,20 @@ from lcic_guard.policy import (
     decide_without_store,
     r4_r5_allowed,
 )
+from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
+from lcic_guard.sidecar.cache import (
+    CircuitBreaker,
+    Entry,
+    StatusCache,
+    segment_span,
+    unpack_segment,
+)
 
 log = logging.getLogger(__name__)
 
 # Memoized decisions (by check, version and segment); cleared when full.
 MEMO_SIZE = 8192
-
-
-def wall_clock() -> Millis:
-    return time.time_ns() // 1_000_000
 
 
 class StatusReader(Protocol):

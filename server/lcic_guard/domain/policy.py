@@ -25,19 +25,18 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
 
-from lcic_guard.facts import (
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ArrearsSettled,
     ComplianceBan,
     Fact,
-    Millis,
     OverdueAlert,
     PackagePurchased,
     PackageUsage,
     PaygChanged,
     ResourcesReleased,
-    format_time,
 )
+from lcic_guard.domain.time import Millis, format_time
 
 SECOND: Final = 1000
 MINUTE: Final = 60 * SECOND
@@ -197,7 +196,7 @@ class AppStatus:
 @dataclass(slots=True)
 class Sweep:
     """The state of one account and one app at an instant of the sweep, with
-    the facts that made it (which :mod:`lcic_guard.explain` cites).
+    the facts that made it (which :mod:`lcic_guard.domain.evidence` cites).
 
     ``recorded`` holds when each fact was first stored (by event id); a fact
     without one counts as recorded when it occurred (facts stored before the

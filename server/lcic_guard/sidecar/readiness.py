@@ -25,9 +25,9 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from lcic_guard.facts import Millis
-from lcic_guard.sidecar import RunningServer
-from lcic_guard.store import Coordination, Store
+from lcic_guard.domain.time import Millis
+from lcic_guard.sidecar.server import RunningServer
+from lcic_guard.store.status import Coordination, Store
 
 log = logging.getLogger(__name__)
 

@@ -8,25 +8,29 @@ servicer turns it into INVALID_ARGUMENT.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 
-from lcic_guard.checker import CheckRequest
-from lcic_guard.facts import MAX_TIME, MIN_TIME, Millis, format_time, valid_id
-from lcic_guard.policy import (
+from lcic_guard.domain.evidence import Deadline, ReasonFact, deadlines, reason_facts
+from lcic_guard.domain.facts import Fact, valid_id
+from lcic_guard.domain.policy import (
     AppStatus,
     Check,
     Decision,
     PolicyConfig,
     Reason,
+    Room,
     Segment,
     State,
     decide,
     explain,
+    message_for,
 )
+from lcic_guard.domain.time import MAX_TIME, MIN_TIME, Millis, format_time
+from lcic_guard.sidecar.checker import CheckRequest
 
 MAX_BATCH: Final = 1000
 MAX_WATCH_IDS: Final = 1000
@@ -228,3 +232,76 @@ def watch_response(
     return pb.WatchApplicationStatusResponse(
         status=status_to_pb(status, now), schedule=schedule_to_pb(status, now, cfg)
     )
+
+
+# -- explained status and preview ------------------------------------------------
+
+
+
+def facts_to_pb(facts: Iterable[ReasonFact]) -> list[pb.ReasonFact]:
+    out = []
+    for f in facts:
+        msg = pb.ReasonFact(
+            reason=_REASON_TO_PB[f.reason],
+            event_id=f.event_id,
+            event_type=f.event_type,
+            detail=f.detail,
+        )
+        if f.event_id:
+            msg.occurred_at.FromMilliseconds(f.occurred_at)
+        out.append(msg)
+    return out
+
+
+def deadlines_to_pb(items: Iterable[Deadline]) -> list[pb.Deadline]:
+    out = []
+    for d in items:
+        msg = pb.Deadline(
+            kind=getattr(pb, f"DEADLINE_KIND_{d.kind.value}"),
+            description=d.description,
+            event_id=d.event_id,
+        )
+        msg.at.FromMilliseconds(d.at)
+        out.append(msg)
+    return out
+
+
+def explained_status(
+    status: AppStatus, facts: Sequence[Fact] | None, now: Millis
+) -> pb.ApplicationStatus:
+    """The status record with its facts, deadlines and advice (GetApplicationStatus)."""
+    out = status_to_pb(status, now)
+    seg = status.at(now)
+    if seg.suspended_at is not None:  # R6: when the suspension took effect for classes
+        effective = seg.effective_at if seg.effective_at is not None else seg.suspended_at
+        out.suspension_effective_at.FromMilliseconds(effective)
+    out.message = message_for(seg)
+    if seg.suspended and Reason.OVERDUE_GRACE in seg.reasons:
+        # The suspension's advice does not mention the grace running meanwhile.
+        out.message += (
+            " The account also has an overdue payment: top up before "
+            f"{format_time(seg.grace_ends_at or now)} or every application of the account "
+            "will be suspended for it too."
+        )
+    if facts is not None:
+        out.facts.extend(facts_to_pb(reason_facts(status, facts, now)))
+        out.deadlines.extend(deadlines_to_pb(deadlines(status, facts, now)))
+    return out
+
+
+def preview(
+    status: AppStatus, room: Room | None, at: Millis, cfg: PolicyConfig
+) -> pb.PreviewApplicationResponse:
+    """What the three checks answer at ``at`` if no new billing fact arrives."""
+    seg = status.at(at)
+    out = pb.PreviewApplicationResponse(
+        app_id=status.app_id,
+        state=_STATE_TO_PB[seg.state],
+        reasons=[_REASON_TO_PB[r] for r in seg.reasons],
+        create_classroom=decision_to_pb(decide(Check.CREATE_CLASSROOM, status, at, cfg)),
+        enter_classroom=decision_to_pb(decide(Check.ENTER_CLASSROOM, status, at, cfg, room)),
+        access_recording=decision_to_pb(decide(Check.ACCESS_RECORDING, status, at, cfg)),
+        rules=list(explain(seg)),
+    )
+    out.at.FromMilliseconds(at)
+    return out

@@ -20,21 +20,18 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
-from lcic_guard.checker import wall_clock
-from lcic_guard.facts import (
+from lcic_guard.domain.facts import (
     RESERVED_REASON,
     ApplicationRegistered,
     Fact,
     InvalidEvent,
-    Millis,
     ResourcesReleased,
     account_of,
     app_of,
-    format_time,
     parse_event_json,
     to_json,
 )
-from lcic_guard.policy import (
+from lcic_guard.domain.policy import (
     DAY,
     HOUR,
     AppStatus,
@@ -44,9 +41,10 @@ from lcic_guard.policy import (
     compute_account,
     overdue_notice,
 )
+from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
-from lcic_guard.sources import BillingSource, Delivery
-from lcic_guard.store import (
+from lcic_guard.reconciler.sources import BillingSource, Delivery
+from lcic_guard.store.status import (
     DEADLETTER_MAXLEN,
     MAX_EVENT_BYTES,
     OVERSIZED_KEEP,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcic_guard.policy import DAY, HOUR, MINUTE, SECOND, Check, PolicyConfig
-from lcic_guard.reconciler import ReconcilerConfig
+from lcic_guard.domain.policy import DAY, HOUR, MINUTE, SECOND, Check, PolicyConfig
+from lcic_guard.reconciler.reconciler import ReconcilerConfig
 from lcic_guard.redact import redact_url
 
 ENV_PREFIX = "LCIC_GUARD_"
@@ -65,7 +65,7 @@ def parse_metrics_listen(text: str) -> str:
 
 def parse_shadow_checks(text: str) -> frozenset[Check]:
     """The checks in shadow mode: ``create,enter,recording``, ``all`` or empty."""
-    from lcic_guard.observe import parse_shadow
+    from lcic_guard.sidecar.observe import parse_shadow
 
     try:
         return parse_shadow(text)
@@ -130,12 +130,12 @@ class Settings:
     log_format: str = "auto"
     metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; empty: off
     shadow: frozenset[Check] = frozenset()  # checks that never deny (shadow mode)
-    # Who may call the RPCs that change or reveal state (see lcic_guard.auth).
+    # Who may call the RPCs that change or reveal state (see lcic_guard.sidecar.auth).
     auth_token_file: str | None = None
     auth_allow_identities: frozenset[str] = frozenset()
     auth_checks: bool = False  # the checks too
     # Health NOT_SERVING when the reconciler's heartbeat is older (0: off; the
-    # command line's default is 30 s, see lcic_guard.readiness).
+    # command line's default is 30 s, see lcic_guard.sidecar.readiness).
     max_heartbeat_age_ms: int = 0
     # SIGTERM: NOT_SERVING for shutdown_delay, then in-flight calls get shutdown_grace.
     shutdown_delay_ms: int = 1000

@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
-from lcic_guard.facts import Millis
-from lcic_guard.policy import SUSPENSION_PRECEDENCE, AppStatus, Reason, Room, Segment
+from lcic_guard.domain.policy import SUSPENSION_PRECEDENCE, AppStatus, Reason, Room, Segment
+from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import describe_error
 
 if TYPE_CHECKING:
-    from lcic_guard.store import Change
+    from lcic_guard.store.status import Change
 
 log = logging.getLogger(__name__)
 

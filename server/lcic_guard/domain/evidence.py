@@ -1,5 +1,5 @@
 """Why an application is in its state: the billing facts behind each reason,
-and the deadlines ahead. Pure, like :mod:`lcic_guard.policy`: no I/O.
+and the deadlines ahead. Pure, like :mod:`lcic_guard.domain.policy`: no I/O.
 
 :func:`reason_facts` maps every reason of the status in force at ``now`` to
 the billing events that make it hold (the overdue alert that started grace,
@@ -17,14 +17,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from lcic_guard.facts import (
-    Fact,
-    Millis,
-    OverdueAlert,
-    PackageUsage,
-    format_time,
-)
-from lcic_guard.policy import AppStatus, PolicyConfig, Reason, State, Sweep, sweep_until
+from lcic_guard.domain.facts import Fact, OverdueAlert, PackageUsage
+from lcic_guard.domain.policy import AppStatus, PolicyConfig, Reason, State, Sweep, sweep_until
+from lcic_guard.domain.time import Millis, format_time
 
 
 @dataclass(frozen=True, slots=True)

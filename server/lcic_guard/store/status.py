@@ -43,15 +43,15 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ResponseError
 
-from lcic_guard.facts import (
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     Fact,
     InvalidEvent,
-    Millis,
     parse_event_json,
     to_json,
 )
-from lcic_guard.policy import AppStatus, Reason, Room, Segment
+from lcic_guard.domain.policy import AppStatus, Reason, Room, Segment
+from lcic_guard.domain.time import Millis
 
 RedisClient = Redis | RedisCluster
 

@@ -1,6 +1,6 @@
 """Explanations on the wire and for a person.
 
-The wire side turns :mod:`lcic_guard.explain` and the policy into the
+The wire side turns :mod:`lcic_guard.domain.evidence` and the policy into the
 ``ApplicationStatus.facts``/``deadlines``/``message`` fields and the
 PreviewApplication answer. The person side renders those messages as the
 text ``lcic-guard status``, ``explain`` and ``preview`` print. Pure: no I/O.
@@ -9,100 +9,15 @@ text ``lcic-guard status``, ``explain`` and ``preview`` print. Pure: no I/O.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
 from typing import Final
 
 from lcic.guard.v1 import enforcement_pb2 as pb
 
-from lcic_guard import api
-from lcic_guard.explain import Deadline, ReasonFact, deadlines, reason_facts
-from lcic_guard.facts import Fact, InvalidEvent, Millis, format_time, parse_time
-from lcic_guard.policy import (
-    AppStatus,
+from lcic_guard.domain.facts import InvalidEvent
+from lcic_guard.domain.policy import (
     Check,
-    PolicyConfig,
-    Reason,
-    Room,
-    State,
-    decide,
-    explain,
-    message_for,
 )
-
-_REASON_PB: Final = {r: getattr(pb, f"DECISION_REASON_{r.value}") for r in Reason}
-_STATE_PB: Final = {s: getattr(pb, f"APPLICATION_STATE_{s.value}") for s in State}
-
-# -- the wire -------------------------------------------------------------------
-
-
-def facts_to_pb(facts: Iterable[ReasonFact]) -> list[pb.ReasonFact]:
-    out = []
-    for f in facts:
-        msg = pb.ReasonFact(
-            reason=_REASON_PB[f.reason],
-            event_id=f.event_id,
-            event_type=f.event_type,
-            detail=f.detail,
-        )
-        if f.event_id:
-            msg.occurred_at.FromMilliseconds(f.occurred_at)
-        out.append(msg)
-    return out
-
-
-def deadlines_to_pb(items: Iterable[Deadline]) -> list[pb.Deadline]:
-    out = []
-    for d in items:
-        msg = pb.Deadline(
-            kind=getattr(pb, f"DEADLINE_KIND_{d.kind.value}"),
-            description=d.description,
-            event_id=d.event_id,
-        )
-        msg.at.FromMilliseconds(d.at)
-        out.append(msg)
-    return out
-
-
-def explained_status(
-    status: AppStatus, facts: Sequence[Fact] | None, now: Millis
-) -> pb.ApplicationStatus:
-    """The status record with its facts, deadlines and advice (GetApplicationStatus)."""
-    out = api.status_to_pb(status, now)
-    seg = status.at(now)
-    if seg.suspended_at is not None:  # R6: when the suspension took effect for classes
-        effective = seg.effective_at if seg.effective_at is not None else seg.suspended_at
-        out.suspension_effective_at.FromMilliseconds(effective)
-    out.message = message_for(seg)
-    if seg.suspended and Reason.OVERDUE_GRACE in seg.reasons:
-        # The suspension's advice does not mention the grace running meanwhile.
-        out.message += (
-            " The account also has an overdue payment: top up before "
-            f"{format_time(seg.grace_ends_at or now)} or every application of the account "
-            "will be suspended for it too."
-        )
-    if facts is not None:
-        out.facts.extend(facts_to_pb(reason_facts(status, facts, now)))
-        out.deadlines.extend(deadlines_to_pb(deadlines(status, facts, now)))
-    return out
-
-
-def preview(
-    status: AppStatus, room: Room | None, at: Millis, cfg: PolicyConfig
-) -> pb.PreviewApplicationResponse:
-    """What the three checks answer at ``at`` if no new billing fact arrives."""
-    seg = status.at(at)
-    out = pb.PreviewApplicationResponse(
-        app_id=status.app_id,
-        state=_STATE_PB[seg.state],
-        reasons=[_REASON_PB[r] for r in seg.reasons],
-        create_classroom=api.decision_to_pb(decide(Check.CREATE_CLASSROOM, status, at, cfg)),
-        enter_classroom=api.decision_to_pb(decide(Check.ENTER_CLASSROOM, status, at, cfg, room)),
-        access_recording=api.decision_to_pb(decide(Check.ACCESS_RECORDING, status, at, cfg)),
-        rules=list(explain(seg)),
-    )
-    out.at.FromMilliseconds(at)
-    return out
-
+from lcic_guard.domain.time import Millis, format_time, parse_time
 
 PREVIEW_FIELDS: Final = (
     ("create_classroom", Check.CREATE_CLASSROOM),
@@ -116,7 +31,7 @@ PREVIEW_FIELDS: Final = (
 def parse_at(text: str, now: Millis) -> Millis:
     """An RFC 3339 time (``2026-10-01T12:00:00Z``) or a duration from now:
     ``+25h``, ``+1h30m``, ``-1h``."""
-    from lcic_guard.settings import parse_duration  # the CLI's duration syntax
+    from lcic_guard.config import parse_duration  # the CLI's duration syntax
 
     text = text.strip()
     if text[:1] in ("+", "-"):

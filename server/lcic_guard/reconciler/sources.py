@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from redis.exceptions import ResponseError
 
-from lcic_guard.facts import Millis
-from lcic_guard.store import BILLING_STREAM, RedisClient
+from lcic_guard.domain.time import Millis
+from lcic_guard.store.status import BILLING_STREAM, RedisClient
 
 log = logging.getLogger(__name__)
 
