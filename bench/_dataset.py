@@ -28,7 +28,8 @@ from lcic_guard.domain.facts import (
 )
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, compute_account
 from lcic_guard.domain.time import Millis
-from lcic_guard.store.status import encode_segments, status_key
+from lcic_guard.store.codec import encode_segments
+from lcic_guard.store.keys import status_key
 
 # Every TEMPLATE_CYCLE consecutive applications: mostly in good standing, one
 # of each other situation (the decisions a sidecar really gives).

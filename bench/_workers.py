@@ -354,7 +354,7 @@ async def propagate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Bans on fresh accounts alternating with pay-as-you-go toggles on
     quota-exhausted apps; each changes CanCreateClassroom's answer."""
     from lcic_guard.domain.policy import DAY, HOUR
-    from lcic_guard.store.status import BILLING_STREAM
+    from lcic_guard.store.keys import BILLING_STREAM
     from redis.asyncio import Redis
 
     changes = int(cfg["changes"])

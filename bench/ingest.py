@@ -43,7 +43,9 @@ from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, find_redis_server
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource, StreamSource
-from lcic_guard.store.status import BILLING_STREAM, Store, connect
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import BILLING_STREAM
+from lcic_guard.store.status import Store
 
 GROUP = "lcic-guard"
 

@@ -35,7 +35,8 @@ from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import DAY, AppStatus, Segment
 from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
-from lcic_guard.store.status import Store, connect
+from lcic_guard.store.connect import connect
+from lcic_guard.store.status import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

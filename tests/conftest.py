@@ -19,8 +19,10 @@ from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import Delivery
 from lcic_guard.sidecar.checker import Checker
-from lcic_guard.sidecar.server import EnforcementServicer, RunningServer, start_server
-from lcic_guard.store.status import Store, connect
+from lcic_guard.sidecar.server import RunningServer, start_server
+from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.store.connect import connect
+from lcic_guard.store.status import Store
 
 T0: Millis = 1_790_000_000_000  # 2026-09-21T14:13:20Z, a fixed "now" for tests
 

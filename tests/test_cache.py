@@ -15,7 +15,8 @@ from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.store.status import CHANGES_STREAM, Store
+from lcic_guard.store.keys import CHANGES_STREAM
+from lcic_guard.store.status import Store
 from lcic_guard_client import CachedGuardClient
 
 

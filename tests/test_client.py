@@ -23,13 +23,14 @@ import grpc
 import pytest
 from conftest import T0, Events, FakeClock, Sidecar, deliveries
 from lcic.guard.v1 import enforcement_pb2 as pb
-from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import HOUR, MINUTE, PolicyConfig
 from lcic_guard.embedded import free_port
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.sidecar.checker import Checker
-from lcic_guard.sidecar.server import EnforcementServicer, TlsFiles, start_server
-from lcic_guard.store.status import Store, connect
+from lcic_guard.sidecar.server import TlsFiles, add_service, start_server
+from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.store.connect import connect
+from lcic_guard.store.status import Store
 from lcic_guard_client import (
     DEFAULT_TIMEOUT,
     AsyncGuardClient,
@@ -399,7 +400,8 @@ async def counted(
     recorder = Recorder()
     server = grpc.aio.server(interceptors=[recorder.interceptor()])
     checker = Checker(store, policy, read_timeout=2.0, clock=clock)
-    pb_grpc.add_EnforcementServiceServicer_to_server(EnforcementServicer(checker, store), server)
+    # As the sidecar registers it: add_service maps a bad field to INVALID_ARGUMENT.
+    add_service(EnforcementServicer(checker, store), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield CountedServer(f"127.0.0.1:{port}", recorder)

@@ -30,7 +30,8 @@ from lcic_guard.domain.time import Millis
 from lcic_guard.reconciler.reconciler import ALREADY_RELEASED, Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.store.status import (
+from lcic_guard.store.connect import connect, parse_sentinel_url
+from lcic_guard.store.keys import (
     BILLING_STREAM,
     CHANGES_STREAM,
     DEADLINES,
@@ -38,14 +39,12 @@ from lcic_guard.store.status import (
     GUARD_STREAM,
     HEARTBEAT,
     LEADER,
-    Store,
-    connect,
     facts_key,
     meta_key,
     parked_key,
-    parse_sentinel_url,
     status_key,
 )
+from lcic_guard.store.status import Store
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from lcic_guard.config import parse_duration
 from lcic_guard.sidecar.server import LIVENESS_SERVICE
-from lcic_guard.store.status import parse_sentinel_url
+from lcic_guard.store.connect import parse_sentinel_url
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "kubernetes" / "base"

@@ -56,7 +56,8 @@ from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.store.status import BILLING_STREAM, GUARD_STREAM, Store
+from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM
+from lcic_guard.store.status import Store
 from lcic_guard_client import GuardClient, pb
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,8 @@ from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.runner import Sidecar, build_sidecar
 from lcic_guard.sidecar.checker import CheckRequest
-from lcic_guard.store.status import Store, connect
+from lcic_guard.store.connect import connect
+from lcic_guard.store.status import Store
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 RATE = 800  # checks/s asked of the load generator

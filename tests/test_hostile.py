@@ -30,8 +30,10 @@ from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler.reconciler import RESYNCING, Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.sidecar.server import WatchCut, Watchers
-from lcic_guard.store.status import Store, connect, status_key
+from lcic_guard.sidecar.watchers import WatchCut, Watchers
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import status_key
+from lcic_guard.store.status import Store
 
 R = pb.DecisionReason
 

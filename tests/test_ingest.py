@@ -27,20 +27,19 @@ from hypothesis import strategies as st
 from lcic_guard.domain.facts import ApplicationRegistered, ResourcesReleased
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment, State
 from lcic_guard.domain.time import Millis, format_time
-from lcic_guard.metrics import ReconcilerMetrics
+from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
-from lcic_guard.store.status import (
+from lcic_guard.store.connect import RedisClient
+from lcic_guard.store.keys import (
     BILLING_STREAM,
     CHANGES_STREAM,
     DEAD_LETTER_STREAM,
-    AddResult,
-    RedisClient,
-    Store,
     facts_key,
     parked_key,
     status_key,
 )
+from lcic_guard.store.status import AddResult, Store
 
 
 def _s(value: Any) -> str:

@@ -23,7 +23,8 @@ from lcic_guard.embedded import free_port
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.runner import build_sidecar
-from lcic_guard.store.status import Store, connect
+from lcic_guard.store.connect import connect
+from lcic_guard.store.status import Store
 
 
 class Captured:

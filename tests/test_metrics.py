@@ -20,18 +20,15 @@ from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import Millis
 from lcic_guard.embedded import free_port
-from lcic_guard.metrics import (
-    CHECK_BUCKETS,
-    ReconcilerMetrics,
-    SidecarMetrics,
-    parse_listen,
-    serve_metrics,
-    worker_listen,
-)
+from lcic_guard.metrics import parse_listen, serve_metrics, worker_listen
+from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.store.status import BILLING_STREAM, Store, connect
+from lcic_guard.sidecar.metrics import CHECK_BUCKETS, SidecarMetrics
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import BILLING_STREAM
+from lcic_guard.store.status import Store
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent

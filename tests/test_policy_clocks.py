@@ -38,7 +38,7 @@ from lcic_guard.domain.policy import (
     protected_until,
 )
 from lcic_guard.domain.time import Millis
-from lcic_guard.store.status import decode_segments, encode_segments
+from lcic_guard.store.codec import decode_segments, encode_segments
 from test_policy_properties import ACCT, STEP, History, histories
 
 T0: Millis = 1_790_000_000_000

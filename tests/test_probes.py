@@ -23,7 +23,8 @@ from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.runner import Sidecar, build_sidecar
 from lcic_guard.sidecar.server import LIVENESS_SERVICE
-from lcic_guard.store.status import HEARTBEAT, Store
+from lcic_guard.store.keys import HEARTBEAT
+from lcic_guard.store.status import Store
 from test_readiness import health_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

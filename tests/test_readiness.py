@@ -16,7 +16,9 @@ from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.store.status import HEARTBEAT, Store, connect
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import HEARTBEAT
+from lcic_guard.store.status import Store
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -29,21 +29,18 @@ from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.sidecar.wire import timestamp
-from lcic_guard.store.status import (
+from lcic_guard.store.connect import RedisClient, connect
+from lcic_guard.store.keys import (
     BILLING_STREAM,
     DEAD_LETTER_STREAM,
     DEADLINES,
     GUARD_STREAM,
-    AccountFacts,
-    RedisClient,
-    Store,
-    WriteResult,
-    connect,
     facts_key,
     meta_key,
     parked_key,
     status_key,
 )
+from lcic_guard.store.status import AccountFacts, Store, WriteResult
 
 GRACE = PolicyConfig().grace_ms
 RELEASE_AFTER = PolicyConfig().release_after_ms

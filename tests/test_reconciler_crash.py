@@ -32,7 +32,8 @@ import redis
 from lcic_guard.domain.policy import DAY, HOUR, Reason
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.store.status import BILLING_STREAM, GUARD_STREAM, decode_segments, encode_segments
+from lcic_guard.store.codec import decode_segments, encode_segments
+from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM
 
 LCIC_GUARD = str(Path(sys.executable).with_name("lcic-guard"))
 GROUP = "lcic-guard"

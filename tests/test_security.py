@@ -34,7 +34,9 @@ from lcic_guard.embedded import EmbeddedRedis, find_redis_server, free_port
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.redact import redact_url
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.store.status import Store, connect, facts_key, meta_key, parked_key, status_key
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import facts_key, meta_key, parked_key, status_key
+from lcic_guard.store.status import Store
 from pki import Authority, Issued
 from redis.asyncio import Redis
 from redis.crc import key_slot

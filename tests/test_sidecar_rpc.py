@@ -27,8 +27,10 @@ from lcic_guard.domain.policy import DAY, HOUR, MINUTE, PolicyConfig
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.sidecar.checker import Checker
-from lcic_guard.sidecar.server import SERVICE_NAME, EnforcementServicer, start_server
-from lcic_guard.store.status import Store, connect
+from lcic_guard.sidecar.server import SERVICE_NAME, start_server
+from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.store.connect import connect
+from lcic_guard.store.status import Store
 
 R = pb.DecisionReason
 APP = "app-1"

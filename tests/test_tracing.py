@@ -26,7 +26,8 @@ from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import Sidecar, build_sidecar
-from lcic_guard.store.status import BILLING_STREAM, Store, status_key
+from lcic_guard.store.keys import BILLING_STREAM, status_key
+from lcic_guard.store.status import Store
 from lcic_guard.tracing import Tracing
 from otlp_receiver import Receiver
 

@@ -32,7 +32,10 @@ from lcic_guard.embedded import RedisServerMissing
 from lcic_guard.errors import CommandError, readable_text_file
 from lcic_guard.redact import redact_url
 from lcic_guard.sample import sample_jsonl
-from lcic_guard.store.status import BILLING_STREAM, Store, connect
+from lcic_guard.store.billing_stream import publish_events
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import BILLING_STREAM
+from lcic_guard.store.status import Store
 
 if TYPE_CHECKING:
     import grpc
@@ -360,11 +363,7 @@ async def _publish(settings: Settings, path: Path, skip_invalid: bool) -> int:
     store = Store(connect(url))
     try:
         await runner.require_redis(store, url)
-        if valid:
-            async with store.redis.pipeline(transaction=False) as pipe:
-                for line in valid:
-                    pipe.xadd(BILLING_STREAM, {"event": line})
-                await pipe.execute()
+        await publish_events(store.redis, valid)
     finally:
         await store.close()
     skipped = ", not published" if invalid else ""

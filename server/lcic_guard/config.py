@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lcic_guard import metrics
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, SECOND, Check, PolicyConfig
 from lcic_guard.reconciler.reconciler import ReconcilerConfig
 from lcic_guard.redact import redact_url
@@ -51,22 +52,36 @@ def parse_mode(text: str) -> str:
 
 def parse_metrics_listen(text: str) -> str:
     """``HOST:PORT`` for the metrics endpoint, or empty (off)."""
-    from lcic_guard.metrics import parse_listen
-
     text = text.strip()
     if text.lower() in ("", "off", "none"):
         return ""
     try:
-        parse_listen(text)
+        metrics.parse_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
+def parse_shadow(text: str) -> frozenset[Check]:
+    """``create,enter,recording`` (any subset; ``all``; empty or ``none``: off)."""
+    out: set[Check] = set()
+    for part in text.replace(" ", "").lower().split(","):
+        if part in ("", "none", "off"):
+            continue
+        if part == "all":
+            out.update(Check)
+            continue
+        try:
+            out.add(Check(part))
+        except ValueError:
+            raise ValueError(
+                f"invalid shadow check {part!r}: use create, enter, recording or all"
+            ) from None
+    return frozenset(out)
+
+
 def parse_shadow_checks(text: str) -> frozenset[Check]:
     """The checks in shadow mode: ``create,enter,recording``, ``all`` or empty."""
-    from lcic_guard.sidecar.observe import parse_shadow
-
     try:
         return parse_shadow(text)
     except ValueError as exc:

@@ -13,6 +13,7 @@ from typing import Final
 
 from lcic.guard.v1 import enforcement_pb2 as pb
 
+from lcic_guard.config import parse_duration
 from lcic_guard.domain.facts import InvalidEvent
 from lcic_guard.domain.policy import (
     Check,
@@ -31,8 +32,6 @@ PREVIEW_FIELDS: Final = (
 def parse_at(text: str, now: Millis) -> Millis:
     """An RFC 3339 time (``2026-10-01T12:00:00Z``) or a duration from now:
     ``+25h``, ``+1h30m``, ``-1h``."""
-    from lcic_guard.config import parse_duration  # the CLI's duration syntax
-
     text = text.strip()
     if text[:1] in ("+", "-"):
         try:

@@ -30,13 +30,8 @@ from lcic_guard.domain.policy import Room, protected_until
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.errors import CommandError, bind_error, check_readable
-from lcic_guard.metrics import (
-    MetricsServer,
-    ReconcilerMetrics,
-    SidecarMetrics,
-    serve_metrics,
-    worker_listen,
-)
+from lcic_guard.metrics import MetricsServer, serve_metrics, worker_listen
+from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.reconciler.sources import BillingSource, FileSource, StreamSource
 from lcic_guard.redact import redact_url
@@ -45,16 +40,15 @@ from lcic_guard.sidecar import auth
 from lcic_guard.sidecar.auth import AuthConfig
 from lcic_guard.sidecar.cache import ChangeFeedReader, StatusCache
 from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.metrics import SidecarMetrics
 from lcic_guard.sidecar.observe import DecisionObserver
 from lcic_guard.sidecar.readiness import Readiness
-from lcic_guard.sidecar.server import (
-    EnforcementServicer,
-    RunningServer,
-    TlsFiles,
-    Watchers,
-    start_server,
-)
-from lcic_guard.store.status import BILLING_STREAM, Store, connect
+from lcic_guard.sidecar.server import RunningServer, TlsFiles, start_server
+from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.sidecar.watchers import Watchers
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import BILLING_STREAM
+from lcic_guard.store.status import Store
 from lcic_guard.tracing import Tracing
 
 log = logging.getLogger("lcic_guard")

@@ -15,10 +15,10 @@ import json
 import logging
 import os
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from lcic_guard.domain.facts import (
     RESERVED_REASON,
@@ -43,22 +43,22 @@ from lcic_guard.domain.policy import (
 )
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
+from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.sources import BillingSource, Delivery
-from lcic_guard.store.status import (
+from lcic_guard.reconciler.stats import IngestStats
+from lcic_guard.store.coordination import Coordination, Outbox
+from lcic_guard.store.keys import (
     DEADLETTER_MAXLEN,
     MAX_EVENT_BYTES,
     OVERSIZED_KEEP,
-    AccountFacts,
-    AppClaim,
-    Coordination,
-    Outbox,
-    Store,
+    app_deadline,
+    deadline_of,
     meta_key,
+    notice_deadline,
+    release_deadline,
     status_key,
 )
-
-if TYPE_CHECKING:
-    from lcic_guard.metrics import ReconcilerMetrics
+from lcic_guard.store.status import AccountFacts, AppClaim, Store
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +104,6 @@ class ReconcilerConfig:
     """About how many dead letters the dead-letter stream keeps (0: all)."""
     parked_ttl_ms: int = 30 * DAY
     """How long facts of an application never registered are kept (0: forever)."""
-
-
-@dataclass
-class IngestStats:
-    received: int = 0
-    applied: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    parked: int = 0
-    accounts: set[str] = field(default_factory=set)
-    dead_letter_kinds: Counter[str] = field(default_factory=Counter)
-    """Dead letters by kind: too_large, invalid, reserved_id, conflict,
-    registration."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,7 +491,7 @@ class Reconciler:
         again = await self.announce_change(status, now)
         upcoming = status.upcoming(now)
         due = [t for t in (upcoming[0].starts_at if upcoming else None, again) if t is not None]
-        member = f"app:{status.app_id}"
+        member = app_deadline(status.app_id)
         if due:
             await self.coord.schedule(member, min(due))
         else:
@@ -516,7 +503,7 @@ class Reconciler:
         if not statuses:
             return
         status = next(iter(statuses.values()))
-        member = f"release:{account_id}"
+        member = release_deadline(account_id)
         current = status.at(now)
         if Reason.RESOURCES_RELEASED in current.reasons:
             return  # the leader removes it once the release is announced
@@ -576,7 +563,7 @@ class Reconciler:
             # A writer that dies between the claim and the stream leaves the
             # outbox; this deadline makes the leader finish it.
             await self.coord.schedule(
-                f"app:{status.app_id}", now + STALE_OUTBOX_MS, only_earlier=True
+                app_deadline(status.app_id), now + STALE_OUTBOX_MS, only_earlier=True
             )
         code, since = await self.coord.settle_status(
             status.app_id, ANNOUNCED_FIELD, announced, new, payload, now, status.version, settle
@@ -625,7 +612,7 @@ class Reconciler:
         now = self.clock() if now is None else now
         done = 0
         for member, _due in await self.coord.due(now):
-            kind, _, ident = member.partition(":")
+            kind, ident = deadline_of(member)
             if kind == "app":
                 # Redone if the status changed meanwhile, so that a schedule
                 # made from an older status does not replace a newer one's.
@@ -649,13 +636,16 @@ class Reconciler:
             self.metrics.on_deadlines(done)
         return done
 
+    async def dead_letter_length(self) -> int:
+        return await self.store.dead_letter_length()
+
     async def watermark(self) -> Millis | None:
         """The time before which every source's events are applied."""
         # A fully applied file vouches only for the moment it was loaded; once
         # a live feed exists, that feed alone bounds what may still arrive.
-        live = [s for s in self.sources if not getattr(s, "exhausted", False)]
-        if any(getattr(s, "exhausted", False) is False and hasattr(s, "exhausted") for s in live):
+        if any(not s.live and not s.exhausted for s in self.sources):
             return None  # a file is still being applied
+        live = [s for s in self.sources if s.live]
         marks = [await s.watermark() for s in (live or self.sources)]
         if not marks or any(m is None for m in marks):
             return None
@@ -738,7 +728,7 @@ class Reconciler:
             self.token = 0
 
     async def _try_release(self, account_id: str, now: Millis) -> ReleasePlan:
-        member = f"release:{account_id}"
+        member = release_deadline(account_id)
         if self.resyncing:
             plan, _ = await self.release_plan(account_id, now)
             return replace(plan, eligible=False, why=RESYNCING)
@@ -813,7 +803,7 @@ class Reconciler:
     async def _finish_release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> None:
         """Announce a recorded release; unschedule it once it is on the stream,
         else come back when a claimed announcement counts as abandoned."""
-        member = f"release:{account_id}"
+        member = release_deadline(account_id)
         if await self._announce_release(account_id, app_ids, now):
             await self.coord.unschedule(member)
         else:
@@ -883,7 +873,7 @@ class Reconciler:
         Only the latest notice due is announced: one missed while no
         reconciler ran would be stale (a "30 days left" that arrives with 7
         days left). A settlement, or the release itself, ends the episode."""
-        member = f"notice:{account_id}"
+        member = notice_deadline(account_id)
         episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
         if episode is None or not statuses:
             await self.coord.unschedule(member)
@@ -941,8 +931,8 @@ class Reconciler:
         """Every scheduled release and whether it could happen now (dry run)."""
         now = self.clock() if now is None else now
         out = []
-        for member, _ in await self.coord.scheduled("release:"):
-            plan, _ = await self.release_plan(member.partition(":")[2], now)
+        for member, _ in await self.coord.scheduled(release_deadline("")):
+            plan, _ = await self.release_plan(deadline_of(member)[1], now)
             out.append(plan)
         return out
 
@@ -973,7 +963,7 @@ class Reconciler:
         while not stop.is_set():
             try:
                 await self.ingest_source(source)
-                if getattr(source, "exhausted", False):
+                if source.exhausted:
                     await asyncio.sleep(self.config.block_ms / 1000)
             except asyncio.CancelledError:
                 raise

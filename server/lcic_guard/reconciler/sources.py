@@ -1,7 +1,7 @@
 """Billing sources: where the reconciler's events come from.
 
-Every source sits behind :class:`BillingSource`, three methods small enough to
-fake in a unit test. A new source (HTTP, Kafka, ...) implements them and is
+Every source sits behind :class:`BillingSource`, a few methods small enough
+to fake in a unit test. A new source (HTTP, Kafka, ...) implements them and is
 wired in the runner; nothing else changes.
 """
 
@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from redis.exceptions import ResponseError
-
 from lcic_guard.domain.time import Millis
-from lcic_guard.store.status import BILLING_STREAM, RedisClient
+from lcic_guard.store.billing_stream import BillingStream, GroupMissing, GroupStats
+from lcic_guard.store.codec import text
+from lcic_guard.store.connect import RedisClient
+from lcic_guard.store.keys import BILLING_STREAM
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,20 @@ class Delivery:
 
 class BillingSource(Protocol):
     name: str
+
+    @property
+    def live(self) -> bool:
+        """A feed that never ends (a stream), as opposed to a file applied once."""
+        ...
+
+    @property
+    def exhausted(self) -> bool:
+        """A finite source whose every event is applied; never for a live one."""
+        ...
+
+    async def stats(self) -> GroupStats | None:
+        """Entries pending and not yet delivered, when the source can tell."""
+        ...
 
     async def fetch(self, max_count: int, block_ms: int) -> list[Delivery]:
         """Up to ``max_count`` events; waits up to ``block_ms`` for the first."""
@@ -61,6 +76,7 @@ class FileSource:
     path: Path
     clock_ms: object = None  # an async callable returning Redis time, set by the runner
     name: str = "file"
+    live: bool = False
     _lines: list[tuple[int, str]] | None = None
     _pos: int = 0
     _unacked: int = 0
@@ -97,9 +113,8 @@ class FileSource:
     async def watermark(self) -> Millis | None:
         return self._done_at
 
-
-def _entry_ms(entry_id: str) -> int:
-    return int(entry_id.split("-", 1)[0])
+    async def stats(self) -> GroupStats | None:
+        return None
 
 
 @dataclass
@@ -109,6 +124,7 @@ class StreamSource:
     At-least-once: an entry is acknowledged only after :meth:`ack`, which the
     reconciler calls once the entry's effect is durable. Entries left pending
     by a consumer that died are claimed with XAUTOCLAIM after ``claim_idle_ms``.
+    The Redis commands are in :mod:`lcic_guard.store.billing_stream`.
     """
 
     redis: RedisClient
@@ -117,18 +133,22 @@ class StreamSource:
     stream: str = BILLING_STREAM
     claim_idle_ms: int = 30_000
     name: str = "stream"
+    live: bool = True
     _claim_cursor: str = "0-0"
     _ready: bool = False
+    _feed: BillingStream = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._feed = BillingStream(self.redis, self.group, self.consumer, self.stream)
+
+    @property
+    def exhausted(self) -> bool:
+        return False
 
     async def ensure_group(self) -> None:
-        if self._ready:
-            return
-        try:
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._ready = True
+        if not self._ready:
+            await self._feed.ensure_group()
+            self._ready = True
 
     def _deliveries(self, entries: Any) -> list[Delivery]:
         out = []
@@ -138,82 +158,45 @@ class StreamSource:
             # cannot hold an entry with no fields otherwise.
             if not fields:
                 continue
-            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            eid = text(entry_id) or ""
             raw = fields.get(b"event", fields.get("event"))
             if raw is None:
                 # Dead-lettered by the reconciler ("type: missing"), naming
                 # the fields the entry had instead of ``event``.
-                raw = json.dumps({"_fields": sorted(_s(k) for k in fields)})
-            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-            out.append(Delivery(text, eid, self.name))
+                raw = json.dumps({"_fields": sorted(text(k) or "" for k in fields)})
+            body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            out.append(Delivery(body, eid, self.name))
         return out
 
     async def fetch(self, max_count: int, block_ms: int) -> list[Delivery]:
         await self.ensure_group()
         try:
-            claimed = await self.redis.xautoclaim(
-                self.stream,
-                self.group,
-                self.consumer,
-                self.claim_idle_ms,
-                start_id=self._claim_cursor,
-                count=max_count,
+            self._claim_cursor, claimed = await self._feed.claim(
+                self.claim_idle_ms, self._claim_cursor, max_count
             )
-        except ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                self._ready = False
-                return []
-            raise
-        self._claim_cursor = claimed[0].decode() if isinstance(claimed[0], bytes) else claimed[0]
-        if claimed[1]:
-            return self._deliveries(claimed[1])
+        except GroupMissing:
+            self._ready = False
+            return []
+        if claimed:
+            return self._deliveries(claimed)
         # Our own pending entries (a restart under the same name) come first.
         for start in ("0", ">"):
-            resp: Any = await self.redis.xreadgroup(
-                self.group,
-                self.consumer,
-                {self.stream: start},
-                count=max_count,
-                block=None if start == "0" else block_ms,
-            )
-            entries = resp[0][1] if resp else []
+            entries = await self._feed.read(start, max_count, None if start == "0" else block_ms)
             gone = [entry_id for entry_id, fields in entries if not fields]
             if gone:  # deleted while pending to us: acknowledge, or they stay forever
-                await self.redis.xack(self.stream, self.group, *gone)
+                await self._feed.ack(gone)
             deliveries = self._deliveries(entries)
             if deliveries:
                 return deliveries
         return []
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        if deliveries:
-            await self.redis.xack(self.stream, self.group, *[d.token for d in deliveries])
+        await self._feed.ack([d.token for d in deliveries])
 
     async def watermark(self) -> Millis | None:
-        """Everything added to the stream before the returned time is applied.
-
-        With nothing undelivered and nothing pending, that is Redis's clock
-        now; otherwise just before the oldest unapplied entry.
-        """
         await self.ensure_group()
-        seconds, micros = await self.redis.time()
-        now = int(seconds) * 1000 + int(micros) // 1000
-        groups = await self.redis.xinfo_groups(self.stream)
-        info = next((g for g in groups if _s(g.get("name")) == self.group), None)
-        if info is None:
-            return None
-        lag = info.get("lag")
-        pending = await self.redis.xpending(self.stream, self.group)
-        marks = [now]
-        if pending and int(pending.get("pending", 0)) > 0:
-            marks.append(_entry_ms(_s(pending["min"])) - 1)
-        if lag is None or int(lag) > 0:
-            last = _s(info.get("last-delivered-id")) or "0-0"
-            marks.append(_entry_ms(last))
-        return min(marks)
+        return await self._feed.watermark()
 
-
-def _s(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)
+    async def stats(self) -> GroupStats | None:
+        await self.ensure_group()
+        return await self._feed.stats()

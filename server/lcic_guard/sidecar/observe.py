@@ -22,9 +22,9 @@ from typing import Final
 from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard.domain.policy import Check, Decision
-from lcic_guard.metrics import BATCH, SidecarMetrics
 from lcic_guard.sidecar import wire
 from lcic_guard.sidecar.checker import CheckRequest
+from lcic_guard.sidecar.metrics import BATCH, SidecarMetrics
 
 decision_log = logging.getLogger("lcic_guard.decisions")
 PB_MEMO_SIZE: Final = 8192
@@ -34,24 +34,6 @@ _SCHEDULE_FIELDS: Final = (
     ("enter_classroom", Check.ENTER_CLASSROOM),
     ("access_recording", Check.ACCESS_RECORDING),
 )
-
-
-def parse_shadow(text: str) -> frozenset[Check]:
-    """``create,enter,recording`` (any subset; ``all``; empty or ``none``: off)."""
-    out: set[Check] = set()
-    for part in text.replace(" ", "").lower().split(","):
-        if part in ("", "none", "off"):
-            continue
-        if part == "all":
-            out.update(Check)
-            continue
-        try:
-            out.add(Check(part))
-        except ValueError:
-            raise ValueError(
-                f"invalid shadow check {part!r}: use create, enter, recording or all"
-            ) from None
-    return frozenset(out)
 
 
 class DecisionObserver:

@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 from lcic_guard.domain.time import Millis
 from lcic_guard.sidecar.server import RunningServer
-from lcic_guard.store.status import Coordination, Store
+from lcic_guard.store.coordination import Coordination
+from lcic_guard.store.status import Store
 
 log = logging.getLogger(__name__)
 
