@@ -149,7 +149,7 @@ def build_reconciler(
 
 
 @dataclass
-class Sidecar:
+class RunningSidecar:
     """A running sidecar process's parts, stopped together."""
 
     server: RunningServer
@@ -192,7 +192,7 @@ async def build_sidecar(
     clock: Callable[[], Millis] = wall_clock,
     registry: CollectorRegistry | None = None,
     traced: Tracing | None = None,
-) -> Sidecar:
+) -> RunningSidecar:
     """The sidecar: cache, change-feed reader, checker, gRPC server.
 
     Metrics go to ``registry`` (served by the caller) if given, else, with
@@ -267,7 +267,9 @@ async def build_sidecar(
             "logged and counted",
             ",".join(sorted(c.value for c in settings.shadow)),
         )
-    return Sidecar(server, checker, feed, metrics, metrics_server, watchers, readiness, transitions)
+    return RunningSidecar(
+        server, checker, feed, metrics, metrics_server, watchers, readiness, transitions
+    )
 
 
 def _stopping(settings: Settings) -> dict[str, float]:
