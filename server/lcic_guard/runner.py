@@ -170,12 +170,7 @@ class RunningSidecar:
         port, end watch streams and give in-flight calls ``grace`` s."""
         if self.readiness is not None:
             await self.readiness.stop()  # it must not turn health back on
-        await self.server.set_serving(False)
-        if drain > 0:
-            await asyncio.sleep(drain)
-        if self.watchers is not None:
-            self.watchers.close()
-        await self.server.stop(grace)
+        await self.server.stop(grace, drain, self.watchers.close if self.watchers else None)
         await self.feed.stop()
         if self.transitions is not None:
             self.transitions.cancel()

@@ -297,7 +297,7 @@ async def slow_target(
     store = Store(connect(f"redis://127.0.0.1:{black_hole}/0", timeout=60.0))
     checker = Checker(store, policy, read_timeout=60.0, clock=clock)
     running = await start_server(
-        EnforcementServicer(checker, store, write_timeout=60.0), "127.0.0.1:0"
+        EnforcementServicer(checker, store, store_timeout=60.0), "127.0.0.1:0"
     )
     yield f"127.0.0.1:{running.port}"
     await running.stop(grace=0)

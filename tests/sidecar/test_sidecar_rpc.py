@@ -731,11 +731,11 @@ class SlowSidecar:
 
 @contextlib.asynccontextmanager
 async def sidecar_on(
-    port: int, policy: PolicyConfig, clock: FakeClock, *, read_timeout: float, write_timeout: float
+    port: int, policy: PolicyConfig, clock: FakeClock, *, read_timeout: float, store_timeout: float
 ) -> AsyncIterator[SlowSidecar]:
     store = Store(connect(f"redis://127.0.0.1:{port}/0", timeout=60.0))
     checker = Checker(store, policy, read_timeout=read_timeout, clock=clock)
-    servicer = EnforcementServicer(checker, store, write_timeout=write_timeout)
+    servicer = EnforcementServicer(checker, store, store_timeout=store_timeout)
     running = await start_server(servicer, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
@@ -750,7 +750,7 @@ async def sidecar_on(
 async def test_client_deadline_is_honoured_when_the_store_hangs(
     black_hole: int, policy: PolicyConfig, clock: FakeClock
 ) -> None:
-    async with sidecar_on(black_hole, policy, clock, read_timeout=60.0, write_timeout=60.0) as slow:
+    async with sidecar_on(black_hole, policy, clock, read_timeout=60.0, store_timeout=60.0) as slow:
         calls: list[Any] = [
             slow.stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id=APP), timeout=0.3),
             slow.stub.CanEnterClassroom(
@@ -785,7 +785,7 @@ async def test_store_that_hangs_costs_a_check_only_its_sub_deadline(
     black_hole: int, policy: PolicyConfig, clock: FakeClock
 ) -> None:
     # R13: never seen, store silent -> the failure mode (open), degraded.
-    async with sidecar_on(black_hole, policy, clock, read_timeout=0.05, write_timeout=0.2) as slow:
+    async with sidecar_on(black_hole, policy, clock, read_timeout=0.05, store_timeout=0.2) as slow:
         started = time.monotonic()
         resp = await slow.stub.CanCreateClassroom(
             pb.CanCreateClassroomRequest(app_id=APP), timeout=5

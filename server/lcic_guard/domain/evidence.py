@@ -19,7 +19,7 @@ from typing import Final
 
 from lcic_guard.domain.facts import Fact, OverdueAlert, PackageUsage
 from lcic_guard.domain.policy import AppStatus, PolicyConfig, Reason, State, Sweep, sweep_until
-from lcic_guard.domain.time import Millis, format_time
+from lcic_guard.domain.time import Millis, describe_time, format_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +98,7 @@ def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple
         elif reason is Reason.ACCOUNT_OVERDUE and k.overdue_alert is not None:
             detail = (
                 f"overdue alert{_amount(k.overdue_alert)} started the grace period; no settlement "
-                f"before it ended at {_when(seg.grace_ends_at)}"
+                f"before it ended at {describe_time(seg.grace_ends_at)}"
             )
             if Reason.RESOURCES_RELEASED in seg.reasons:
                 detail += "; the suspension ran its full length and resources were released"
@@ -111,7 +111,7 @@ def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple
                     reason,
                     k.overdue_alert,
                     f"overdue alert{_amount(k.overdue_alert)} started the grace period, which ends "
-                    f"at {_when(seg.grace_ends_at)}",
+                    f"at {describe_time(seg.grace_ends_at)}",
                 )
             )
         elif reason is Reason.PACKAGE_EXPIRED:
@@ -245,5 +245,3 @@ def deadlines(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[De
     return tuple(sorted(out, key=lambda d: (d.at, d.kind.value)))
 
 
-def _when(ms: Millis | None) -> str:
-    return format_time(ms) if ms is not None else "an unknown time"

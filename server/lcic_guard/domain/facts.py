@@ -141,8 +141,6 @@ FACT_TYPES: Final[dict[str, type[Fact]]] = {
         ResourcesReleased,
     )
 }
-ACCOUNT_FACTS: Final = (OverdueAlert, ArrearsSettled, ComplianceBan, ResourcesReleased)
-APP_FACTS: Final = (PackagePurchased, PackageUsage, PaygChanged)
 
 _TIME_FIELDS: Final = frozenset({"occurred_at", "starts_at", "expires_at", "release_at"})
 _ID_FIELDS: Final = frozenset({"event_id", "account_id", "app_id", "package_id"})

@@ -36,7 +36,7 @@ from lcic_guard.domain.facts import (
     PaygChanged,
     ResourcesReleased,
 )
-from lcic_guard.domain.time import Millis, format_time
+from lcic_guard.domain.time import Millis, describe_time
 
 SECOND: Final = 1000
 MINUTE: Final = 60 * SECOND
@@ -645,10 +645,6 @@ _CAUSE: Final[dict[Reason, str]] = {
 }
 
 
-def _when(ms: Millis | None) -> str:
-    return format_time(ms) if ms is not None else "an unknown time"
-
-
 def message_for(seg: Segment, protected: Millis | None = None) -> str:
     """What the customer can do, for the status in ``seg``."""
     suspensions = [r for r in seg.reasons if r in _ADVICE]
@@ -656,7 +652,7 @@ def message_for(seg: Segment, protected: Millis | None = None) -> str:
         if Reason.OVERDUE_GRACE in seg.reasons:
             return (
                 "The account has an overdue payment. Top up before "
-                f"{_when(seg.grace_ends_at)} or every application of the account "
+                f"{describe_time(seg.grace_ends_at)} or every application of the account "
                 "will be suspended."
             )
         return "The application is in good standing."
@@ -665,7 +661,7 @@ def message_for(seg: Segment, protected: Millis | None = None) -> str:
     if protected is not None:
         text = (
             f"{text} This classroom started before the suspension and may continue "
-            f"until {_when(protected)}; no new classroom can start."
+            f"until {describe_time(protected)}; no new classroom can start."
         )
     if suspensions[0] in (Reason.ACCOUNT_BANNED, Reason.RESOURCES_RELEASED):
         return f"{text} {_ADVICE[suspensions[0]]}"
@@ -674,7 +670,7 @@ def message_for(seg: Segment, protected: Millis | None = None) -> str:
     if Reason.ACCOUNT_OVERDUE in suspensions and seg.release_at is not None:
         text += (
             f" Unpaid, the account's resources will be released for good at "
-            f"{_when(seg.release_at)}."
+            f"{describe_time(seg.release_at)}."
         )
     return text
 
@@ -771,26 +767,26 @@ def explain(seg: Segment) -> tuple[str, ...]:
         if r is Reason.ACCOUNT_BANNED:
             out.append("R11 ban: the account received a compliance ban; nothing restores it")
         elif r is Reason.RESOURCES_RELEASED:
-            out.append(f"R10 release: resources were released at {_when(seg.release_at)}")
+            out.append(f"R10 release: resources were released at {describe_time(seg.release_at)}")
         elif r is Reason.ACCOUNT_OVERDUE:
             out.append(
-                f"R2 overdue suspension: grace ended at {_when(seg.grace_ends_at)} without "
-                f"a settlement; release due at {_when(seg.release_at)} (R10)"
+                f"R2 overdue suspension: grace ended at {describe_time(seg.grace_ends_at)} without "
+                f"a settlement; release due at {describe_time(seg.release_at)} (R10)"
             )
         elif r is Reason.PACKAGE_EXPIRED:
             out.append("R8 expiry: no monthly package is in force")
         elif r is Reason.PACKAGE_QUOTA_EXHAUSTED:
             out.append("R7 quota: the package's quota is used up and pay-as-you-go is off")
         elif r is Reason.OVERDUE_GRACE:
-            out.append(f"R1 grace: overdue alert; grace ends at {_when(seg.grace_ends_at)}")
+            out.append(f"R1 grace: overdue alert; grace ends at {describe_time(seg.grace_ends_at)}")
     if len([r for r in seg.reasons if r is not Reason.OVERDUE_GRACE]) > 1:
         out.append("R9 several reasons: service returns only when all are cleared")
     if seg.suspended_at is not None:
-        out.append(f"suspended since {_when(seg.suspended_at)}")
+        out.append(f"suspended since {describe_time(seg.suspended_at)}")
         if seg.effective_at is not None and seg.effective_at > seg.suspended_at:
             out.append(
-                f"R6 in effect since {_when(seg.effective_at)}, when the facts behind it were "
-                "learned: a class reported started before then is protected"
+                f"R6 in effect since {describe_time(seg.effective_at)}, when the facts behind it "
+                "were learned: a class reported started before then is protected"
             )
     if not out:
         out.append("no rule restricts the application")

@@ -85,3 +85,8 @@ def format_time(ms: Millis) -> str:
     """Format UTC milliseconds as RFC 3339 with a Z suffix."""
     dt = _EPOCH + timedelta(milliseconds=ms)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def describe_time(ms: Millis | None) -> str:
+    """A time for a message to a person; None is said as such."""
+    return format_time(ms) if ms is not None else "an unknown time"

@@ -382,9 +382,6 @@ class StatusCache:
         self.complete = False
         self.synced_since = None
 
-    def is_fresh(self, entry: Entry, now: Millis) -> bool:
-        return self.fresh_at(entry.fetched_at, now)
-
     def last_confirmed(self, entry: Entry) -> Millis:
         """Up to when the entry is known to have been current (for R13)."""
         if self.synced_since is not None and entry.fetched_at >= self.synced_since:

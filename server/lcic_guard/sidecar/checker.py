@@ -360,7 +360,7 @@ class Checker:
         except Exception as exc:
             return self._internal_error(req, exc, now)
 
-    def remember_room(self, app_id: str, room_id: str, room: Room | None) -> None:
+    def remember_room(self, app_id: str, room_id: str) -> None:
         """A report went through this sidecar: the room is read again on use."""
         self.cache.forget_room(app_id, room_id)
 

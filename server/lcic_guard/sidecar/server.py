@@ -58,12 +58,17 @@ class RunningServer:
             await self.health.set(name, status)
         self.serving = serving
 
-    async def stop(self, grace: float = 5.0, drain: float = 0.0) -> None:
+    async def stop(
+        self, grace: float = 5.0, drain: float = 0.0, drained: Callable[[], None] | None = None
+    ) -> None:
         # Probes see NOT_SERVING first (for `drain` seconds, still answering,
-        # so that load balancers stop sending), then in-flight calls get `grace`.
+        # so that load balancers stop sending), then ``drained`` runs (the
+        # sidecar ends its watch streams there) and in-flight calls get `grace`.
         await self.set_serving(False)
         if drain > 0:
             await asyncio.sleep(drain)
+        if drained is not None:
+            drained()
         await self.server.stop(grace)
 
 

@@ -46,13 +46,15 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         checker: Checker,
         store: Store,
         *,
-        write_timeout: float = 1.0,
+        # Bounds every store call the RPCs other than the checks make (reads
+        # for GetApplicationStatus and watches, writes for classroom reports).
+        store_timeout: float = 1.0,
         watchers: Watchers | None = None,
         observer: DecisionObserver | None = None,
     ) -> None:
         self.checker = checker
         self.store = store
-        self.write_timeout = write_timeout
+        self.store_timeout = store_timeout
         self.watchers = watchers
         # Metrics, debug logs and shadow mode, after each decision.
         self.observer = observer if observer is not None else DecisionObserver()
@@ -67,7 +69,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
 
     async def _refresh(self, app_ids: list[str]) -> list[AppStatus]:
         rows = await asyncio.wait_for(
-            self.store.read_rows([(a, None) for a in app_ids]), self.write_timeout
+            self.store.read_rows([(a, None) for a in app_ids]), self.store_timeout
         )
         return [r[0] for r in rows if not isinstance(r, Exception) and r[0] is not None]
 
@@ -115,7 +117,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         try:
             known = await asyncio.wait_for(
                 self.store.report_room(app_id, room_id, now=self.clock(), until=until, **times),
-                self.write_timeout,
+                self.store_timeout,
             )
         except Exception as exc:
             log.warning("could not record classroom report for %s/%s: %s", app_id, room_id, exc)
@@ -126,9 +128,9 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             await abort(
                 context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}"
             )
-        self.checker.remember_room(app_id, room_id, room)
+        self.checker.remember_room(app_id, room_id)
         try:
-            await asyncio.wait_for(self.store.publish_room(app_id, room_id), self.write_timeout)
+            await asyncio.wait_for(self.store.publish_room(app_id, room_id), self.store_timeout)
         except Exception as exc:
             # Recorded; other sidecars re-read the room when their cache
             # entry ages out (--cache-max-age).
@@ -181,7 +183,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         status, _ = await self._read_one(context, app_id, None)
         try:  # the billing facts behind the reasons (one more read; not a hot RPC)
             _, facts = await asyncio.wait_for(
-                self.store.load_account(status.account_id), self.write_timeout
+                self.store.load_account(status.account_id), self.store_timeout
             )
         except Exception:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
@@ -200,7 +202,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         INTERNAL (a stored record that does not decode) otherwise."""
         try:
             rows = await asyncio.wait_for(
-                self.store.read_rows([(app_id, room_id)]), self.write_timeout
+                self.store.read_rows([(app_id, room_id)]), self.store_timeout
             )
         except Exception as exc:
             self.checker._warn.warning(
@@ -265,7 +267,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             if ids:
                 try:
                     rows = await asyncio.wait_for(
-                        self.store.read_rows([(a, None) for a in ids]), self.write_timeout
+                        self.store.read_rows([(a, None) for a in ids]), self.store_timeout
                     )
                 except Exception:
                     await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
