@@ -46,9 +46,9 @@ from typing import Any
 
 import grpc
 import redis
-from lcic_guard.config import parse_duration
 from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
+from lcic_guard.flags import parse_duration
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lcic_guard.cli import build_parser
-from lcic_guard.config import ENV_PREFIX
+from lcic_guard.flags import ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("serve", "reconcile", "events", "release-plan", "check")

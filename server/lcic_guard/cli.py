@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from lcic_guard import render
-from lcic_guard.config import (
-    Settings,
+from lcic_guard.config import Settings
+from lcic_guard.domain.facts import InvalidEvent, parse_event_json
+from lcic_guard.domain.time import Millis, format_time, wall_clock
+from lcic_guard.embedded import RedisServerMissing
+from lcic_guard.errors import CommandError, readable_text_file
+from lcic_guard.flags import (
     add_client_flags,
     add_debug_flag,
     add_metrics_flags,
@@ -26,10 +30,6 @@ from lcic_guard.config import (
     add_store_flags,
     settings_from,
 )
-from lcic_guard.domain.facts import InvalidEvent, parse_event_json
-from lcic_guard.domain.time import Millis, format_time, wall_clock
-from lcic_guard.embedded import RedisServerMissing
-from lcic_guard.errors import CommandError, readable_text_file
 from lcic_guard.redact import redact_url
 from lcic_guard.sample import sample_jsonl
 from lcic_guard.store.billing_stream import publish_events

@@ -13,12 +13,12 @@ from typing import Final
 
 from lcic.guard.v1 import enforcement_pb2 as pb
 
-from lcic_guard.config import parse_duration
 from lcic_guard.domain.facts import InvalidEvent
 from lcic_guard.domain.policy import (
     Check,
 )
 from lcic_guard.domain.time import Millis, format_time, parse_time
+from lcic_guard.flags import parse_duration
 
 PREVIEW_FIELDS: Final = (
     ("create_classroom", Check.CREATE_CLASSROOM),

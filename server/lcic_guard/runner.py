@@ -38,8 +38,9 @@ from lcic_guard.redact import redact_url
 from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl, sample_recorded_at
 from lcic_guard.sidecar import auth
 from lcic_guard.sidecar.auth import AuthConfig
-from lcic_guard.sidecar.cache import ChangeFeedReader, StatusCache
+from lcic_guard.sidecar.cache import StatusCache
 from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.feed import ChangeFeedReader
 from lcic_guard.sidecar.metrics import SidecarMetrics
 from lcic_guard.sidecar.observe import DecisionObserver
 from lcic_guard.sidecar.readiness import Readiness

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from lcic_guard.cli import build_parser
-from lcic_guard.config import parse_duration, settings_from
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, Check
+from lcic_guard.flags import parse_duration, settings_from
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from lcic_guard.config import parse_duration
+from lcic_guard.flags import parse_duration
 from lcic_guard.sidecar.server import LIVENESS_SERVICE
 from lcic_guard.store.connect import parse_sentinel_url
 

@@ -633,7 +633,7 @@ async def test_any_arrival_order_and_batching_gives_the_ordered_runs_table_and_d
 
 def test_limit_flags_reach_the_reconciler(monkeypatch: pytest.MonkeyPatch) -> None:
     from lcic_guard.cli import build_parser
-    from lcic_guard.config import settings_from
+    from lcic_guard.flags import settings_from
 
     defaults = settings_from(build_parser().parse_args(["reconcile"])).reconciler
     assert (defaults.deadletter_maxlen, defaults.parked_ttl_ms) == (100_000, 30 * DAY)

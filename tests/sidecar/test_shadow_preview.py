@@ -18,9 +18,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import cli, logs, runner
-from lcic_guard.config import Settings, parse_shadow, settings_from
+from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, Check, PolicyConfig
 from lcic_guard.domain.time import format_time
+from lcic_guard.flags import parse_shadow, settings_from
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.render import parse_at
 from lcic_guard.store.status import Store

@@ -14,8 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lcic_guard.domain.policy import Check, Decision, Reason
-from lcic_guard.sidecar.cache import ChangeFeedReader
 from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.feed import ChangeFeedReader
 from lcic_guard.sidecar.watchers import Watchers
 
 log = logging.getLogger(__name__)
