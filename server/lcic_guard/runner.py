@@ -489,11 +489,18 @@ async def serve(
                 await reconciler_task
             if poller is not None:
                 await poller
-            await store.close()
-            if metrics_server is not None:
-                metrics_server.stop()
-            if traced is not None:
-                await asyncio.to_thread(traced.shutdown)
+            await _close(store, metrics_server, traced)
+
+
+async def _close(
+    store: Store, metrics_server: MetricsServer | None, traced: Tracing | None
+) -> None:
+    """What serve and reconcile release last, once their loops have ended."""
+    await store.close()
+    if metrics_server is not None:
+        metrics_server.stop()
+    if traced is not None:
+        await asyncio.to_thread(traced.shutdown)
 
 
 async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -526,8 +533,4 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
-            await store.close()
-            if metrics_server is not None:
-                metrics_server.stop()
-            if traced is not None:
-                await asyncio.to_thread(traced.shutdown)
+            await _close(store, metrics_server, traced)
