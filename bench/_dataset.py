@@ -2,11 +2,11 @@
 
 The statuses are the policy's own: one small account per situation (active,
 grace, quota exhausted, overdue, expired) is folded with
-:func:`lcic_guard.policy.compute_account`, and every benchmark application
+:func:`lcic_guard.domain.policy.compute_account`, and every benchmark application
 gets the timeline of one of these templates under its own application and
 account id. The hashes are written with the exact fields
-:meth:`lcic_guard.store.Store.write_status` writes (``version``, ``data`` from
-:func:`lcic_guard.store.encode_segments`, ``account``, ``updated_at``), as raw
+:meth:`lcic_guard.store.status.Store.write_status` writes (``version``, ``data`` from
+:func:`lcic_guard.store.status.encode_segments`, ``account``, ``updated_at``), as raw
 ``HSET`` commands streamed in the Redis protocol over one socket (Redis
 "mass insertion"): about a second per million applications on this kind of
 machine, against tens of seconds through a Python client.
@@ -19,16 +19,17 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from lcic_guard.facts import (
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     Fact,
-    Millis,
     OverdueAlert,
     PackagePurchased,
     PackageUsage,
 )
-from lcic_guard.policy import DAY, HOUR, AppStatus, PolicyConfig, compute_account
-from lcic_guard.store import encode_segments, status_key
+from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, compute_account
+from lcic_guard.domain.time import Millis
+from lcic_guard.store.codec import encode_segments
+from lcic_guard.store.keys import status_key
 
 # Every TEMPLATE_CYCLE consecutive applications: mostly in good standing, one
 # of each other situation (the decisions a sidecar really gives).

@@ -342,7 +342,7 @@ async def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _event(kind: str, event_id: str, at_ms: int, **fields: Any) -> str:
-    from lcic_guard.facts import format_time
+    from lcic_guard.domain.time import format_time
 
     body = {"event_id": event_id, "type": kind, "occurred_at": format_time(at_ms)}
     for key, value in fields.items():
@@ -353,8 +353,8 @@ def _event(kind: str, event_id: str, at_ms: int, **fields: Any) -> str:
 async def propagate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Bans on fresh accounts alternating with pay-as-you-go toggles on
     quota-exhausted apps; each changes CanCreateClassroom's answer."""
-    from lcic_guard.policy import DAY, HOUR
-    from lcic_guard.store import BILLING_STREAM
+    from lcic_guard.domain.policy import DAY, HOUR
+    from lcic_guard.store.keys import BILLING_STREAM
     from redis.asyncio import Redis
 
     changes = int(cfg["changes"])

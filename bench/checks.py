@@ -46,9 +46,9 @@ from typing import Any
 
 import grpc
 import redis
-from lcic_guard.checker import wall_clock
+from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
-from lcic_guard.settings import parse_duration
+from lcic_guard.flags import parse_duration
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{load_s:.2f} s as raw HSETs streamed over one socket (Redis mass insertion) "
             "with the fields Store.write_status writes (version, data = "
             "store.encode_segments(...), account, updated_at). The timelines are "
-            "lcic_guard.policy.compute_account of five template accounts: of every "
+            "lcic_guard.domain.policy.compute_account of five template accounts: of every "
             f"{TEMPLATE_CYCLE} apps, 16 are ACTIVE and one each is in GRACE, "
             "PACKAGE_QUOTA_EXHAUSTED, ACCOUNT_OVERDUE and PACKAGE_EXPIRED, each with its "
             "own account id."

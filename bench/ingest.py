@@ -3,14 +3,14 @@
 Two measurements, each on a private redis-server started here:
 
 1. **Stream ingest**: N billing events are put on ``lcic:billing:events``
-   (not timed), then a real :class:`~lcic_guard.reconciler.Reconciler` with a
-   :class:`~lcic_guard.sources.StreamSource` (consumer group, acknowledged
+   (not timed), then a real :class:`~lcic_guard.reconciler.reconciler.Reconciler` with a
+   :class:`~lcic_guard.reconciler.sources.StreamSource` (consumer group, acknowledged
    after the effect is in Redis) runs as in production, leader loop
    included, and the time until the group has lag 0 and nothing pending is
    measured: events per second.
 2. **Snapshot load**: a file of M applications (one registration and one
    package each, ``--apps-per-account`` to an account) is applied through
-   :class:`~lcic_guard.sources.FileSource` and ``Reconciler.drain`` into an
+   :class:`~lcic_guard.reconciler.sources.FileSource` and ``Reconciler.drain`` into an
    empty Redis: the time to load it.
 
 Usage::
@@ -38,13 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lcic_guard.checker import wall_clock
+from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
+from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, find_redis_server
-from lcic_guard.facts import Millis, format_time
-from lcic_guard.policy import DAY, HOUR, PolicyConfig
-from lcic_guard.reconciler import Reconciler, ReconcilerConfig
-from lcic_guard.sources import FileSource, StreamSource
-from lcic_guard.store import BILLING_STREAM, Store, connect
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.sources import FileSource, StreamSource
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import BILLING_STREAM
+from lcic_guard.store.status import Store
 
 GROUP = "lcic-guard"
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lcic_guard.cli import build_parser
-from lcic_guard.settings import ENV_PREFIX
+from lcic_guard.flags import ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("serve", "reconcile", "events", "release-plan", "check")

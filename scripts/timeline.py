@@ -11,9 +11,9 @@ requirement). ``--check`` writes nothing and fails if the committed SVG is
 not what the policy draws today.
 
 Nothing in the picture is drawn by hand: a scripted billing history is
-replayed through :func:`lcic_guard.policy.compute_account` (the status the
+replayed through :func:`lcic_guard.domain.policy.compute_account` (the status the
 reconciler would have written as each fact arrived) and every segment's
-colour, reason and answers come from :func:`lcic_guard.policy.decide`, as do
+colour, reason and answers come from :func:`lcic_guard.domain.policy.decide`, as do
 the deadlines on the axis and the protection of the class in progress. A
 test compares the committed SVG with a fresh rendering, so the picture
 cannot drift from the code.
@@ -31,17 +31,15 @@ from itertools import pairwise
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from lcic_guard.facts import (
+from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ArrearsSettled,
     Fact,
-    Millis,
     OverdueAlert,
     PackagePurchased,
     ResourcesReleased,
-    parse_time,
 )
-from lcic_guard.policy import (
+from lcic_guard.domain.policy import (
     DAY,
     HOUR,
     MINUTE,
@@ -56,7 +54,8 @@ from lcic_guard.policy import (
     decide,
     overdue_notice,
 )
-from lcic_guard.reconciler import ReconcilerConfig, notice_plan
+from lcic_guard.domain.time import Millis, parse_time
+from lcic_guard.reconciler.reconciler import ReconcilerConfig, notice_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "img"
@@ -533,7 +532,8 @@ def render() -> str:
     svg.text(
         24,
         58,
-        "Computed by scripts/timeline.py from lcic_guard.policy (compute_account, decide) on a "
+        "Computed by scripts/timeline.py from lcic_guard.domain.policy (compute_account, decide) "
+        "on a "
         "scripted billing history; regenerate, do not edit.",
         size=11.5,
         fill="#616161",

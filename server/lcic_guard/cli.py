@@ -14,15 +14,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from lcic_guard import report
-from lcic_guard.checker import wall_clock
+from lcic_guard import render
+from lcic_guard.config import Settings
+from lcic_guard.domain.facts import InvalidEvent, parse_event_json
+from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import RedisServerMissing
 from lcic_guard.errors import CommandError, readable_text_file
-from lcic_guard.facts import InvalidEvent, Millis, format_time, parse_event_json
-from lcic_guard.redact import redact_url
-from lcic_guard.sample import sample_jsonl
-from lcic_guard.settings import (
-    Settings,
+from lcic_guard.flags import (
     add_client_flags,
     add_debug_flag,
     add_metrics_flags,
@@ -32,7 +30,12 @@ from lcic_guard.settings import (
     add_store_flags,
     settings_from,
 )
-from lcic_guard.store import BILLING_STREAM, Store, connect
+from lcic_guard.redact import redact_url
+from lcic_guard.sample import sample_jsonl
+from lcic_guard.store.billing_stream import publish_events
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import BILLING_STREAM
+from lcic_guard.store.status import Store
 
 if TYPE_CHECKING:
     import grpc
@@ -293,7 +296,7 @@ def _probe(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from lcic_guard.sidecar import LIVENESS_SERVICE
+    from lcic_guard.sidecar.server import LIVENESS_SERVICE
 
     target = args.target or _local(os.environ.get("LCIC_GUARD_LISTEN", "127.0.0.1:50051"))
     service = LIVENESS_SERVICE if args.live else ""
@@ -360,11 +363,7 @@ async def _publish(settings: Settings, path: Path, skip_invalid: bool) -> int:
     store = Store(connect(url))
     try:
         await runner.require_redis(store, url)
-        if valid:
-            async with store.redis.pipeline(transaction=False) as pipe:
-                for line in valid:
-                    pipe.xadd(BILLING_STREAM, {"event": line})
-                await pipe.execute()
+        await publish_events(store.redis, valid)
     finally:
         await store.close()
     skipped = ", not published" if invalid else ""
@@ -527,9 +526,9 @@ def decision_json(kind: str, app_id: str, d: pb.Decision) -> dict[str, Any]:
         "check": kind,
         "app_id": app_id,
         "allowed": d.allowed,
-        "reason": report.reason_name(d.reason),
-        "reasons": [report.reason_name(r) for r in d.reasons],
-        "state": report.state_name(d.state),
+        "reason": render.reason_name(d.reason),
+        "reasons": [render.reason_name(r) for r in d.reasons],
+        "state": render.state_name(d.state),
         "message": d.message,
         "degraded": d.degraded,
         "shadow": d.shadow,
@@ -547,15 +546,15 @@ def decision_line(d: pb.Decision, now: Millis) -> str:
     verdict = "ALLOWED" if d.allowed else "DENIED"
     if d.shadow:
         verdict = "ALLOWED (shadow mode: enforcement would deny)"
-    parts = [verdict, report.reason_name(d.reason)]
+    parts = [verdict, render.reason_name(d.reason)]
     if d.HasField("protected_until"):
         parts.append(f"protected until {format_time(d.protected_until.ToMilliseconds())}")
     elif d.HasField("grace_ends_at") and d.allowed:
-        parts.append(f"grace ends {report.relative(d.grace_ends_at.ToMilliseconds(), now)}")
+        parts.append(f"grace ends {render.relative(d.grace_ends_at.ToMilliseconds(), now)}")
     if d.HasField("release_at"):
         at = d.release_at.ToMilliseconds()
         done = d.reason == pb.DECISION_REASON_RESOURCES_RELEASED
-        parts.append(f"{'released' if done else 'release'} {report.relative(at, now)}")
+        parts.append(f"{'released' if done else 'release'} {render.relative(at, now)}")
     if d.degraded:
         parts.append("degraded (no fresh status)")
     line = " · ".join(parts)
@@ -580,7 +579,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json_format.MessageToJson(st, indent=2))
     else:
-        print(report.render_status(st, wall_clock()))
+        print(render.render_status(st, wall_clock()))
     return 0
 
 
@@ -595,7 +594,7 @@ def _explain(args: argparse.Namespace) -> int:
             code = exc.code()
             if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                 raise
-            print(report.render_decision(args.check, args.app_id, d, wall_clock()))
+            print(render.render_decision(args.check, args.app_id, d, wall_clock()))
             if code == grpc.StatusCode.UNAVAILABLE:
                 # The check was still answered (R13): show that answer, and why
                 # nothing more can be said now.
@@ -604,7 +603,7 @@ def _explain(args: argparse.Namespace) -> int:
                     "above is the sidecar's own without it."
                 )
             return 0 if d.allowed else 1
-    print(report.render_explain(args.check, d, st, wall_clock()))
+    print(render.render_explain(args.check, d, st, wall_clock()))
     return 0 if d.allowed else 1
 
 
@@ -614,7 +613,7 @@ def _preview(args: argparse.Namespace) -> int:
 
     now = wall_clock()
     try:
-        at = report.parse_at(args.at, now)
+        at = render.parse_at(args.at, now)
     except argparse.ArgumentTypeError as exc:
         raise CommandError(str(exc)) from None
     req = pb.PreviewApplicationRequest(app_id=args.app_id, room_id=args.room)
@@ -626,7 +625,7 @@ def _preview(args: argparse.Namespace) -> int:
     if args.json:
         print(json_format.MessageToJson(resp, indent=2))
     else:
-        print(report.render_preview(resp, now))
+        print(render.render_preview(resp, now))
     return 0
 
 

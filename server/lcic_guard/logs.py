@@ -38,7 +38,7 @@ import traceback
 from collections.abc import Iterable
 from typing import Any, Final, TextIO
 
-from lcic_guard.facts import format_time
+from lcic_guard.domain.time import format_time
 
 REQUEST_ID_KEY: Final = "x-request-id"
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -24,36 +24,32 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from lcic_guard import auth, logs, tracing
-from lcic_guard.auth import AuthConfig
-from lcic_guard.cache import ChangeFeedReader, StatusCache
-from lcic_guard.checker import Checker, wall_clock
+from lcic_guard import logs, tracing
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import Room, protected_until
+from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.errors import CommandError, bind_error, check_readable
-from lcic_guard.facts import Millis, format_time
-from lcic_guard.metrics import (
-    MetricsServer,
-    ReconcilerMetrics,
-    SidecarMetrics,
-    serve_metrics,
-    worker_listen,
-)
-from lcic_guard.observe import DecisionObserver
-from lcic_guard.policy import Room, protected_until
-from lcic_guard.readiness import Readiness
-from lcic_guard.reconciler import Reconciler
+from lcic_guard.metrics import MetricsServer, serve_metrics, worker_listen
+from lcic_guard.reconciler.metrics import ReconcilerMetrics
+from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler.sources import BillingSource, FileSource, StreamSource
 from lcic_guard.redact import redact_url
 from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl, sample_recorded_at
-from lcic_guard.settings import Settings
-from lcic_guard.sidecar import (
-    EnforcementServicer,
-    RunningServer,
-    TlsFiles,
-    Watchers,
-    start_server,
-)
-from lcic_guard.sources import BillingSource, FileSource, StreamSource
-from lcic_guard.store import BILLING_STREAM, Store, connect
+from lcic_guard.sidecar import auth
+from lcic_guard.sidecar.auth import AuthConfig
+from lcic_guard.sidecar.cache import StatusCache
+from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.feed import ChangeFeedReader
+from lcic_guard.sidecar.metrics import SidecarMetrics
+from lcic_guard.sidecar.observe import DecisionObserver
+from lcic_guard.sidecar.readiness import Readiness
+from lcic_guard.sidecar.server import RunningServer, TlsFiles, start_server
+from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.sidecar.watchers import Watchers
+from lcic_guard.store.connect import connect
+from lcic_guard.store.keys import BILLING_STREAM
+from lcic_guard.store.status import Store
 from lcic_guard.tracing import Tracing
 
 log = logging.getLogger("lcic_guard")
@@ -154,7 +150,7 @@ def build_reconciler(
 
 
 @dataclass
-class Sidecar:
+class RunningSidecar:
     """A running sidecar process's parts, stopped together."""
 
     server: RunningServer
@@ -175,12 +171,7 @@ class Sidecar:
         port, end watch streams and give in-flight calls ``grace`` s."""
         if self.readiness is not None:
             await self.readiness.stop()  # it must not turn health back on
-        await self.server.set_serving(False)
-        if drain > 0:
-            await asyncio.sleep(drain)
-        if self.watchers is not None:
-            self.watchers.close()
-        await self.server.stop(grace)
+        await self.server.stop(grace, drain, self.watchers.close if self.watchers else None)
         await self.feed.stop()
         if self.transitions is not None:
             self.transitions.cancel()
@@ -197,7 +188,7 @@ async def build_sidecar(
     clock: Callable[[], Millis] = wall_clock,
     registry: CollectorRegistry | None = None,
     traced: Tracing | None = None,
-) -> Sidecar:
+) -> RunningSidecar:
     """The sidecar: cache, change-feed reader, checker, gRPC server.
 
     Metrics go to ``registry`` (served by the caller) if given, else, with
@@ -272,7 +263,9 @@ async def build_sidecar(
             "logged and counted",
             ",".join(sorted(c.value for c in settings.shadow)),
         )
-    return Sidecar(server, checker, feed, metrics, metrics_server, watchers, readiness, transitions)
+    return RunningSidecar(
+        server, checker, feed, metrics, metrics_server, watchers, readiness, transitions
+    )
 
 
 def _stopping(settings: Settings) -> dict[str, float]:
@@ -496,11 +489,18 @@ async def serve(
                 await reconciler_task
             if poller is not None:
                 await poller
-            await store.close()
-            if metrics_server is not None:
-                metrics_server.stop()
-            if traced is not None:
-                await asyncio.to_thread(traced.shutdown)
+            await _close(store, metrics_server, traced)
+
+
+async def _close(
+    store: Store, metrics_server: MetricsServer | None, traced: Tracing | None
+) -> None:
+    """What serve and reconcile release last, once their loops have ended."""
+    await store.close()
+    if metrics_server is not None:
+        metrics_server.stop()
+    if traced is not None:
+        await asyncio.to_thread(traced.shutdown)
 
 
 async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -533,8 +533,4 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
-            await store.close()
-            if metrics_server is not None:
-                metrics_server.stop()
-            if traced is not None:
-                await asyncio.to_thread(traced.shutdown)
+            await _close(store, metrics_server, traced)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lcic_guard.facts import Millis, format_time, parse_time
-from lcic_guard.policy import DAY, HOUR, MINUTE
+from lcic_guard.domain.policy import DAY, HOUR, MINUTE
+from lcic_guard.domain.time import Millis, format_time, parse_time
 
 # app id -> what the sample makes of it (printed by the embedded default).
 SAMPLE_APPS: dict[str, str] = {

@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-    from lcic_guard.reconciler import IngestStats, Reconciler, ReleasePlan
-    from lcic_guard.sources import Delivery
+    from lcic_guard.reconciler.reconciler import Reconciler, ReleasePlan
+    from lcic_guard.reconciler.sources import Delivery
+    from lcic_guard.reconciler.stats import IngestStats
 
 log = logging.getLogger(__name__)
 

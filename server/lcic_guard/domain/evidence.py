@@ -1,0 +1,245 @@
+"""Why an application is in its state: the billing facts behind each reason,
+and the deadlines ahead. Pure, like :mod:`lcic_guard.domain.policy`: no I/O.
+
+:func:`reason_facts` maps every reason of the status in force at ``now`` to
+the billing events that make it hold (the overdue alert that started grace,
+the usage report that exhausted the quota, the package that expired, the
+ban...). :func:`deadlines` lists the known future moments that matter (grace
+end, release date, package expiry or start). Both read the account's stored
+facts (``Store.load_account``) as the policy does: only facts that occurred
+at or before ``now``, swept in time order with settlements first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from lcic_guard.domain.facts import Fact, OverdueAlert, PackageUsage
+from lcic_guard.domain.policy import AppStatus, PolicyConfig, Reason, State, Sweep, sweep_until
+from lcic_guard.domain.time import Millis, describe_time, format_time
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonFact:
+    """One billing event supporting one reason (``event_id`` empty: none)."""
+
+    reason: Reason
+    event_id: str
+    event_type: str
+    occurred_at: Millis
+    detail: str
+
+
+class DeadlineKind(StrEnum):
+    GRACE_END = "GRACE_END"
+    RELEASE = "RELEASE"
+    PACKAGE_EXPIRY = "PACKAGE_EXPIRY"
+    PACKAGE_START = "PACKAGE_START"
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """A known future moment that matters to the application."""
+
+    kind: DeadlineKind
+    at: Millis
+    description: str
+    event_id: str = ""
+
+
+def _fold(app_id: str, facts: Iterable[Fact], now: Millis) -> Sweep:
+    # The policy's own fold, stopped at ``now``: the facts cited are the ones
+    # the rules used, not a second reading of them.
+    return sweep_until(facts, app_id, now, _CFG)
+
+
+_CFG: Final = PolicyConfig()
+
+
+def _exhausting(usage: list[PackageUsage], quota: int) -> PackageUsage | None:
+    """The report from which on the package's usage stayed at or over quota."""
+    reports = sorted(usage, key=lambda u: (u.occurred_at, u.used_minutes))
+    found: PackageUsage | None = None
+    for u in reports:
+        # Reset by any report under quota; kept from the first one over it.
+        found = (found or u) if u.used_minutes >= quota else None
+    return found
+
+
+def _fact(reason: Reason, f: Fact, detail: str) -> ReasonFact:
+    return ReasonFact(reason, f.event_id, f.type, f.occurred_at, detail)
+
+
+def _amount(alert: OverdueAlert) -> str:
+    return f" (amount due {alert.amount_due})" if alert.amount_due else ""
+
+
+def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[ReasonFact, ...]:
+    """The billing events behind each reason of the status in force at ``now``."""
+    seg = status.at(now)
+    k = _fold(status.app_id, facts, now)
+    out: list[ReasonFact] = []
+    for reason in seg.reasons:
+        if reason is Reason.ACCOUNT_BANNED and k.ban is not None:
+            note = f": {k.ban.note}" if k.ban.note else ""
+            out.append(_fact(reason, k.ban, f"compliance ban of account {k.ban.account_id}{note}"))
+        elif reason is Reason.RESOURCES_RELEASED and k.released is not None:
+            out.append(
+                _fact(
+                    reason,
+                    k.released,
+                    f"resources of account {k.released.account_id} released after the "
+                    "overdue suspension ran its full length unpaid",
+                )
+            )
+        elif reason is Reason.ACCOUNT_OVERDUE and k.overdue_alert is not None:
+            detail = (
+                f"overdue alert{_amount(k.overdue_alert)} started the grace period; no settlement "
+                f"before it ended at {describe_time(seg.grace_ends_at)}"
+            )
+            if Reason.RESOURCES_RELEASED in seg.reasons:
+                detail += "; the suspension ran its full length and resources were released"
+            elif seg.release_at is not None:
+                detail += f"; resources are released at {format_time(seg.release_at)} if unpaid"
+            out.append(_fact(reason, k.overdue_alert, detail))
+        elif reason is Reason.OVERDUE_GRACE and k.overdue_alert is not None:
+            out.append(
+                _fact(
+                    reason,
+                    k.overdue_alert,
+                    f"overdue alert{_amount(k.overdue_alert)} started the grace period, which ends "
+                    f"at {describe_time(seg.grace_ends_at)}",
+                )
+            )
+        elif reason is Reason.PACKAGE_EXPIRED:
+            out += _expired_facts(k, now)
+        elif reason is Reason.PACKAGE_QUOTA_EXHAUSTED:
+            out += _quota_facts(k, now)
+    return tuple(out)
+
+
+def _expired_facts(k: Sweep, now: Millis) -> list[ReasonFact]:
+    reason = Reason.PACKAGE_EXPIRED
+    out: list[ReasonFact] = []
+    expired = [p for p in k.packages.values() if p.expires_at <= now]
+    if expired:
+        last = max(expired, key=lambda p: (p.expires_at, p.occurred_at, p.package_id))
+        out.append(
+            _fact(
+                reason,
+                last,
+                f"package {last.package_id} expired at {format_time(last.expires_at)}",
+            )
+        )
+    for p in sorted(k.packages.values(), key=lambda p: p.starts_at):
+        if p.starts_at > now:
+            out.append(
+                _fact(
+                    reason,
+                    p,
+                    f"package {p.package_id} is bought but in force only from "
+                    f"{format_time(p.starts_at)}",
+                )
+            )
+    if not out:
+        if k.registered is not None:
+            out.append(
+                _fact(reason, k.registered, "application registered; no package was ever bought")
+            )
+        else:
+            out.append(ReasonFact(reason, "", "", 0, "no package was ever bought"))
+    return out
+
+
+def _quota_facts(k: Sweep, now: Millis) -> list[ReasonFact]:
+    reason = Reason.PACKAGE_QUOTA_EXHAUSTED
+    pkg = k.package_in_force(now)
+    if pkg is None:
+        return []
+    out = [
+        _fact(
+            reason,
+            pkg,
+            f"package {pkg.package_id} in force with a quota of {pkg.quota_minutes} minutes, "
+            f"until {format_time(pkg.expires_at)}",
+        )
+    ]
+    used = _exhausting(k.usage_reports.get(pkg.package_id, []), pkg.quota_minutes)
+    if used is not None:
+        out.append(
+            _fact(
+                reason,
+                used,
+                f"usage report: {used.used_minutes} of {pkg.quota_minutes} minutes of "
+                f"package {pkg.package_id} used; the quota is exhausted",
+            )
+        )
+    if k.payg_change is not None and not k.payg_change.enabled:
+        out.append(_fact(reason, k.payg_change, "pay-as-you-go switched off"))
+    return out
+
+
+def deadlines(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[Deadline, ...]:
+    """The known future moments that matter, in time order."""
+    seg = status.at(now)
+    if seg.state in (State.RELEASED, State.BANNED):
+        return ()  # for good: no payment, package or date changes anything now
+    k = _fold(status.app_id, facts, now)
+    alert_id = k.overdue_alert.event_id if k.overdue_alert is not None else ""
+    out: list[Deadline] = []
+    grace_end = seg.grace_ends_at
+    if Reason.OVERDUE_GRACE in seg.reasons and grace_end is not None and grace_end > now:
+        out.append(
+            Deadline(
+                DeadlineKind.GRACE_END,
+                grace_end,
+                "the grace period ends: every application of the account is suspended "
+                "(ACCOUNT_OVERDUE) unless the account is topped up before",
+                alert_id,
+            )
+        )
+    if Reason.RESOURCES_RELEASED not in seg.reasons:
+        for s in (seg, *status.upcoming(now)):
+            if Reason.ACCOUNT_OVERDUE in s.reasons and s.release_at is not None:
+                if s.release_at > now:
+                    out.append(
+                        Deadline(
+                            DeadlineKind.RELEASE,
+                            s.release_at,
+                            "the account's resources (applications, recordings, "
+                            "configurations) are released for good unless it is topped up "
+                            "before",
+                            alert_id,
+                        )
+                    )
+                break
+    pkg = k.package_in_force(now)
+    if pkg is not None:
+        after = k.package_in_force(pkg.expires_at)
+        then = (
+            f"package {after.package_id} takes over"
+            if after is not None
+            else "the application is suspended (PACKAGE_EXPIRED) unless a package is bought"
+        )
+        out.append(
+            Deadline(
+                DeadlineKind.PACKAGE_EXPIRY,
+                pkg.expires_at,
+                f"package {pkg.package_id} expires: {then}",
+                pkg.event_id,
+            )
+        )
+    for p in k.packages.values():
+        if p.starts_at > now:
+            out.append(
+                Deadline(
+                    DeadlineKind.PACKAGE_START,
+                    p.starts_at,
+                    f"package {p.package_id} ({p.quota_minutes} minutes) comes into force",
+                    p.event_id,
+                )
+            )
+    return tuple(sorted(out, key=lambda d: (d.at, d.kind.value)))

@@ -1,0 +1,258 @@
+"""Billing facts: the validated form of the billing system's events (SPEC §2).
+
+Pure: no I/O. Every event is parsed into one frozen dataclass per type, or
+rejected with :class:`InvalidEvent` whose ``reason`` says what is wrong (the
+reconciler dead-letters it with that reason). Times are integer milliseconds
+since the Unix epoch, UTC (:data:`Millis`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar, Final
+
+from lcic_guard.domain.time import InvalidEvent as InvalidEvent  # raised for a bad time too
+from lcic_guard.domain.time import Millis, format_time, parse_time
+
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+RESERVED_PREFIX: Final = "lcic-guard:"
+"""Event ids starting with this are the reconciler's own facts (SPEC §2)."""
+RESERVED_REASON: Final = (
+    f"event_id: ids starting with {RESERVED_PREFIX!r} are reserved for lcic-guard"
+)
+
+
+def valid_id(value: object) -> bool:
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    type: ClassVar[str]
+    internal: ClassVar[bool] = False
+    event_id: str
+    occurred_at: Millis
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicationRegistered(_Base):
+    """The app exists and belongs to the account."""
+
+    type: ClassVar[str] = "application_registered"
+    account_id: str
+    app_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class OverdueAlert(_Base):
+    """The account has overdue payments and was alerted (R1)."""
+
+    type: ClassVar[str] = "overdue_alert"
+    account_id: str
+    amount_due: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ArrearsSettled(_Base):
+    """Everything overdue up to ``occurred_at`` is paid (R3)."""
+
+    type: ClassVar[str] = "arrears_settled"
+    account_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PackagePurchased(_Base):
+    """A monthly package for the app, in force in [starts_at, expires_at)."""
+
+    type: ClassVar[str] = "package_purchased"
+    app_id: str
+    package_id: str
+    starts_at: Millis
+    expires_at: Millis
+    quota_minutes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PackageUsage(_Base):
+    """Cumulative usage of a package's complimentary quota (absolute)."""
+
+    type: ClassVar[str] = "package_usage"
+    app_id: str
+    package_id: str
+    used_minutes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PaygChanged(_Base):
+    """Pay-as-you-go switched on or off for the app (R7)."""
+
+    type: ClassVar[str] = "payg_changed"
+    app_id: str
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ComplianceBan(_Base):
+    """The account is banned for good (R11)."""
+
+    type: ClassVar[str] = "compliance_ban"
+    account_id: str
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResourcesReleased(_Base):
+    """The reconciler released the account's resources (R10).
+
+    Internal: only the reconciler records it, after its release checks; the
+    billing feed cannot carry it.
+    """
+
+    type: ClassVar[str] = "resources_released"
+    internal: ClassVar[bool] = True
+    account_id: str
+    release_at: Millis | None = None
+    """The ``release_at`` R10 set, which the released status keeps showing
+    (None on releases recorded before it was kept)."""
+
+
+Fact = (
+    ApplicationRegistered
+    | OverdueAlert
+    | ArrearsSettled
+    | PackagePurchased
+    | PackageUsage
+    | PaygChanged
+    | ComplianceBan
+    | ResourcesReleased
+)
+
+FACT_TYPES: Final[dict[str, type[Fact]]] = {
+    cls.type: cls
+    for cls in (
+        ApplicationRegistered,
+        OverdueAlert,
+        ArrearsSettled,
+        PackagePurchased,
+        PackageUsage,
+        PaygChanged,
+        ComplianceBan,
+        ResourcesReleased,
+    )
+}
+
+_TIME_FIELDS: Final = frozenset({"occurred_at", "starts_at", "expires_at", "release_at"})
+_ID_FIELDS: Final = frozenset({"event_id", "account_id", "app_id", "package_id"})
+_MAX_EVENT_ID: Final = 200
+_MAX_NOTE: Final = 2000
+
+
+def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
+    optional = name in ("amount_due", "note", "release_at")
+    if name not in raw or raw[name] is None:
+        if optional:
+            return "" if name == "note" else None
+        raise InvalidEvent(f"{name}: missing")
+    value = raw[name]
+    if name == "event_id":
+        if not isinstance(value, str) or not 1 <= len(value) <= _MAX_EVENT_ID:
+            raise InvalidEvent(f"event_id: expected a string of 1-{_MAX_EVENT_ID} characters")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+            raise InvalidEvent("event_id: not valid Unicode") from None
+        return value
+    if name in _ID_FIELDS:
+        if not valid_id(value):
+            raise InvalidEvent(f"{name}: expected 1-64 characters from [A-Za-z0-9._:-]")
+        return value
+    if name in _TIME_FIELDS:
+        return parse_time(value, name)
+    if name in ("quota_minutes", "used_minutes"):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+            raise InvalidEvent(f"{name}: expected a non-negative integer")
+        return value
+    if name == "enabled":
+        if not isinstance(value, bool):
+            raise InvalidEvent("enabled: expected true or false")
+        return value
+    if name == "amount_due":
+        if not isinstance(value, str):
+            raise InvalidEvent("amount_due: expected a decimal string")
+        try:
+            amount = Decimal(value)
+        except InvalidOperation:
+            raise InvalidEvent("amount_due: not a decimal number") from None
+        if not amount.is_finite():
+            raise InvalidEvent("amount_due: not a finite decimal number")
+        return value
+    if name == "note":
+        if not isinstance(value, str):
+            raise InvalidEvent("note: expected a string")
+        return value[:_MAX_NOTE]
+    raise AssertionError(f"unhandled field {cls.__name__}.{name}")  # pragma: no cover
+
+
+def parse_event(raw: object, *, allow_internal: bool = False) -> Fact:
+    """Validate one decoded event object and return its fact.
+
+    Raises :class:`InvalidEvent` naming the first field that is wrong.
+    Unknown extra fields are ignored, so the billing system may add fields.
+    """
+    if not isinstance(raw, dict):
+        raise InvalidEvent("event: expected a JSON object")
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise InvalidEvent("type: missing")
+    cls = FACT_TYPES.get(kind)
+    if cls is None or (cls.internal and not allow_internal):
+        raise InvalidEvent(f"type: unknown event type {kind[:40]!r}")
+    event_id = raw.get("event_id")
+    if not allow_internal and isinstance(event_id, str) and event_id.startswith(RESERVED_PREFIX):
+        # The reconciler's own facts (a release) must not be forgeable: a
+        # billing event holding such an id would pre-empt the real one.
+        raise InvalidEvent(RESERVED_REASON)
+    values = {f.name: _field_value(cls, f.name, raw) for f in fields(cls)}
+    fact = cls(**values)
+    if isinstance(fact, PackagePurchased) and fact.expires_at <= fact.starts_at:
+        raise InvalidEvent("expires_at: must be after starts_at")
+    return fact
+
+
+def parse_event_json(text: str | bytes, *, allow_internal: bool = False) -> Fact:
+    """Decode and validate one event from its JSON text."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: nesting too deep to decode; it must be dead-lettered
+        # like any other bad event, not escape as a crash of the batch.
+        raise InvalidEvent(f"event: not valid JSON ({exc.__class__.__name__})") from None
+    return parse_event(raw, allow_internal=allow_internal)
+
+
+def to_record(fact: Fact) -> dict[str, Any]:
+    """The event as a JSON-ready object, in the billing system's own form."""
+    out: dict[str, Any] = {"type": fact.type}
+    for key, value in asdict(fact).items():
+        if value is None:
+            continue
+        out[key] = format_time(value) if key in _TIME_FIELDS else value
+    return out
+
+
+def to_json(fact: Fact) -> str:
+    """Canonical JSON text of a fact (sorted keys, no spaces)."""
+    return json.dumps(to_record(fact), sort_keys=True, separators=(",", ":"))
+
+
+def account_of(fact: Fact) -> str | None:
+    """The account a fact names directly (app facts name only their app)."""
+    return getattr(fact, "account_id", None)
+
+
+def app_of(fact: Fact) -> str | None:
+    """The application a fact names directly, if any."""
+    return getattr(fact, "app_id", None)

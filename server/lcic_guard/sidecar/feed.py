@@ -1,0 +1,282 @@
+"""The change feed reader: keeps the sidecar's cache current from the
+reconciler's change feed, resubscribing (or re-reading every cached entry)
+when the feed breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
+
+from lcic_guard.domain.policy import AppStatus, Room
+from lcic_guard.domain.time import Millis
+from lcic_guard.ratelimit import describe_error
+from lcic_guard.sidecar.cache import StatusCache
+from lcic_guard.store.status import Change
+
+log = logging.getLogger(__name__)
+
+
+class FeedStore(Protocol):
+    """What the feed reader needs of the store."""
+
+    async def changes_tail(self) -> str: ...
+
+    async def feed_gap(self, after: str) -> bool: ...
+
+    async def read_changes(self, after: str, block_ms: int, count: int = 1000) -> list[Change]: ...
+
+    async def read_rows(
+        self, requests: Sequence[tuple[str, str | None]]
+    ) -> list[tuple[AppStatus | None, Room | None] | Exception]: ...
+
+    def scan_app_ids(self, count: int = 1000) -> AsyncIterator[list[str]]: ...
+
+    async def ensure_generation(self) -> str: ...
+
+
+class ChangeFeedReader:
+    """Loads the whole status table, then follows the change feed, keeping a
+    :class:`StatusCache` a current replica of it.
+
+    Every ``generation_check_ms`` it also reads the store's generation id: a
+    new one (Redis lost its data, or a snapshot was loaded into an emptied
+    store) drops everything held and loads the table again; so does a change
+    whose version is older than the one held when Redis confirms it went
+    backwards. ``in_sync`` is False until the first load and during every
+    reload (health says NOT_SERVING meanwhile).
+    """
+
+    def __init__(
+        self,
+        store: FeedStore,
+        cache: StatusCache,
+        clock: Callable[[], Millis],
+        *,
+        block_ms: int = 500,
+        generation_check_ms: int = 500,
+        on_change: Callable[[str, AppStatus | None], Awaitable[None] | None] | None = None,
+        on_sync: Callable[[bool], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.clock = clock
+        self.block_ms = block_ms
+        self.generation_check_ms = generation_check_ms
+        self.on_change = on_change
+        self.on_sync = on_sync
+        self.last_id: str | None = None
+        self.generation: str | None = None
+        self.resyncs = 0
+        self.resync_causes: dict[str, int] = {}
+        self.applied = 0
+        self.corrupt = 0
+        self.in_sync = False
+        self.synced = asyncio.Event()
+        self._checked_generation_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="lcic-guard-change-feed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _set_in_sync(self, value: bool) -> None:
+        if value == self.in_sync:
+            return
+        self.in_sync = value
+        if value:
+            self.synced.set()
+        if self.on_sync is not None:
+            res = self.on_sync(value)
+            if res is not None:
+                await res
+
+    async def _resync(self, cause: str) -> None:
+        """Load the whole status table (up to the cache's capacity); ids held
+        that the table no longer has are remembered as absent."""
+        await self._set_in_sync(False)
+        start = self.clock()
+        cache = self.cache
+        seen: set[str] = set()
+        overflow = False
+        cache.complete = False
+        async for chunk in self.store.scan_app_ids():
+            rows = await self.store.read_rows([(a, None) for a in chunk])
+            now = self.clock()
+            for app_id, row in zip(chunk, rows, strict=True):
+                if isinstance(row, Exception):
+                    # Left out: checks of it read Redis and get the failure
+                    # mode, counted as an internal error, app by app.
+                    self.corrupt += 1
+                    log.warning("status of %s does not decode (%s); skipped", app_id, row)
+                    cache.mark_corrupt(app_id)
+                    continue
+                status = row[0]
+                if status is None:
+                    continue  # registered, no status computed yet
+                if len(seen) >= cache.capacity:
+                    overflow = True
+                    break
+                seen.add(app_id)
+                cache.drop_rooms(app_id)  # rooms are re-read on demand
+                # Replace even a newer version: what Redis holds now is the
+                # truth, and anything newer than this read is on the feed
+                # after our position.
+                cache.put(app_id, status, now, replace=True)
+            if overflow:
+                break
+        now = self.clock()
+        for app_id in cache.app_ids():
+            if app_id not in seen and not overflow:
+                cache.put(app_id, None, now, replace=True)
+        cache.complete = not overflow
+        if overflow:
+            log.warning(
+                "status table larger than --cache-size (%d): loaded that many, ids not held "
+                "are read from Redis",
+                cache.capacity,
+            )
+        cache.synced_since = start
+        self.resyncs += 1
+        self.resync_causes[cause] = self.resync_causes.get(cause, 0) + 1
+        log.info(
+            "status table loaded (%s): %d applications in %.2fs",
+            cause,
+            len(seen),
+            (self.clock() - start) / 1000,
+        )
+
+    async def _check_generation(self) -> bool:
+        """True if the store holds a new data set (everything held is dropped)."""
+        gen = await self.store.ensure_generation()
+        self._checked_generation_at = asyncio.get_running_loop().time()
+        if self.generation is None or gen == self.generation:
+            self.generation = gen
+            return False
+        log.warning(
+            "Redis holds a new data set (generation %s, was %s): dropping %d statuses held "
+            "and loading the table again; health NOT_SERVING until loaded",
+            gen,
+            self.generation,
+            len(self.cache),
+        )
+        self.generation = gen
+        await self._set_in_sync(False)
+        self.cache.clear()
+        return True
+
+    async def _went_back(self, app_id: str, held: int) -> bool:
+        """A change older than what is held: did Redis itself go backwards?"""
+        rows = await self.store.read_rows([(app_id, None)])
+        row = rows[0]
+        if isinstance(row, Exception):
+            return False
+        stored = row[0]
+        stored_version = stored.version if stored is not None else 0
+        if stored_version >= held:
+            return False  # a late notice of an older write: nothing is lost
+        log.warning(
+            "status of %s went back from version %d to %d in Redis (restored from an older "
+            "snapshot?): loading the table again; health NOT_SERVING until loaded",
+            app_id,
+            held,
+            stored_version,
+        )
+        return True
+
+    async def _connect(self) -> None:
+        new_generation = await self._check_generation()
+        if self.last_id is None or new_generation:
+            self.last_id = await self.store.changes_tail()
+            await self._resync("start" if self.resyncs == 0 else "generation")
+        elif await self.store.feed_gap(self.last_id):
+            log.warning(
+                "change feed trimmed past our position, or lost or rolled back by a Redis "
+                "restart; loading the table again"
+            )
+            self.last_id = await self.store.changes_tail()
+            await self._resync("gap")
+        self.cache.feed_healthy = True
+        self.cache.confirmed_at = self.clock()
+        await self._set_in_sync(True)
+
+    async def _follow(self) -> str | None:
+        """One read of the feed; why the table must be loaded again, if it must."""
+        assert self.last_id is not None
+        # A Redis that stopped answering (frozen, partitioned) is noticed when
+        # the blocking read overruns, not after the socket timeout. A timeout
+        # scope rather than wait_for: Python 3.11's wait_for loses a
+        # cancellation that lands as the read completes, and stop() would
+        # then wait for this loop forever.
+        async with asyncio.timeout(self.block_ms / 1000 + 0.5):
+            changes = await self.store.read_changes(self.last_id, self.block_ms)
+        now = self.clock()
+        for change in changes:
+            self.last_id = change.entry_id
+            if change.status is not None:
+                held = self.cache.held_version(change.app_id)
+                if held is not None and change.status.version < held:
+                    if await self._went_back(change.app_id, held):
+                        return "rollback"
+                    continue
+                if self.cache.apply(change.app_id, change.status, now):
+                    self.applied += 1
+            elif change.room_id is not None:
+                self.cache.forget_room(change.app_id, change.room_id)
+            if self.on_change is not None:
+                res = self.on_change(change.app_id, change.status)
+                if res is not None:
+                    await res
+        self.cache.confirmed_at = now
+        due = self._checked_generation_at + self.generation_check_ms / 1000
+        if asyncio.get_running_loop().time() >= due and await self._check_generation():
+            return "generation"
+        return None
+
+    async def run(self) -> None:
+        backoff = 0.05
+        connected = False
+        warned = 0.0
+        while True:
+            try:
+                if not connected:
+                    await self._connect()
+                    connected = True
+                    backoff = 0.05
+                    log.info("following the change feed from %s", self.last_id)
+                cause = await self._follow()
+                if cause == "rollback" and await self._check_generation():
+                    cause = "generation"  # what went back was a whole new data set
+                if cause is not None:
+                    await self._set_in_sync(False)
+                    self.cache.clear()
+                    self.last_id = await self.store.changes_tail()
+                    await self._resync(cause)
+                    self.cache.confirmed_at = self.clock()
+                    await self._set_in_sync(True)
+            except asyncio.CancelledError:
+                self.cache.feed_healthy = False
+                raise
+            except Exception as exc:
+                mono = asyncio.get_running_loop().time()
+                if connected or mono - warned >= 30:
+                    warned = mono
+                    log.warning(
+                        "change feed lost (%s); answers are degraded until it is back",
+                        describe_error(exc),
+                    )
+                connected = False
+                self.cache.feed_healthy = False
+                # Jittered, so that many sidecars do not reconnect in step;
+                # capped low, so that answers are fresh soon after Redis is back.
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 0.5)

@@ -1,0 +1,243 @@
+"""The sidecar's Prometheus metrics (the names are listed in
+:mod:`lcic_guard.metrics`, which serves them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lcic_guard.domain.policy import Check, Decision, Reason
+from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.feed import ChangeFeedReader
+from lcic_guard.sidecar.watchers import Watchers
+
+log = logging.getLogger(__name__)
+
+
+# From 10 µs: a cached answer takes a few µs of Python; a Redis read a few
+# hundred µs; the store sub-deadline (5 ms by default) bounds the rest.
+CHECK_BUCKETS: Final = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+)
+BATCH: Final = "batch"
+
+
+class _CheckerCollector(Collector):
+    """What the checker and its cache count, read at scrape time."""
+
+    def __init__(
+        self,
+        checker: Checker,
+        feed: ChangeFeedReader | None = None,
+        watchers: Watchers | None = None,
+    ) -> None:
+        self.checker = checker
+        self.feed = feed
+        self.watchers = watchers
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._bounds()
+        yield from self._checker()
+
+    def _bounds(self) -> Iterator[Metric]:
+        checker = self.checker
+        cache = checker.cache
+        modes = CounterMetricFamily(
+            "lcic_guard_failure_mode_answers",
+            "Checks answered by their failure mode (R13): Redis unavailable, or the item "
+            "could not be decided.",
+            labels=("check", "mode"),
+        )
+        for check in Check:
+            for mode in ("open", "closed"):
+                n = checker.failure_mode_answers.get((check.value, mode), 0)
+                modes.add_metric((check.value, mode), n)
+        yield modes
+        yield CounterMetricFamily(
+            "lcic_guard_internal_errors",
+            "Check items that could not be decided (a stored record that does not decode); "
+            "each answered by its failure mode.",
+            checker.internal_errors,
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_cache_complete",
+            "1 while the cache holds the whole status table (absent ids answer "
+            "UNKNOWN_APPLICATION with no Redis read).",
+            1.0 if cache.replica_answers_absent() else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_cache_rooms", "Classroom reports held in the cache.", cache.room_count
+        )
+        yield CounterMetricFamily(
+            "lcic_guard_cache_room_evictions",
+            "Classroom reports dropped by the per-application bound.",
+            cache.room_evictions,
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_negative_cache_entries",
+            "Ids remembered as absent from the status table.",
+            cache.absent_count,
+        )
+        yield CounterMetricFamily(
+            "lcic_guard_negative_cache_evictions",
+            "Ids forgotten by the negative cache's bound.",
+            cache.negative_evictions,
+        )
+        if self.feed is not None:
+            resyncs = CounterMetricFamily(
+                "lcic_guard_table_loads",
+                "Loads of the whole status table, by cause (start, generation: Redis holds a "
+                "new data set, rollback: a version went backwards, gap: the change feed was "
+                "trimmed past this reader).",
+                labels=("cause",),
+            )
+            for cause in ("start", "generation", "rollback", "gap"):
+                resyncs.add_metric((cause,), self.feed.resync_causes.get(cause, 0))
+            yield resyncs
+            yield GaugeMetricFamily(
+                "lcic_guard_table_loaded",
+                "1 while the whole status table is loaded and followed.",
+                1.0 if self.feed.in_sync else 0.0,
+            )
+        if self.watchers is not None:
+            w = self.watchers
+            yield GaugeMetricFamily("lcic_guard_watch_streams", "Open watch streams.", len(w))
+            yield CounterMetricFamily(
+                "lcic_guard_watch_streams_refused",
+                "Watch streams refused by --max-watch-streams.",
+                w.refused,
+            )
+            yield CounterMetricFamily(
+                "lcic_guard_watch_slow_cuts",
+                "Watch streams cut because their client did not keep up.",
+                w.slow_cuts,
+            )
+            yield CounterMetricFamily(
+                "lcic_guard_watch_render_errors",
+                "Statuses that could not be sent to watchers (skipped).",
+                w.render_errors,
+            )
+
+    def _checker(self) -> Iterator[Metric]:
+        checker = self.checker
+        cache = checker.cache
+        yield CounterMetricFamily(
+            "lcic_guard_cache_hits", "Checks answered from the status cache.", cache.hits
+        )
+        yield CounterMetricFamily(
+            "lcic_guard_cache_misses",
+            "Checks not answered from the status cache (read from Redis or per R13).",
+            cache.misses,
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_cache_entries", "Applications in the status cache.", len(cache)
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_change_feed_healthy",
+            "1 while the change feed is followed without a gap.",
+            1.0 if cache.feed_healthy else 0.0,
+        )
+        staleness = math.nan
+        if cache.confirmed_at > 0:
+            staleness = max(0, checker.clock() - cache.confirmed_at) / 1000
+        yield GaugeMetricFamily(
+            "lcic_guard_status_staleness_seconds",
+            "Now minus the time the cache was last confirmed current by the change feed.",
+            staleness,
+        )
+        yield CounterMetricFamily(
+            "lcic_guard_redis_errors",
+            "Status reads from Redis that failed or timed out.",
+            checker.store_errors,
+        )
+        yield GaugeMetricFamily(
+            "lcic_guard_breaker_open",
+            "1 while the Redis circuit breaker is open.",
+            1.0 if checker.breaker.is_open else 0.0,
+        )
+        yield CounterMetricFamily(
+            "lcic_guard_breaker_trips",
+            "Times the Redis circuit breaker opened.",
+            checker.breaker.trips,
+        )
+
+
+class SidecarMetrics:
+    """The sidecar's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.decisions = Counter(
+            "lcic_guard_decisions",
+            "Decisions returned, by check, main reason and outcome.",
+            ("check", "reason", "allowed"),
+            registry=self.registry,
+        )
+        self.check_seconds = Histogram(
+            "lcic_guard_check_duration_seconds",
+            "Time to decide a check in the sidecar (check=batch: a whole CheckBatch).",
+            ("check",),
+            buckets=CHECK_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_denials = Counter(
+            "lcic_guard_shadow_denials",
+            "Denials that shadow mode turned into allows, by check and reason.",
+            ("check", "reason"),
+            registry=self.registry,
+        )
+        self._decided: dict[tuple[Check, Reason, bool], Any] = {}
+        self._timed: dict[str, Any] = {}
+        self._shadowed: dict[tuple[Check, Reason], Any] = {}
+
+    def watch(
+        self,
+        checker: Checker,
+        feed: ChangeFeedReader | None = None,
+        watchers: Watchers | None = None,
+    ) -> None:
+        """Expose the checker's own counters (cache, store errors, breaker),
+        the table loads and the watch streams."""
+        self.registry.register(_CheckerCollector(checker, feed, watchers))
+
+    def decided(self, check: Check, decision: Decision, allowed: bool) -> None:
+        key = (check, decision.reason, allowed)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = self.decisions.labels(
+                check.value, decision.reason.value, "true" if allowed else "false"
+            )
+        child.inc()
+
+    def timed(self, check: str, seconds: float) -> None:
+        child = self._timed.get(check)
+        if child is None:
+            child = self._timed[check] = self.check_seconds.labels(check)
+        child.observe(seconds)
+
+    def shadowed(self, check: Check, reason: Reason) -> None:
+        key = (check, reason)
+        child = self._shadowed.get(key)
+        if child is None:
+            child = self._shadowed[key] = self.shadow_denials.labels(check.value, reason.value)
+        child.inc()

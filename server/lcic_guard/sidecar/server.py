@@ -1,0 +1,222 @@
+"""The sidecar's gRPC server: EnforcementService (see
+:mod:`lcic_guard.sidecar.service`), health and reflection, and the connection
+limits. :func:`add_service` is the one place a BadRequest becomes
+INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from lcic.guard.v1 import enforcement_pb2 as pb
+
+from lcic_guard import logs
+from lcic_guard.sidecar.certs import CertificateFiles, reloading_server_credentials
+from lcic_guard.sidecar.service import EnforcementServicer, abort
+from lcic_guard.sidecar.wire import BadRequest
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EnforcementService"].full_name
+# A health service name that is SERVING for as long as the server runs, for
+# liveness probes: the server's own health ("") turns NOT_SERVING while the
+# statuses are not fresh, which must take the sidecar out of rotation, not
+# get it restarted.
+LIVENESS_SERVICE = "liveness"
+
+
+@dataclass
+class TlsFiles:
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    certificates: CertificateFiles | None = None  # with TLS: reloaded when they change
+    serving: bool = False  # what the health service says (read by the HTTP /readyz)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        self.serving = serving
+
+    async def stop(
+        self, grace: float = 5.0, drain: float = 0.0, drained: Callable[[], None] | None = None
+    ) -> None:
+        # Probes see NOT_SERVING first (for `drain` seconds, still answering,
+        # so that load balancers stop sending), then ``drained`` runs (the
+        # sidecar ends its watch streams there) and in-flight calls get `grace`.
+        await self.set_serving(False)
+        if drain > 0:
+            await asyncio.sleep(drain)
+        if drained is not None:
+            drained()
+        await self.server.stop(grace)
+
+
+# A connection that has not completed the TLS and HTTP/2 handshake (the
+# client's preface and first SETTINGS) by then is closed: an idle socket must
+# not hold a slot for ever.
+HANDSHAKE_TIMEOUT_MS = 10_000
+
+
+def connection_limits(handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS) -> list[tuple[str, Any]]:
+    """gRPC server options that bound what one peer can hold open."""
+    return [
+        ("grpc.server_handshake_timeout_ms", handshake_timeout_ms),
+        # Streams one connection may have open at once (watches included).
+        ("grpc.max_concurrent_streams", 256),
+        # A connection with no call for 5 minutes is closed (GOAWAY: a client
+        # reconnects on its next call).
+        ("grpc.max_connection_idle_ms", 300_000),
+        # Dead peers are found by keepalive pings, and clients may ping no
+        # more often than every 10 s.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ]
+
+
+def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A serializer that sends already serialized messages as they are (a
+    watch message is serialized once for all the streams that carry it)."""
+
+    def out(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return out
+
+
+def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
+    """Register EnforcementService like the generated ``add_..._to_server``,
+    except that bytes which do not parse as the request message are answered
+    INVALID_ARGUMENT (grpc.aio alone answers UNKNOWN, naming a Python class)."""
+
+    def parsing(
+        impl: Callable[..., Any], parse: Callable[[bytes], Any], streaming: bool
+    ) -> Callable[..., Any]:
+        async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return parse(raw)
+            except Exception as exc:
+                await abort(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed message: {exc}"
+                )
+
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            token = logs.bind_call(context)  # request id: logs and trailing metadata
+            try:
+                try:  # parsed inline: one coroutine less on every check
+                    message = parse(raw)
+                except Exception:
+                    message = await request(raw, context)
+                return await impl(message, context)
+            except grpc.aio.AbortError:
+                raise
+            except BadRequest as exc:  # the one place a bad field becomes INVALID_ARGUMENT
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Exception as exc:
+                # Logged with the request id; the caller gets INTERNAL, never
+                # grpc's UNKNOWN naming a Python class.
+                log.exception("unexpected error", extra={"event": "rpc_error"})
+                await abort(
+                    context, grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
+                )
+            finally:
+                with contextlib.suppress(ValueError):
+                    logs.request_id.reset(token)
+
+        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            logs.bind_call(context)
+            try:
+                async for item in impl(await request(raw, context), context):
+                    yield item
+            except BadRequest as exc:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        return stream if streaming else unary
+
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["EnforcementService"].methods:
+        parse = getattr(pb, method.input_type.name).FromString
+        serialize = _passing_bytes(getattr(pb, method.output_type.name).SerializeToString)
+        impl = parsing(getattr(servicer, method.name), parse, method.server_streaming)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(impl, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+async def start_server(
+    servicer: EnforcementServicer,
+    listen: str,
+    *,
+    tls: TlsFiles | None = None,
+    options: list[tuple[str, Any]] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    reuse_port: bool = False,
+    serving: bool = True,
+    handshake_timeout_ms: int | None = None,
+) -> RunningServer:
+    """Start EnforcementService, health and reflection on ``listen``.
+
+    With ``tls``, each new connection uses the certificate files as they are
+    then (changed files are loaded again: see :mod:`lcic_guard.sidecar.certs`).
+    ``interceptors`` (e.g. :mod:`lcic_guard.sidecar.auth`) see every call.
+    ``reuse_port`` only for the processes of one ``--workers N``: gRPC turns
+    SO_REUSEPORT on by default, and with it a second sidecar on a taken port
+    would silently share it and half the checks would reach the wrong one.
+    With ``serving=False`` health says NOT_SERVING until the caller says
+    otherwise.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            *connection_limits(handshake_timeout_ms or HANDSHAKE_TIMEOUT_MS),
+            *(options or []),
+        ],
+        interceptors=list(interceptors or ()),
+    )
+    add_service(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    certificates = None
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        certificates = CertificateFiles(tls.cert, tls.key, tls.client_ca)
+        port = server.add_secure_port(listen, reloading_server_credentials(certificates))
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    running = RunningServer(server, port, health_servicer, certificates)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await running.set_serving(serving)
+    return running

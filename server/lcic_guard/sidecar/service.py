@@ -1,0 +1,295 @@
+"""The EnforcementService servicer: each RPC validates its request (see
+:mod:`lcic_guard.sidecar.wire`), asks the checker or the store and converts
+the answer. A bad field raises BadRequest; :func:`lcic_guard.sidecar.server.add_service`
+turns it into INVALID_ARGUMENT in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Final, NoReturn
+
+import grpc
+from lcic.guard.v1 import enforcement_pb2 as pb
+from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+
+from lcic_guard.domain.policy import AppStatus, Room, protected_until
+from lcic_guard.domain.time import Millis
+from lcic_guard.ratelimit import describe_error
+from lcic_guard.sidecar import wire
+from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
+from lcic_guard.sidecar.observe import PREVIEW_CHECKS, DecisionObserver
+from lcic_guard.sidecar.watchers import WatchCut, Watchers
+from lcic_guard.sidecar.wire import BadRequest
+from lcic_guard.store.status import Store
+
+log = logging.getLogger(__name__)
+
+# How far in the future a classroom report's time may be (clock skew).
+REPORT_SKEW_MS: Final = 5 * 60_000
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str) -> NoReturn:
+    await context.abort(code, msg)
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
+class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
+    """EnforcementService over a :class:`Checker` and the :class:`Store`."""
+
+    def __init__(
+        self,
+        checker: Checker,
+        store: Store,
+        *,
+        # Bounds every store call the RPCs other than the checks make (reads
+        # for GetApplicationStatus and watches, writes for classroom reports).
+        store_timeout: float = 1.0,
+        watchers: Watchers | None = None,
+        observer: DecisionObserver | None = None,
+    ) -> None:
+        self.checker = checker
+        self.store = store
+        self.store_timeout = store_timeout
+        self.watchers = watchers
+        # Metrics, debug logs and shadow mode, after each decision.
+        self.observer = observer if observer is not None else DecisionObserver()
+        if watchers is not None:
+            watchers.render = self.render_watched
+            watchers.clock = checker.clock
+            watchers.refresh = self._refresh
+
+    @property
+    def clock(self) -> Callable[[], Millis]:
+        return self.checker.clock
+
+    async def _refresh(self, app_ids: list[str]) -> list[AppStatus]:
+        rows = await asyncio.wait_for(
+            self.store.read_rows([(a, None) for a in app_ids]), self.store_timeout
+        )
+        return [r[0] for r in rows if not isinstance(r, Exception) and r[0] is not None]
+
+    async def _decide(self, req: CheckRequest) -> pb.Decision:
+        start = time.perf_counter()
+        decision = await self.checker.check(req)
+        return self.observer.finish(req, decision, time.perf_counter() - start)
+
+    async def CanCreateClassroom(
+        self, request: pb.CanCreateClassroomRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CanCreateClassroomResponse:
+        req = wire.create_request(request)
+        return pb.CanCreateClassroomResponse(decision=await self._decide(req))
+
+    async def CanEnterClassroom(
+        self, request: pb.CanEnterClassroomRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CanEnterClassroomResponse:
+        req = wire.enter_request(request)
+        return pb.CanEnterClassroomResponse(decision=await self._decide(req))
+
+    async def CanAccessRecording(
+        self, request: pb.CanAccessRecordingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CanAccessRecordingResponse:
+        req = wire.recording_request(request)
+        return pb.CanAccessRecordingResponse(decision=await self._decide(req))
+
+    async def CheckBatch(
+        self, request: pb.CheckBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckBatchResponse:
+        reqs = wire.batch_requests(request)
+        start = time.perf_counter()
+        decisions = await self.checker.check_many(reqs)
+        answers = self.observer.finish_batch(reqs, decisions, time.perf_counter() - start)
+        return pb.CheckBatchResponse(decisions=answers)
+
+    async def _report(
+        self,
+        context: grpc.aio.ServicerContext,
+        app_id: str,
+        room_id: str,
+        room: Room,
+        **times: Millis | None,
+    ) -> None:
+        until = protected_until(bounded_room(room, self.checker.cfg) or room, self.checker.cfg)
+        try:
+            known = await asyncio.wait_for(
+                self.store.report_room(app_id, room_id, now=self.clock(), until=until, **times),
+                self.store_timeout,
+            )
+        except Exception as exc:
+            log.warning("could not record classroom report for %s/%s: %s", app_id, room_id, exc)
+            await abort(
+                context, grpc.StatusCode.UNAVAILABLE, "status store unavailable; retry the report"
+            )
+        if not known:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}")
+        self.checker.remember_room(app_id, room_id)
+        try:
+            await asyncio.wait_for(self.store.publish_room(app_id, room_id), self.store_timeout)
+        except Exception as exc:
+            # Recorded; other sidecars re-read the room when their cache
+            # entry ages out (--cache-max-age).
+            log.warning("could not announce classroom report %s/%s: %s", app_id, room_id, exc)
+
+    def _believable(self, at: Millis, field: str) -> None:
+        """R6: a report is believed only about a class that could be running:
+        not earlier than now - the maximum class length, not later than
+        now + 5 min (clock skew)."""
+        now = self.clock()
+        earliest = now - self.checker.cfg.max_class_ms
+        if at < earliest:
+            raise BadRequest(
+                f"{field}: earlier than now minus the maximum class length "
+                f"({self.checker.cfg.max_class_ms // 60_000} min); not believed"
+            )
+        if at > now + REPORT_SKEW_MS:
+            raise BadRequest(f"{field}: more than 5 minutes in the future; not believed")
+
+    async def ReportClassroomStarted(
+        self, request: pb.ReportClassroomStartedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportClassroomStartedResponse:
+        app_id = wire.require_id(request.app_id, "app_id")
+        room_id = wire.require_id(request.room_id, "room_id")
+        started = wire.required_millis(request, "started_at", "started_at")
+        end = wire.optional_millis(request, "scheduled_end_time", "scheduled_end_time")
+        self._believable(started, "started_at")
+        if end is not None and end <= started:
+            raise BadRequest("scheduled_end_time: must be after started_at")
+        room = Room(started_at=started, scheduled_end=end)
+        await self._report(context, app_id, room_id, room, started_at=started, scheduled_end=end)
+        return pb.ReportClassroomStartedResponse()
+
+    async def ReportClassroomEnded(
+        self, request: pb.ReportClassroomEndedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportClassroomEndedResponse:
+        app_id = wire.require_id(request.app_id, "app_id")
+        room_id = wire.require_id(request.room_id, "room_id")
+        ended = wire.required_millis(request, "ended_at", "ended_at")
+        self._believable(ended, "ended_at")
+        # Only the end is known here; the stored start (if any) is kept.
+        room = Room(started_at=ended, ended_at=ended)
+        await self._report(context, app_id, room_id, room, ended_at=ended)
+        return pb.ReportClassroomEndedResponse()
+
+    async def GetApplicationStatus(
+        self, request: pb.GetApplicationStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetApplicationStatusResponse:
+        app_id = wire.require_id(request.app_id, "app_id")
+        status, _ = await self._read_one(context, app_id, None)
+        try:  # the billing facts behind the reasons (one more read; not a hot RPC)
+            _, facts = await asyncio.wait_for(
+                self.store.load_account(status.account_id), self.store_timeout
+            )
+        except Exception:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
+        try:
+            explained = wire.explained_status(status, facts, self.clock())
+        except Exception as exc:
+            # A stored fact the explanation cannot render must not hide the status.
+            log.warning("cannot explain the status of %s (%s); sent without facts", app_id, exc)
+            explained = wire.status_to_pb(status, self.clock())
+        return pb.GetApplicationStatusResponse(status=explained)
+
+    async def _read_one(
+        self, context: grpc.aio.ServicerContext, app_id: str, room_id: str | None
+    ) -> tuple[AppStatus, Room | None]:
+        """One status for an RPC that needs it: NOT_FOUND, UNAVAILABLE or
+        INTERNAL (a stored record that does not decode) otherwise."""
+        try:
+            rows = await asyncio.wait_for(
+                self.store.read_rows([(app_id, room_id)]), self.store_timeout
+            )
+        except Exception as exc:
+            self.checker._warn.warning(
+                "rpc-read", "status store unavailable for a status read (%s)", describe_error(exc)
+            )
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
+        row = rows[0]
+        if isinstance(row, Exception):
+            self.checker.internal_errors += 1
+            log.warning("stored status of %s does not decode: %s", app_id, row)
+            await abort(
+                context,
+                grpc.StatusCode.INTERNAL,
+                f"app_id: the stored status of {app_id} cannot be read; the operator is told",
+            )
+        status, room = row
+        if status is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}")
+        return status, room
+
+    async def PreviewApplication(
+        self, request: pb.PreviewApplicationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PreviewApplicationResponse:
+        app_id = wire.require_id(request.app_id, "app_id")
+        at = wire.required_millis(request, "at", "at")
+        room_id = wire.optional_id(request.room_id, "room_id")
+        status, room = await self._read_one(context, app_id, room_id)
+        try:
+            resp = wire.preview(
+                status,
+                bounded_room(room, self.checker.cfg),
+                max(at, self.clock()),
+                self.checker.cfg,
+            )
+        except Exception as exc:
+            log.warning("cannot preview %s: %s", app_id, exc)
+            await abort(
+                context, grpc.StatusCode.INTERNAL, f"app_id: cannot preview {app_id}: {exc}"
+            )
+        for name, check in PREVIEW_CHECKS:
+            self.observer.shadow_pb(check, getattr(resp, name))
+        return resp
+
+    async def WatchApplicationStatus(  # type: ignore[override]
+        self, request: pb.WatchApplicationStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchApplicationStatusResponse | bytes]:
+        ids = wire.watch_ids(request)
+        if self.watchers is None:
+            await abort(
+                context,
+                grpc.StatusCode.UNIMPLEMENTED,
+                "this sidecar does not follow the change feed",
+            )
+        watchers = self.watchers
+        try:
+            sub = watchers.subscribe(ids)
+        except WatchCut as cut:
+            await abort(context, cut.code, cut.message)
+        try:
+            if ids:
+                try:
+                    rows = await asyncio.wait_for(
+                        self.store.read_rows([(a, None) for a in ids]), self.store_timeout
+                    )
+                except Exception:
+                    await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
+                now = self.clock()
+                for row in rows:
+                    if isinstance(row, Exception) or row[0] is None:
+                        continue
+                    watchers.schedule(row[0], now)
+                    payload = watchers._render(row[0], now)
+                    if payload is not None:
+                        yield payload
+            while True:
+                try:
+                    payloads = await sub.next(watchers.heartbeat_s)
+                except WatchCut as cut:
+                    await abort(context, cut.code, cut.message)
+                if payloads is None:
+                    if self.checker.cache.feed_healthy:
+                        yield pb.WatchApplicationStatusResponse()
+                    continue
+                for payload in payloads:
+                    yield payload
+        finally:
+            watchers.unsubscribe(sub)
+
+    def render_watched(self, status: AppStatus, now: Millis) -> bytes:
+        """A watch message, serialized once for every stream that gets it."""
+        resp = wire.watch_response(status, now, self.checker.cfg)
+        self.observer.shadow_schedule(resp)
+        return resp.SerializeToString()

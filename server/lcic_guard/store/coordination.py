@@ -1,0 +1,201 @@
+"""The reconciler's own keys: leadership lease and fence, deadlines,
+announcement cursors and outboxes, and the release record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lcic_guard.domain.facts import (
+    Fact,
+    to_json,
+)
+from lcic_guard.domain.time import Millis
+from lcic_guard.store.codec import text
+from lcic_guard.store.keys import (
+    DEADLINES,
+    FENCE,
+    GUARD_STREAM,
+    HEARTBEAT,
+    LEADER,
+    facts_key,
+    meta_key,
+    recorded_key,
+    status_key,
+)
+from lcic_guard.store.scripts import script
+from lcic_guard.store.status import Store
+
+# ---------------------------------------------------------------------------
+# Reconciler-only keys: leadership, deadlines, announcements, release.
+
+
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    payload: str
+    at: Millis
+
+
+class Coordination:
+    """Leader lease, deadlines and exactly-once announcements (reconciler)."""
+
+    def __init__(self, store: Store) -> None:
+        redis = store.redis
+        self.redis = redis
+        self._lease = redis.register_script(script("lease"))
+        self._resign = redis.register_script(script("resign"))
+        self._release = redis.register_script(script("now_or_arg") + script("release"))
+        self._claim = redis.register_script(script("claim_announcement"))
+        self._settle_status = redis.register_script(script("settle_status_announcement"))
+        self._finish = redis.register_script(script("finish_announcement"))
+        self._fence = redis.register_script(script("fence_account"))
+        self._take = redis.register_script(script("take_outbox"))
+
+    async def hold_lease(self, holder: str, ttl_ms: int) -> int:
+        return int(await self._lease(keys=[LEADER, FENCE], args=[holder, ttl_ms]))
+
+    async def lease_token(self, holder: str) -> int:
+        """The fencing token ``holder`` holds the lease with now, 0 if it does not."""
+        cur = text(await self.redis.get(LEADER))
+        if cur is None:
+            return 0
+        who, _, token = cur.rpartition("|")
+        return int(token) if who == holder and token.isdigit() else 0
+
+    async def fence_account(self, account_id: str, token: int) -> bool:
+        """Raise the account's release fence to ``token``; False if a newer
+        leader already did (the caller must not act on the account)."""
+        return bool(await self._fence(keys=[meta_key(account_id)], args=[token]))
+
+    async def account_seq(self, account_id: str) -> int:
+        """The account's fact sequence now."""
+        return int(await self.redis.hget(meta_key(account_id), "seq") or 0)
+
+    async def status_version(self, app_id: str) -> int:
+        """The stored status version of an application now (0: none)."""
+        return int(await self.redis.hget(status_key(app_id), "version") or 0)
+
+    async def resign(self, holder: str) -> None:
+        await self._resign(keys=[LEADER], args=[holder])
+
+    async def record_release(
+        self,
+        account_id: str,
+        token: int,
+        expected_seq: int,
+        fact: Fact,
+        recorded_at: Millis | None = None,
+    ) -> int:
+        return int(
+            await self._release(
+                keys=[facts_key(account_id), meta_key(account_id), recorded_key(account_id)],
+                args=[
+                    token,
+                    expected_seq,
+                    fact.event_id,
+                    to_json(fact),
+                    "" if recorded_at is None else recorded_at,
+                ],
+            )
+        )
+
+    # -- deadlines ----------------------------------------------------------
+
+    async def schedule(self, member: str, due: Millis, *, only_earlier: bool = False) -> None:
+        await self.redis.zadd(DEADLINES, {member: due}, lt=only_earlier)
+
+    async def unschedule(self, member: str) -> None:
+        await self.redis.zrem(DEADLINES, member)
+
+    async def due(self, now: Millis, limit: int = 500) -> list[tuple[str, Millis]]:
+        rows: Any = await self.redis.zrangebyscore(
+            DEADLINES, "-inf", now, start=0, num=limit, withscores=True
+        )
+        return [(text(m) or "", int(score)) for m, score in rows]
+
+    async def scheduled(self, prefix: str = "") -> list[tuple[str, Millis]]:
+        rows: Any = await self.redis.zrange(DEADLINES, 0, -1, withscores=True)
+        return [(m, int(score)) for raw, score in rows if (m := text(raw) or "").startswith(prefix)]
+
+    # -- announcements (outbox) ---------------------------------------------
+
+    async def cursor(self, key: str, field: str) -> tuple[str, Outbox | None]:
+        cur, payload, at = await self.redis.hmget(
+            key, [field, f"{field}:outbox", f"{field}:outbox_at"]
+        )
+        outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
+        return text(cur) or "", outbox
+
+    async def claim(
+        self, key: str, field: str, expected: str, new: str, payload: str, now: Millis
+    ) -> bool:
+        return bool(await self._claim(keys=[key], args=[field, expected, new, payload, now]))
+
+    async def status_cursor(self, app_id: str, field: str) -> tuple[str, Outbox | None, str | None]:
+        """The state last announced for an application, the announcement in
+        flight (if any) and the candidate state waiting to settle (if any)."""
+        cur, payload, at, cand = await self.redis.hmget(
+            status_key(app_id), [field, f"{field}:outbox", f"{field}:outbox_at", f"{field}:cand"]
+        )
+        outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
+        return text(cur) or "", outbox, text(cand)
+
+    async def settle_status(
+        self,
+        app_id: str,
+        field: str,
+        expected: str,
+        new: str,
+        payload: str,
+        now: Millis,
+        version: int,
+        settle_ms: int,
+    ) -> tuple[int, Millis]:
+        """Note or claim the announcement of an application's state (see
+        lua/settle_status_announcement.lua): (0 nothing to do | 1 claimed | 2 waiting
+        | 3 refused, when the candidate was first seen)."""
+        code, since = await self._settle_status(
+            keys=[status_key(app_id)],
+            args=[field, expected, new, payload, now, version, settle_ms],
+        )
+        return int(code), int(since)
+
+    async def finish(self, key: str, field: str, payload: str) -> None:
+        await self._finish(keys=[key], args=[field, payload])
+
+    async def take_outbox(
+        self, key: str, field: str, payload: str, now: Millis, stale_ms: int
+    ) -> bool:
+        """Take over an abandoned outbox (see lua/take_outbox.lua); True if this caller
+        is now the one to finish it."""
+        return bool(await self._take(keys=[key], args=[field, payload, now, stale_ms]))
+
+    async def on_stream(
+        self, announcement_id: str, since: Millis, stream: str = GUARD_STREAM
+    ) -> bool:
+        """Whether an announcement with this id was added at or after ``since``."""
+        last = "+"
+        while True:
+            rows: Any = await self.redis.xrevrange(
+                stream, max=last, min=f"{max(since, 0)}-0", count=500
+            )
+            for _entry_id, fields in rows:
+                raw = fields.get(b"event") or fields.get("event")
+                if raw and json.loads(raw).get("announcement_id") == announcement_id:
+                    return True
+            if len(rows) < 500:
+                return False
+            eid = text(rows[-1][0]) or "0-0"
+            ms, seq = (int(x) for x in eid.split("-"))
+            last = f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}-18446744073709551615"
+            if ms < since:
+                return False
+
+    async def heartbeat(self, now: Millis) -> None:
+        await self.redis.set(HEARTBEAT, now)
+
+    async def last_heartbeat(self) -> Millis | None:
+        raw = await self.redis.get(HEARTBEAT)
+        return int(raw) if raw is not None else None

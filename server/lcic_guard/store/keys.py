@@ -1,0 +1,108 @@
+"""Every Redis key and stream name lcic-guard uses, in one place (see the key
+table in docs/design.md). Keys of one account or one application share a
+hash slot (the ``{...}`` tag), so that each Lua script runs on a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Final
+
+from lcic_guard.domain.facts import (
+    Fact,
+    to_json,
+)
+
+BILLING_STREAM: Final = "lcic:billing:events"
+GUARD_STREAM: Final = "lcic:guard:events"
+DEAD_LETTER_STREAM: Final = "lcic:guard:deadletter"
+CHANGES_STREAM: Final = "lcic:guard:changes"
+# The change feed keeps about this many entries; a sidecar that falls
+# further behind re-reads everything it caches.
+CHANGES_MAXLEN: Final = 100_000
+# Default bound of the dead-letter stream (approximate MAXLEN).
+DEADLETTER_MAXLEN: Final = 100_000
+# An event longer than this is dead-lettered without being parsed.
+MAX_EVENT_BYTES: Final = 65_536
+# What is kept of such an event in its dead letter.
+OVERSIZED_KEEP: Final = 4_096
+EVENT_INDEX_BUCKETS: Final = 1024
+DEADLINES: Final = "lcic:guard:deadlines"
+HEARTBEAT: Final = "lcic:guard:heartbeat"
+# A random id naming the data set Redis holds: created when a process first
+# finds none (a new table, or one emptied by FLUSHALL or a restart without
+# data, before a snapshot is loaded again). A different id means whatever a
+# process holds from Redis describes data that is gone.
+GENERATION: Final = "lcic:guard:generation"
+STATUS_PATTERN: Final = "lcic:app:{*}:status"
+
+
+def status_key(app_id: str) -> str:
+    return f"lcic:app:{{{app_id}}}:status"
+
+
+def parked_key(app_id: str) -> str:
+    return f"lcic:app:{{{app_id}}}:parked"
+
+
+def facts_key(account_id: str) -> str:
+    return f"lcic:acct:{{{account_id}}}:facts"
+
+
+def meta_key(account_id: str) -> str:
+    return f"lcic:acct:{{{account_id}}}:meta"
+
+
+def recorded_key(account_id: str) -> str:
+    return f"lcic:acct:{{{account_id}}}:recorded"
+
+
+def event_index_key(event_id: str) -> str:
+    """The index bucket of an event id: a stable hash, so every process
+    picks the same bucket, and the bucket is the hash tag (one slot)."""
+    bucket = zlib.crc32(event_id.encode()) % EVENT_INDEX_BUCKETS
+    return f"lcic:evt:{{{bucket:04d}}}"
+
+
+def event_digest(fact: Fact) -> str:
+    """What the index keeps of an event's content: enough to tell a repeat
+    from a reuse of the id (128 bits of SHA-256 of its canonical JSON)."""
+    return hashlib.sha256(to_json(fact).encode()).hexdigest()[:32]
+
+
+ROOM_FIELD_PREFIX: Final = "room:"
+
+
+def status_key_app(key: str | bytes) -> str | None:
+    """The application id of a status key, None for any other key."""
+    name = key.decode() if isinstance(key, bytes) else key
+    if not (name.startswith("lcic:app:{") and name.endswith("}:status")):
+        return None
+    return name[len("lcic:app:{") : -len("}:status")]
+
+
+LEADER: Final = "lcic:guard:{leader}"
+FENCE: Final = "lcic:guard:{leader}:fence"
+
+
+# Members of the DEADLINES sorted set: what is due, and for whom.
+def app_deadline(app_id: str) -> str:
+    """An application's next transition or settle time."""
+    return f"app:{app_id}"
+
+
+def release_deadline(account_id: str) -> str:
+    """An account's release (R10) falling due."""
+    return f"release:{account_id}"
+
+
+def notice_deadline(account_id: str) -> str:
+    """An account's next release notice."""
+    return f"notice:{account_id}"
+
+
+def deadline_of(member: str) -> tuple[str, str]:
+    """``(kind, id)`` of a DEADLINES member: kind ``app``, ``release`` or ``notice``."""
+    kind, _, ident = member.partition(":")
+    return kind, ident

@@ -1,0 +1,487 @@
+"""The Redis status table and billing-fact store: every key lcic-guard owns.
+
+Key layout (``{...}`` is the Redis Cluster hash tag):
+
+``lcic:app:{APP}:status``
+    Hash, one per application, the only key a check reads: ``version``,
+    ``data`` (the status timeline, JSON), ``account``, ``updated_at``, and one
+    ``room:ROOM`` field per reported classroom (R6). Tagged by application
+    because a check knows only the application id.
+``lcic:app:{APP}:parked``
+    Hash of facts about an application not (yet) registered, applied when its
+    registration arrives (event order must not matter).
+``lcic:acct:{ACCOUNT}:facts`` and ``lcic:acct:{ACCOUNT}:meta``
+    The account's billing facts by event id, and its fact sequence (``seq``),
+    which is the version of every status computed from them. Both share the
+    account's slot, so one script appends a fact and bumps the sequence.
+``lcic:acct:{ACCOUNT}:recorded``
+    When each of those facts was first stored (event id -> ms, Redis's
+    clock): the second clock that R6 and R10 read. Written by the same
+    script as the fact, only when the fact is new. Facts stored before it
+    existed have no entry and count as recorded when they occurred.
+
+Writes that must be atomic are Lua scripts touching one slot each, so they
+work unchanged on Redis Cluster. Status writes are versioned in Redis itself:
+a write whose version is not newer than the stored one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ResponseError
+
+from lcic_guard.domain.facts import (
+    ApplicationRegistered,
+    Fact,
+    InvalidEvent,
+    parse_event_json,
+    to_json,
+)
+from lcic_guard.domain.policy import AppStatus, Room
+from lcic_guard.domain.time import Millis
+from lcic_guard.store.codec import (
+    _status_fields,
+    _status_row,
+    decode_segments,
+    encode_segments,
+    text,
+)
+from lcic_guard.store.connect import RedisClient, redis_time
+from lcic_guard.store.keys import (
+    CHANGES_MAXLEN,
+    CHANGES_STREAM,
+    DEAD_LETTER_STREAM,
+    DEADLETTER_MAXLEN,
+    GENERATION,
+    GUARD_STREAM,
+    MAX_EVENT_BYTES,
+    ROOM_FIELD_PREFIX,
+    STATUS_PATTERN,
+    event_digest,
+    event_index_key,
+    facts_key,
+    meta_key,
+    parked_key,
+    recorded_key,
+    status_key,
+    status_key_app,
+)
+from lcic_guard.store.scripts import script
+
+ROOM_PRUNE_THRESHOLD: Final = 64
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change feed: a new status, or a room report."""
+
+    entry_id: str
+    app_id: str
+    status: AppStatus | None
+    room_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountFacts:
+    """An account's facts read at one instant: the sequence they make, the
+    facts, and when each was first stored (event id -> ms; absent for facts
+    stored before recording times were kept)."""
+
+    seq: int
+    facts: list[Fact]
+    recorded_at: dict[str, Millis]
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    seq: int
+    added: int
+    conflicts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    written: bool
+    previous: AppStatus | None
+    version: int = 0
+    """The stored version when the stored status is the one written (or was
+    already written from the same facts); 0 when the write was refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppClaim:
+    """What a registration found in its application's slot (see lua/claim_app.lua)."""
+
+    verdict: str  # 'own', 'later' or 'moved'
+    owner: str
+    moved_from: tuple[str, ...]
+    parked: list[Fact]
+
+
+class Store:
+    """Every read and write lcic-guard makes to Redis, by meaning."""
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+        self._write_status = redis.register_script(script("write_status"))
+        self._add_facts = redis.register_script(script("now_or_arg") + script("add_facts"))
+        self._load_account = redis.register_script(script("load_account"))
+        self._claim_app = redis.register_script(script("claim_app"))
+        self._route_app_fact = redis.register_script(script("route_app_fact"))
+        self._report_room = redis.register_script(script("report_room"))
+        self._move_done = redis.register_script(script("move_done"))
+        self._remove_facts = redis.register_script(script("remove_facts"))
+
+    async def close(self) -> None:
+        # A Sentinel-managed client does not own its connections to the
+        # sentinels: close those too.
+        pool = getattr(self.redis, "connection_pool", None)
+        manager = getattr(pool, "sentinel_manager", None)
+        await self.redis.aclose()
+        if isinstance(manager, Sentinel):
+            await manager.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # -- the status table: what checks read ---------------------------------
+
+    async def read_status(
+        self, app_id: str, room_id: str | None = None
+    ) -> tuple[AppStatus | None, Room | None]:
+        """One application's status and, if named, one room: one key, one call."""
+        values = await self.redis.hmget(status_key(app_id), _status_fields(room_id))
+        return _status_row(app_id, room_id, values)
+
+    async def read_statuses(
+        self, requests: Sequence[tuple[str, str | None]]
+    ) -> list[tuple[AppStatus | None, Room | None]]:
+        """Many (app, room) reads in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id, room_id in requests:
+                pipe.hmget(status_key(app_id), _status_fields(room_id))
+            rows = await pipe.execute()
+        return [
+            _status_row(app_id, room_id, values)
+            for (app_id, room_id), values in zip(requests, rows, strict=True)
+        ]
+
+    async def read_rows(
+        self, requests: Sequence[tuple[str, str | None]]
+    ) -> list[tuple[AppStatus | None, Room | None] | Exception]:
+        """Like :meth:`read_statuses`, but a record that does not decode is
+        its row's exception, not the whole read's: one corrupt record must
+        not take the other answers with it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id, room_id in requests:
+                pipe.hmget(status_key(app_id), _status_fields(room_id))
+            rows = await pipe.execute()
+        out: list[tuple[AppStatus | None, Room | None] | Exception] = []
+        for (app_id, room_id), values in zip(requests, rows, strict=True):
+            try:
+                out.append(_status_row(app_id, room_id, values))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def scan_app_ids(self, count: int = 1000) -> AsyncIterator[list[str]]:
+        """Every application id in the status table, in chunks (SCAN, so a
+        large table never blocks Redis; on Redis Cluster, every master)."""
+        kwargs: dict[str, Any] = {"match": STATUS_PATTERN, "count": count}
+        if isinstance(self.redis, RedisCluster):
+            kwargs["target_nodes"] = RedisCluster.PRIMARIES
+        chunk: list[str] = []
+        async for key in self.redis.scan_iter(**kwargs):
+            app_id = status_key_app(key)
+            if app_id is not None:
+                chunk.append(app_id)
+            if len(chunk) >= count:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    async def generation(self) -> str | None:
+        return text(await self.redis.get(GENERATION))
+
+    async def ensure_generation(self) -> str:
+        """The data set's generation id, created if Redis has none."""
+        await self.redis.set(GENERATION, uuid.uuid4().hex, nx=True)
+        return text(await self.redis.get(GENERATION)) or ""
+
+    async def write_status(self, status: AppStatus) -> WriteResult:
+        """Write a status computed from its account's facts at sequence
+        ``status.version``, unless the account no longer owns the app or a
+        status from the same or newer facts of that account is stored. The
+        stored version (the store's own, see lua/write_status.lua) is returned."""
+        code, old_data, old_version, stored = await self._write_status(
+            keys=[status_key(status.app_id)],
+            args=[
+                status.account_id,
+                status.version,
+                encode_segments(status.segments),
+                status.updated_at,
+            ],
+        )
+        previous = None
+        if old_data is not None:
+            previous = AppStatus(
+                status.app_id, status.account_id, decode_segments(old_data), int(old_version)
+            )
+        return WriteResult(int(code) == 1, previous, int(stored) if int(code) else 0)
+
+    async def report_room(
+        self,
+        app_id: str,
+        room_id: str,
+        *,
+        now: Millis,
+        until: Millis,
+        started_at: Millis | None = None,
+        scheduled_end: Millis | None = None,
+        ended_at: Millis | None = None,
+    ) -> bool:
+        """Record a classroom's start or end (R6). False if the app is unknown."""
+
+        def arg(v: Millis | None) -> str:
+            return "" if v is None else str(v)
+
+        done = await self._report_room(
+            keys=[status_key(app_id)],
+            args=[
+                ROOM_FIELD_PREFIX + room_id,
+                arg(started_at),
+                arg(scheduled_end),
+                arg(ended_at),
+                until,
+                now,
+                ROOM_PRUNE_THRESHOLD,
+            ],
+        )
+        return bool(done)
+
+    # -- billing facts: what the reconciler keeps ---------------------------
+
+    async def add_facts(
+        self, account_id: str, facts: Iterable[Fact], *, recorded_at: Millis | None = None
+    ) -> AddResult:
+        """Store the facts not yet known, each recorded at ``recorded_at``
+        (default: Redis's clock when they are stored)."""
+        args: list[str | int] = ["" if recorded_at is None else recorded_at]
+        for fact in facts:
+            args += [fact.event_id, to_json(fact)]
+        if len(args) == 1:
+            return AddResult(0, 0, ())
+        res = await self._add_facts(
+            keys=[facts_key(account_id), meta_key(account_id), recorded_key(account_id)],
+            args=args,
+        )
+        return AddResult(int(res[0]), int(res[1]), tuple(text(x) or "" for x in res[2:]))
+
+    async def load_account_facts(self, account_id: str) -> AccountFacts:
+        """The account's fact sequence, facts and recording times, read at one instant."""
+        res = await self._load_account(
+            keys=[facts_key(account_id), meta_key(account_id), recorded_key(account_id)]
+        )
+        facts: list[Fact] = []
+        for raw in res[1][1::2]:
+            try:
+                facts.append(parse_event_json(raw, allow_internal=True))
+            except InvalidEvent:  # pragma: no cover - only valid facts are stored
+                continue
+        times = res[2]
+        recorded = {text(times[i]) or "": int(times[i + 1]) for i in range(0, len(times), 2)}
+        return AccountFacts(int(res[0]), facts, recorded)
+
+    async def load_account(self, account_id: str) -> tuple[int, list[Fact]]:
+        """The account's fact sequence and its facts, read at one instant."""
+        loaded = await self.load_account_facts(account_id)
+        return loaded.seq, loaded.facts
+
+    async def claim_events(self, facts: Sequence[Fact]) -> list[int]:
+        """Claim the facts' event ids in the feed-wide index, in order: for
+        each, 0 new (claimed now), 1 claimed before with the same content, 2
+        claimed with other content.
+
+        An index entry is written once and never changed, so HSETNX (atomic)
+        followed by HGET on the same key is the whole claim: plain commands,
+        one pipelined round trip for a batch, in order per key on a cluster
+        too (one id, one bucket, one node)."""
+        if not facts:
+            return []
+        digests = [event_digest(f) for f in facts]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fact, digest in zip(facts, digests, strict=True):
+                key = event_index_key(fact.event_id)
+                pipe.hsetnx(key, fact.event_id, digest)
+                pipe.hget(key, fact.event_id)
+            res = await pipe.execute()
+        return [
+            0 if int(res[2 * i]) else (1 if text(res[2 * i + 1]) == digest else 2)
+            for i, digest in enumerate(digests)
+        ]
+
+    async def claim_app(self, fact: ApplicationRegistered) -> AppClaim:
+        """Bind an application to the account of its earliest registration."""
+        res = await self._claim_app(
+            keys=[status_key(fact.app_id), parked_key(fact.app_id)],
+            args=[fact.account_id, fact.occurred_at, fact.event_id, fact.event_id.encode().hex()],
+        )
+        return AppClaim(
+            verdict=text(res[0]) or "",
+            owner=text(res[1]) or "",
+            moved_from=tuple((text(res[2]) or "").split()),
+            parked=[parse_event_json(raw) for raw in res[3:]],
+        )
+
+    async def app_owner(self, app_id: str) -> str | None:
+        return text(await self.redis.hget(status_key(app_id), "account"))
+
+    async def app_owners(self, app_ids: Sequence[str]) -> list[str | None]:
+        """The owning accounts of many applications, in one round trip."""
+        if not app_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id in app_ids:
+                pipe.hget(status_key(app_id), "account")
+            res = await pipe.execute()
+        return [text(x) for x in res]
+
+    async def move_done(self, app_id: str, account_id: str) -> None:
+        """The app's facts are cleaned out of ``account_id`` (see lua/claim_app.lua)."""
+        await self._move_done(keys=[status_key(app_id)], args=[account_id])
+
+    async def remove_facts(self, account_id: str, event_ids: Sequence[str]) -> int:
+        """Remove facts from an account (bumping its seq if any was there)."""
+        if not event_ids:
+            return await self.account_seq(account_id)
+        return int(
+            await self._remove_facts(
+                keys=[facts_key(account_id), meta_key(account_id)], args=list(event_ids)
+            )
+        )
+
+    async def account_seq(self, account_id: str) -> int:
+        return int(await self.redis.hget(meta_key(account_id), "seq") or 0)
+
+    async def route_app_fact(self, app_id: str, fact: Fact, parked_ttl_ms: int = 0) -> str | None:
+        """The owning account of the fact's application, or None once parked
+        (for ``parked_ttl_ms`` after the app's last parked fact; 0: forever)."""
+        owner = await self._route_app_fact(
+            keys=[status_key(app_id), parked_key(app_id)],
+            args=[fact.event_id, to_json(fact), parked_ttl_ms],
+        )
+        return text(owner)
+
+    async def drop_parked(self, app_id: str, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            await self.redis.hdel(parked_key(app_id), *event_ids)
+
+    # -- feeds --------------------------------------------------------------
+
+    async def publish_change(self, status: AppStatus) -> None:
+        """Tell every sidecar that an application's status changed (the new
+        record travels with the notice, so no read is needed to apply it)."""
+        await self.redis.xadd(
+            CHANGES_STREAM,
+            {
+                "app": status.app_id,
+                "v": status.version,
+                "account": status.account_id,
+                "data": encode_segments(status.segments),
+                "updated_at": status.updated_at,
+            },
+            maxlen=CHANGES_MAXLEN,
+            approximate=True,
+        )
+
+    async def publish_room(self, app_id: str, room_id: str) -> None:
+        """Tell every sidecar that a classroom report changed a room."""
+        await self.redis.xadd(
+            CHANGES_STREAM,
+            {"app": app_id, "room": room_id},
+            maxlen=CHANGES_MAXLEN,
+            approximate=True,
+        )
+
+    async def changes_tail(self) -> str:
+        """The id of the newest change, where a new reader starts."""
+        rows: Any = await self.redis.xrevrange(CHANGES_STREAM, count=1)
+        return (text(rows[0][0]) or "0-0") if rows else "0-0"
+
+    async def read_changes(self, after: str, block_ms: int, count: int = 1000) -> list[Change]:
+        """Changes after ``after``, waiting up to ``block_ms`` for the first."""
+        rows: Any = await self.redis.xread({CHANGES_STREAM: after}, count=count, block=block_ms)
+        entries = rows[0][1] if rows else []
+        out = []
+        for entry_id, fields in entries:
+            f = {text(k): v for k, v in fields.items()}
+            app_id = text(f.get("app")) or ""
+            room = text(f.get("room"))
+            status = None
+            if room is None and f.get("data") is not None:
+                status = AppStatus(
+                    app_id,
+                    text(f.get("account")) or "",
+                    decode_segments(f["data"]),
+                    int(f.get("v") or 0),
+                    int(f.get("updated_at") or 0),
+                )
+            out.append(Change(text(entry_id) or "", app_id, status, room))
+        return out
+
+    async def feed_gap(self, after: str) -> bool:
+        """True if changes newer than ``after`` were trimmed from the feed
+        (a reader resuming from ``after`` would miss them)."""
+        try:
+            info: Any = await self.redis.xinfo_stream(CHANGES_STREAM)
+        except ResponseError:
+            # No feed: nothing was missed, unless we had read from one, in
+            # which case Redis lost it (restarted without its data).
+            return _id_tuple(after) > (0, 0)
+        # Trimming removes the oldest entries: if the entry we stopped at is
+        # gone, newer ones may be gone too, so count that as a gap.
+        deleted = text(info.get("max-deleted-entry-id")) or "0-0"
+        first = info.get("first-entry")
+        first_id = text(first[0]) if first else None
+        trimmed = first_id is not None and _id_tuple(first_id) > _id_tuple(after)
+        # A feed that ends before where we stopped was rolled back (Redis
+        # restarted from an older snapshot): what we applied may be gone.
+        last = text(info.get("last-generated-id")) or "0-0"
+        rolled_back = _id_tuple(last) < _id_tuple(after)
+        return trimmed or rolled_back or _id_tuple(deleted) > _id_tuple(after)
+
+    async def announce(self, event: dict[str, Any], stream: str = GUARD_STREAM) -> str:
+        entry_id = await self.redis.xadd(stream, {"event": json.dumps(event, sort_keys=True)})
+        return text(entry_id) or ""
+
+    async def dead_letter(
+        self, raw: str, reason: str, source: str, maxlen: int = DEADLETTER_MAXLEN
+    ) -> None:
+        """Keep a rejected event with its reason; the stream keeps about the
+        last ``maxlen`` (0: all)."""
+        await self.redis.xadd(
+            DEAD_LETTER_STREAM,
+            {"event": raw[:MAX_EVENT_BYTES], "reason": reason, "source": source},
+            maxlen=maxlen or None,
+            approximate=True,
+        )
+
+    async def dead_letter_length(self) -> int:
+        return int(await self.redis.xlen(DEAD_LETTER_STREAM))
+
+    async def server_time(self) -> Millis:
+        """Redis's own clock, in ms: the reference for feed watermarks."""
+        return await redis_time(self.redis)

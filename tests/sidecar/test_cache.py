@@ -1,0 +1,205 @@
+"""The sidecar's cache and change feed (issue: checks at the speed of the
+gRPC runtime): real Redis, real reconciler, real gRPC server and clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest_asyncio
+from lcic.guard.v1 import enforcement_pb2 as pb
+from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.config import Settings
+from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
+from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.runner import RunningSidecar, build_sidecar
+from lcic_guard.store.keys import CHANGES_STREAM
+from lcic_guard.store.status import Store
+from lcic_guard_client import CachedGuardClient
+
+from tests.support.clock import T0, FakeClock
+from tests.support.events import Events, deliveries
+
+
+async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest_asyncio.fixture
+async def cached_sidecar(
+    store: Store, policy: PolicyConfig, clock: FakeClock
+) -> AsyncIterator[RunningSidecar]:
+    settings = Settings(listen="127.0.0.1:0", redis_timeout_ms=2000, cache_size=50)
+    settings.policy = policy
+    sidecar = await build_sidecar(settings, store, clock=clock)
+    await eventually(lambda: _healthy(sidecar))
+    yield sidecar
+    await sidecar.stop(grace=0.2)
+
+
+async def _healthy(sidecar: RunningSidecar) -> bool:
+    return sidecar.checker.cache.feed_healthy
+
+
+async def command_calls(store: Store) -> dict[str, int]:
+    stats = await store.redis.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+def stub_for(sidecar: RunningSidecar) -> tuple[grpc.aio.Channel, pb_grpc.EnforcementServiceStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}")
+    return channel, pb_grpc.EnforcementServiceStub(channel)
+
+
+async def test_steady_state_checks_make_no_redis_calls(
+    cached_sidecar: RunningSidecar, reconciler: Reconciler, store: Store, events: Events
+) -> None:
+    await reconciler.ingest(
+        deliveries([*events.app("acct", "app-1"), *events.app("acct", "app-2")])
+    )
+    channel, stub = stub_for(cached_sidecar)
+    async with channel:
+        for app in ("app-1", "app-2", "app-unknown"):  # warm the cache
+            await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id=app))
+        await store.redis.config_resetstat()
+        for _ in range(100):
+            for app in ("app-1", "app-2"):
+                d = (
+                    await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id=app))
+                ).decision
+                assert d.allowed and not d.degraded
+            d = (
+                await stub.CanAccessRecording(
+                    pb.CanAccessRecordingRequest(app_id="app-unknown", recording_id="r")
+                )
+            ).decision
+            assert d.reason == pb.DECISION_REASON_UNKNOWN_APPLICATION
+        batch = pb.CheckBatchRequest(
+            checks=[pb.Check(create_classroom=pb.CanCreateClassroomRequest(app_id="app-1"))] * 100
+        )
+        assert len((await stub.CheckBatch(batch)).decisions) == 100
+        calls = await command_calls(store)
+    # Only the feed reader's blocking XREAD (and this INFO) may have run.
+    assert set(calls) <= {"xread", "info", "config|resetstat"}, calls
+    assert cached_sidecar.checker.cache.hits >= 400
+
+
+async def test_a_change_reaches_decisions_through_the_feed(
+    cached_sidecar: RunningSidecar, reconciler: Reconciler, store: Store, events: Events
+) -> None:
+    await reconciler.ingest(deliveries(events.app("acct", "app-1")))
+    channel, stub = stub_for(cached_sidecar)
+    async with channel:
+        d = (await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id="app-1"))).decision
+        assert d.reason == pb.DECISION_REASON_OK
+        misses = cached_sidecar.checker.cache.misses
+        await reconciler.ingest(
+            deliveries([events("compliance_ban", T0 - HOUR, account_id="acct")])
+        )
+
+        async def banned() -> bool:
+            req = pb.CanCreateClassroomRequest(app_id="app-1")
+            d = (await stub.CanCreateClassroom(req)).decision
+            return bool(d.reason == pb.DECISION_REASON_ACCOUNT_BANNED)
+
+        await eventually(banned)
+    # The new status came with the notice: the sidecar did not read Redis.
+    assert cached_sidecar.checker.cache.misses == misses
+
+
+async def test_the_cache_is_bounded(
+    cached_sidecar: RunningSidecar, reconciler: Reconciler, events: Events
+) -> None:
+    for n in range(80):
+        await reconciler.ingest(deliveries(events.app(f"acct-{n}", f"app-{n}")))
+    channel, stub = stub_for(cached_sidecar)
+    async with channel:
+        for n in range(80):
+            await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id=f"app-{n}"))
+    assert len(cached_sidecar.checker.cache) == 50  # the configured size
+
+
+async def test_feed_loss_is_resumed_and_a_trimmed_feed_resyncs(
+    cached_sidecar: RunningSidecar, reconciler: Reconciler, store: Store, events: Events
+) -> None:
+    await reconciler.ingest(deliveries(events.app("acct", "app-1")))
+    channel, stub = stub_for(cached_sidecar)
+    async with channel:
+        await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id="app-1"))
+        feed = cached_sidecar.feed
+        resyncs = feed.resyncs
+        # Drop the reader's connection and trim the feed past its position
+        # while a change happens: the reader must notice the gap and re-read.
+        await feed.stop()
+        assert not cached_sidecar.checker.cache.feed_healthy
+        await reconciler.ingest(deliveries([events("compliance_ban", T0, account_id="acct")]))
+        await store.redis.xtrim(CHANGES_STREAM, maxlen=0)
+        await store.redis.xadd(CHANGES_STREAM, {"app": "other", "room": "r"})
+        # Meanwhile checks are answered from Redis, not from the stale entry.
+        d = (await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id="app-1"))).decision
+        assert d.reason == pb.DECISION_REASON_ACCOUNT_BANNED and not d.degraded
+        feed.start()
+        await eventually(lambda: _healthy(cached_sidecar))
+        assert feed.resyncs == resyncs + 1
+        entry = cached_sidecar.checker.cache.get("app-1")
+        assert entry is not None and entry.status is not None
+        assert entry.status.at(T0).state.value == "BANNED"
+
+
+async def test_watch_streams_current_status_changes_and_heartbeats(
+    cached_sidecar: RunningSidecar, reconciler: Reconciler, events: Events
+) -> None:
+    await reconciler.ingest(deliveries(events.app("acct", "app-1")))
+    channel, stub = stub_for(cached_sidecar)
+    async with channel:
+        call = stub.WatchApplicationStatus(pb.WatchApplicationStatusRequest(app_ids=["app-1"]))
+        first = await call.read()
+        assert first.status.app_id == "app-1"
+        assert first.status.state == pb.APPLICATION_STATE_ACTIVE
+        assert first.schedule[0].create_classroom.allowed
+        await reconciler.ingest(deliveries([events("overdue_alert", T0, account_id="acct")]))
+        seen_change = seen_heartbeat = False
+        while not (seen_change and seen_heartbeat):
+            resp = await asyncio.wait_for(call.read(), 5)
+            if resp.HasField("status"):
+                assert resp.status.state == pb.APPLICATION_STATE_GRACE
+                # The schedule carries the R2 flip at A + 24 h (then the
+                # package's expiry).
+                assert [s.create_classroom.reason for s in resp.schedule[:2]] == [
+                    pb.DECISION_REASON_OVERDUE_GRACE,
+                    pb.DECISION_REASON_ACCOUNT_OVERDUE,
+                ]
+                seen_change = True
+            else:
+                seen_heartbeat = True
+        call.cancel()
+
+
+async def test_cached_client_answers_locally_and_asks_when_it_must(
+    cached_sidecar: RunningSidecar, reconciler: Reconciler, events: Events
+) -> None:
+    # The client decides with its own (real) clock: packages far ahead.
+    far = T0 + 3650 * DAY
+    await reconciler.ingest(
+        deliveries(
+            [*events.app("acct", "app-1", expires=far), *events.app("acct-2", "app-2", expires=far)]
+        )
+    )
+    target = f"127.0.0.1:{cached_sidecar.port}"
+
+    def run() -> tuple[int, int, list[pb.Decision]]:
+        with CachedGuardClient(target, ["app-1", "app-2"], timeout=2.0) as guard:
+            assert guard.wait_fresh()
+            out = [guard.can_create_classroom("app-1") for _ in range(20)]
+            out.append(guard.can_access_recording("app-1", "rec"))
+            out.append(guard.can_create_classroom("app-unwatched"))
+            return guard.local_answers, guard.remote_answers, out
+
+    local, remote, decisions = await asyncio.to_thread(run)
+    assert local == 21 and remote == 1
+    assert all(d.allowed for d in decisions[:21])
+    assert decisions[-1].reason == pb.DECISION_REASON_UNKNOWN_APPLICATION

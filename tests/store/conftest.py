@@ -1,0 +1,8 @@
+"""These tests run against a real redis-server and the real servers."""
+
+from tests.support.fixtures import (  # noqa: F401 (fixtures)
+    reconciler,
+    redis_server,
+    sidecar,
+    store,
+)

@@ -1,0 +1,70 @@
+"""The fixtures that start real servers: a redis-server on a free port, the
+store on it, the reconciler and the gRPC sidecar on a real socket. Only the
+conftest of a folder whose tests need Redis imports them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import pytest_asyncio
+from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.domain.policy import PolicyConfig
+from lcic_guard.embedded import EmbeddedRedis
+from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.server import RunningServer, start_server
+from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.store.connect import connect
+from lcic_guard.store.status import Store
+
+from tests.support.clock import FakeClock
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def store(redis_server: EmbeddedRedis) -> AsyncIterator[Store]:
+    s = Store(connect(redis_server.url))
+    await s.redis.flushall()
+    yield s
+    await s.close()
+
+
+@pytest_asyncio.fixture
+async def reconciler(store: Store, policy: PolicyConfig, clock: FakeClock) -> Reconciler:
+    return Reconciler(
+        store, policy, ReconcilerConfig(release_margin_ms=0, announce_settle_ms=0), clock=clock
+    )
+
+
+@dataclass
+class SidecarUnderTest:
+    running: RunningServer
+    channel: grpc.aio.Channel
+    stub: pb_grpc.EnforcementServiceStub
+    checker: Checker
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+
+@pytest_asyncio.fixture
+async def sidecar(
+    store: Store, policy: PolicyConfig, clock: FakeClock
+) -> AsyncIterator[SidecarUnderTest]:
+    # Generous sub-deadline: these tests are about answers, not store faults.
+    checker = Checker(store, policy, read_timeout=2.0, clock=clock)
+    running = await start_server(EnforcementServicer(checker, store), "127.0.0.1:0")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    yield SidecarUnderTest(running, channel, pb_grpc.EnforcementServiceStub(channel), checker)
+    await channel.close()
+    await running.stop(grace=0.5)
