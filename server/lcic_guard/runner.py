@@ -50,6 +50,7 @@ from lcic_guard.sidecar.watchers import Watchers
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import BILLING_STREAM
 from lcic_guard.store.status import Store
+from lcic_guard.tasks import stop_task
 from lcic_guard.tracing import Tracing
 
 log = logging.getLogger("lcic_guard")
@@ -173,10 +174,7 @@ class RunningSidecar:
             await self.readiness.stop()  # it must not turn health back on
         await self.server.stop(grace, drain, self.watchers.close if self.watchers else None)
         await self.feed.stop()
-        if self.transitions is not None:
-            self.transitions.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.transitions
+        await stop_task(self.transitions)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
 
@@ -529,8 +527,5 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
             log.info("reconciler %s started", reconciler.name)
             await reconciler.run(stop)
         finally:
-            if poller is not None:
-                poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poller
+            await stop_task(poller)
             await _close(store, metrics_server, traced)

@@ -59,6 +59,7 @@ from lcic_guard.store.keys import (
     status_key,
 )
 from lcic_guard.store.status import AccountFacts, AppClaim, Store
+from lcic_guard.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -1019,8 +1020,6 @@ class Reconciler:
         try:
             await stop.wait()
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
             with contextlib.suppress(Exception):
                 await self.coord.resign(self.name)

@@ -6,7 +6,6 @@ when the feed breaks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -17,6 +16,7 @@ from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import describe_error
 from lcic_guard.sidecar.cache import StatusCache
 from lcic_guard.store.status import Change
+from lcic_guard.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,7 @@ class ChangeFeedReader:
         self._task = asyncio.create_task(self.run(), name="lcic-guard-change-feed")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await stop_task(self._task)
 
     async def _set_in_sync(self, value: bool) -> None:
         if value == self.in_sync:

@@ -21,7 +21,6 @@ means "the table only, no heartbeat".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -29,6 +28,7 @@ from lcic_guard.domain.time import Millis
 from lcic_guard.sidecar.server import RunningServer
 from lcic_guard.store.coordination import Coordination
 from lcic_guard.store.status import Store
+from lcic_guard.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,5 @@ class Readiness:
 
     async def stop(self) -> None:
         self.stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
