@@ -327,7 +327,9 @@ async def test_room_ids_per_app_are_bounded(own_redis: EmbeddedRedis, rstore: St
         rooms = cache.rooms_of("app-r") or {}
         assert len(rooms) <= cache.rooms_per_app
         assert cache.room_count == len(rooms)
-        assert cache.room_evictions >= 5000 - cache.rooms_per_app
+        # Rooms whose read missed its budget on a loaded machine are not held
+        # (the answer was still a denial); at least one batch's were.
+        assert cache.room_evictions >= 1000 - cache.rooms_per_app
 
 
 # -- finding 2: believe no caller too far ------------------------------------------
