@@ -1,6 +1,9 @@
-"""What a process of lcic-guard can be told: one settings object, built by
-:mod:`lcic_guard.flags` from the command line and the environment, or
+"""What a process of lcic-guard can be told: one frozen settings tree, built
+once by :mod:`lcic_guard.flags` from the command line and the environment, or
 directly by a program embedding the sidecar or the reconciler.
+
+Every default is written here (and in the nested PolicyConfig and
+ReconcilerConfig) and nowhere else: the flags take theirs from these.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from lcic_guard.domain.policy import Check, PolicyConfig
 from lcic_guard.reconciler.reconciler import ReconcilerConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """Everything a process of lcic-guard can be told."""
 
@@ -37,9 +40,9 @@ class Settings:
     auth_token_file: str | None = None
     auth_allow_identities: frozenset[str] = frozenset()
     auth_checks: bool = False  # the checks too
-    # Health NOT_SERVING when the reconciler's heartbeat is older (0: off; the
-    # command line's default is 30 s, see lcic_guard.sidecar.readiness).
-    max_heartbeat_age_ms: int = 0
+    # Health NOT_SERVING when the reconciler's heartbeat is older (0: off): on by
+    # default, since a sidecar whose statuses nobody keeps current must not look ready.
+    max_heartbeat_age_ms: int = 30_000
     # SIGTERM: NOT_SERVING for shutdown_delay, then in-flight calls get shutdown_grace.
     shutdown_delay_ms: int = 1000
     shutdown_grace_ms: int = 5000

@@ -12,13 +12,13 @@ import ipaddress
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lcic_guard import metrics
 from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, SECOND, Check, PolicyConfig
-from lcic_guard.reconciler.reconciler import ReconcilerConfig
 from lcic_guard.redact import redact_url
 
 ENV_PREFIX = "LCIC_GUARD_"
@@ -36,6 +36,28 @@ def parse_duration(text: str) -> int:
             "e.g. 24h or 1h30m"
         )
     return sum(int(float(n) * _UNITS[unit]) for n, unit in _PARTS.findall(text))
+
+
+def format_duration(ms: int, unit: str | None = None) -> str:
+    """``ms`` as a flag would take it: in ``unit`` if given (the way the
+    product states it, e.g. a grace of ``24h``), else in the largest unit
+    that holds it exactly; ``0`` for off."""
+    if not ms:
+        return "0"
+    if unit is not None:
+        if ms % _UNITS[unit]:
+            raise ValueError(f"{ms} ms is not a whole number of {unit}")
+        return f"{ms // _UNITS[unit]}{unit}"
+    for name in ("d", "h", "m", "s"):
+        if ms % _UNITS[name] == 0:
+            return f"{ms // _UNITS[name]}{name}"
+    return f"{ms}ms"
+
+
+# The flags' defaults come from here, so that each is written once (in config).
+_DEFAULT = Settings()
+_POLICY = _DEFAULT.policy
+_RECONCILER = _DEFAULT.reconciler
 
 
 def parse_duration_or_off(text: str) -> int:
@@ -194,7 +216,30 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+# The groups of settings flags a command's parser has, recorded on the parser
+# (and so on the parsed namespace): settings_from builds from these only.
+STORE, METRICS, POLICY, POLICY_R13, SERVE, RECONCILE = (
+    "store",
+    "metrics",
+    "policy",
+    "policy-r13",
+    "serve",
+    "reconcile",
+)
+_GROUPS = "settings_groups"
+
+
+def _has(p: argparse.ArgumentParser, group: str) -> None:
+    p.set_defaults(**{_GROUPS: frozenset(p.get_default(_GROUPS) or ()) | {group}})
+
+
+def groups_of(ns: argparse.Namespace) -> frozenset[str]:
+    """The groups of settings flags the parsed command has."""
+    return frozenset(getattr(ns, _GROUPS, None) or ())
+
+
 def add_store_flags(p: argparse.ArgumentParser, *, embedded: bool = False) -> None:
+    _has(p, STORE)
     p.add_argument(
         "--redis-url",
         action=_EnvDefault,
@@ -211,14 +256,14 @@ def add_store_flags(p: argparse.ArgumentParser, *, embedded: bool = False) -> No
     p.add_argument(
         "--log-level",
         action=_EnvDefault,
-        default="INFO",
+        default=_DEFAULT.log_level,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity",
     )
     p.add_argument(
         "--log-format",
         action=_EnvDefault,
-        default="auto",
+        default=_DEFAULT.log_format,
         choices=["auto", "json", "text"],
         help="json: one JSON object a line (production); text: for a person; "
         "auto: text on a terminal, json otherwise",
@@ -239,9 +284,7 @@ def add_debug_flag(p: argparse.ArgumentParser, dest: str = "debug") -> None:
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     """How a command reaches a running sidecar (check, status, explain, preview)."""
     g = p.add_argument_group("the sidecar to ask")
-    g.add_argument(
-        "--target", action=_EnvDefault, default="127.0.0.1:50051", help="sidecar address"
-    )
+    g.add_argument("--target", action=_EnvDefault, default=_DEFAULT.listen, help="sidecar address")
     g.add_argument(
         "--token-file",
         action=_EnvDefault,
@@ -265,11 +308,12 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    _has(p, METRICS)
     p.add_argument(
         "--metrics-listen",
         action=_EnvDefault,
         type=parse_metrics_listen,
-        default="",
+        default=_DEFAULT.metrics_listen,
         help="serve Prometheus metrics at http://HOST:PORT/metrics (empty: off; with "
         "--workers N, worker i (from 0) uses PORT+1+i)",
     )
@@ -278,26 +322,27 @@ def add_metrics_flags(p: argparse.ArgumentParser) -> None:
 def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> None:
     """The policy's flags; those only the sidecar's answers use (R13) are left
     out of the reconciler's commands (``sidecar=False``)."""
+    _has(p, POLICY)
     g = p.add_argument_group("policy (SPEC rules)")
     g.add_argument(
         "--grace",
         action=_EnvDefault,
         type=parse_duration,
-        default="24h",
+        default=format_duration(_POLICY.grace_ms, "h"),
         help="R1: grace after an overdue alert, in ms or with a unit",
     )
     g.add_argument(
         "--release-after",
         action=_EnvDefault,
         type=parse_duration,
-        default="60d",
+        default=format_duration(_POLICY.release_after_ms),
         help="R10: overdue suspension length before release",
     )
     g.add_argument(
         "--release-notice",
         action=_EnvDefault,
         type=parse_duration_or_off,
-        default="7d",
+        default=format_duration(_POLICY.release_notice_ms),
         help="R10: least time between an overdue suspension becoming known and the release "
         "(a backfilled history is not released sooner)",
     )
@@ -305,30 +350,31 @@ def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> Non
         "--overrun",
         action=_EnvDefault,
         type=parse_duration,
-        default="60m",
+        default=format_duration(_POLICY.overrun_ms, "m"),
         help="R6: protection of a class past its scheduled end",
     )
     g.add_argument(
         "--max-class",
         action=_EnvDefault,
         type=parse_duration,
-        default="12h",
+        default=format_duration(_POLICY.max_class_ms),
         help="R6: protection of a class with no scheduled end, from its start",
     )
     g.add_argument(
         "--protect-when-banned",
         action=_EnvDefault,
         type=parse_bool,
-        default=False,
+        default=_POLICY.protect_when_banned,
         help="R6: keep classes in progress running after a compliance ban",
     )
     if not sidecar:
         return
+    _has(p, POLICY_R13)
     g.add_argument(
         "--stale-bound",
         action=_EnvDefault,
         type=parse_duration,
-        default="5m",
+        default=format_duration(_POLICY.stale_bound_ms),
         help="R13: how old a last-seen status may be and still answer",
     )
     for check in Check:
@@ -336,33 +382,34 @@ def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> Non
             f"--failure-mode-{check.value}",
             action=_EnvDefault,
             type=parse_mode,
-            default="open",
+            default="open" if check in _POLICY.fail_open else "closed",
             help=f"R13: answer to {check.value} checks when no usable status "
             "exists (open = allow, closed = deny)",
         )
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    _has(p, SERVE)
     g = p.add_argument_group("sidecar")
     g.add_argument(
         "--listen",
         action=_EnvDefault,
         type=parse_listen,
-        default="127.0.0.1:50051",
+        default=_DEFAULT.listen,
         help="gRPC listen address, HOST:PORT",
     )
     g.add_argument(
         "--redis-timeout",
         action=_EnvDefault,
         type=parse_duration,
-        default="5ms",
+        default=format_duration(_DEFAULT.redis_timeout_ms),
         help="R13: longest a check waits on Redis before answering without it",
     )
     g.add_argument(
         "--store-down-after",
         action=_EnvDefault,
         type=parse_duration,
-        default="250ms",
+        default=format_duration(_DEFAULT.store_down_ms),
         help="R13: how long a check with no usable status waits on a slow Redis before "
         "Redis counts as down and the failure mode answers (a refused or reset "
         "connection, or an open circuit breaker, counts at once)",
@@ -371,7 +418,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--max-watch-streams",
         action=_EnvDefault,
         type=int,
-        default=1000,
+        default=_DEFAULT.max_watch_streams,
         help="WatchApplicationStatus streams open at once per process; more are refused "
         "with RESOURCE_EXHAUSTED",
     )
@@ -379,7 +426,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--insecure",
         action=_EnvDefault,
         type=parse_bool,
-        default=False,
+        default=_DEFAULT.insecure,
         help="allow listening on a non-loopback address without --auth-token-file or mutual "
         "TLS (anyone who reaches the port can then report classes and read statuses)",
     )
@@ -387,14 +434,14 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--cache-size",
         action=_EnvDefault,
         type=int,
-        default=1_000_000,
+        default=_DEFAULT.cache_size,
         help="applications kept in each process's status cache (LRU)",
     )
     g.add_argument(
         "--cache-max-age",
         action=_EnvDefault,
         type=parse_duration,
-        default="60s",
+        default=format_duration(_DEFAULT.cache_max_age_ms, "s"),
         help="longest a cached status is used before it is read again, even with the "
         "change feed healthy",
     )
@@ -402,7 +449,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--workers",
         action=_EnvDefault,
         type=int,
-        default=1,
+        default=_DEFAULT.workers,
         help="serving processes sharing the listen port (SO_REUSEPORT among them only: "
         "a port another program holds is refused)",
     )
@@ -417,7 +464,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--shadow",
         action=_EnvDefault,
         type=parse_shadow_checks,
-        default="",
+        default=",".join(sorted(c.value for c in _DEFAULT.shadow)),
         help="checks in shadow mode, e.g. create,enter,recording or all: always allowed, "
         "what would be denied is logged and counted",
     )
@@ -446,14 +493,14 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--auth-checks",
         action=_EnvDefault,
         type=parse_bool,
-        default=False,
+        default=_DEFAULT.auth_checks,
         help="require the same authentication for the checks too",
     )
     g.add_argument(
         "--max-heartbeat-age",
         action=_EnvDefault,
         type=parse_duration_or_off,
-        default="30s",
+        default=format_duration(_DEFAULT.max_heartbeat_age_ms),
         help="health turns NOT_SERVING when the reconciler's heartbeat is older than this "
         "(0 disables)",
     )
@@ -461,7 +508,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--shutdown-delay",
         action=_EnvDefault,
         type=parse_duration_or_off,
-        default="1s",
+        default=format_duration(_DEFAULT.shutdown_delay_ms),
         help="on SIGTERM, how long health says NOT_SERVING while still answering, "
         "before the port closes",
     )
@@ -469,12 +516,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--shutdown-grace",
         action=_EnvDefault,
         type=parse_duration,
-        default="5s",
+        default=format_duration(_DEFAULT.shutdown_grace_ms),
         help="on SIGTERM, how long in-flight calls may take to finish after the port closes",
     )
 
 
 def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
+    _has(p, RECONCILE)
     g = p.add_argument_group("reconciler")
     g.add_argument(
         "--events",
@@ -488,21 +536,21 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         "--release-margin",
         action=_EnvDefault,
         type=parse_duration,
-        default="1h",
+        default=format_duration(_RECONCILER.release_margin_ms),
         help="R10: how far past release_at the feed must be confirmed read",
     )
     g.add_argument(
         "--release-dry-run",
         action=_EnvDefault,
         type=parse_bool,
-        default=False,
+        default=_RECONCILER.release_dry_run,
         help="log releases that fall due instead of performing them",
     )
     g.add_argument(
         "--release-reminders",
         action=_EnvDefault,
         type=parse_durations,
-        default="30d,7d,1d",
+        default=",".join(format_duration(ms) for ms in _RECONCILER.release_reminders_ms),
         help="R10: when before release_at to announce release_scheduled again (after the "
         "first notice; only reminders still ahead of it; off for none)",
     )
@@ -510,7 +558,7 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         "--announce-settle",
         action=_EnvDefault,
         type=parse_duration_or_off,
-        default="10s",
+        default=format_duration(_RECONCILER.announce_settle_ms),
         help="how long a new state must hold before status_changed announces it (a state "
         "passed through sooner is not announced)",
     )
@@ -518,14 +566,14 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         "--batch-size",
         action=_EnvDefault,
         type=int,
-        default=ReconcilerConfig().batch_size,
+        default=_RECONCILER.batch_size,
         help="billing events applied per round",
     )
     g.add_argument(
         "--claim-idle",
         action=_EnvDefault,
         type=parse_duration,
-        default="30s",
+        default=format_duration(_RECONCILER.claim_idle_ms),
         help="how long a billing-stream entry may stay unacknowledged by a consumer "
         "before another replica claims it (its consumer is presumed dead)",
     )
@@ -533,7 +581,7 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         "--deadletter-maxlen",
         action=_EnvDefault,
         type=int,
-        default=ReconcilerConfig().deadletter_maxlen,
+        default=_RECONCILER.deadletter_maxlen,
         help="about how many entries the dead-letter stream keeps (approximate MAXLEN; "
         "0 keeps all)",
     )
@@ -541,29 +589,10 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         "--parked-ttl",
         action=_EnvDefault,
         type=parse_duration_or_off,
-        default="30d",
+        default=format_duration(_RECONCILER.parked_ttl_ms),
         help="how long facts about an application never registered are kept, from the "
         "last one parked (0 keeps them for ever)",
     )
-
-
-def _security_settings(s: Settings, ns: argparse.Namespace) -> None:
-    get = ns.__dict__.get
-    s.auth_token_file = get("auth_token_file")
-    s.auth_allow_identities = frozenset(get("auth_allow_identity") or ())
-    s.auth_checks = bool(get("auth_checks"))
-    s.max_heartbeat_age_ms = get("max_heartbeat_age") or 0
-    s.shutdown_delay_ms = get("shutdown_delay") or 0
-    s.shutdown_grace_ms = get("shutdown_grace") or 0
-    s.store_down_ms = get("store_down_after") or s.store_down_ms
-    s.max_watch_streams = get("max_watch_streams") or s.max_watch_streams
-    s.insecure = bool(get("insecure"))
-    if s.max_watch_streams < 1:
-        raise SystemExit("--max-watch-streams must be at least 1")
-    if s.auth_checks and not (s.auth_token_file or s.auth_allow_identities):
-        raise SystemExit("--auth-checks needs --auth-token-file or --auth-allow-identity")
-    if s.auth_allow_identities and not s.tls_client_ca:
-        raise SystemExit("--auth-allow-identity needs mutual TLS (--tls-client-ca)")
 
 
 def is_loopback(listen: str) -> bool:
@@ -592,41 +621,67 @@ def refuse_open_listen(s: Settings) -> None:
     raise SystemExit(2)
 
 
-def settings_from(ns: argparse.Namespace) -> Settings:
-    """Build :class:`Settings` from parsed flags (absent groups keep defaults)."""
-    s = Settings()
-    get = ns.__dict__.get
-    s.redis_url = get("redis_url")
-    s.log_level = get("log_level") or "INFO"
-    s.log_format = get("log_format") or "auto"
-    s.metrics_listen = get("metrics_listen") or ""
-    if get("grace") is not None:
-        fail_open = frozenset(c for c in Check if get(f"failure_mode_{c.value}", "open") == "open")
-        s.policy = PolicyConfig(
-            grace_ms=ns.grace,
-            release_after_ms=ns.release_after,
-            release_notice_ms=ns.release_notice,
-            overrun_ms=ns.overrun,
-            max_class_ms=ns.max_class,
-            protect_when_banned=ns.protect_when_banned,
-            stale_bound_ms=get("stale_bound", PolicyConfig().stale_bound_ms),
-            fail_open=fail_open,
-        )
-    if get("listen") is not None:
-        s.listen = ns.listen
-        s.redis_timeout_ms = ns.redis_timeout
-        s.cache_size, s.cache_max_age_ms, s.workers = ns.cache_size, ns.cache_max_age, ns.workers
-        if s.workers < 1 or s.cache_size < 1:
-            raise SystemExit("--workers and --cache-size must be at least 1")
-        s.tls_cert, s.tls_key, s.tls_client_ca = ns.tls_cert, ns.tls_key, ns.tls_client_ca
-        s.shadow = frozenset(get("shadow") or ())
-        _security_settings(s, ns)
-        if bool(s.tls_cert) != bool(s.tls_key):
-            raise SystemExit("--tls-cert and --tls-key go together")
-        refuse_open_listen(s)
-    if get("release_margin") is not None:
-        s.events = ns.events
-        s.reconciler = ReconcilerConfig(
+def _policy(ns: argparse.Namespace, groups: frozenset[str]) -> PolicyConfig:
+    policy = replace(
+        _POLICY,
+        grace_ms=ns.grace,
+        release_after_ms=ns.release_after,
+        release_notice_ms=ns.release_notice,
+        overrun_ms=ns.overrun,
+        max_class_ms=ns.max_class,
+        protect_when_banned=ns.protect_when_banned,
+    )
+    if POLICY_R13 not in groups:  # the reconciler's commands: R13 is the sidecar's
+        return policy
+    return replace(
+        policy,
+        stale_bound_ms=ns.stale_bound,
+        fail_open=frozenset(c for c in Check if getattr(ns, f"failure_mode_{c.value}") == "open"),
+    )
+
+
+def _serve(s: Settings, ns: argparse.Namespace) -> Settings:
+    s = replace(
+        s,
+        listen=ns.listen,
+        redis_timeout_ms=ns.redis_timeout,
+        cache_size=ns.cache_size,
+        cache_max_age_ms=ns.cache_max_age,
+        workers=ns.workers,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        tls_client_ca=ns.tls_client_ca,
+        shadow=frozenset(ns.shadow),
+        auth_token_file=ns.auth_token_file,
+        auth_allow_identities=frozenset(ns.auth_allow_identity or ()),
+        auth_checks=ns.auth_checks,
+        max_heartbeat_age_ms=ns.max_heartbeat_age,
+        shutdown_delay_ms=ns.shutdown_delay,
+        shutdown_grace_ms=ns.shutdown_grace,
+        store_down_ms=ns.store_down_after,
+        max_watch_streams=ns.max_watch_streams,
+        insecure=ns.insecure,
+    )
+    if s.workers < 1 or s.cache_size < 1:
+        raise SystemExit("--workers and --cache-size must be at least 1")
+    if s.max_watch_streams < 1:
+        raise SystemExit("--max-watch-streams must be at least 1")
+    if s.auth_checks and not (s.auth_token_file or s.auth_allow_identities):
+        raise SystemExit("--auth-checks needs --auth-token-file or --auth-allow-identity")
+    if s.auth_allow_identities and not s.tls_client_ca:
+        raise SystemExit("--auth-allow-identity needs mutual TLS (--tls-client-ca)")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    refuse_open_listen(s)
+    return s
+
+
+def _reconcile(s: Settings, ns: argparse.Namespace) -> Settings:
+    s = replace(
+        s,
+        events=ns.events,
+        reconciler=replace(
+            _RECONCILER,
             batch_size=ns.batch_size,
             release_margin_ms=ns.release_margin,
             release_dry_run=ns.release_dry_run,
@@ -635,7 +690,26 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             announce_settle_ms=ns.announce_settle,
             deadletter_maxlen=ns.deadletter_maxlen,
             parked_ttl_ms=ns.parked_ttl,
-        )
-        if s.reconciler.deadletter_maxlen < 0:
-            raise SystemExit("--deadletter-maxlen must be 0 or more")
+        ),
+    )
+    if s.reconciler.deadletter_maxlen < 0:
+        raise SystemExit("--deadletter-maxlen must be 0 or more")
+    return s
+
+
+def settings_from(ns: argparse.Namespace) -> Settings:
+    """Build :class:`Settings` from a parsed command: the groups of flags its
+    parser has set their settings; the rest keep their defaults."""
+    groups = groups_of(ns)
+    s = _DEFAULT
+    if STORE in groups:
+        s = replace(s, redis_url=ns.redis_url, log_level=ns.log_level, log_format=ns.log_format)
+    if METRICS in groups:
+        s = replace(s, metrics_listen=ns.metrics_listen)
+    if POLICY in groups:
+        s = replace(s, policy=_policy(ns, groups))
+    if SERVE in groups:
+        s = _serve(s, ns)
+    if RECONCILE in groups:
+        s = _reconcile(s, ns)
     return s

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from lcic_guard.cli import build_parser
+from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, Check
-from lcic_guard.flags import parse_duration, settings_from
+from lcic_guard.flags import (
+    METRICS,
+    POLICY,
+    POLICY_R13,
+    RECONCILE,
+    SERVE,
+    STORE,
+    format_duration,
+    groups_of,
+    parse_duration,
+    settings_from,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +48,59 @@ def test_durations_take_a_unit(text: str, ms: int) -> None:
 def test_bad_durations_say_how_to_write_one(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="use a number and a unit"):
         parse_duration(text)
+
+
+@given(st.integers(min_value=1, max_value=400 * DAY))
+def test_a_formatted_duration_parses_back(ms: int) -> None:
+    assert parse_duration(format_duration(ms)) == ms
+
+
+def _no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in os.environ:
+        if name.startswith("LCIC_GUARD_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["serve"], ["reconcile"], ["release-plan"], ["events", "publish", "-"]],
+)
+def test_the_flags_defaults_are_the_settings_defaults(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each default is written once: a command given no flags builds exactly
+    the default settings (the heartbeat bound once differed: 0 against 30 s)."""
+    _no_environment(monkeypatch)
+    assert settings_from(build_parser().parse_args(argv)) == Settings()
+    assert Settings().max_heartbeat_age_ms == 30_000
+
+
+def test_settings_are_frozen() -> None:
+    s = settings_from(build_parser().parse_args(["serve", "--grace", "2h"]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.listen = "0.0.0.0:1"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.policy.grace_ms = 0  # type: ignore[misc]
+    assert s.policy.grace_ms == 2 * HOUR
+
+
+def test_each_command_says_which_settings_it_has() -> None:
+    """No probing of flags: the parser records the groups it was given."""
+    parse = build_parser().parse_args
+    assert groups_of(parse(["serve"])) == {STORE, SERVE, POLICY, POLICY_R13, RECONCILE, METRICS}
+    assert groups_of(parse(["reconcile"])) == {STORE, POLICY, RECONCILE, METRICS}
+    assert groups_of(parse(["release-plan"])) == {STORE, POLICY, RECONCILE}
+    assert groups_of(parse(["events", "publish", "-"])) == {STORE}
+    assert groups_of(parse(["status", "app-1"])) == frozenset()
+
+
+def test_a_value_given_is_used_even_when_falsy() -> None:
+    """Once ``0`` read as "not given" and became the default; now it is the
+    value, checked like any other."""
+    with pytest.raises(SystemExit, match="--max-watch-streams must be at least 1"):
+        settings_from(build_parser().parse_args(["serve", "--max-watch-streams", "0"]))
+    s = settings_from(build_parser().parse_args(["serve", "--store-down-after", "0ms"]))
+    assert s.store_down_ms == 0  # the checker never waits less than --redis-timeout
 
 
 def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,7 +29,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest_asyncio
-from lcic_guard.config import Settings
 from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ComplianceBan,
@@ -60,6 +59,7 @@ from lcic_guard.store.status import Store
 from lcic_guard_client import GuardClient, pb
 
 from tests.support.events import Events
+from tests.support.settings import sidecar_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -120,7 +120,7 @@ def billing_history(ev: Events, now: Millis) -> list[dict[str, Any]]:
 
 @pytest_asyncio.fixture
 async def guard(store: Store, events: Events) -> AsyncIterator[Guard]:
-    settings = Settings(listen="127.0.0.1:0", redis_timeout_ms=2000)
+    settings = sidecar_settings(redis_timeout_ms=2000)
     sidecar = await build_sidecar(settings, store)  # the wall clock
     reconciler = Reconciler(
         store,

@@ -22,7 +22,6 @@ import pytest
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, Check, Decision, PolicyConfig
 from lcic_guard.domain.time import format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
@@ -33,6 +32,7 @@ from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 
 from tests.support.events import Events, deliveries
+from tests.support.settings import sidecar_settings
 
 LOADGEN = Path(__file__).resolve().parents[1] / "support" / "loadgen.py"
 RATE = 800  # checks/s asked of the load generator
@@ -106,7 +106,7 @@ async def env(events: Events) -> AsyncIterator[Env]:
     sidecar_store = Store(connect(redis.url))
     reconciler = Reconciler(store, POLICY, clock=wall_clock)
     await seed(reconciler, events)
-    settings = Settings(listen="127.0.0.1:0", policy=POLICY)  # default 5 ms sub-deadline
+    settings = sidecar_settings(policy=POLICY)  # default 5 ms sub-deadline
     sidecar = await build_sidecar(settings, sidecar_store)
 
     async def feed_healthy() -> bool:

@@ -16,7 +16,6 @@ import pytest
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard import logs
 from lcic_guard.cli import build_parser
-from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.embedded import free_port
 from lcic_guard.flags import settings_from
@@ -29,6 +28,7 @@ from lcic_guard.store.status import Store
 from tests.support.clock import T0, FakeClock, recorded_clock
 from tests.support.events import Events, deliveries
 from tests.support.fixtures import SidecarUnderTest
+from tests.support.settings import sidecar_settings
 
 
 class Captured:
@@ -120,7 +120,7 @@ async def test_errors_are_logged_with_the_request_id_and_returned_on_aborts(
     policy: PolicyConfig, clock: FakeClock, captured: Captured
 ) -> None:
     dead = Store(connect(f"redis://127.0.0.1:{free_port()}", timeout=0.2))
-    side = await build_sidecar(Settings(listen="127.0.0.1:0", policy=policy), dead, clock=clock)
+    side = await build_sidecar(sidecar_settings(policy=policy), dead, clock=clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}")
     try:
         from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc

@@ -15,7 +15,6 @@ import pytest
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import Millis
 from lcic_guard.embedded import free_port
@@ -32,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.clock import T0, FakeClock, recorded_clock
 from tests.support.events import Events, deliveries
+from tests.support.settings import sidecar_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -70,9 +70,7 @@ def metrics_port(sidecar: RunningSidecar) -> int:
 
 
 async def start_sidecar(store: Store, policy: PolicyConfig, clock: FakeClock) -> RunningSidecar:
-    settings = Settings(
-        listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", redis_timeout_ms=2000, policy=policy
-    )
+    settings = sidecar_settings(metrics_listen="127.0.0.1:0", redis_timeout_ms=2000, policy=policy)
     sidecar = await build_sidecar(settings, store, clock=clock)
 
     async def healthy() -> bool:
@@ -207,7 +205,7 @@ async def test_redis_errors_and_the_breaker_are_exposed(
 ) -> None:
     # A store nobody listens on: every read fails at once (connection refused).
     dead = Store(connect(f"redis://127.0.0.1:{free_port()}", timeout=0.2))
-    settings = Settings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", policy=policy)
+    settings = sidecar_settings(metrics_listen="127.0.0.1:0", policy=policy)
     sidecar = await build_sidecar(settings, dead, clock=clock)
     try:
         channel, stub = stub_for(sidecar.port)

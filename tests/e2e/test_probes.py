@@ -27,6 +27,7 @@ from lcic_guard.store.keys import HEARTBEAT
 from lcic_guard.store.status import Store
 
 from tests.sidecar.test_readiness import health_of
+from tests.support.settings import sidecar_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -145,7 +146,7 @@ async def test_probe_finds_the_sidecar_from_its_listen_variable(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The image's health check runs ``lcic-guard probe`` with no flags."""
-    sidecar = await build_sidecar(Settings(listen="0.0.0.0:0"), store)
+    sidecar = await build_sidecar(sidecar_settings(listen="0.0.0.0:0"), store)
     try:
         monkeypatch.setenv("LCIC_GUARD_LISTEN", f"0.0.0.0:{sidecar.port}")
         assert await asyncio.to_thread(probe) == 0

@@ -18,7 +18,6 @@ import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import tracing
-from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
@@ -32,6 +31,7 @@ from lcic_guard.tracing import Tracing
 from tests.support.clock import FakeClock, recorded_clock
 from tests.support.events import Events, deliveries
 from tests.support.otlp import Receiver
+from tests.support.settings import sidecar_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 LCIC_GUARD = str(ROOT / ".venv" / "bin" / "lcic-guard")
@@ -70,7 +70,7 @@ async def traced(otel_env: pytest.MonkeyPatch) -> AsyncIterator[Tracing]:
 
 
 async def traced_sidecar(store: Store, clock: FakeClock, traced: Tracing) -> RunningSidecar:
-    settings = Settings(listen="127.0.0.1:0", redis_timeout_ms=2000)
+    settings = sidecar_settings(redis_timeout_ms=2000)
     return await build_sidecar(settings, store, clock=clock, traced=traced)
 
 

@@ -10,7 +10,6 @@ import grpc
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
@@ -20,6 +19,7 @@ from lcic_guard_client import CachedGuardClient
 
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries
+from tests.support.settings import sidecar_settings
 
 
 async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -33,8 +33,7 @@ async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 5.0) 
 async def cached_sidecar(
     store: Store, policy: PolicyConfig, clock: FakeClock
 ) -> AsyncIterator[RunningSidecar]:
-    settings = Settings(listen="127.0.0.1:0", redis_timeout_ms=2000, cache_size=50)
-    settings.policy = policy
+    settings = sidecar_settings(redis_timeout_ms=2000, cache_size=50, policy=policy)
     sidecar = await build_sidecar(settings, store, clock=clock)
     await eventually(lambda: _healthy(sidecar))
     yield sidecar

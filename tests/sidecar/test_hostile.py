@@ -35,6 +35,8 @@ from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import status_key
 from lcic_guard.store.status import Store
 
+from tests.support.settings import sidecar_settings
+
 R = pb.DecisionReason
 
 
@@ -90,10 +92,7 @@ async def rstore(own_redis: EmbeddedRedis) -> AsyncIterator[Store]:
 
 
 def settings_for(redis: EmbeddedRedis, **kw: Any) -> Settings:
-    s = Settings(redis_url=redis.url, listen="127.0.0.1:0")
-    for k, v in kw.items():
-        setattr(s, k, v)
-    return s
+    return sidecar_settings(redis_url=redis.url, **kw)
 
 
 @contextlib.asynccontextmanager
@@ -628,7 +627,7 @@ async def test_a_wrong_redis_password_is_reported_as_such_and_not_repeated(
         await admin.redis.config_set("requirepass", "right-password")
         await admin.close()
         url = f"redis://:wrong-password@127.0.0.1:{redis.port}/0"
-        settings = Settings(redis_url=url, listen="127.0.0.1:0")
+        settings = sidecar_settings(redis_url=url)
         store = Store(connect(url))
         rec_store = Store(connect(url))
         reconciler = Reconciler(rec_store, PolicyConfig(), ReconcilerConfig(tick_ms=50))

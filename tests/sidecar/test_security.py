@@ -44,6 +44,7 @@ from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionE
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries
 from tests.support.pki import ALLOWED, SPIFFE, Authority, Issued, Pki
+from tests.support.settings import sidecar_settings
 
 TOKEN = "tok-3f9a6c1e-please-never-log-me"
 
@@ -82,7 +83,7 @@ async def start_sidecar(
     started: list[RunningSidecar] = []
 
     async def start(**kw: Any) -> RunningSidecar:
-        settings = Settings(listen="127.0.0.1:0", redis_timeout_ms=2000, policy=policy, **kw)
+        settings = sidecar_settings(redis_timeout_ms=2000, policy=policy, **kw)
         sidecar = await build_sidecar(settings, store, clock=clock)
         started.append(sidecar)
         return sidecar
@@ -332,7 +333,7 @@ async def checks_through(url: str, reconciler_url: str | None = None) -> list[pb
                 [*events.app("acct", "app-1"), events("compliance_ban", T0, account_id="acct-b")]
             )
         )
-        settings = Settings(listen="127.0.0.1:0", redis_timeout_ms=2000)
+        settings = sidecar_settings(redis_timeout_ms=2000)
         sidecar = await build_sidecar(settings, reader, clock=FakeClock())
         async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
             stub = pb_grpc.EnforcementServiceStub(channel)

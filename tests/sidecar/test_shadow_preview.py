@@ -18,7 +18,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import cli, logs, runner
-from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, Check, PolicyConfig
 from lcic_guard.domain.time import format_time
 from lcic_guard.flags import parse_shadow, settings_from
@@ -30,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries
 from tests.support.fixtures import SidecarUnderTest
+from tests.support.settings import sidecar_settings
 
 SHADOWED = frozenset({Check.CREATE_CLASSROOM, Check.ACCESS_RECORDING})
 
@@ -62,8 +62,7 @@ async def seed(reconciler: Reconciler, events: Events) -> list[dict[str, Any]]:
 async def shadow_sidecar(
     store: Store, policy: PolicyConfig, clock: FakeClock
 ) -> AsyncIterator[runner.RunningSidecar]:
-    settings = Settings(
-        listen="127.0.0.1:0",
+    settings = sidecar_settings(
         metrics_listen="127.0.0.1:0",
         redis_timeout_ms=2000,
         policy=policy,

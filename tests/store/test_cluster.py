@@ -22,7 +22,6 @@ import pytest_asyncio
 from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Segment
 from lcic_guard.domain.time import Millis
 from lcic_guard.reconciler.reconciler import ALREADY_RELEASED, Reconciler, ReconcilerConfig
@@ -52,6 +51,7 @@ from redis.exceptions import AuthenticationError
 from tests.support.clock import T0, FakeClock, recorded_clock
 from tests.support.cluster import RedisClusterProcs, SentinelProcs, command
 from tests.support.events import Events, deliveries
+from tests.support.settings import sidecar_settings
 
 ACCT = "acct-1"
 
@@ -122,10 +122,9 @@ class ClusterSidecar:
 async def csidecar(
     redis_cluster: RedisClusterProcs, cstore: Store, policy: PolicyConfig, clock: FakeClock
 ) -> AsyncIterator[ClusterSidecar]:
-    settings = Settings(
-        redis_url=redis_cluster.url, listen="127.0.0.1:0", redis_timeout_ms=2000, cache_size=1000
+    settings = sidecar_settings(
+        redis_url=redis_cluster.url, redis_timeout_ms=2000, cache_size=1000, policy=policy
     )
-    settings.policy = policy
     sidecar = await build_sidecar(settings, cstore, clock=clock)
 
     async def healthy() -> bool:
