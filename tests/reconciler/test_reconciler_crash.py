@@ -221,8 +221,25 @@ def running(url: str, log: Path, count: int = 1) -> Iterator[list[subprocess.Pop
             proc.wait(timeout=30)
 
 
+def handles_sigterm(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the process has its SIGTERM handler in place (Linux: the
+    caught-signals mask in /proc); before that, SIGTERM just kills it."""
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+    except OSError:
+        return True  # gone: nothing to wait for
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
+        # A process still starting up (imports) would die of the signal
+        # rather than stop cleanly: wait until it can handle it.
+        def ready(p: subprocess.Popen[bytes] = proc) -> bool:
+            return p.poll() is not None or handles_sigterm(p)
+
+        wait_for("the SIGTERM handler", ready, 30)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     for proc in procs:
