@@ -51,8 +51,11 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 json.dumps({"build_seconds": round(seconds, 1), "size_bytes": size}) + "\n"
             )
             yield tag
-    except NoDaemon as exc:  # only where no daemon can run at all
-        pytest.skip(f"no Docker daemon can be started here: {exc}")
+    except NoDaemon as exc:  # a set-up problem, not a reason to run less
+        pytest.fail(
+            f"no Docker daemon can be started here ({exc}); scripts/bootstrap installs "
+            "docker.io, and the test starts dockerd itself as root"
+        )
 
 
 def wait(cond: object, what: str, timeout: float = 60.0, logs: tuple[str, ...] = ()) -> None:
