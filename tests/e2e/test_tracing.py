@@ -294,7 +294,8 @@ def test_the_reconcile_command_traces_and_flushes_on_sigterm(
         for e in ev.app("acct-7", "app-7"):
             client.xadd(BILLING_STREAM, {"event": json.dumps(e)})
         deadline = time.monotonic() + 60
-        while not client.exists(status_key("app-7")):
+        # Its status computed (the key alone exists from the registration's claim).
+        while not client.hexists(status_key("app-7"), "data"):
             assert proc.poll() is None, (tmp_path / "reconcile.log").read_text()
             assert time.monotonic() < deadline, "the reconciler did not apply the events"
             time.sleep(0.05)
