@@ -392,7 +392,7 @@ async def test_billing_events_with_reserved_ids_are_dead_lettered_and_stored_now
     # The reconciler's own release fact is still stored and read back.
     own = ResourcesReleased(f"lcic-guard:release:acct-1:{T0}", T0, "acct-1")
     await store.add_facts("acct-1", [own])
-    _, facts = await store.load_account("acct-1")
+    facts = (await store.load_account_facts("acct-1")).facts
     assert own in facts
 
 

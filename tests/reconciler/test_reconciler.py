@@ -167,7 +167,7 @@ class FlakyStore(Store):
 
 
 class PausingStore(Store):
-    """The real store; once armed, its next ``load_account`` stalls after
+    """The real store; once armed, its next ``load_account_facts`` stalls after
     reading until released, as a replica that pauses (GC, preemption) between
     reading an account's facts and acting on them."""
 

@@ -6,7 +6,7 @@ the billing events that make it hold (the overdue alert that started grace,
 the usage report that exhausted the quota, the package that expired, the
 ban...). :func:`deadlines` lists the known future moments that matter (grace
 end, release date, package expiry or start). Both read the account's stored
-facts (``Store.load_account``) as the policy does: only facts that occurred
+facts (``Store.load_account_facts``) as the policy does: only facts that occurred
 at or before ``now``, swept in time order with settlements first.
 """
 

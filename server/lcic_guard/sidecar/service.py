@@ -179,13 +179,13 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         app_id = wire.require_id(request.app_id, "app_id")
         status, _ = await self._read_one(context, app_id, None)
         try:  # the billing facts behind the reasons (one more read; not a hot RPC)
-            _, facts = await asyncio.wait_for(
-                self.store.load_account(status.account_id), self.store_timeout
+            loaded = await asyncio.wait_for(
+                self.store.load_account_facts(status.account_id), self.store_timeout
             )
         except Exception:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
         try:
-            explained = wire.explained_status(status, facts, self.clock())
+            explained = wire.explained_status(status, loaded.facts, self.clock())
         except Exception as exc:
             # A stored fact the explanation cannot render must not hide the status.
             log.warning("cannot explain the status of %s (%s); sent without facts", app_id, exc)

@@ -305,11 +305,6 @@ class Store:
         recorded = {text(times[i]) or "": int(times[i + 1]) for i in range(0, len(times), 2)}
         return AccountFacts(int(res[0]), facts, recorded)
 
-    async def load_account(self, account_id: str) -> tuple[int, list[Fact]]:
-        """The account's fact sequence and its facts, read at one instant."""
-        loaded = await self.load_account_facts(account_id)
-        return loaded.seq, loaded.facts
-
     async def claim_events(self, facts: Sequence[Fact]) -> list[int]:
         """Claim the facts' event ids in the feed-wide index, in order: for
         each, 0 new (claimed now), 1 claimed before with the same content, 2
