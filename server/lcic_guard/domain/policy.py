@@ -582,6 +582,10 @@ class Decision:
     protected_until: Millis | None = None
     status_version: int = 0
     degraded: bool = False
+    valid_until: Millis | None = None
+    """The first instant after the decision's time at which the same check,
+    on the same status and room, is answered differently (see
+    :func:`valid_until`); None when no change is known ahead."""
 
 
 def protected_until(room: Room, cfg: PolicyConfig) -> Millis:
@@ -728,7 +732,69 @@ def decide(
         protected_until=protected,
         status_version=status.version,
         degraded=degraded,
+        valid_until=valid_until(check, status, now, cfg, room, seg, protected),
     )
+
+
+def _answer_key(seg: Segment, protected: Millis | None) -> tuple[object, ...]:
+    # Everything a Decision is made of, besides the check and the version:
+    # the state follows the reasons, the message the segment and protection.
+    return (seg.reasons, seg.grace_ends_at, seg.suspended_at, seg.release_at, protected)
+
+
+def _protection(
+    check: Check, seg: Segment, room: Room | None, t: Millis, cfg: PolicyConfig
+) -> Millis | None:
+    if check is not Check.ENTER_CLASSROOM or r4_r5_allowed(seg):
+        return None
+    return r6_protection(seg, room, t, cfg)
+
+
+def valid_until(
+    check: Check,
+    status: AppStatus,
+    now: Millis,
+    cfg: PolicyConfig,
+    room: Room | None = None,
+    seg: Segment | None = None,
+    protected: Millis | None = None,
+) -> Millis | None:
+    """How long the answer to ``check`` at ``now`` holds without a new fact:
+    the first instant after ``now`` at which :func:`decide` on the same
+    status and room answers otherwise, or None when nothing ahead changes it.
+
+    The answer is piecewise constant: it changes only where a segment of the
+    timeline starts (grace end, package expiry or start, a release or an
+    extension ending, ...) or where the protection of a class in progress
+    ends (its ``protected_until``, or a reported end dated ahead). A segment
+    that differs only in what the answer does not show (R6's effective time,
+    for a check it does not protect) is passed over. ``seg`` and
+    ``protected`` are the segment in force and its protection at ``now``,
+    when the caller has them.
+
+    A cache of answers may keep one until then (or until the status
+    changes, which a Watch reports); a memo of answers must therefore be
+    keyed by everything this reads: the whole timeline ahead (not only the
+    segment in force), the room, and, for a protected class, ``now`` (kept
+    out of such memos)."""
+    if seg is None:
+        seg = status.at(now)
+        protected = _protection(check, seg, room, now, cfg)
+    key = _answer_key(seg, protected)
+    ends: Millis | None = None
+    if protected is not None and room is not None:
+        # Protection, once lost, never comes back within a segment.
+        ends = protected
+        if room.ended_at is not None and now < room.ended_at < ends:
+            ends = room.ended_at
+    for nxt in status.segments:
+        if nxt.starts_at <= now:
+            continue
+        if ends is not None and ends <= nxt.starts_at:
+            return ends
+        if _answer_key(nxt, _protection(check, nxt, room, nxt.starts_at, cfg)) != key:
+            return nxt.starts_at
+    return ends
 
 
 def decide_without_store(
@@ -746,7 +812,12 @@ def decide_without_store(
     check's failure mode decides, with reason STATUS_UNAVAILABLE.
     """
     if last_seen is not None and seen_at is not None and now - seen_at <= cfg.stale_bound_ms:
-        return decide(check, last_seen, now, cfg, room, degraded=True)
+        decision = decide(check, last_seen, now, cfg, room, degraded=True)
+        # Past the stale bound the failure mode answers instead.
+        expires = seen_at + cfg.stale_bound_ms + 1
+        if decision.valid_until is None or expires < decision.valid_until:
+            decision = replace(decision, valid_until=expires)
+        return decision
     allowed = check in cfg.fail_open
     outcome = "allowed" if allowed else "denied"
     return Decision(

@@ -173,6 +173,7 @@ def decision_to_pb(d: Decision) -> pb.Decision:
     _set_time(out, "suspended_at", d.suspended_at)
     _set_time(out, "release_at", d.release_at)
     _set_time(out, "protected_until", d.protected_until)
+    _set_time(out, "valid_until", d.valid_until)
     return out
 
 

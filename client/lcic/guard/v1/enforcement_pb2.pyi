@@ -251,6 +251,7 @@ class Decision(_message.Message):
     DEGRADED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """Whether the action may go ahead."""
     reason: Global___DecisionReason.ValueType
@@ -294,6 +295,20 @@ class Decision(_message.Message):
     def protected_until(self) -> _timestamp_pb2.Timestamp:
         """For IN_PROGRESS_PROTECTED: when the protection of the classroom ends."""
 
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """How long this answer holds: the first instant after the decision at
+        which the same check, on the same billing facts, is answered otherwise
+        (the next deadline ahead that changes it: the grace ending, a package
+        expiring or starting, a grace extension ending, a release falling due,
+        the protection of a class in progress ending). Unset when no such
+        instant is known. A caller may reuse the answer until then, but must
+        drop it earlier when WatchApplicationStatus reports a change of the
+        application (a new fact), and should also bound it by a TTL of its
+        own. A degraded answer holds at most until its last-seen status is
+        older than the stale bound.
+        """
+
     def __init__(
         self,
         *,
@@ -309,10 +324,11 @@ class Decision(_message.Message):
         degraded: _builtins.bool = ...,
         state: Global___ApplicationState.ValueType = ...,
         shadow: _builtins.bool = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "protected_until", b"protected_until", "release_at", b"release_at", "suspended_at", b"suspended_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "protected_until", b"protected_until", "release_at", b"release_at", "suspended_at", b"suspended_at", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "degraded", b"degraded", "grace_ends_at", b"grace_ends_at", "message", b"message", "protected_until", b"protected_until", "reason", b"reason", "reasons", b"reasons", "release_at", b"release_at", "shadow", b"shadow", "state", b"state", "status_version", b"status_version", "suspended_at", b"suspended_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "degraded", b"degraded", "grace_ends_at", b"grace_ends_at", "message", b"message", "protected_until", b"protected_until", "reason", b"reason", "reasons", b"reasons", "release_at", b"release_at", "shadow", b"shadow", "state", b"state", "status_version", b"status_version", "suspended_at", b"suspended_at", "valid_until", b"valid_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
