@@ -55,7 +55,8 @@ from lcic_guard.domain.policy import (
     overdue_notice,
 )
 from lcic_guard.domain.time import Millis, parse_time
-from lcic_guard.reconciler.reconciler import ReconcilerConfig, notice_plan
+from lcic_guard.reconciler import ReconcilerConfig
+from lcic_guard.reconciler.announce import notice_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "img"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lcic_guard.domain.policy import Check, PolicyConfig
-from lcic_guard.reconciler.reconciler import ReconcilerConfig
+from lcic_guard.reconciler.config import ReconcilerConfig
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-    from lcic_guard.reconciler.reconciler import Reconciler, ReleasePlan
+    from lcic_guard.reconciler.reconciler import Reconciler
+    from lcic_guard.reconciler.release import ReleasePlan
     from lcic_guard.reconciler.sources import Delivery
     from lcic_guard.reconciler.stats import IngestStats
 

@@ -24,7 +24,7 @@ import pytest
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.policy import HOUR, MINUTE, PolicyConfig
 from lcic_guard.embedded import free_port
-from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler import Reconciler
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.server import TlsFiles, add_service, start_server
 from lcic_guard.sidecar.service import EnforcementServicer

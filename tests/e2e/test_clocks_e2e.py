@@ -17,7 +17,7 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.facts import parse_event_json
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, SECOND, PolicyConfig, Reason, State
 from lcic_guard.domain.time import Millis, format_time, parse_time, wall_clock
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.render import render_status
 from lcic_guard.store.status import Store

@@ -51,7 +51,7 @@ from lcic_guard.domain.policy import (
     decide_without_store,
 )
 from lcic_guard.domain.time import Millis, wall_clock
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM

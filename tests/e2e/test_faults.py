@@ -25,7 +25,7 @@ from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import DAY, Check, Decision, PolicyConfig
 from lcic_guard.domain.time import format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.sidecar.checker import CheckRequest
 from lcic_guard.store.connect import connect

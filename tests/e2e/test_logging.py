@@ -19,7 +19,7 @@ from lcic_guard.cli import build_parser
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.embedded import free_port
 from lcic_guard.flags import settings_from
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.runner import build_sidecar
 from lcic_guard.store.connect import connect

@@ -19,8 +19,8 @@ from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import Millis
 from lcic_guard.embedded import free_port
 from lcic_guard.metrics import parse_listen, serve_metrics, worker_listen
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.sidecar.metrics import CHECK_BUCKETS, SidecarMetrics

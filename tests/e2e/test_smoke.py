@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.policy import HOUR
-from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler import Reconciler
 
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries

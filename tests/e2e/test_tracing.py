@@ -21,7 +21,7 @@ from lcic_guard import tracing
 from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.keys import BILLING_STREAM, status_key

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from lcic_guard.domain.facts import ApplicationRegistered, ResourcesReleased
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment, State
 from lcic_guard.domain.time import Millis, format_time
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.store.connect import RedisClient
 from lcic_guard.store.keys import (

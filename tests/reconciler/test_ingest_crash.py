@@ -29,7 +29,7 @@ import redis
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import BILLING_STREAM, DEAD_LETTER_STREAM, GUARD_STREAM
 from lcic_guard.store.status import Store

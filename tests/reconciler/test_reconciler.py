@@ -25,7 +25,7 @@ from lcic_guard.domain.facts import ResourcesReleased
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Reason, State
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.sidecar.wire import timestamp
 from lcic_guard.store.connect import RedisClient, connect

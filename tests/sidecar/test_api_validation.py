@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.policy import HOUR
-from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler import Reconciler
 from lcic_guard.sidecar.wire import MAX_BATCH
 
 from tests.support.clock import T0

@@ -11,7 +11,7 @@ import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
-from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.keys import CHANGES_STREAM
 from lcic_guard.store.status import Store

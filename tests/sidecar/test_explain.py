@@ -24,7 +24,7 @@ from lcic_guard.domain.policy import (
     compute_account,
 )
 from lcic_guard.domain.time import format_time
-from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler import Reconciler
 from lcic_guard.render import relative
 
 from tests.support.clock import T0

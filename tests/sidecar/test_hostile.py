@@ -27,7 +27,8 @@ from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.reconciler.reconciler import RESYNCING, Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.release import RESYNCING
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.sidecar.watchers import WatchCut, Watchers

@@ -14,7 +14,7 @@ from lcic_guard.config import Settings
 from lcic_guard.domain.policy import PolicyConfig
 from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
-from lcic_guard.reconciler.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import HEARTBEAT

@@ -31,7 +31,7 @@ from lcic_guard.domain.facts import valid_id
 from lcic_guard.domain.policy import PolicyConfig
 from lcic_guard.embedded import EmbeddedRedis, find_redis_server, free_port
 from lcic_guard.flags import settings_from
-from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler import Reconciler
 from lcic_guard.redact import redact_url
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect

@@ -21,7 +21,7 @@ from lcic_guard import cli, logs, runner
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, Check, PolicyConfig
 from lcic_guard.domain.time import format_time
 from lcic_guard.flags import parse_shadow, settings_from
-from lcic_guard.reconciler.reconciler import Reconciler
+from lcic_guard.reconciler import Reconciler
 from lcic_guard.render import parse_at
 from lcic_guard.store.status import Store
 from prometheus_client.parser import text_string_to_metric_families

@@ -24,7 +24,8 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Segment
 from lcic_guard.domain.time import Millis
-from lcic_guard.reconciler.reconciler import ALREADY_RELEASED, Reconciler, ReconcilerConfig
+from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.release import ALREADY_RELEASED
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect, parse_sentinel_url

@@ -1,10 +1,10 @@
-"""The reconciler: billing facts into the status table, deadlines on time,
-and release of resources (R10) only when it is certain.
+"""The reconciler: billing facts into the status table, and deadlines on
+time. Its parts: ingest and recompute here, announcements in
+:mod:`.announce`, release (R10) in :mod:`.release`.
 
 Any number of replicas may run. Ingest is shared through the sources (the
 stream's consumer group); deadline work and release are done by the holder
-of a Redis lease, and release is additionally fenced and compare-and-set on
-the account's fact sequence, so a paused or stale leader cannot commit it.
+of a Redis lease (see :mod:`.release` for how a release is made certain).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import logging
 import os
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 from lcic_guard.domain.facts import (
@@ -25,133 +25,32 @@ from lcic_guard.domain.facts import (
     ApplicationRegistered,
     Fact,
     InvalidEvent,
-    ResourcesReleased,
     account_of,
     app_of,
     parse_event_json,
     to_json,
 )
-from lcic_guard.domain.policy import (
-    DAY,
-    HOUR,
-    AppStatus,
-    PolicyConfig,
-    Reason,
-    Segment,
-    compute_account,
-    overdue_notice,
-)
-from lcic_guard.domain.time import Millis, format_time, wall_clock
+from lcic_guard.domain.policy import AppStatus, PolicyConfig, Reason, compute_account
+from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
+from lcic_guard.reconciler.announce import Announcer
+from lcic_guard.reconciler.config import CONCURRENCY, MAX_ROUNDS, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
+from lcic_guard.reconciler.release import ReleasePlan, Releaser
 from lcic_guard.reconciler.sources import BillingSource, Delivery
 from lcic_guard.reconciler.stats import IngestStats
-from lcic_guard.store.coordination import Coordination, Outbox
+from lcic_guard.store.coordination import Coordination
 from lcic_guard.store.keys import (
-    DEADLETTER_MAXLEN,
     MAX_EVENT_BYTES,
     OVERSIZED_KEEP,
     app_deadline,
     deadline_of,
-    meta_key,
-    notice_deadline,
-    release_deadline,
-    status_key,
 )
 from lcic_guard.store.status import AccountFacts, AppClaim, Store
 from lcic_guard.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
-
-ANNOUNCED_FIELD = "announced"
-RELEASE_FIELD = "released"
-NOTICE_FIELD = "notice"
-# An outbox older than this was left by a writer that died before announcing.
-STALE_OUTBOX_MS = 10_000
-RETRY_MS = 5_000
-ALREADY_RELEASED = "already released"
-RESYNCING = "Redis holds a new data set: waiting until the billing feed is read again"
-NOT_LEADER = "not the leader: another reconciler holds the lease"
-FENCED = "fenced off: a newer leader has acted on the account"
-# How often a replica redoes its work on an account whose facts keep changing
-# under it before leaving the rest to the replicas that changed them.
-MAX_ROUNDS = 20
-# Independent store calls in flight at once during ingest (well under the
-# connection pool's size).
-CONCURRENCY = 32
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class ReconcilerConfig:
-    batch_size: int = 500
-    block_ms: int = 500
-    lease_ttl_ms: int = 5_000
-    tick_ms: int = 250
-    release_margin_ms: int = HOUR
-    """R10: how far past ``release_at`` the feed must be confirmed read."""
-    release_dry_run: bool = False
-    """Report releases that fall due without performing them."""
-    claim_idle_ms: int = 30_000
-    """How long a billing-stream entry may stay unacknowledged by a consumer
-    before another replica claims it (the consumer is presumed dead)."""
-    announce_settle_ms: int = 10_000
-    """How long a new state must hold before ``status_changed`` announces it
-    (a state passed through within this time is never announced)."""
-    release_reminders_ms: tuple[int, ...] = (30 * DAY, 7 * DAY, DAY)
-    """R10: how long before ``release_at`` a ``release_scheduled`` reminder
-    is announced (after the first notice, when the suspension becomes known)."""
-    deadletter_maxlen: int = DEADLETTER_MAXLEN
-    """About how many dead letters the dead-letter stream keeps (0: all)."""
-    parked_ttl_ms: int = 30 * DAY
-    """How long facts of an application never registered are kept (0: forever)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """One ``release_scheduled`` announcement of an overdue episode (R10)."""
-
-    kind: str  # "initial", or how long before release_at, e.g. "7d"
-    at: Millis
-    sent: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ReleasePlan:
-    account_id: str
-    app_ids: tuple[str, ...]
-    release_at: Millis
-    eligible: bool
-    why: str
-    notices: tuple[Notice, ...] = ()
-    """The notices of the overdue episode: sent, and still due."""
-
-
-def lead_time(ms: int) -> str:
-    """A reminder's lead time in the flag's own syntax (``30d``, ``36h``)."""
-    for unit, size in (("d", DAY), ("h", HOUR), ("m", 60_000), ("s", 1000)):
-        if ms and ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
-
-
-def notice_plan(known: Millis, release_at: Millis, reminders: Iterable[int]) -> list[Notice]:
-    """R10: the first notice when the suspension becomes known, then one
-    reminder per lead time, only those after the first notice."""
-    out = [Notice("initial", known)]
-    for lead in sorted(set(reminders), reverse=True):
-        if release_at - lead > known:
-            out.append(Notice(lead_time(lead), release_at - lead))
-    return out
-
-
-def _sent_notices(cursor: str, episode: str) -> set[int]:
-    """The notices of ``episode`` already announced, from the account's cursor
-    ``EPISODE|i,j,...``."""
-    head, _, indices = cursor.rpartition("|")
-    if head != episode or not indices:
-        return set()
-    return {int(i) for i in indices.split(",")}
 
 
 def _lifted(clock: Callable[[], Millis]) -> Callable[[], Awaitable[Millis]]:
@@ -159,10 +58,6 @@ def _lifted(clock: Callable[[], Millis]) -> Callable[[], Awaitable[Millis]]:
         return clock()
 
     return read
-
-
-def _state_key(seg: Segment) -> str:
-    return json.dumps([seg.state.value, [r.value for r in seg.reasons]], separators=(",", ":"))
 
 
 class Reconciler:
@@ -193,15 +88,49 @@ class Reconciler:
         self.sources = list(sources)
         self.clock = clock
         self.name = name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.token = 0
-        # The data set in Redis this replica works on (see store.GENERATION);
-        # after it changes, releases wait until every source was read empty.
-        self.generation: str | None = None
-        self.resyncing = False
-        self._caught_up: set[int] = set()
         self._warn = RateLimitedLog(log)
-        self.releases_done: list[str] = []
-        self.releases_planned: list[ReleasePlan] = []
+        self.announcer = Announcer(store, self.coord, policy, self.config, metrics)
+        self.releaser = Releaser(
+            store,
+            self.coord,
+            policy,
+            self.config,
+            self.announcer,
+            name=self.name,
+            compute=self._compute,
+            # Through the instance, so that a wrapper set on it (tracing) sees
+            # the calls a release makes.
+            recompute=lambda account_id: self.recompute(account_id),
+            watermark=self.watermark,
+            recorded_clock=recorded_clock,
+            metrics=metrics,
+        )
+
+    # The lease and the release state live with the releaser; these are the
+    # reconciler's view of them.
+    @property
+    def token(self) -> int:
+        return self.releaser.token
+
+    @token.setter
+    def token(self, value: int) -> None:
+        self.releaser.token = value
+
+    @property
+    def resyncing(self) -> bool:
+        return self.releaser.resyncing
+
+    @property
+    def generation(self) -> str | None:
+        return self.releaser.generation
+
+    @property
+    def releases_done(self) -> list[str]:
+        return self.releaser.releases_done
+
+    @property
+    def releases_planned(self) -> list[ReleasePlan]:
+        return self.releaser.releases_planned
 
     # -- ingest ---------------------------------------------------------------
 
@@ -451,15 +380,15 @@ class Reconciler:
             for st in statuses.values():
                 status = AppStatus(st.app_id, account_id, st.segments, version=seq, updated_at=now)
                 await self._write_app(status, now)
-            await self._schedule_release(account_id, statuses, now)
-            await self._release_notices(account_id, loaded, statuses, now)
+            await self.releaser.schedule(account_id, statuses, now)
+            await self.announcer.release_notices(account_id, loaded, statuses, now)
             if (
                 statuses
                 and Reason.RESOURCES_RELEASED in next(iter(statuses.values())).at(now).reasons
             ):
                 # An app registered after the release is released too, and
                 # announced as such once.
-                await self._finish_release(account_id, statuses, now)
+                await self.releaser.finish(account_id, statuses, now)
             if await self.coord.account_seq(account_id) == seq:
                 break
         else:
@@ -489,7 +418,7 @@ class Reconciler:
         """Announce what has settled, and come back at the next moment that
         matters: the next change ahead, or when a state waiting to settle (or
         an announcement in flight) must be looked at again."""
-        again = await self.announce_change(status, now)
+        again = await self.announcer.status_change(status, now)
         upcoming = status.upcoming(now)
         due = [t for t in (upcoming[0].starts_at if upcoming else None, again) if t is not None]
         member = app_deadline(status.app_id)
@@ -498,115 +427,7 @@ class Reconciler:
         else:
             await self.coord.unschedule(member)
 
-    async def _schedule_release(
-        self, account_id: str, statuses: dict[str, AppStatus], now: Millis
-    ) -> None:
-        if not statuses:
-            return
-        status = next(iter(statuses.values()))
-        member = release_deadline(account_id)
-        current = status.at(now)
-        if Reason.RESOURCES_RELEASED in current.reasons:
-            return  # the leader removes it once the release is announced
-        for seg in (current, *status.upcoming(now)):
-            if Reason.ACCOUNT_OVERDUE in seg.reasons and seg.release_at is not None:
-                await self.coord.schedule(member, seg.release_at + self.config.release_margin_ms)
-                return
-        await self.coord.unschedule(member)
-
-    # -- announcements ----------------------------------------------------------
-
-    async def announce_change(self, status: AppStatus, now: Millis) -> Millis | None:
-        """Announce the app's state at ``now`` once it differs from the last
-        one announced and has held for the settle time: noted, then claimed
-        atomically, so racing replicas announce it once and a state that
-        reverts within the settle time is never announced.
-
-        Returns when the app must be looked at again for it (a state waiting
-        to settle, an announcement in flight, a claim lost to another
-        replica), or None when nothing is pending."""
-        key = status_key(status.app_id)
-        announced, outbox, candidate = await self.coord.status_cursor(
-            status.app_id, ANNOUNCED_FIELD
-        )
-        # An announcement in flight: left to its writer unless presumed dead.
-        if outbox is not None and (
-            now - outbox.at < STALE_OUTBOX_MS
-            or not await self._flush(key, ANNOUNCED_FIELD, outbox, now)
-        ):
-            return now + STALE_OUTBOX_MS
-        seg = status.at(now)
-        new = _state_key(seg)
-        if new == announced and candidate is None:
-            return None
-        old = json.loads(announced) if announced else [None, []]
-        at = seg.starts_at if seg.starts_at <= now else now
-        effective = seg.effective_at if seg.effective_at is not None else at
-        event = {
-            "type": "status_changed",
-            "announcement_id": f"{status.app_id}:{status.version}:{at}:{new}",
-            "occurred_at": format_time(at),
-            "effective_at": format_time(max(effective, at)),
-            "app_id": status.app_id,
-            "account_id": status.account_id,
-            "old_state": old[0],
-            "old_reasons": old[1],
-            "new_state": seg.state.value,
-            "reasons": [r.value for r in seg.reasons],
-            "version": status.version,
-            "suspended_at": format_time(seg.suspended_at) if seg.suspended_at else None,
-            "grace_ends_at": format_time(seg.grace_ends_at) if seg.grace_ends_at else None,
-            "release_at": format_time(seg.release_at) if seg.release_at else None,
-        }
-        payload = json.dumps(event, sort_keys=True)
-        settle = self.config.announce_settle_ms
-        if candidate == new or settle == 0:
-            # A writer that dies between the claim and the stream leaves the
-            # outbox; this deadline makes the leader finish it.
-            await self.coord.schedule(
-                app_deadline(status.app_id), now + STALE_OUTBOX_MS, only_earlier=True
-            )
-        code, since = await self.coord.settle_status(
-            status.app_id, ANNOUNCED_FIELD, announced, new, payload, now, status.version, settle
-        )
-        if code == 0:
-            return None
-        if code == 2:
-            return since + settle
-        if code == 3:
-            return now + STALE_OUTBOX_MS
-        await self.store.announce(event)
-        await self.coord.finish(key, ANNOUNCED_FIELD, payload)
-        log.info(
-            "%s: %s -> %s (%s)",
-            status.app_id,
-            old[0],
-            seg.state.value,
-            ",".join(event["reasons"]) or "OK",
-            extra={
-                k: event[k] for k in ("app_id", "account_id", "old_state", "new_state", "reasons")
-            }
-            | {"event": "status_changed", "status_version": status.version},
-        )
-        if self.metrics is not None:
-            self.metrics.on_status_change()
-        return None
-
-    async def _flush(self, key: str, cursor: str, outbox: Outbox, now: Millis) -> bool:
-        """Finish an announcement a writer claimed but may not have made.
-
-        The outbox is taken over atomically first, so of several replicas
-        that find it abandoned exactly one finishes it. Returns True if this
-        one did."""
-        if not await self.coord.take_outbox(key, cursor, outbox.payload, now, STALE_OUTBOX_MS):
-            return False
-        event = json.loads(outbox.payload)
-        if not await self.coord.on_stream(event["announcement_id"], outbox.at - 1000):
-            await self.store.announce(event)
-        await self.coord.finish(key, cursor, outbox.payload)
-        return True
-
-    # -- deadlines and release (leader only) -----------------------------------
+    # -- deadlines (leader only) ------------------------------------------------
 
     async def run_deadlines(self, now: Millis | None = None) -> int:
         """Process every deadline due at ``now``. Returns how many were."""
@@ -629,7 +450,7 @@ class Reconciler:
                 await self.try_release(ident, now)
             elif kind == "notice":
                 loaded = await self.store.load_account_facts(ident)
-                await self._release_notices(ident, loaded, self._compute(loaded), now)
+                await self.announcer.release_notices(ident, loaded, self._compute(loaded), now)
             else:
                 await self.coord.unschedule(member)
             done += 1
@@ -652,297 +473,22 @@ class Reconciler:
             return None
         return min(m for m in marks if m is not None)
 
+    # -- release (R10): see lcic_guard.reconciler.release -----------------------
+
     async def release_plan(self, account_id: str, now: Millis) -> tuple[ReleasePlan, int]:
-        """Whether the account's release (R10) could be done now, and the fact
+        """Whether the account's release could be done now, and the fact
         sequence that judgement rests on."""
-        loaded = await self.store.load_account_facts(account_id)
-        seq = loaded.seq
-        statuses = self._compute(loaded)
-        apps = tuple(sorted(statuses))
-        notices = await self._notices_of(account_id, loaded, now)
-
-        def plan(release_at: Millis, eligible: bool, why: str) -> tuple[ReleasePlan, int]:
-            return ReleasePlan(account_id, apps, release_at, eligible, why, notices), seq
-
-        if not statuses:
-            return plan(0, False, "no registered application")
-        seg = statuses[apps[0]].at(now)
-        if Reason.RESOURCES_RELEASED in seg.reasons:
-            return plan(seg.release_at or 0, False, ALREADY_RELEASED)
-        if Reason.ACCOUNT_OVERDUE not in seg.reasons or seg.release_at is None:
-            return plan(0, False, "not suspended for overdue")
-        due = seg.release_at + self.config.release_margin_ms
-        if now < due:
-            return plan(seg.release_at, False, f"due at {format_time(due)}")
-        mark = await self.watermark()
-        if mark is None or mark < due:
-            seen = format_time(mark) if mark is not None else "unknown"
-            return plan(seg.release_at, False, f"billing feed confirmed read only up to {seen}")
-        return plan(seg.release_at, True, "due")
-
-    async def check_generation(self) -> bool:
-        """Read the store's generation (creating it on a new store); True if
-        it changed: Redis lost its data or was reloaded, so releases are
-        refused until the billing sources have been read to their end again."""
-        gen = await self.store.ensure_generation()
-        if self.generation is None or gen == self.generation:
-            self.generation = gen
-            return False
-        log.warning(
-            "Redis holds a new data set (generation %s, was %s): releases are refused until "
-            "the billing feed is read again",
-            gen,
-            self.generation,
-        )
-        self.generation = gen
-        self.resyncing = True
-        self._caught_up.clear()
-        if self.metrics is not None:
-            self.metrics.on_generation_change()
-        return True
-
-    def _source_read_empty(self, source: BillingSource) -> None:
-        if not self.resyncing:
-            return
-        self._caught_up.add(id(source))
-        if all(id(s) in self._caught_up for s in self.sources):
-            self.resyncing = False
-            log.info("billing feed read again after the new data set: releases allowed")
+        return await self.releaser.plan(account_id, now)
 
     async def try_release(self, account_id: str, now: Millis) -> ReleasePlan:
-        """R10: release the account if, on the facts as they are now in Redis
-        and with the feed confirmed read past ``release_at``, it is due.
-
-        Only the holder of the leader lease commits a release, and only if no
-        newer leader has fenced the account and the account's facts are still
-        exactly those the decision rests on (otherwise it decides again). A
-        reconciler that is not running as the leader takes the lease for the
-        call if no one holds it, and gives it back afterwards."""
-        if self.token:
-            return await self._try_release(account_id, now)
-        self.token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
-        try:
-            return await self._try_release(account_id, now)
-        finally:
-            if self.token:
-                await self.coord.resign(self.name)
-            self.token = 0
-
-    async def _try_release(self, account_id: str, now: Millis) -> ReleasePlan:
-        member = release_deadline(account_id)
-        if self.resyncing:
-            plan, _ = await self.release_plan(account_id, now)
-            return replace(plan, eligible=False, why=RESYNCING)
-        if self.token and not await self.coord.fence_account(account_id, self.token):
-            log.warning("not releasing %s: a newer leader has fenced it", account_id)
-            return ReleasePlan(account_id, (), 0, False, FENCED)
-        plan, seq = await self.release_plan(account_id, now)
-        for _round in range(MAX_ROUNDS):
-            if plan.why == ALREADY_RELEASED:
-                await self._finish_release(account_id, plan.app_ids, now)
-                return plan
-            if not plan.eligible:
-                if plan.release_at:
-                    due = plan.release_at + self.config.release_margin_ms
-                    await self.coord.schedule(member, max(now + RETRY_MS, due))
-                else:
-                    await self.coord.unschedule(member)
-                if await self.coord.account_seq(account_id) == seq:
-                    return plan
-                # New facts meanwhile: their writer may have scheduled the
-                # release before this replica unscheduled it. Decide again.
-                plan, seq = await self.release_plan(account_id, now)
-                continue
-            if self.config.release_dry_run:
-                log.warning(
-                    "dry run: would release account %s (apps %s), release_at %s",
-                    account_id,
-                    ",".join(plan.app_ids),
-                    format_time(plan.release_at),
-                )
-                self.releases_planned.append(plan)
-                await self.coord.schedule(member, now + 60_000)
-                return plan
-            if not self.token or await self.coord.lease_token(self.name) != self.token:
-                log.warning("not releasing %s: %s does not hold the lease", account_id, self.name)
-                return replace(plan, eligible=False, why=NOT_LEADER)
-            fact = ResourcesReleased(
-                event_id=f"lcic-guard:release:{account_id}:{plan.release_at}",
-                occurred_at=now,
-                account_id=account_id,
-                release_at=plan.release_at,
-            )
-            res = await self.coord.record_release(
-                account_id, self.token, seq, fact, await self.recorded_clock()
-            )
-            if res == -1:
-                log.warning("release of %s refused: a newer leader holds the lease", account_id)
-                return replace(plan, eligible=False, why=FENCED)
-            if res == -2:
-                # New facts arrived between the decision and the commit: decide again.
-                plan, seq = await self.release_plan(account_id, now)
-                continue
-            log.warning(
-                "released account %s (apps %s)",
-                account_id,
-                ",".join(plan.app_ids),
-                extra={
-                    "event": "resources_released",
-                    "account_id": account_id,
-                    "app_ids": list(plan.app_ids),
-                },
-            )
-            if self.metrics is not None:
-                self.metrics.on_release()
-            await self.recompute(account_id)
-            await self._finish_release(account_id, plan.app_ids, now)
-            self.releases_done.append(account_id)
-            return plan
-        await self.coord.schedule(member, now + RETRY_MS)
-        return plan
-
-    async def _finish_release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> None:
-        """Announce a recorded release; unschedule it once it is on the stream,
-        else come back when a claimed announcement counts as abandoned."""
-        member = release_deadline(account_id)
-        if await self._announce_release(account_id, app_ids, now):
-            await self.coord.unschedule(member)
-        else:
-            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
-
-    async def _announce_release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> bool:
-        """Exactly once per app: claim in the account's meta hash (the cursor
-        lists the apps announced so far), add to the stream, clear the
-        outbox. The release itself is one announcement of every app the
-        account had; an app registered to the account afterwards (released
-        at once) gets one of its own. An outbox left by a writer presumed
-        dead is finished after checking the stream first; a recent one is
-        left to its writer. Returns True once every app is known announced."""
-        key = meta_key(account_id)
-        cursor, outbox = await self.coord.cursor(key, RELEASE_FIELD)
-        if outbox is not None:
-            if now - outbox.at < STALE_OUTBOX_MS:
-                return False  # its writer is probably adding it right now
-            if not await self._flush(key, RELEASE_FIELD, outbox, now):
-                return False
-        # "1": announced before the cursor listed apps; nothing more is owed.
-        if cursor == "1":
-            return True
-        done: set[str] = set(json.loads(cursor)) if cursor else set()
-        missing = sorted(set(app_ids) - done)
-        if not missing:
-            return True
-        event = {
-            "type": "resources_released",
-            "announcement_id": (
-                f"release:{account_id}" if not done else f"release:{account_id}:{','.join(missing)}"
-            ),
-            "occurred_at": format_time(now),
-            "account_id": account_id,
-            "app_ids": missing,
-        }
-        payload = json.dumps(event, sort_keys=True)
-        new = json.dumps(sorted(done | set(missing)), separators=(",", ":"))
-        if await self.coord.claim(key, RELEASE_FIELD, cursor, new, payload, now):
-            await self.store.announce(event)
-            await self.coord.finish(key, RELEASE_FIELD, payload)
-            return True
-        return False
-
-    # -- release notices (R10) --------------------------------------------------
-
-    async def _notices_of(
-        self, account_id: str, loaded: AccountFacts, now: Millis
-    ) -> tuple[Notice, ...]:
-        """The notices of the account's overdue episode, marked sent or not."""
-        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
-        if episode is None:
-            return ()
-        alert, known, release_at = episode
-        cursor, _ = await self.coord.cursor(meta_key(account_id), NOTICE_FIELD)
-        sent = _sent_notices(cursor, alert.event_id)
-        plan = notice_plan(known, release_at, self.config.release_reminders_ms)
-        return tuple(replace(n, sent=i in sent) for i, n in enumerate(plan))
-
-    async def _release_notices(
-        self, account_id: str, loaded: AccountFacts, statuses: dict[str, AppStatus], now: Millis
-    ) -> None:
-        """R10: announce ``release_scheduled`` when the overdue suspension
-        becomes known and at each reminder still ahead of it, each once per
-        overdue episode (the alert at A), and keep the next one scheduled.
-
-        Only the latest notice due is announced: one missed while no
-        reconciler ran would be stale (a "30 days left" that arrives with 7
-        days left). A settlement, or the release itself, ends the episode.
-
-        Like a status change, a notice waits for the settle time: the facts of
-        one burst may arrive in any order, and a notice made in between (an
-        app registered first to the account that loses it to an earlier
-        registration, an alert read just before its settlement) would tell a
-        customer something the complete facts do not say."""
-        settle = self.config.announce_settle_ms
-        member = notice_deadline(account_id)
-        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
-        if episode is None or not statuses:
-            await self.coord.unschedule(member)
-            return
-        alert, known, release_at = episode
-        plan = notice_plan(known, release_at, self.config.release_reminders_ms)
-        key = meta_key(account_id)
-        cursor, outbox = await self.coord.cursor(key, NOTICE_FIELD)
-        if outbox is not None and (
-            now - outbox.at < STALE_OUTBOX_MS
-            or not await self._flush(key, NOTICE_FIELD, outbox, now)
-        ):
-            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
-            return
-        sent = _sent_notices(cursor, alert.event_id)
-        last = max(sent, default=-1)
-        due = [i for i, n in enumerate(plan) if n.at + settle <= now and i > last]
-        if due:
-            i = due[-1]
-            notice = plan[i]
-            event = {
-                "type": "release_scheduled",
-                "announcement_id": f"notice:{account_id}:{alert.event_id}:{notice.kind}",
-                "occurred_at": format_time(now),
-                "account_id": account_id,
-                "app_ids": sorted(statuses),
-                "release_at": format_time(release_at),
-                "notice": notice.kind,
-                "overdue_alert_id": alert.event_id,
-                "overdue_since": format_time(alert.occurred_at),
-            }
-            payload = json.dumps(event, sort_keys=True)
-            new = f"{alert.event_id}|{','.join(str(k) for k in sorted(sent | {i}))}"
-            # A writer that dies after its claim leaves the outbox; come back for it.
-            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
-            if not await self.coord.claim(key, NOTICE_FIELD, cursor, new, payload, now):
-                return  # another replica announces it; the deadline above checks
-            await self.store.announce(event)
-            await self.coord.finish(key, NOTICE_FIELD, payload)
-            log.info(
-                "release of account %s scheduled at %s: notice %s announced",
-                account_id,
-                format_time(release_at),
-                notice.kind,
-                extra={"event": "release_scheduled", "account_id": account_id},
-            )
-            last = i
-        ahead = [n.at + settle for i, n in enumerate(plan) if i > last and n.at + settle > now]
-        if ahead:
-            await self.coord.schedule(member, ahead[0])
-        else:
-            await self.coord.unschedule(member)
+        return await self.releaser.try_release(account_id, now)
 
     async def plan_releases(self, now: Millis | None = None) -> list[ReleasePlan]:
         """Every scheduled release and whether it could happen now (dry run)."""
-        now = self.clock() if now is None else now
-        out = []
-        for member, _ in await self.coord.scheduled(release_deadline("")):
-            plan, _ = await self.release_plan(deadline_of(member)[1], now)
-            out.append(plan)
-        return out
+        return await self.releaser.plan_all(self.clock() if now is None else now)
+
+    async def check_generation(self) -> bool:
+        return await self.releaser.check_generation()
 
     # -- loops ----------------------------------------------------------------
 
@@ -950,7 +496,7 @@ class Reconciler:
         """One fetch-apply-ack round for one source."""
         deliveries = await source.fetch(self.config.batch_size, self.config.block_ms)
         if not deliveries:
-            self._source_read_empty(source)
+            self.releaser.source_read_empty(source, self.sources)
             return IngestStats()
         stats = await self.ingest(deliveries)
         await source.ack(deliveries)

@@ -15,7 +15,7 @@ from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import describe_error
 from lcic_guard.sidecar.cache import StatusCache
-from lcic_guard.store.status import Change
+from lcic_guard.store.feed import Change
 from lcic_guard.tasks import stop_task
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,302 @@
+"""Announcements on ``lcic:guard:events``, each exactly once across replicas:
+``status_changed`` once a state has settled, ``release_scheduled`` (R10's
+notice and reminders) and ``resources_released``.
+
+Every one follows the same steps: a cursor records what was announced; a
+writer claims the next one atomically (cursor and an outbox holding the
+payload, in one script), adds it to the stream, then clears the outbox. A
+writer that dies in between leaves the outbox, which another replica takes
+over once it is stale and finishes after checking the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Segment, overdue_notice
+from lcic_guard.domain.time import Millis, format_time
+from lcic_guard.reconciler.config import STALE_OUTBOX_MS, ReconcilerConfig
+from lcic_guard.reconciler.metrics import ReconcilerMetrics
+from lcic_guard.store.coordination import Coordination, Outbox
+from lcic_guard.store.keys import app_deadline, meta_key, notice_deadline, status_key
+from lcic_guard.store.status import AccountFacts, Store
+
+log = logging.getLogger(__name__)
+
+ANNOUNCED_FIELD = "announced"
+RELEASE_FIELD = "released"
+NOTICE_FIELD = "notice"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One ``release_scheduled`` announcement of an overdue episode (R10)."""
+
+    kind: str  # "initial", or how long before release_at, e.g. "7d"
+    at: Millis
+    sent: bool = False
+
+
+def lead_time(ms: int) -> str:
+    """A reminder's lead time in the flag's own syntax (``30d``, ``36h``)."""
+    for unit, size in (("d", DAY), ("h", HOUR), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def notice_plan(known: Millis, release_at: Millis, reminders: Iterable[int]) -> list[Notice]:
+    """R10: the first notice when the suspension becomes known, then one
+    reminder per lead time, only those after the first notice."""
+    out = [Notice("initial", known)]
+    for lead in sorted(set(reminders), reverse=True):
+        if release_at - lead > known:
+            out.append(Notice(lead_time(lead), release_at - lead))
+    return out
+
+
+def _sent_notices(cursor: str, episode: str) -> set[int]:
+    """The notices of ``episode`` already announced, from the account's cursor
+    ``EPISODE|i,j,...``."""
+    head, _, indices = cursor.rpartition("|")
+    if head != episode or not indices:
+        return set()
+    return {int(i) for i in indices.split(",")}
+
+
+def _state_key(seg: Segment) -> str:
+    return json.dumps([seg.state.value, [r.value for r in seg.reasons]], separators=(",", ":"))
+
+
+class Announcer:
+    def __init__(
+        self,
+        store: Store,
+        coord: Coordination,
+        policy: PolicyConfig,
+        config: ReconcilerConfig,
+        metrics: ReconcilerMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.coord = coord
+        self.policy = policy
+        self.config = config
+        self.metrics = metrics
+
+    async def status_change(self, status: AppStatus, now: Millis) -> Millis | None:
+        """Announce the app's state at ``now`` once it differs from the last
+        one announced and has held for the settle time: noted, then claimed
+        atomically, so racing replicas announce it once and a state that
+        reverts within the settle time is never announced.
+
+        Returns when the app must be looked at again for it (a state waiting
+        to settle, an announcement in flight, a claim lost to another
+        replica), or None when nothing is pending."""
+        key = status_key(status.app_id)
+        announced, outbox, candidate = await self.coord.status_cursor(
+            status.app_id, ANNOUNCED_FIELD
+        )
+        # An announcement in flight: left to its writer unless presumed dead.
+        if outbox is not None and (
+            now - outbox.at < STALE_OUTBOX_MS
+            or not await self.flush(key, ANNOUNCED_FIELD, outbox, now)
+        ):
+            return now + STALE_OUTBOX_MS
+        seg = status.at(now)
+        new = _state_key(seg)
+        if new == announced and candidate is None:
+            return None
+        old = json.loads(announced) if announced else [None, []]
+        at = seg.starts_at if seg.starts_at <= now else now
+        effective = seg.effective_at if seg.effective_at is not None else at
+        event = {
+            "type": "status_changed",
+            "announcement_id": f"{status.app_id}:{status.version}:{at}:{new}",
+            "occurred_at": format_time(at),
+            "effective_at": format_time(max(effective, at)),
+            "app_id": status.app_id,
+            "account_id": status.account_id,
+            "old_state": old[0],
+            "old_reasons": old[1],
+            "new_state": seg.state.value,
+            "reasons": [r.value for r in seg.reasons],
+            "version": status.version,
+            "suspended_at": format_time(seg.suspended_at) if seg.suspended_at else None,
+            "grace_ends_at": format_time(seg.grace_ends_at) if seg.grace_ends_at else None,
+            "release_at": format_time(seg.release_at) if seg.release_at else None,
+        }
+        payload = json.dumps(event, sort_keys=True)
+        settle = self.config.announce_settle_ms
+        if candidate == new or settle == 0:
+            # A writer that dies between the claim and the stream leaves the
+            # outbox; this deadline makes the leader finish it.
+            await self.coord.schedule(
+                app_deadline(status.app_id), now + STALE_OUTBOX_MS, only_earlier=True
+            )
+        code, since = await self.coord.settle_status(
+            status.app_id, ANNOUNCED_FIELD, announced, new, payload, now, status.version, settle
+        )
+        if code == 0:
+            return None
+        if code == 2:
+            return since + settle
+        if code == 3:
+            return now + STALE_OUTBOX_MS
+        await self.store.announce(event)
+        await self.coord.finish(key, ANNOUNCED_FIELD, payload)
+        log.info(
+            "%s: %s -> %s (%s)",
+            status.app_id,
+            old[0],
+            seg.state.value,
+            ",".join(event["reasons"]) or "OK",
+            extra={
+                k: event[k] for k in ("app_id", "account_id", "old_state", "new_state", "reasons")
+            }
+            | {"event": "status_changed", "status_version": status.version},
+        )
+        if self.metrics is not None:
+            self.metrics.on_status_change()
+        return None
+
+    async def flush(self, key: str, cursor: str, outbox: Outbox, now: Millis) -> bool:
+        """Finish an announcement a writer claimed but may not have made.
+
+        The outbox is taken over atomically first, so of several replicas
+        that find it abandoned exactly one finishes it. Returns True if this
+        one did."""
+        if not await self.coord.take_outbox(key, cursor, outbox.payload, now, STALE_OUTBOX_MS):
+            return False
+        event = json.loads(outbox.payload)
+        if not await self.coord.on_stream(event["announcement_id"], outbox.at - 1000):
+            await self.store.announce(event)
+        await self.coord.finish(key, cursor, outbox.payload)
+        return True
+
+    async def release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> bool:
+        """Exactly once per app: claim in the account's meta hash (the cursor
+        lists the apps announced so far), add to the stream, clear the
+        outbox. The release itself is one announcement of every app the
+        account had; an app registered to the account afterwards (released
+        at once) gets one of its own. An outbox left by a writer presumed
+        dead is finished after checking the stream first; a recent one is
+        left to its writer. Returns True once every app is known announced."""
+        key = meta_key(account_id)
+        cursor, outbox = await self.coord.cursor(key, RELEASE_FIELD)
+        if outbox is not None:
+            if now - outbox.at < STALE_OUTBOX_MS:
+                return False  # its writer is probably adding it right now
+            if not await self.flush(key, RELEASE_FIELD, outbox, now):
+                return False
+        # "1": announced before the cursor listed apps; nothing more is owed.
+        if cursor == "1":
+            return True
+        done: set[str] = set(json.loads(cursor)) if cursor else set()
+        missing = sorted(set(app_ids) - done)
+        if not missing:
+            return True
+        event = {
+            "type": "resources_released",
+            "announcement_id": (
+                f"release:{account_id}" if not done else f"release:{account_id}:{','.join(missing)}"
+            ),
+            "occurred_at": format_time(now),
+            "account_id": account_id,
+            "app_ids": missing,
+        }
+        payload = json.dumps(event, sort_keys=True)
+        new = json.dumps(sorted(done | set(missing)), separators=(",", ":"))
+        if await self.coord.claim(key, RELEASE_FIELD, cursor, new, payload, now):
+            await self.store.announce(event)
+            await self.coord.finish(key, RELEASE_FIELD, payload)
+            return True
+        return False
+
+    # -- R10's notices ------------------------------------------------------------
+
+    async def notices_of(
+        self, account_id: str, loaded: AccountFacts, now: Millis
+    ) -> tuple[Notice, ...]:
+        """The notices of the account's overdue episode, marked sent or not."""
+        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
+        if episode is None:
+            return ()
+        alert, known, release_at = episode
+        cursor, _ = await self.coord.cursor(meta_key(account_id), NOTICE_FIELD)
+        sent = _sent_notices(cursor, alert.event_id)
+        plan = notice_plan(known, release_at, self.config.release_reminders_ms)
+        return tuple(replace(n, sent=i in sent) for i, n in enumerate(plan))
+
+    async def release_notices(
+        self, account_id: str, loaded: AccountFacts, statuses: dict[str, AppStatus], now: Millis
+    ) -> None:
+        """R10: announce ``release_scheduled`` when the overdue suspension
+        becomes known and at each reminder still ahead of it, each once per
+        overdue episode (the alert at A), and keep the next one scheduled.
+
+        Only the latest notice due is announced: one missed while no
+        reconciler ran would be stale (a "30 days left" that arrives with 7
+        days left). A settlement, or the release itself, ends the episode.
+
+        Like a status change, a notice waits for the settle time: the facts of
+        one burst may arrive in any order, and a notice made in between (an
+        app registered first to the account that loses it to an earlier
+        registration, an alert read just before its settlement) would tell a
+        customer something the complete facts do not say."""
+        settle = self.config.announce_settle_ms
+        member = notice_deadline(account_id)
+        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
+        if episode is None or not statuses:
+            await self.coord.unschedule(member)
+            return
+        alert, known, release_at = episode
+        plan = notice_plan(known, release_at, self.config.release_reminders_ms)
+        key = meta_key(account_id)
+        cursor, outbox = await self.coord.cursor(key, NOTICE_FIELD)
+        if outbox is not None and (
+            now - outbox.at < STALE_OUTBOX_MS
+            or not await self.flush(key, NOTICE_FIELD, outbox, now)
+        ):
+            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
+            return
+        sent = _sent_notices(cursor, alert.event_id)
+        last = max(sent, default=-1)
+        due = [i for i, n in enumerate(plan) if n.at + settle <= now and i > last]
+        if due:
+            i = due[-1]
+            notice = plan[i]
+            event = {
+                "type": "release_scheduled",
+                "announcement_id": f"notice:{account_id}:{alert.event_id}:{notice.kind}",
+                "occurred_at": format_time(now),
+                "account_id": account_id,
+                "app_ids": sorted(statuses),
+                "release_at": format_time(release_at),
+                "notice": notice.kind,
+                "overdue_alert_id": alert.event_id,
+                "overdue_since": format_time(alert.occurred_at),
+            }
+            payload = json.dumps(event, sort_keys=True)
+            new = f"{alert.event_id}|{','.join(str(k) for k in sorted(sent | {i}))}"
+            # A writer that dies after its claim leaves the outbox; come back for it.
+            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
+            if not await self.coord.claim(key, NOTICE_FIELD, cursor, new, payload, now):
+                return  # another replica announces it; the deadline above checks
+            await self.store.announce(event)
+            await self.coord.finish(key, NOTICE_FIELD, payload)
+            log.info(
+                "release of account %s scheduled at %s: notice %s announced",
+                account_id,
+                format_time(release_at),
+                notice.kind,
+                extra={"event": "release_scheduled", "account_id": account_id},
+            )
+            last = i
+        ahead = [n.at + settle for i, n in enumerate(plan) if i > last and n.at + settle > now]
+        if ahead:
+            await self.coord.schedule(member, ahead[0])
+        else:
+            await self.coord.unschedule(member)

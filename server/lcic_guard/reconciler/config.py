@@ -1,0 +1,45 @@
+"""What a reconciler can be told (:class:`ReconcilerConfig`, each default
+here once), and the fixed timings its parts share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lcic_guard.domain.policy import DAY, HOUR
+from lcic_guard.store.keys import DEADLETTER_MAXLEN
+
+# An outbox older than this was left by a writer that died before announcing.
+STALE_OUTBOX_MS = 10_000
+# When a release that could not be decided is looked at again.
+RETRY_MS = 5_000
+# How often a replica redoes its work on an account whose facts keep changing
+# under it before leaving the rest to the replicas that changed them.
+MAX_ROUNDS = 20
+# Independent store calls in flight at once during ingest (well under the
+# connection pool's size).
+CONCURRENCY = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcilerConfig:
+    batch_size: int = 500
+    block_ms: int = 500
+    lease_ttl_ms: int = 5_000
+    tick_ms: int = 250
+    release_margin_ms: int = HOUR
+    """R10: how far past ``release_at`` the feed must be confirmed read."""
+    release_dry_run: bool = False
+    """Report releases that fall due without performing them."""
+    claim_idle_ms: int = 30_000
+    """How long a billing-stream entry may stay unacknowledged by a consumer
+    before another replica claims it (the consumer is presumed dead)."""
+    announce_settle_ms: int = 10_000
+    """How long a new state must hold before ``status_changed`` announces it
+    (a state passed through within this time is never announced)."""
+    release_reminders_ms: tuple[int, ...] = (30 * DAY, 7 * DAY, DAY)
+    """R10: how long before ``release_at`` a ``release_scheduled`` reminder
+    is announced (after the first notice, when the suspension becomes known)."""
+    deadletter_maxlen: int = DEADLETTER_MAXLEN
+    """About how many dead letters the dead-letter stream keeps (0: all)."""
+    parked_ttl_ms: int = 30 * DAY
+    """How long facts of an application never registered are kept (0: forever)."""

@@ -1,0 +1,272 @@
+"""R10: release of an account's resources, irreversible, so done only when
+it is certain.
+
+A release is decided on the facts as they are in Redis, with every billing
+source confirmed read past ``release_at`` (plus a margin), and on a data set
+the feed has been read into again since Redis last lost or replaced it. It is
+committed only by the holder of the leader lease, fenced per account against
+an older leader, and compare-and-set on the account's fact sequence, so a
+paused or stale leader cannot commit it and a fact that arrives between the
+decision and the commit makes it decide again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+
+from lcic_guard.domain.facts import ResourcesReleased
+from lcic_guard.domain.policy import AppStatus, PolicyConfig, Reason
+from lcic_guard.domain.time import Millis, format_time
+from lcic_guard.reconciler.announce import Announcer, Notice
+from lcic_guard.reconciler.config import MAX_ROUNDS, RETRY_MS, STALE_OUTBOX_MS, ReconcilerConfig
+from lcic_guard.reconciler.metrics import ReconcilerMetrics
+from lcic_guard.store.coordination import Coordination
+from lcic_guard.store.keys import deadline_of, release_deadline
+from lcic_guard.store.status import AccountFacts, Store
+
+log = logging.getLogger(__name__)
+
+ALREADY_RELEASED = "already released"
+RESYNCING = "Redis holds a new data set: waiting until the billing feed is read again"
+NOT_LEADER = "not the leader: another reconciler holds the lease"
+FENCED = "fenced off: a newer leader has acted on the account"
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasePlan:
+    account_id: str
+    app_ids: tuple[str, ...]
+    release_at: Millis
+    eligible: bool
+    why: str
+    notices: tuple[Notice, ...] = ()
+    """The notices of the overdue episode: sent, and still due."""
+
+
+class Releaser:
+    """Decides and commits releases; holds what they depend on: the lease
+    token, and whether the data set in Redis has been read into again."""
+
+    def __init__(
+        self,
+        store: Store,
+        coord: Coordination,
+        policy: PolicyConfig,
+        config: ReconcilerConfig,
+        announcer: Announcer,
+        *,
+        name: str,
+        compute: Callable[[AccountFacts], dict[str, AppStatus]],
+        recompute: Callable[[str], Awaitable[bool]],
+        watermark: Callable[[], Awaitable[Millis | None]],
+        recorded_clock: Callable[[], Awaitable[Millis]],
+        metrics: ReconcilerMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.coord = coord
+        self.policy = policy
+        self.config = config
+        self.announcer = announcer
+        self.name = name
+        self._compute = compute
+        self._recompute = recompute
+        self._watermark = watermark
+        self._recorded_clock = recorded_clock
+        self.metrics = metrics
+        self.token = 0
+        # The data set in Redis this replica works on (see the store's
+        # generation); after it changes, releases wait until every source
+        # was read empty.
+        self.generation: str | None = None
+        self.resyncing = False
+        self._caught_up: set[int] = set()
+        self.releases_done: list[str] = []
+        self.releases_planned: list[ReleasePlan] = []
+
+    async def schedule(self, account_id: str, statuses: dict[str, AppStatus], now: Millis) -> None:
+        """Keep the account's release deadline at R10's time (plus the margin)
+        while it is suspended for overdue."""
+        if not statuses:
+            return
+        status = next(iter(statuses.values()))
+        member = release_deadline(account_id)
+        current = status.at(now)
+        if Reason.RESOURCES_RELEASED in current.reasons:
+            return  # the leader removes it once the release is announced
+        for seg in (current, *status.upcoming(now)):
+            if Reason.ACCOUNT_OVERDUE in seg.reasons and seg.release_at is not None:
+                await self.coord.schedule(member, seg.release_at + self.config.release_margin_ms)
+                return
+        await self.coord.unschedule(member)
+
+    async def plan(self, account_id: str, now: Millis) -> tuple[ReleasePlan, int]:
+        """Whether the account's release (R10) could be done now, and the fact
+        sequence that judgement rests on."""
+        loaded = await self.store.load_account_facts(account_id)
+        seq = loaded.seq
+        statuses = self._compute(loaded)
+        apps = tuple(sorted(statuses))
+        notices = await self.announcer.notices_of(account_id, loaded, now)
+
+        def result(release_at: Millis, eligible: bool, why: str) -> tuple[ReleasePlan, int]:
+            return ReleasePlan(account_id, apps, release_at, eligible, why, notices), seq
+
+        if not statuses:
+            return result(0, False, "no registered application")
+        seg = statuses[apps[0]].at(now)
+        if Reason.RESOURCES_RELEASED in seg.reasons:
+            return result(seg.release_at or 0, False, ALREADY_RELEASED)
+        if Reason.ACCOUNT_OVERDUE not in seg.reasons or seg.release_at is None:
+            return result(0, False, "not suspended for overdue")
+        due = seg.release_at + self.config.release_margin_ms
+        if now < due:
+            return result(seg.release_at, False, f"due at {format_time(due)}")
+        mark = await self._watermark()
+        if mark is None or mark < due:
+            seen = format_time(mark) if mark is not None else "unknown"
+            return result(seg.release_at, False, f"billing feed confirmed read only up to {seen}")
+        return result(seg.release_at, True, "due")
+
+    async def check_generation(self) -> bool:
+        """Read the store's generation (creating it on a new store); True if
+        it changed: Redis lost its data or was reloaded, so releases are
+        refused until the billing sources have been read to their end again."""
+        gen = await self.store.ensure_generation()
+        if self.generation is None or gen == self.generation:
+            self.generation = gen
+            return False
+        log.warning(
+            "Redis holds a new data set (generation %s, was %s): releases are refused until "
+            "the billing feed is read again",
+            gen,
+            self.generation,
+        )
+        self.generation = gen
+        self.resyncing = True
+        self._caught_up.clear()
+        if self.metrics is not None:
+            self.metrics.on_generation_change()
+        return True
+
+    def source_read_empty(self, source: object, sources: Iterable[object]) -> None:
+        """Note that ``source`` was read to its end; once every one of
+        ``sources`` was since the data set changed, releases are allowed."""
+        if not self.resyncing:
+            return
+        self._caught_up.add(id(source))
+        if all(id(s) in self._caught_up for s in sources):
+            self.resyncing = False
+            log.info("billing feed read again after the new data set: releases allowed")
+
+    async def try_release(self, account_id: str, now: Millis) -> ReleasePlan:
+        """R10: release the account if, on the facts as they are now in Redis
+        and with the feed confirmed read past ``release_at``, it is due.
+
+        Only the holder of the leader lease commits a release, and only if no
+        newer leader has fenced the account and the account's facts are still
+        exactly those the decision rests on (otherwise it decides again). A
+        reconciler that is not running as the leader takes the lease for the
+        call if no one holds it, and gives it back afterwards."""
+        if self.token:
+            return await self._try_release(account_id, now)
+        self.token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
+        try:
+            return await self._try_release(account_id, now)
+        finally:
+            if self.token:
+                await self.coord.resign(self.name)
+            self.token = 0
+
+    async def _try_release(self, account_id: str, now: Millis) -> ReleasePlan:
+        member = release_deadline(account_id)
+        if self.resyncing:
+            plan, _ = await self.plan(account_id, now)
+            return replace(plan, eligible=False, why=RESYNCING)
+        if self.token and not await self.coord.fence_account(account_id, self.token):
+            log.warning("not releasing %s: a newer leader has fenced it", account_id)
+            return ReleasePlan(account_id, (), 0, False, FENCED)
+        plan, seq = await self.plan(account_id, now)
+        for _round in range(MAX_ROUNDS):
+            if plan.why == ALREADY_RELEASED:
+                await self.finish(account_id, plan.app_ids, now)
+                return plan
+            if not plan.eligible:
+                if plan.release_at:
+                    due = plan.release_at + self.config.release_margin_ms
+                    await self.coord.schedule(member, max(now + RETRY_MS, due))
+                else:
+                    await self.coord.unschedule(member)
+                if await self.coord.account_seq(account_id) == seq:
+                    return plan
+                # New facts meanwhile: their writer may have scheduled the
+                # release before this replica unscheduled it. Decide again.
+                plan, seq = await self.plan(account_id, now)
+                continue
+            if self.config.release_dry_run:
+                log.warning(
+                    "dry run: would release account %s (apps %s), release_at %s",
+                    account_id,
+                    ",".join(plan.app_ids),
+                    format_time(plan.release_at),
+                )
+                self.releases_planned.append(plan)
+                await self.coord.schedule(member, now + 60_000)
+                return plan
+            if not self.token or await self.coord.lease_token(self.name) != self.token:
+                log.warning("not releasing %s: %s does not hold the lease", account_id, self.name)
+                return replace(plan, eligible=False, why=NOT_LEADER)
+            fact = ResourcesReleased(
+                event_id=f"lcic-guard:release:{account_id}:{plan.release_at}",
+                occurred_at=now,
+                account_id=account_id,
+                release_at=plan.release_at,
+            )
+            res = await self.coord.record_release(
+                account_id, self.token, seq, fact, await self._recorded_clock()
+            )
+            if res == -1:
+                log.warning("release of %s refused: a newer leader holds the lease", account_id)
+                return replace(plan, eligible=False, why=FENCED)
+            if res == -2:
+                # New facts arrived between the decision and the commit: decide again.
+                plan, seq = await self.plan(account_id, now)
+                continue
+            log.warning(
+                "released account %s (apps %s)",
+                account_id,
+                ",".join(plan.app_ids),
+                extra={
+                    "event": "resources_released",
+                    "account_id": account_id,
+                    "app_ids": list(plan.app_ids),
+                },
+            )
+            if self.metrics is not None:
+                self.metrics.on_release()
+            await self._recompute(account_id)
+            await self.finish(account_id, plan.app_ids, now)
+            self.releases_done.append(account_id)
+            return plan
+        await self.coord.schedule(member, now + RETRY_MS)
+        return plan
+
+    async def finish(self, account_id: str, app_ids: Iterable[str], now: Millis) -> None:
+        """Announce a recorded release; unschedule it once it is on the stream,
+        else come back when a claimed announcement counts as abandoned."""
+        member = release_deadline(account_id)
+        if await self.announcer.release(account_id, app_ids, now):
+            await self.coord.unschedule(member)
+        else:
+            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
+
+    async def plan_all(self, now: Millis) -> list[ReleasePlan]:
+        """Every scheduled release and whether it could happen now (dry run)."""
+        out = []
+        for member, _ in await self.coord.scheduled(release_deadline("")):
+            plan, _ = await self.plan(deadline_of(member)[1], now)
+            out.append(plan)
+        return out
+
+    # -- loops ----------------------------------------------------------------
