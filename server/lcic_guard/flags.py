@@ -347,6 +347,14 @@ def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> Non
         "(a backfilled history is not released sooner)",
     )
     g.add_argument(
+        "--max-grace-extension",
+        action=_EnvDefault,
+        type=parse_duration_or_off,
+        default=format_duration(_POLICY.max_grace_extension_ms),
+        help="how far past A + grace a grace_extended override may move the grace end "
+        "(a later 'until' is cut to this)",
+    )
+    g.add_argument(
         "--overrun",
         action=_EnvDefault,
         type=parse_duration,
@@ -627,6 +635,7 @@ def _policy(ns: argparse.Namespace, groups: frozenset[str]) -> PolicyConfig:
         grace_ms=ns.grace,
         release_after_ms=ns.release_after,
         release_notice_ms=ns.release_notice,
+        max_grace_extension_ms=ns.max_grace_extension,
         overrun_ms=ns.overrun,
         max_class_ms=ns.max_class,
         protect_when_banned=ns.protect_when_banned,

@@ -9,10 +9,12 @@ of them) covers every place a change could hide.
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lcic_guard.domain.facts import OVERRIDES
 from lcic_guard.domain.policy import (
     DAY,
     AppStatus,
@@ -67,7 +69,7 @@ def check_valid_until(status: AppStatus, check: Check, now: Millis, room: Room |
 
 
 @PROPS
-@given(histories(), st.data())
+@given(histories(overrides=True), st.data())
 def test_answer_holds_exactly_until_valid_until(h: History, data: st.DataObject) -> None:
     statuses = compute_account(h.facts, CFG)
     for status in statuses.values():
@@ -92,3 +94,30 @@ def test_a_degraded_answer_holds_no_longer_than_the_stale_bound(
         assert d.valid_until <= seen_at + CFG.stale_bound_ms + 1
         later = decide_without_store(Check.CREATE_CLASSROOM, status, seen_at, d.valid_until, CFG)
         assert replace(later, valid_until=None) != replace(d, valid_until=None)
+
+
+@PROPS
+@given(histories(overrides=True), st.randoms(use_true_random=False))
+def test_overrides_do_not_depend_on_arrival_order(h: History, rnd: random.Random) -> None:
+    shuffled = list(h.facts)
+    rnd.shuffle(shuffled)
+    assert compute_account(shuffled, CFG) == compute_account(h.facts, CFG)
+
+
+@PROPS
+@given(histories(overrides=True), st.data())
+def test_an_extension_only_ever_gives_more_time(h: History, data: st.DataObject) -> None:
+    """Taking every override away never makes an answer more lenient, and the
+    release is never sooner with them (nor at all while a hold is set)."""
+    t = data.draw(times)
+    # What was known at t (a status keeps only the history near its newest fact).
+    known = [f for f in h.facts if f.occurred_at <= t]
+    plain = [f for f in known if not isinstance(f, OVERRIDES)]
+    with_overrides, without = compute_account(known, CFG), compute_account(plain, CFG)
+    for app, status in with_overrides.items():
+        seg, base = status.at(t), without[app].at(t)
+        for check in ALL_CHECKS:
+            if decide(check, without[app], t, CFG).allowed:
+                assert decide(check, status, t, CFG).allowed, (check, t)
+        if seg.release_at is not None and base.release_at is not None:
+            assert seg.release_at >= base.release_at

@@ -16,7 +16,15 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Segment, overdue_notice
+from lcic_guard.domain.policy import (
+    DAY,
+    HOUR,
+    AppStatus,
+    PolicyConfig,
+    Segment,
+    notice_episode,
+    overdue_notice,
+)
 from lcic_guard.domain.time import Millis, format_time
 from lcic_guard.reconciler.config import STALE_OUTBOX_MS, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
@@ -226,7 +234,8 @@ class Announcer:
             return ()
         alert, known, release_at = episode
         cursor, _ = await self.coord.cursor(meta_key(account_id), NOTICE_FIELD)
-        sent = _sent_notices(cursor, alert.event_id)
+        series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
+        sent = _sent_notices(cursor, series)
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
         return tuple(replace(n, sent=i in sent) for i, n in enumerate(plan))
 
@@ -262,7 +271,9 @@ class Announcer:
         ):
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
-        sent = _sent_notices(cursor, alert.event_id)
+        # An override that moves release_at starts a new series of notices.
+        series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
+        sent = _sent_notices(cursor, series)
         last = max(sent, default=-1)
         due = [i for i, n in enumerate(plan) if n.at + settle <= now and i > last]
         if due:
@@ -270,7 +281,7 @@ class Announcer:
             notice = plan[i]
             event = {
                 "type": "release_scheduled",
-                "announcement_id": f"notice:{account_id}:{alert.event_id}:{notice.kind}",
+                "announcement_id": f"notice:{account_id}:{series}:{notice.kind}",
                 "occurred_at": format_time(now),
                 "account_id": account_id,
                 "app_ids": sorted(statuses),
@@ -280,7 +291,7 @@ class Announcer:
                 "overdue_since": format_time(alert.occurred_at),
             }
             payload = json.dumps(event, sort_keys=True)
-            new = f"{alert.event_id}|{','.join(str(k) for k in sorted(sent | {i}))}"
+            new = f"{series}|{','.join(str(k) for k in sorted(sent | {i}))}"
             # A writer that dies after its claim leaves the outbox; come back for it.
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             if not await self.coord.claim(key, NOTICE_FIELD, cursor, new, payload, now):
