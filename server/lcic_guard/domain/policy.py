@@ -482,6 +482,10 @@ def _order(fact: Fact) -> tuple[Millis, int, str]:
     return (fact.occurred_at, _RANK.get(type(fact), 2), fact.event_id)
 
 
+fact_order: Final = _order
+"""The order in which the policy sweeps facts (time, settlements first, id)."""
+
+
 def sweep_until(
     facts: Iterable[Fact],
     app_id: str,
