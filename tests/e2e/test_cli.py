@@ -660,3 +660,64 @@ def test_ctrl_c_stops_without_a_false_change_feed_warning(tmp_path: Path) -> Non
 
 def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+# -- support overrides (issue 15) ----------------------------------------------------
+
+
+def test_override_and_audit_through_a_sidecar(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("admin-token-000 admin\nreader-token-000 read\n")
+    admin, reader = tmp_path / "admin", tmp_path / "reader"
+    admin.write_text("admin-token-000\n")
+    reader.write_text("reader-token-000\n")
+    with serving(tmp_path / "served", "--auth-token-file", str(tokens)) as served:
+        env = clean_env(LCIC_GUARD_TARGET=served.target, LCIC_GUARD_TOKEN_FILE=str(admin))
+        before = json.loads(run("check", "create", "app-grace", "--json", env=env).stdout)
+        done = run(
+            "override",
+            "extend-grace",
+            "acct-grace",
+            "--until",
+            "+3d",
+            "--reason",
+            "bank transfer in flight (ticket 4411)",
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("recorded extend-grace of account acct-grace until ")
+
+        def extended() -> bool:
+            d = json.loads(run("check", "create", "app-grace", "--json", env=env).stdout)
+            return bool(d["grace_ends_at_ms"] > before["grace_ends_at_ms"] + DAY_MS)
+
+        wait_for("the extension to be applied", extended)
+
+        done = run("audit", "acct-grace", env=env | {"LCIC_GUARD_TOKEN_FILE": str(reader)})
+        assert done.returncode == 0, done.stderr
+        header, row = done.stdout.splitlines()
+        assert header.split()[:4] == ["MADE", "RECORDED", "KIND", "ACTOR"]
+        assert "EXTEND_GRACE" in row and "token:" in row and "ticket 4411" in row
+
+        # Not an admin: refused, and said in one line.
+        done = run(
+            "override",
+            "hold-release",
+            "acct-grace",
+            "--reason",
+            "dispute",
+            env=env | {"LCIC_GUARD_TOKEN_FILE": str(reader)},
+        )
+        one_line(done, 2, "refused the call", "admin")
+        # A bad field is named.
+        done = run(
+            "override", "extend-grace", "acct-good", "--until", "+1d", "--reason", "x", env=env
+        )
+        one_line(done, 2, "until:", "no overdue episode")
+        done = run("override", "clear-hold", "acct-grace", "--reason", "", env=env)
+        one_line(done, 2, "reason:")
+        done = run("override", "extend-grace", "acct-grace", "--reason", "x", env=env)
+        one_line(done, 2, "--until is required")
+
+
+DAY_MS = 24 * 3600 * 1000
