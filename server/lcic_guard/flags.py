@@ -563,6 +563,14 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         "first notice; only reminders still ahead of it; off for none)",
     )
     g.add_argument(
+        "--suspension-reminders",
+        action=_EnvDefault,
+        type=parse_durations,
+        default=",".join(format_duration(ms) for ms in _RECONCILER.suspension_reminders_ms),
+        help="when before a scheduled suspension to announce suspension_scheduled again "
+        "(after the first warning; only reminders still ahead of it; off for none)",
+    )
+    g.add_argument(
         "--announce-settle",
         action=_EnvDefault,
         type=parse_duration_or_off,
@@ -696,6 +704,7 @@ def _reconcile(s: Settings, ns: argparse.Namespace) -> Settings:
             release_dry_run=ns.release_dry_run,
             claim_idle_ms=ns.claim_idle,
             release_reminders_ms=ns.release_reminders,
+            suspension_reminders_ms=ns.suspension_reminders,
             announce_settle_ms=ns.announce_settle,
             deadletter_maxlen=ns.deadletter_maxlen,
             parked_ttl_ms=ns.parked_ttl,
