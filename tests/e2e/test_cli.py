@@ -587,6 +587,18 @@ ANNOUNCED = {
     },
     "resources_released": {"account_id", "app_ids"},
     "release_scheduled": {"account_id", "app_ids", "release_at"},
+    "suspension_scheduled": {"account_id", "scope", "app_id", "app_ids", "reason", "at", "notice"},
+    "override_applied": {
+        "account_id",
+        "override",
+        "event_id",
+        "actor",
+        "reason",
+        "made_at",
+        "recorded_at",
+        "until",
+        "effect",
+    },
 }
 
 
@@ -615,7 +627,7 @@ def test_announcements_carry_the_documented_fields(demo: Served) -> None:
         assert {"type", "announcement_id", "occurred_at"} | ANNOUNCED[kind] <= set(event), event
         assert event["occurred_at"].endswith("Z")
         seen.add(kind)
-    assert {"status_changed", "resources_released"} <= seen
+    assert {"status_changed", "resources_released", "suspension_scheduled"} <= seen
 
 
 def test_the_plain_serve_banner_names_no_demo_apps(tmp_path: Path, demo: Served) -> None:

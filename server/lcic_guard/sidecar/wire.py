@@ -30,6 +30,7 @@ from lcic_guard.domain.policy import (
     message_for,
 )
 from lcic_guard.domain.time import MAX_TIME, MIN_TIME, Millis, format_time
+from lcic_guard.domain.warnings import scheduled_suspensions
 from lcic_guard.sidecar.checker import CheckRequest
 
 MAX_BATCH: Final = 1000
@@ -266,6 +267,16 @@ def deadlines_to_pb(items: Iterable[Deadline]) -> list[pb.Deadline]:
     return out
 
 
+def warnings_to_pb(status: AppStatus, now: Millis) -> list[pb.SuspensionWarning]:
+    """The suspensions ahead of ``now`` (what suspension_scheduled warns of)."""
+    out = []
+    for w in scheduled_suspensions({status.app_id: status}, now):
+        msg = pb.SuspensionWarning(reason=_REASON_TO_PB[w.reason], scope=w.scope)
+        _set_time(msg, "at", w.at)
+        out.append(msg)
+    return out
+
+
 def explained_status(
     status: AppStatus, facts: Sequence[Fact] | None, now: Millis
 ) -> pb.ApplicationStatus:
@@ -283,6 +294,7 @@ def explained_status(
             f"{format_time(seg.grace_ends_at or now)} or every application of the account "
             "will be suspended for it too."
         )
+    out.warnings.extend(warnings_to_pb(status, now))
     if facts is not None:
         out.facts.extend(facts_to_pb(reason_facts(status, facts, now)))
         out.deadlines.extend(deadlines_to_pb(deadlines(status, facts, now)))
@@ -302,6 +314,7 @@ def preview(
         enter_classroom=decision_to_pb(decide(Check.ENTER_CLASSROOM, status, at, cfg, room)),
         access_recording=decision_to_pb(decide(Check.ACCESS_RECORDING, status, at, cfg)),
         rules=list(explain(seg)),
+        warnings=warnings_to_pb(status, at),
     )
     out.at.FromMilliseconds(at)
     return out

@@ -761,6 +761,7 @@ class ApplicationStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     SUSPENSION_EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
     OVERRIDES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The application."""
     account_id: _builtins.str
@@ -835,6 +836,13 @@ class ApplicationStatus(_message.Message):
         GetApplicationStatus only.
         """
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___SuspensionWarning]:
+        """The stops of service already known to lie ahead, in time order: what
+        the reconciler warns of with suspension_scheduled. Set by
+        GetApplicationStatus only.
+        """
+
     def __init__(
         self,
         *,
@@ -855,14 +863,50 @@ class ApplicationStatus(_message.Message):
         message: _builtins.str = ...,
         suspension_effective_at: _timestamp_pb2.Timestamp | None = ...,
         overrides: _abc.Iterable[Global___Override] | None = ...,
+        warnings: _abc.Iterable[Global___SuspensionWarning] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "release_at", b"release_at", "suspended_at", b"suspended_at", "suspension_effective_at", b"suspension_effective_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "app_id", b"app_id", "deadlines", b"deadlines", "degraded", b"degraded", "facts", b"facts", "grace_ends_at", b"grace_ends_at", "message", b"message", "overrides", b"overrides", "reasons", b"reasons", "release_at", b"release_at", "rules", b"rules", "state", b"state", "suspended_at", b"suspended_at", "suspension_effective_at", b"suspension_effective_at", "upcoming", b"upcoming", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "app_id", b"app_id", "deadlines", b"deadlines", "degraded", b"degraded", "facts", b"facts", "grace_ends_at", b"grace_ends_at", "message", b"message", "overrides", b"overrides", "reasons", b"reasons", "release_at", b"release_at", "rules", b"rules", "state", b"state", "suspended_at", b"suspended_at", "suspension_effective_at", b"suspension_effective_at", "upcoming", b"upcoming", "updated_at", b"updated_at", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplicationStatus: _TypeAlias = ApplicationStatus  # noqa: Y015
+
+@_typing.final
+class SuspensionWarning(_message.Message):
+    """SuspensionWarning is a stop of service known to lie ahead if no new
+    billing fact arrives (the grace of an overdue alert running out, a
+    package expiring with no successor).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    reason: Global___DecisionReason.ValueType
+    """The reason the suspension will have."""
+    scope: _builtins.str
+    """"account" (every application of the account) or "app"."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When service stops."""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        reason: Global___DecisionReason.ValueType = ...,
+        scope: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "reason", b"reason", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuspensionWarning: _TypeAlias = SuspensionWarning  # noqa: Y015
 
 @_typing.final
 class Override(_message.Message):
@@ -1354,6 +1398,7 @@ class PreviewApplicationResponse(_message.Message):
     ENTER_CLASSROOM_FIELD_NUMBER: _builtins.int
     ACCESS_RECORDING_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The application."""
     state: Global___ApplicationState.ValueType
@@ -1386,6 +1431,10 @@ class PreviewApplicationResponse(_message.Message):
     def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The rules that produce the state at `at`, in words."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___SuspensionWarning]:
+        """The stops of service known to lie ahead of `at`, in time order."""
+
     def __init__(
         self,
         *,
@@ -1397,10 +1446,11 @@ class PreviewApplicationResponse(_message.Message):
         enter_classroom: Global___Decision | None = ...,
         access_recording: Global___Decision | None = ...,
         rules: _abc.Iterable[_builtins.str] | None = ...,
+        warnings: _abc.Iterable[Global___SuspensionWarning] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "at", b"at", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "app_id", b"app_id", "at", b"at", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom", "reasons", b"reasons", "rules", b"rules", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "app_id", b"app_id", "at", b"at", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom", "reasons", b"reasons", "rules", b"rules", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
