@@ -262,3 +262,35 @@ async def test_an_override_is_published_applied_and_audited(
         ]
     finally:
         await channel.close()
+
+
+async def test_the_explanation_cites_the_extension(
+    reconciler: Reconciler, store: Store, events: Events
+) -> None:
+    from lcic_guard.domain.evidence import reason_facts
+
+    await overdue(reconciler, events)
+    ext = events(
+        "grace_extended",
+        T0,
+        account_id="acct",
+        until="2026-09-25T00:00:00Z",
+        actor="alice@support",
+        reason="ticket 9",
+    )
+    await reconciler.ingest(deliveries([ext]))
+    loaded = await store.load_account_facts("acct")
+    status, _ = await store.read_status("app-1")
+    assert status is not None
+    cited = reason_facts(status, loaded.facts, T0)
+    assert [(f.reason, f.event_type) for f in cited] == [
+        (pb_reason("OVERDUE_GRACE"), "overdue_alert"),
+        (pb_reason("OVERDUE_GRACE"), "grace_extended"),
+    ]
+    assert "alice@support" in cited[1].detail and "ticket 9" in cited[1].detail
+
+
+def pb_reason(name: str) -> Any:
+    from lcic_guard.domain.policy import Reason
+
+    return Reason(name)

@@ -130,7 +130,17 @@ def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple
                     f"at {describe_time(seg.grace_ends_at)}",
                 )
             )
-        elif reason is Reason.PACKAGE_EXPIRED:
+        if reason in (Reason.ACCOUNT_OVERDUE, Reason.OVERDUE_GRACE) and k.extension is not None:
+            ext = k.extension
+            out.append(
+                _fact(
+                    reason,
+                    ext,
+                    f"grace extended by {ext.actor} until {describe_time(k.extended_until)}: "
+                    f"{ext.reason}",
+                )
+            )
+        if reason is Reason.PACKAGE_EXPIRED:
             out += _expired_facts(k, now)
         elif reason is Reason.PACKAGE_QUOTA_EXHAUSTED:
             out += _quota_facts(k, now)

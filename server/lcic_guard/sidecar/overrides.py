@@ -19,6 +19,7 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.evidence import OverrideEntry, override_log
 from lcic_guard.domain.facts import (
     MAX_OVERRIDE_REASON,
+    OVERRIDES,
     GraceExtended,
     Override,
     ReleaseHoldCleared,
@@ -157,6 +158,10 @@ async def apply_override(
     loaded = await _load(store, account_id, context, timeout)
     if not loaded.facts:
         await _abort(context, grpc.StatusCode.NOT_FOUND, f"account_id: {account_id} is not known")
+    # After every override already recorded: the policy orders facts by
+    # occurred_at, so a hold and its clear made within one millisecond keep
+    # the order support made them in.
+    now = max([now, *(f.occurred_at + 1 for f in loaded.facts if isinstance(f, OVERRIDES))])
     fact = _fact(request, cfg, actor, loaded, account_id, now)
     text = to_json(fact)
     parse_event_json(text)  # what the reconciler will accept, or a bug here
