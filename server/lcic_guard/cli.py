@@ -33,7 +33,7 @@ from lcic_guard.flags import (
 from lcic_guard.redact import redact_url
 from lcic_guard.sample import sample_jsonl
 from lcic_guard.store.billing_stream import publish_events
-from lcic_guard.store.connect import connect
+from lcic_guard.store.connect import StoreError, connect
 from lcic_guard.store.keys import BILLING_STREAM
 from lcic_guard.store.status import Store
 
@@ -840,9 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as exc:
-        from redis.exceptions import RedisError
-
-        if isinstance(exc, RedisError):
+        if isinstance(exc, StoreError):
             url = redact_url(getattr(args, "redis_url", None) or "")
             return _fail(name, f"Redis {url} failed: {type(exc).__name__}: {exc}", debug, 2)
         text = (

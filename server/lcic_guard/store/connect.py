@@ -13,8 +13,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import RedisError
 
 from lcic_guard.domain.time import Millis
+
+# What any store call may raise when Redis fails, for callers outside the
+# store that must tell it from their own errors.
+StoreError = RedisError
 
 RedisClient = Redis | RedisCluster
 
