@@ -226,9 +226,6 @@ class Sweep:
     extended_until: Millis | None = None  # its ``until``, within the policy's bound
     hold: ReleaseHoldSet | ReleaseHoldCleared | None = None  # the latest release-hold override
     hold_cleared_known: Millis | None = None  # the latest recording of a hold's clearing
-    overrides: list[GraceExtended | ReleaseHoldSet | ReleaseHoldCleared] = field(
-        default_factory=list
-    )
 
     @property
     def overdue_since(self) -> Millis | None:
@@ -284,10 +281,8 @@ class Sweep:
         elif isinstance(fact, PaygChanged):
             self.payg_change = fact
         elif isinstance(fact, GraceExtended):
-            self.overrides.append(fact)
             self.grace_extension(fact)
         elif isinstance(fact, ReleaseHoldSet | ReleaseHoldCleared):
-            self.overrides.append(fact)
             self.hold = fact
             if isinstance(fact, ReleaseHoldCleared):
                 known = self.recorded_at(fact)

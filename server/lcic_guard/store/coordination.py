@@ -129,6 +129,8 @@ class Coordination:
         async with self.redis.pipeline(transaction=False) as pipe:
             for field in fields:
                 pipe.hsetnx(key, field, now)
+            if fields:
+                pipe.hmget(key, fields)
             pipe.hkeys(key)
             res: Any = await pipe.execute()
         keep = set(fields)
@@ -139,7 +141,7 @@ class Coordination:
             await self.redis.hdel(key, *stale)
         if not fields:
             return {}
-        values: Any = await self.redis.hmget(key, fields)
+        values = res[-2]
         return {n: int(v if v is not None else now) for n, v in zip(names, values, strict=True)}
 
     async def cursor(self, key: str, field: str) -> tuple[str, Outbox | None]:
