@@ -35,8 +35,11 @@ from lcic_guard.domain.facts import (
     ApplicationRegistered,
     ArrearsSettled,
     Fact,
+    GraceExtended,
     OverdueAlert,
     PackagePurchased,
+    ReleaseHoldCleared,
+    ReleaseHoldSet,
     ResourcesReleased,
 )
 from lcic_guard.domain.policy import (
@@ -81,6 +84,10 @@ LATE_CLASS = Room(
     scheduled_end=LEARNED + HOUR,
     ended_at=LEARNED + 30 * MINUTE,
 )
+# The lowest lane: support overrides. At A + 20 h support extends the grace
+# to A + 4 d; on day 40 a dispute holds the release, cleared on day 57.
+EXTENDED_AT, EXTENDED_UNTIL = A + 20 * HOUR, A + 4 * DAY
+HELD_AT, CLEARED_AT = A + 40 * DAY, A + 57 * DAY
 VIEW = (A - 12 * HOUR, A + 66 * DAY)
 SCAN = (VIEW[0], A + 3 * DAY)  # where decisions are sampled minute by minute
 LATE_SCAN = (LEARNED - 3 * HOUR, LEARNED + 3 * HOUR)
@@ -250,7 +257,7 @@ def rel(t: Millis) -> str:
     return f"A {sign} " + " ".join(p for p in parts if p)
 
 
-def lanes() -> tuple[Lane, Lane, Lane]:
+def lanes() -> tuple[Lane, Lane, Lane, Lane]:
     paid = [*base_history(), ArrearsSettled("e-4", SETTLED_AT, account_id=ACCOUNT)]
     # Never paid: the reconciler releases once the feed is confirmed read
     # past release_at (plus its margin), which the policy itself reports.
@@ -283,7 +290,48 @@ def lanes() -> tuple[Lane, Lane, Lane]:
         tuple(class_spans(unpaid)),
         (*common, (overdue.release_at, "release_at, lane 2")),
     )
-    return lane_paid, lane_unpaid, backfilled_lane()
+    return lane_paid, lane_unpaid, backfilled_lane(), overrides_lane()
+
+
+def overrides_lane() -> Lane:
+    """The unpaid alert again, with support's overrides: a grace extension
+    moves the suspension and the release; a release hold, once cleared, lets
+    the release happen no sooner than the notice period after the clear."""
+    support = {"account_id": ACCOUNT, "actor": "support"}
+    history = [
+        *base_history(),
+        GraceExtended("e-6", EXTENDED_AT, until=EXTENDED_UNTIL, reason="transfer", **support),
+        ReleaseHoldSet("e-7", HELD_AT, reason="dispute", **support),
+        ReleaseHoldCleared("e-8", CLEARED_AT, reason="dispute closed", **support),
+    ]
+    held = status_at(history, HELD_AT + DAY).at(HELD_AT + DAY)
+    assert held.release_at is None, "a hold leaves no release_at"
+    overdue = decide(Check.CREATE_CLASSROOM, status_at(history, CLEARED_AT), CLEARED_AT, CFG)
+    assert overdue.release_at is not None and overdue.suspended_at == EXTENDED_UNTIL
+    assert overdue.release_at >= CLEARED_AT + CFG.release_notice_ms
+    released_at = overdue.release_at + RELEASE_MARGIN
+    history.append(
+        ResourcesReleased("e-9", released_at, account_id=ACCOUNT, release_at=overdue.release_at)
+    )
+    return Lane(
+        "Overrides",
+        (
+            "support extends the",
+            f"grace to {rel(EXTENDED_UNTIL)}, holds",
+            f"the release day {(HELD_AT - A) // DAY}-{(CLEARED_AT - A) // DAY};",
+            f"released {rel(released_at)}",
+        ),
+        tuple(spans(history)),
+        (
+            (A, "overdue alert"),
+            (EXTENDED_AT, "grace_extended"),
+            (CLEARED_AT, "hold cleared"),
+            (released_at, "released"),
+        ),
+        tuple(class_spans(history)),
+        (),
+        ("still in the extended grace: allowed, with a warning",),
+    )
 
 
 def backfilled_lane() -> Lane:
@@ -325,9 +373,9 @@ def backfilled_lane() -> Lane:
 
 # -- drawing -------------------------------------------------------------------
 
-WIDTH, HEIGHT = 1300, 860
+WIDTH, HEIGHT = 1300, 1060
 X0 = 170
-LANE_TOP = (130, 330, 530)
+LANE_TOP = (130, 330, 530, 730)
 BOX_H = 64
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
@@ -489,7 +537,7 @@ def draw_axis(svg: Svg, ticks: Sequence[tuple[Millis, str]]) -> None:
 
 
 def draw_legend(svg: Svg) -> None:
-    y0 = HEIGHT - 100
+    y0 = HEIGHT - 116
     items = [
         (FILL[State.ACTIVE][0], "ACTIVE"),
         (FILL[State.GRACE][0], "GRACE: answered as ACTIVE, with a warning"),
@@ -514,13 +562,16 @@ def draw_legend(svg: Svg) -> None:
         f"A late fact is read at its own time: the release comes no sooner than "
         f"{CFG.release_notice_ms // DAY} d after the overdue is learned, with notice, and a class "
         "running when it is learned carries on (R6, R10).",
+        "Support overrides only postpone: an extension moves the suspension and the release; a "
+        f"cleared hold releases no sooner than {CFG.release_notice_ms // DAY} d after the clear "
+        "is recorded.",
     )
     for n, note in enumerate(notes):
         svg.text(24, y0 + 40 + 16 * n, note, size=11, fill="#424242")
 
 
 def render() -> str:
-    paid, unpaid, late = lanes()
+    paid, unpaid, late, support = lanes()
     svg = Svg()
     svg.rect(0, 0, WIDTH, HEIGHT, "#ffffff")
     svg.text(
@@ -540,8 +591,8 @@ def render() -> str:
         fill="#616161",
     )
     # First: its guides go under the lanes.
-    draw_axis(svg, [*paid.ticks, *unpaid.ticks, *late.ticks])
-    for lane, top in zip((paid, unpaid, late), LANE_TOP, strict=True):
+    draw_axis(svg, [*paid.ticks, *unpaid.ticks, *late.ticks, *support.ticks])
+    for lane, top in zip((paid, unpaid, late, support), LANE_TOP, strict=True):
         draw_lane(svg, lane, top)
     draw_legend(svg)
     return svg.render()

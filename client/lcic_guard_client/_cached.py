@@ -31,6 +31,13 @@ class CachedGuardClient:
     the sidecar is asked. An enter-classroom check that the schedule denies
     is always asked of the sidecar, which knows whether the class is
     protected (R6).
+
+    With ``answer_ttl`` > 0, an answer the sidecar gave is also kept and
+    reused until the earlier of its ``valid_until`` (the instant it would
+    next change without a new billing fact) and ``answer_ttl`` seconds, and
+    dropped as soon as the watch reports a change of its application. Kept:
+    create-classroom and recording answers, and enter-classroom answers that
+    do not depend on a class in progress; never a degraded one.
     """
 
     def __init__(
@@ -43,12 +50,17 @@ class CachedGuardClient:
         retries: int = 2,
         tls: TlsConfig | None = None,
         bearer_token: str | None = None,
+        answer_ttl: float = 0.0,
     ) -> None:
         self.remote = GuardClient(
             target, timeout=timeout, retries=retries, tls=tls, bearer_token=bearer_token
         )
         self.app_ids = sorted(set(app_ids))
         self.max_staleness = max_staleness
+        self.answer_ttl = answer_ttl
+        self.kept_answers = 0
+        # (check, app_id, request fields...) -> (wall-clock expiry in s, answer)
+        self._answers: dict[tuple[object, ...], tuple[float, pb.Decision]] = {}
         self.local_answers = 0
         self.remote_answers = 0
         self._known: dict[str, _Known] = {}
@@ -89,6 +101,10 @@ class CachedGuardClient:
             known = self._known.get(app_id)
             if known is None or resp.status.version >= known.version:
                 self._known[app_id] = _Known(resp.status.version, list(resp.schedule))
+            if known is None or resp.status.version != known.version:
+                # A new fact: an answer kept until valid_until may be wrong now.
+                for key in [k for k in self._answers if k[1] == app_id]:
+                    del self._answers[key]
 
     def is_fresh(self) -> bool:
         with self._lock:
@@ -122,6 +138,37 @@ class CachedGuardClient:
         self.local_answers += 1
         return decision
 
+    def _kept(self, key: tuple[object, ...]) -> pb.Decision | None:
+        if self.answer_ttl <= 0:
+            return None
+        with self._lock:
+            hit = self._answers.get(key)
+            if hit is None:
+                return None
+            if time.time() >= hit[0]:
+                del self._answers[key]
+                return None
+            decision = pb.Decision()
+            decision.CopyFrom(hit[1])
+        self.kept_answers += 1
+        return decision
+
+    def _keep(self, key: tuple[object, ...], decision: pb.Decision) -> pb.Decision:
+        if self.answer_ttl <= 0 or decision.degraded:
+            return decision
+        if decision.reason == pb.DECISION_REASON_IN_PROGRESS_PROTECTED:
+            return decision  # ends with the class, which no watch reports
+        if key[0] == "enter_classroom" and not decision.allowed:
+            return decision  # a start reported meanwhile may protect it (R6)
+        expires = time.time() + self.answer_ttl
+        if decision.HasField("valid_until"):
+            expires = min(expires, decision.valid_until.ToMilliseconds() / 1000)
+        with self._lock:
+            if len(self._answers) >= 100_000:
+                self._answers.clear()
+            self._answers[key] = (expires, decision)
+        return decision
+
     # -- checks ---------------------------------------------------------------
 
     def can_create_classroom(
@@ -136,9 +183,16 @@ class CachedGuardClient:
         local = self._local(app_id, "create_classroom")
         if local is not None:
             return local
+        key = ("create_classroom", app_id, room_id, start_time, end_time)
+        kept = self._kept(key)
+        if kept is not None:
+            return kept
         self.remote_answers += 1
-        return self.remote.can_create_classroom(
-            app_id, room_id=room_id, start_time=start_time, end_time=end_time, timeout=timeout
+        return self._keep(
+            key,
+            self.remote.can_create_classroom(
+                app_id, room_id=room_id, start_time=start_time, end_time=end_time, timeout=timeout
+            ),
         )
 
     def can_access_recording(
@@ -147,9 +201,16 @@ class CachedGuardClient:
         local = self._local(app_id, "access_recording")
         if local is not None:
             return local
+        key = ("access_recording", app_id, recording_id, room_id)
+        kept = self._kept(key)
+        if kept is not None:
+            return kept
         self.remote_answers += 1
-        return self.remote.can_access_recording(
-            app_id, recording_id, room_id=room_id, timeout=timeout
+        return self._keep(
+            key,
+            self.remote.can_access_recording(
+                app_id, recording_id, room_id=room_id, timeout=timeout
+            ),
         )
 
     def can_enter_classroom(
@@ -166,9 +227,16 @@ class CachedGuardClient:
             return local
         if local is not None:
             self.local_answers -= 1  # a denial may be an R6 protection: ask
+        key = ("enter_classroom", app_id, room_id, user_id, role)
+        kept = self._kept(key)
+        if kept is not None:
+            return kept
         self.remote_answers += 1
-        return self.remote.can_enter_classroom(
-            app_id, room_id, user_id=user_id, role=role, timeout=timeout
+        return self._keep(
+            key,
+            self.remote.can_enter_classroom(
+                app_id, room_id, user_id=user_id, role=role, timeout=timeout
+            ),
         )
 
     def check_batch(self, checks: Sequence[pb.Check]) -> list[pb.Decision]:

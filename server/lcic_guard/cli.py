@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from lcic_guard import render
 from lcic_guard.config import Settings
@@ -60,6 +60,9 @@ lcic-guard enforces the classroom platform's billing policy.
                what the customer can do (--json for the raw record).
   explain      one check's answer for an application, and why.
   preview      what an application's checks will answer at a later time.
+  override     record a support override of an account (extend-grace,
+               hold-release, clear-hold) through a sidecar, with an audit trail.
+  audit        list every support override of an account: who, why, when.
   sample-events print the sample billing events (JSON lines).
   probe        exit 0 if a running sidecar (or process) is ready, 1 if not: for
                container health checks.
@@ -239,6 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--room", default="", help="a classroom reported started, for enter")
     p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+
+    p = _client_command(
+        sub,
+        "override",
+        help="record a support override of an account (scope admin)",
+        description="Record a support override on the billing feed through a running "
+        "sidecar (ApplyOverride, scope admin): extend-grace gives the account's open overdue "
+        "episode a grace until --until; hold-release stops any release of its resources; "
+        "clear-hold lifts the hold (the release then waits the notice period). The actor is "
+        "the identity the sidecar authenticated (the token or client certificate), never a "
+        "flag. The reconciler applies it like any billing event; `lcic-guard audit` lists it.",
+        epilog=EXIT_CODES,
+    )
+    p.add_argument("action", choices=OVERRIDE_ACTIONS)
+    p.add_argument("account_id")
+    p.add_argument(
+        "--until",
+        default=None,
+        help="extend-grace only: RFC 3339 time, or a duration from now (+3d, +36h)",
+    )
+    p.add_argument("--reason", required=True, help="why, for the audit trail (one line)")
+    p.add_argument("--json", action="store_true", help="print the recorded override as JSON")
+
+    p = _client_command(
+        sub,
+        "audit",
+        help="list every support override of an account",
+        description="List every support override recorded for ACCOUNT (ListOverrides, "
+        "scope read), oldest first: what, who, why, when made and recorded, and its effect.",
+    )
+    p.add_argument("account_id")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
 
     p = sub.add_parser("sample-events", help="print the sample billing events")
     add_debug_flag(p)
@@ -629,6 +664,81 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERRIDE_ACTIONS: Final = ("extend-grace", "hold-release", "clear-hold")
+
+
+def _override(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from lcic.guard.v1 import enforcement_pb2 as pb
+
+    kind = {
+        "extend-grace": pb.OVERRIDE_KIND_EXTEND_GRACE,
+        "hold-release": pb.OVERRIDE_KIND_HOLD_RELEASE,
+        "clear-hold": pb.OVERRIDE_KIND_CLEAR_HOLD,
+    }[args.action]
+    req = pb.ApplyOverrideRequest(kind=kind, account_id=args.account_id, reason=args.reason)
+    if args.action == "extend-grace":
+        if not args.until:
+            raise CommandError("--until is required for extend-grace")
+        try:
+            req.until.FromMilliseconds(render.parse_at(args.until, wall_clock()))
+        except argparse.ArgumentTypeError as exc:
+            raise CommandError(f"--until: {exc}") from None
+    elif args.until:
+        raise CommandError(f"--until is only for extend-grace, not {args.action}")
+    with _client(args) as guard:
+        resp: pb.ApplyOverrideResponse = guard.stub.ApplyOverride(
+            req, timeout=guard.timeout, metadata=guard._metadata
+        )
+    if args.json:
+        print(json_format.MessageToJson(resp.override, indent=2))
+    else:
+        o = resp.override
+        until = f" until {format_time(o.until.ToMilliseconds())}" if o.HasField("until") else ""
+        print(
+            f"recorded {args.action} of account {o.account_id}{until} by {o.actor} "
+            f"(event {o.event_id}); the reconciler applies it when it reads the billing feed"
+        )
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from lcic.guard.v1 import enforcement_pb2 as pb
+
+    with _client(args) as guard:
+        resp: pb.ListOverridesResponse = guard.stub.ListOverrides(
+            pb.ListOverridesRequest(account_id=args.account_id),
+            timeout=guard.timeout,
+            metadata=guard._metadata,
+        )
+    if args.json:
+        print(json_format.MessageToJson(resp, indent=2))
+        return 0
+    if not resp.overrides:
+        print(f"no override recorded for account {args.account_id}")
+        return 0
+
+    def when(o: pb.Override, name: str) -> str:
+        has = o.HasField(name)  # type: ignore[arg-type]
+        return format_time(getattr(o, name).ToMilliseconds()) if has else "-"
+
+    rows = [
+        (
+            when(o, "occurred_at"),
+            when(o, "recorded_at"),
+            pb.OverrideKind.Name(o.kind).removeprefix("OVERRIDE_KIND_"),
+            o.actor,
+            when(o, "until"),
+            o.reason,
+            o.effect,
+        )
+        for o in resp.overrides
+    ]
+    print(_table(("MADE", "RECORDED", "KIND", "ACTOR", "UNTIL", "REASON", "EFFECT"), rows))
+    return 0
+
+
 # -- the command ----------------------------------------------------------------
 
 
@@ -659,7 +769,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "sample-events":
         sys.stdout.write(sample_jsonl(wall_clock()))
         return 0
-    if args.command in ("check", "status", "explain", "preview"):
+    if args.command in ("check", "status", "explain", "preview", "override", "audit"):
         import grpc
 
         run: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -667,6 +777,8 @@ def _run(args: argparse.Namespace) -> int:
             "status": _status,
             "explain": _explain,
             "preview": _preview,
+            "override": _override,
+            "audit": _audit,
         }
         try:
             return run[args.command](args)

@@ -347,6 +347,14 @@ def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> Non
         "(a backfilled history is not released sooner)",
     )
     g.add_argument(
+        "--max-grace-extension",
+        action=_EnvDefault,
+        type=parse_duration_or_off,
+        default=format_duration(_POLICY.max_grace_extension_ms),
+        help="how far past A + grace a grace_extended override may move the grace end "
+        "(a later 'until' is cut to this)",
+    )
+    g.add_argument(
         "--overrun",
         action=_EnvDefault,
         type=parse_duration,
@@ -555,6 +563,14 @@ def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
         "first notice; only reminders still ahead of it; off for none)",
     )
     g.add_argument(
+        "--suspension-reminders",
+        action=_EnvDefault,
+        type=parse_durations,
+        default=",".join(format_duration(ms) for ms in _RECONCILER.suspension_reminders_ms),
+        help="when before a scheduled suspension to announce suspension_scheduled again "
+        "(after the first warning; only reminders still ahead of it; off for none)",
+    )
+    g.add_argument(
         "--announce-settle",
         action=_EnvDefault,
         type=parse_duration_or_off,
@@ -627,6 +643,7 @@ def _policy(ns: argparse.Namespace, groups: frozenset[str]) -> PolicyConfig:
         grace_ms=ns.grace,
         release_after_ms=ns.release_after,
         release_notice_ms=ns.release_notice,
+        max_grace_extension_ms=ns.max_grace_extension,
         overrun_ms=ns.overrun,
         max_class_ms=ns.max_class,
         protect_when_banned=ns.protect_when_banned,
@@ -687,6 +704,7 @@ def _reconcile(s: Settings, ns: argparse.Namespace) -> Settings:
             release_dry_run=ns.release_dry_run,
             claim_idle_ms=ns.claim_idle,
             release_reminders_ms=ns.release_reminders,
+            suspension_reminders_ms=ns.suspension_reminders,
             announce_settle_ms=ns.announce_settle,
             deadletter_maxlen=ns.deadletter_maxlen,
             parked_ttl_ms=ns.parked_ttl,

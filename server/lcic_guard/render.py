@@ -9,6 +9,7 @@ text ``lcic-guard status``, ``explain`` and ``preview`` print. Pure: no I/O.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from typing import Final
 
 from lcic.guard.v1 import enforcement_pb2 as pb
@@ -135,6 +136,15 @@ def render_status(st: pb.ApplicationStatus, now: Millis) -> str:
             kind = pb.DeadlineKind.Name(d.kind).removeprefix("DEADLINE_KIND_")
             lines.append(f"  {_at(d.at.ToMilliseconds(), now)}  {kind}")
             lines.append(f"    {d.description}")
+    lines += _warnings(st.warnings, now)
+    if st.overrides:
+        lines += ["", "Support overrides of the account:"]
+        for o in st.overrides:
+            kind = pb.OverrideKind.Name(o.kind).removeprefix("OVERRIDE_KIND_")
+            lines.append(
+                f"  {_at(o.occurred_at.ToMilliseconds(), now)}  {kind} by {o.actor}: {o.reason}"
+            )
+            lines.append(f"    {o.effect}")
     if st.upcoming and state not in ("RELEASED", "BANNED"):  # for good: nothing ahead matters
         lines += ["", "Changes ahead if no new billing event arrives:"]
         for t in st.upcoming:
@@ -147,6 +157,15 @@ def render_status(st: pb.ApplicationStatus, now: Millis) -> str:
     )
     lines += ["", f"Status version {st.version}{updated}"]
     return "\n".join(lines)
+
+
+def _warnings(warnings: Iterable[pb.SuspensionWarning], now: Millis) -> list[str]:
+    out = [
+        f"  {_at(w.at.ToMilliseconds(), now)}  service stops: {reason_name(w.reason)}"
+        + (" (every application of the account)" if w.scope == "account" else "")
+        for w in warnings
+    ]
+    return ["", "Warnings ahead (announced as suspension_scheduled):", *out] if out else []
 
 
 def render_decision(check: str, app_id: str, d: pb.Decision, now: Millis) -> str:
@@ -196,5 +215,6 @@ def render_preview(resp: pb.PreviewApplicationResponse, now: Millis) -> str:
         lines.append(f"  {_CHECK_WORDS[check]:<10} {verdict:<10} {reason_name(d.reason)}{extra}")
     if resp.rules:
         lines += ["", "Rules:"] + [f"  {r}" for r in resp.rules]
+    lines += _warnings(resp.warnings, now)
     lines += ["", "What the customer can do:", f"  {resp.create_classroom.message}"]
     return "\n".join(lines)

@@ -96,6 +96,8 @@ VALID_VARIANTS = [
     _with("payg_changed", enabled=False),
     _with("application_registered", app_id="a" * 64, account_id="acct.1:x_y-z"),
     _with("arrears_settled", event_id="x" * 200),
+    _with("grace_extended", reason="r" * 2000, actor="a" * 200),
+    _with("release_hold_set", reason="  legal hold  "),
 ]
 
 INVALID = [
@@ -128,6 +130,17 @@ INVALID = [
     _with("overdue_alert", amount_due=120.5),
     _with("overdue_alert", amount_due="abc"),
     _with("compliance_ban", note=42),
+    _with("grace_extended", until=_DROP),
+    _with("grace_extended", until="next week"),
+    _with("grace_extended", actor=_DROP),
+    _with("grace_extended", actor=""),
+    _with("grace_extended", actor="   "),
+    _with("grace_extended", actor="a" * 201),
+    _with("release_hold_set", reason=_DROP),
+    _with("release_hold_set", reason="r" * 2001),
+    _with("release_hold_set", reason="line one\nline two"),
+    _with("release_hold_cleared", actor=7),
+    _with("release_hold_cleared", event_id="lcic-guard:override:1"),
 ]
 
 
@@ -149,6 +162,9 @@ def test_what_only_the_validator_checks_is_documented() -> None:
     event = _with("package_purchased", expires_at="2026-08-01T00:00:00Z")
     assert schema_accepts(event) and not validator_accepts(event)
     assert "later than `starts_at`" in DOC
+    event = _with("grace_extended", until="2026-10-01T00:00:00Z")
+    assert schema_accepts(event) and not validator_accepts(event)
+    assert "later than `occurred_at`" in DOC
 
 
 @pytest.mark.parametrize(

@@ -25,10 +25,13 @@ from lcic_guard.domain.facts import (
     ArrearsSettled,
     ComplianceBan,
     Fact,
+    GraceExtended,
     OverdueAlert,
     PackagePurchased,
     PackageUsage,
     PaygChanged,
+    ReleaseHoldCleared,
+    ReleaseHoldSet,
     ResourcesReleased,
 )
 from lcic_guard.domain.policy import (
@@ -102,6 +105,7 @@ def histories(
     ban: bool = True,
     release: bool = True,
     when: st.SearchStrategy[Millis] = times,
+    overrides: bool = False,
 ) -> History:
     n = 0
 
@@ -155,6 +159,16 @@ def histories(
             facts.append(PackageUsage(eid(), at, draw(app), draw(package_id), used))
         else:
             facts.append(PaygChanged(eid(), at, draw(app), draw(st.booleans())))
+    if overrides:  # support overrides (issue 15): extensions, release holds
+        for kind in draw(st.lists(st.sampled_from(("extend", "hold", "clear")), max_size=4)):
+            at = draw(when)
+            if kind == "extend":
+                until = at + draw(st.integers(1, 40 * 24 * 4)) * STEP
+                facts.append(GraceExtended(eid(), at, ACCT, until, "support", "why"))
+            elif kind == "hold":
+                facts.append(ReleaseHoldSet(eid(), at, ACCT, "support", "why"))
+            else:
+                facts.append(ReleaseHoldCleared(eid(), at, ACCT, "support", "why"))
     if ban and draw(st.integers(0, 3)) == 0:
         facts.append(ComplianceBan(eid(), draw(when), ACCT, ""))
     if release and draw(st.integers(0, 3)) == 0:

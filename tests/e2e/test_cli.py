@@ -587,6 +587,18 @@ ANNOUNCED = {
     },
     "resources_released": {"account_id", "app_ids"},
     "release_scheduled": {"account_id", "app_ids", "release_at"},
+    "suspension_scheduled": {"account_id", "scope", "app_id", "app_ids", "reason", "at", "notice"},
+    "override_applied": {
+        "account_id",
+        "override",
+        "event_id",
+        "actor",
+        "reason",
+        "made_at",
+        "recorded_at",
+        "until",
+        "effect",
+    },
 }
 
 
@@ -615,7 +627,7 @@ def test_announcements_carry_the_documented_fields(demo: Served) -> None:
         assert {"type", "announcement_id", "occurred_at"} | ANNOUNCED[kind] <= set(event), event
         assert event["occurred_at"].endswith("Z")
         seen.add(kind)
-    assert {"status_changed", "resources_released"} <= seen
+    assert {"status_changed", "resources_released", "suspension_scheduled"} <= seen
 
 
 def test_the_plain_serve_banner_names_no_demo_apps(tmp_path: Path, demo: Served) -> None:
@@ -660,3 +672,64 @@ def test_ctrl_c_stops_without_a_false_change_feed_warning(tmp_path: Path) -> Non
 
 def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+# -- support overrides (issue 15) ----------------------------------------------------
+
+
+def test_override_and_audit_through_a_sidecar(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("admin-token-000 admin\nreader-token-000 read\n")
+    admin, reader = tmp_path / "admin", tmp_path / "reader"
+    admin.write_text("admin-token-000\n")
+    reader.write_text("reader-token-000\n")
+    with serving(tmp_path / "served", "--auth-token-file", str(tokens)) as served:
+        env = clean_env(LCIC_GUARD_TARGET=served.target, LCIC_GUARD_TOKEN_FILE=str(admin))
+        before = json.loads(run("check", "create", "app-grace", "--json", env=env).stdout)
+        done = run(
+            "override",
+            "extend-grace",
+            "acct-grace",
+            "--until",
+            "+3d",
+            "--reason",
+            "bank transfer in flight (ticket 4411)",
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("recorded extend-grace of account acct-grace until ")
+
+        def extended() -> bool:
+            d = json.loads(run("check", "create", "app-grace", "--json", env=env).stdout)
+            return bool(d["grace_ends_at_ms"] > before["grace_ends_at_ms"] + DAY_MS)
+
+        wait_for("the extension to be applied", extended)
+
+        done = run("audit", "acct-grace", env=env | {"LCIC_GUARD_TOKEN_FILE": str(reader)})
+        assert done.returncode == 0, done.stderr
+        header, row = done.stdout.splitlines()
+        assert header.split()[:4] == ["MADE", "RECORDED", "KIND", "ACTOR"]
+        assert "EXTEND_GRACE" in row and "token:" in row and "ticket 4411" in row
+
+        # Not an admin: refused, and said in one line.
+        done = run(
+            "override",
+            "hold-release",
+            "acct-grace",
+            "--reason",
+            "dispute",
+            env=env | {"LCIC_GUARD_TOKEN_FILE": str(reader)},
+        )
+        one_line(done, 2, "refused the call", "admin")
+        # A bad field is named.
+        done = run(
+            "override", "extend-grace", "acct-good", "--until", "+1d", "--reason", "x", env=env
+        )
+        one_line(done, 2, "until:", "no overdue episode")
+        done = run("override", "clear-hold", "acct-grace", "--reason", "", env=env)
+        one_line(done, 2, "reason:")
+        done = run("override", "extend-grace", "acct-grace", "--reason", "x", env=env)
+        one_line(done, 2, "--until is required")
+
+
+DAY_MS = 24 * 3600 * 1000

@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 import redis
-from lcic_guard.domain.policy import DAY, HOUR, Reason
+from lcic_guard.domain.policy import DAY, HOUR, AppStatus, Reason
 from lcic_guard.domain.time import Millis, format_time, wall_clock
+from lcic_guard.domain.warnings import scheduled_suspensions
 from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.store.codec import decode_segments, encode_segments
 from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM
@@ -376,6 +377,20 @@ def assert_announced_once(r: redis.Redis, snap: Snapshot, data: DataSet) -> None
         assert +b == +expected and -b == -expected, (app, dict(b))
     released = announcements(r, "resources_released")
     assert sorted(e["account_id"] for e in released) == sorted(data.releasable)
+    # Warnings before a cut (issue 15): each one once, whoever made it, and
+    # none lost: every suspension the final table has ahead was warned of.
+    warned = Counter(e["announcement_id"] for e in announcements(r, "suspension_scheduled"))
+    assert warned and [i for i, n in warned.items() if n > 1] == []
+    by_account: dict[str, dict[str, AppStatus]] = defaultdict(dict)
+    for key in r.scan_iter(match="lcic:app:{*}:status", count=2000):
+        app = _s(key).split("{", 1)[1].split("}", 1)[0]
+        raw, account = r.hmget(key, ["data", "account"])
+        if raw is not None:
+            by_account[_s(account)][app] = AppStatus(app, _s(account), decode_segments(_s(raw)))
+    now = wall_clock()
+    for account, statuses in by_account.items():
+        for ahead in scheduled_suspensions(statuses, now):
+            assert any(i.startswith(f"warn:{ahead.key}:") for i in warned), (account, ahead)
 
 
 # ---------------------------------------------------------------------------

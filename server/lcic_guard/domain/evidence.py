@@ -12,13 +12,29 @@ at or before ``now``, swept in time order with settlements first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from lcic_guard.domain.facts import Fact, OverdueAlert, PackageUsage
-from lcic_guard.domain.policy import AppStatus, PolicyConfig, Reason, State, Sweep, sweep_until
+from lcic_guard.domain.facts import (
+    Fact,
+    GraceExtended,
+    OverdueAlert,
+    Override,
+    PackageUsage,
+    ReleaseHoldCleared,
+    ReleaseHoldSet,
+)
+from lcic_guard.domain.policy import (
+    AppStatus,
+    PolicyConfig,
+    Reason,
+    State,
+    Sweep,
+    fact_order,
+    sweep_until,
+)
 from lcic_guard.domain.time import Millis, describe_time, format_time
 
 
@@ -114,7 +130,17 @@ def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple
                     f"at {describe_time(seg.grace_ends_at)}",
                 )
             )
-        elif reason is Reason.PACKAGE_EXPIRED:
+        if reason in (Reason.ACCOUNT_OVERDUE, Reason.OVERDUE_GRACE) and k.extension is not None:
+            ext = k.extension
+            out.append(
+                _fact(
+                    reason,
+                    ext,
+                    f"grace extended by {ext.actor} until {describe_time(k.extended_until)}: "
+                    f"{ext.reason}",
+                )
+            )
+        if reason is Reason.PACKAGE_EXPIRED:
             out += _expired_facts(k, now)
         elif reason is Reason.PACKAGE_QUOTA_EXHAUSTED:
             out += _quota_facts(k, now)
@@ -243,3 +269,54 @@ def deadlines(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[De
                 )
             )
     return tuple(sorted(out, key=lambda d: (d.at, d.kind.value)))
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideEntry:
+    """One support override of the account, for the audit trail."""
+
+    fact: Override
+    recorded_at: Millis | None
+    effect: str
+
+
+def override_log(
+    facts: Iterable[Fact], cfg: PolicyConfig, recorded_at: Mapping[str, Millis]
+) -> tuple[OverrideEntry, ...]:
+    """Every override among the account's facts, oldest first, with what it
+    did: swept as the policy sweeps them, so the effect shown is the one the
+    rules gave it."""
+    sweep = Sweep(cfg, recorded_at)
+    out: list[OverrideEntry] = []
+    for fact in sorted({f.event_id: f for f in facts}.values(), key=fact_order):
+        if isinstance(fact, GraceExtended | ReleaseHoldSet | ReleaseHoldCleared):
+            out.append(OverrideEntry(fact, recorded_at.get(fact.event_id), _effect(sweep, fact)))
+        sweep.apply(fact)
+    return tuple(out)
+
+
+def _effect(sweep: Sweep, fact: Override) -> str:
+    cfg = sweep.cfg
+    if isinstance(fact, GraceExtended):
+        alert = sweep.overdue_alert
+        if alert is None:
+            return "no effect: no overdue episode was open when it was made"
+        bound = alert.occurred_at + cfg.grace_ms + cfg.max_grace_extension_ms
+        until = min(fact.until, bound)
+        text = (
+            f"grace of the overdue episode that began {format_time(alert.occurred_at)} "
+            f"extended until {format_time(until)}"
+        )
+        if until < fact.until:
+            text += f" (cut to the limit of {format_time(bound)})"
+        current = sweep.grace_end
+        if current is not None and current >= until:
+            text += f"; no change: the grace already ran until {format_time(current)}"
+        return text
+    if isinstance(fact, ReleaseHoldSet):
+        return "release of the account's resources held"
+    known = sweep.recorded_at(fact)
+    return (
+        "release hold lifted; no release before "
+        f"{format_time(known + cfg.release_notice_ms)} (the notice period after it was recorded)"
+    )

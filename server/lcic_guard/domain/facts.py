@@ -104,6 +104,45 @@ class ComplianceBan(_Base):
 
 
 @dataclass(frozen=True, slots=True)
+class GraceExtended(_Base):
+    """Support extends the grace of the account's overdue episode open at
+    ``occurred_at``: no overdue suspension before ``until`` (bounded by the
+    policy's ``max_grace_extension_ms`` past A + grace; no effect with no
+    open episode). Recorded with who did it and why."""
+
+    type: ClassVar[str] = "grace_extended"
+    account_id: str
+    until: Millis
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseHoldSet(_Base):
+    """Support holds the account's release (R10): a dispute, a legal hold."""
+
+    type: ClassVar[str] = "release_hold_set"
+    account_id: str
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseHoldCleared(_Base):
+    """Support lifts the release hold; the release waits the notice period
+    from when the clear is recorded."""
+
+    type: ClassVar[str] = "release_hold_cleared"
+    account_id: str
+    actor: str
+    reason: str
+
+
+Override = GraceExtended | ReleaseHoldSet | ReleaseHoldCleared
+OVERRIDES: Final = (GraceExtended, ReleaseHoldSet, ReleaseHoldCleared)
+
+
+@dataclass(frozen=True, slots=True)
 class ResourcesReleased(_Base):
     """The reconciler released the account's resources (R10).
 
@@ -127,6 +166,9 @@ Fact = (
     | PackageUsage
     | PaygChanged
     | ComplianceBan
+    | GraceExtended
+    | ReleaseHoldSet
+    | ReleaseHoldCleared
     | ResourcesReleased
 )
 
@@ -140,14 +182,37 @@ FACT_TYPES: Final[dict[str, type[Fact]]] = {
         PackageUsage,
         PaygChanged,
         ComplianceBan,
+        GraceExtended,
+        ReleaseHoldSet,
+        ReleaseHoldCleared,
         ResourcesReleased,
     )
 }
 
-_TIME_FIELDS: Final = frozenset({"occurred_at", "starts_at", "expires_at", "release_at"})
+_TIME_FIELDS: Final = frozenset({"occurred_at", "starts_at", "expires_at", "release_at", "until"})
 _ID_FIELDS: Final = frozenset({"event_id", "account_id", "app_id", "package_id"})
 _MAX_EVENT_ID: Final = 200
 _MAX_NOTE: Final = 2000
+MAX_ACTOR: Final = 200
+MAX_OVERRIDE_REASON: Final = 2000
+
+
+def text_problem(value: object, limit: int) -> str | None:
+    """Why ``value`` is not a one-line text of 1-``limit`` characters (an
+    override's actor or reason), or None when it is."""
+    if not isinstance(value, str):
+        return "expected a string"
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > limit:
+        return f"at most {limit} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "must not contain control characters"
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return "not valid Unicode"
+    return None
 
 
 def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
@@ -193,6 +258,11 @@ def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
         if not isinstance(value, str):
             raise InvalidEvent("note: expected a string")
         return value[:_MAX_NOTE]
+    if name in ("actor", "reason"):
+        problem = text_problem(value, MAX_ACTOR if name == "actor" else MAX_OVERRIDE_REASON)
+        if problem is not None:
+            raise InvalidEvent(f"{name}: {problem}")
+        return value
     raise AssertionError(f"unhandled field {cls.__name__}.{name}")  # pragma: no cover
 
 
@@ -219,6 +289,8 @@ def parse_event(raw: object, *, allow_internal: bool = False) -> Fact:
     fact = cls(**values)
     if isinstance(fact, PackagePurchased) and fact.expires_at <= fact.starts_at:
         raise InvalidEvent("expires_at: must be after starts_at")
+    if isinstance(fact, GraceExtended) and fact.until <= fact.occurred_at:
+        raise InvalidEvent("until: must be after occurred_at")
     return fact
 
 

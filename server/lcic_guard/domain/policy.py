@@ -30,10 +30,13 @@ from lcic_guard.domain.facts import (
     ArrearsSettled,
     ComplianceBan,
     Fact,
+    GraceExtended,
     OverdueAlert,
     PackagePurchased,
     PackageUsage,
     PaygChanged,
+    ReleaseHoldCleared,
+    ReleaseHoldSet,
     ResourcesReleased,
 )
 from lcic_guard.domain.time import Millis, describe_time
@@ -106,7 +109,11 @@ class PolicyConfig:
     """R10: how long an overdue suspension lasts before resources are released."""
     release_notice_ms: int = 7 * DAY
     """R10: the least time between the overdue suspension becoming known and
-    the release (a backfilled history releases nothing before this)."""
+    the release (a backfilled history releases nothing before this); also
+    the least time between a release hold being cleared and the release."""
+    max_grace_extension_ms: int = 30 * DAY
+    """How far past A + grace a ``grace_extended`` override may move the
+    grace end (a later ``until`` is cut to this)."""
     overrun_ms: int = 60 * MINUTE
     """R6: protection past a class's scheduled end."""
     max_class_ms: int = 12 * HOUR
@@ -125,6 +132,7 @@ class PolicyConfig:
             "release_notice_ms",
             "overrun_ms",
             "max_class_ms",
+            "max_grace_extension_ms",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -214,10 +222,29 @@ class Sweep:
     used: dict[str, PackageUsage] = field(default_factory=dict)  # newest report per package
     usage_reports: dict[str, list[PackageUsage]] = field(default_factory=dict)
     purchases_known_at: Millis | None = None  # the latest-recorded purchase so far
+    extension: GraceExtended | None = None  # the override that gives the open episode most time
+    extended_until: Millis | None = None  # its ``until``, within the policy's bound
+    hold: ReleaseHoldSet | ReleaseHoldCleared | None = None  # the latest release-hold override
+    hold_cleared_known: Millis | None = None  # the latest recording of a hold's clearing
 
     @property
     def overdue_since(self) -> Millis | None:
         return self.overdue_alert.occurred_at if self.overdue_alert is not None else None
+
+    @property
+    def grace_end(self) -> Millis | None:
+        """R1: when the open episode's grace ends: A + grace, or later when
+        support extended it."""
+        if self.overdue_alert is None:
+            return None
+        end = self.overdue_alert.occurred_at + self.cfg.grace_ms
+        if self.extended_until is not None and self.extended_until > end:
+            return self.extended_until
+        return end
+
+    @property
+    def release_held(self) -> bool:
+        return isinstance(self.hold, ReleaseHoldSet)
 
     @property
     def payg(self) -> bool:
@@ -253,6 +280,27 @@ class Sweep:
                 self.used[fact.package_id] = fact
         elif isinstance(fact, PaygChanged):
             self.payg_change = fact
+        elif isinstance(fact, GraceExtended):
+            self.grace_extension(fact)
+        elif isinstance(fact, ReleaseHoldSet | ReleaseHoldCleared):
+            self.hold = fact
+            if isinstance(fact, ReleaseHoldCleared):
+                known = self.recorded_at(fact)
+                if self.hold_cleared_known is None or known > self.hold_cleared_known:
+                    self.hold_cleared_known = known
+
+    def grace_extension(self, ext: GraceExtended) -> None:
+        """An extension applies to the overdue episode open when it was made,
+        never past A + grace + the bound; with no open episode (before the
+        first alert, after a settlement) it has no effect. Extensions only
+        lengthen: the one giving the most time counts."""
+        alert = self.overdue_alert
+        if alert is None:
+            return
+        bound = alert.occurred_at + self.cfg.grace_ms + self.cfg.max_grace_extension_ms
+        until = min(ext.until, bound)
+        if self.extended_until is None or until > self.extended_until:
+            self.extension, self.extended_until = ext, until
 
     def r1_alert(self, alert: OverdueAlert) -> None:
         """R1: grace starts at the earliest alert after the last settlement;
@@ -260,12 +308,14 @@ class Sweep:
         at = alert.occurred_at
         if self.overdue_alert is None and (self.last_settled is None or at > self.last_settled):
             self.overdue_alert = alert
+            self.extension = self.extended_until = None  # a new episode
 
     def r3_settlement(self, at: Millis) -> None:
         """R3: a settlement pays everything overdue up to its own time."""
         self.last_settled = at if self.last_settled is None else max(self.last_settled, at)
         if self.overdue_alert is not None and self.overdue_alert.occurred_at <= at:
             self.overdue_alert = None
+            self.extension = self.extended_until = None  # ends like any grace
 
     def package_in_force(self, t: Millis) -> PackagePurchased | None:
         """R8: the package in force at t; with overlaps, the newest one."""
@@ -292,22 +342,28 @@ class Sweep:
 
     def r10_known_at(self) -> Millis | None:
         """R10: when the overdue suspension became known: the recording of the
-        alert at A, or A + grace if that is later (None: not overdue)."""
-        alert = self.overdue_alert
-        if alert is None:
+        alert at A, or the grace end (A + grace, or later when extended) if
+        that is later (None: not overdue)."""
+        alert, end = self.overdue_alert, self.grace_end
+        if alert is None or end is None:
             return None
-        return max(self.recorded_at(alert), alert.occurred_at + self.cfg.grace_ms)
+        return max(self.recorded_at(alert), end)
 
     def r10_release_at(self) -> Millis | None:
         """R10: A + grace + release_after, but never sooner than the notice
         period after the suspension became known (a backfilled alert read
-        today releases nothing for ``release_notice_ms``)."""
-        known = self.r10_known_at()
-        if self.overdue_alert is None or known is None:
+        today releases nothing for ``release_notice_ms``). A grace extension
+        moves it by the time it adds; while a release hold is set there is
+        none, and once cleared it is never sooner than the notice period
+        after the clear was recorded."""
+        known, end = self.r10_known_at(), self.grace_end
+        if known is None or end is None or self.release_held:
             return None
         cfg = self.cfg
-        full = self.overdue_alert.occurred_at + cfg.grace_ms + cfg.release_after_ms
-        return max(full, known + cfg.release_notice_ms)
+        due = max(end + cfg.release_after_ms, known + cfg.release_notice_ms)
+        if self.hold_cleared_known is not None:
+            due = max(due, self.hold_cleared_known + cfg.release_notice_ms)
+        return due
 
     def known_at(self, reason: Reason, t: Millis) -> Millis:
         """R6: when ``reason``, holding at ``t``, became known: the latest
@@ -336,14 +392,14 @@ class Sweep:
     def evaluate(self, t: Millis, previous: Segment | None) -> tuple[Segment, Millis | None]:
         """The segment starting at ``t`` (without ``effective_at``) and, when
         it is a suspension, the earliest time any of its reasons was known."""
-        cfg = self.cfg
         holding: set[Reason] = set()
         in_grace = False
         grace_ends_at = release_at = None
         if self.ban is not None:  # R11
             holding.add(Reason.ACCOUNT_BANNED)
         if self.overdue_since is not None:
-            grace_ends_at = self.overdue_since + cfg.grace_ms
+            grace_ends_at = self.grace_end
+            assert grace_ends_at is not None
             if t >= grace_ends_at:  # R2
                 holding.add(Reason.ACCOUNT_OVERDUE)
                 release_at = self.r10_release_at()
@@ -421,6 +477,10 @@ def _order(fact: Fact) -> tuple[Millis, int, str]:
     return (fact.occurred_at, _RANK.get(type(fact), 2), fact.event_id)
 
 
+fact_order: Final = _order
+"""The order in which the policy sweeps facts (time, settlements first, id)."""
+
+
 def sweep_until(
     facts: Iterable[Fact],
     app_id: str,
@@ -451,6 +511,9 @@ def _timeline(
     for f in ordered:
         if isinstance(f, OverdueAlert):
             points.add(f.occurred_at + cfg.grace_ms)
+            points.add(f.occurred_at + cfg.grace_ms + cfg.max_grace_extension_ms)
+        elif isinstance(f, GraceExtended):
+            points.add(f.until)
         elif isinstance(f, PackagePurchased):
             points.update((f.starts_at, f.expires_at))
     # The app's status begins with its registration: nothing about it, a
@@ -539,19 +602,45 @@ def overdue_notice(
 ) -> tuple[OverdueAlert, Millis, Millis] | None:
     """R10: the account's overdue episode at ``now``, if it leads to a
     release: the alert at A, when the suspension became (or becomes) known,
-    and ``release_at``. None when the account is not overdue or its
-    resources are already released."""
+    and ``release_at``. None when the account is not overdue, its
+    resources are already released, or a release hold is set."""
     sweep = Sweep(cfg, recorded_at or {})
     for fact in sorted({f.event_id: f for f in facts}.values(), key=_order):
         if fact.occurred_at > now:
             break
-        if isinstance(fact, ArrearsSettled | OverdueAlert | ResourcesReleased):
+        if isinstance(
+            fact,
+            ArrearsSettled
+            | OverdueAlert
+            | ResourcesReleased
+            | GraceExtended
+            | ReleaseHoldSet
+            | ReleaseHoldCleared,
+        ):
             sweep.apply(fact)
     known, release_at = sweep.r10_known_at(), sweep.r10_release_at()
-    if sweep.released is not None or sweep.overdue_alert is None:
-        return None
-    assert known is not None and release_at is not None
+    if sweep.released is not None or sweep.overdue_alert is None or release_at is None:
+        return None  # not overdue, released, or the release is held
+    assert known is not None
     return sweep.overdue_alert, known, release_at
+
+
+def notice_episode(
+    alert: OverdueAlert,
+    release_at: Millis,
+    cfg: PolicyConfig,
+    recorded_at: Mapping[str, Millis] | None = None,
+) -> str:
+    """R10: what the release notices of an overdue episode are counted by:
+    the alert at A while ``release_at`` is the one R10 gives it, so that the
+    customer hears each notice once; once an override moves it (a grace
+    extension, a cleared hold), the alert and the new time, so that the
+    customer hears of the new date."""
+    sweep = Sweep(cfg, recorded_at or {})
+    sweep.apply(alert)
+    if sweep.r10_release_at() == release_at:
+        return alert.event_id
+    return f"{alert.event_id}@{release_at}"
 
 
 # ---------------------------------------------------------------------------
@@ -582,6 +671,10 @@ class Decision:
     protected_until: Millis | None = None
     status_version: int = 0
     degraded: bool = False
+    valid_until: Millis | None = None
+    """The first instant after the decision's time at which the same check,
+    on the same status and room, is answered differently (see
+    :func:`valid_until`); None when no change is known ahead."""
 
 
 def protected_until(room: Room, cfg: PolicyConfig) -> Millis:
@@ -728,7 +821,69 @@ def decide(
         protected_until=protected,
         status_version=status.version,
         degraded=degraded,
+        valid_until=valid_until(check, status, now, cfg, room, seg, protected),
     )
+
+
+def _answer_key(seg: Segment, protected: Millis | None) -> tuple[object, ...]:
+    # Everything a Decision is made of, besides the check and the version:
+    # the state follows the reasons, the message the segment and protection.
+    return (seg.reasons, seg.grace_ends_at, seg.suspended_at, seg.release_at, protected)
+
+
+def _protection(
+    check: Check, seg: Segment, room: Room | None, t: Millis, cfg: PolicyConfig
+) -> Millis | None:
+    if check is not Check.ENTER_CLASSROOM or r4_r5_allowed(seg):
+        return None
+    return r6_protection(seg, room, t, cfg)
+
+
+def valid_until(
+    check: Check,
+    status: AppStatus,
+    now: Millis,
+    cfg: PolicyConfig,
+    room: Room | None = None,
+    seg: Segment | None = None,
+    protected: Millis | None = None,
+) -> Millis | None:
+    """How long the answer to ``check`` at ``now`` holds without a new fact:
+    the first instant after ``now`` at which :func:`decide` on the same
+    status and room answers otherwise, or None when nothing ahead changes it.
+
+    The answer is piecewise constant: it changes only where a segment of the
+    timeline starts (grace end, package expiry or start, a release or an
+    extension ending, ...) or where the protection of a class in progress
+    ends (its ``protected_until``, or a reported end dated ahead). A segment
+    that differs only in what the answer does not show (R6's effective time,
+    for a check it does not protect) is passed over. ``seg`` and
+    ``protected`` are the segment in force and its protection at ``now``,
+    when the caller has them.
+
+    A cache of answers may keep one until then (or until the status
+    changes, which a Watch reports); a memo of answers must therefore be
+    keyed by everything this reads: the whole timeline ahead (not only the
+    segment in force), the room, and, for a protected class, ``now`` (kept
+    out of such memos)."""
+    if seg is None:
+        seg = status.at(now)
+        protected = _protection(check, seg, room, now, cfg)
+    key = _answer_key(seg, protected)
+    ends: Millis | None = None
+    if protected is not None and room is not None:
+        # Protection, once lost, never comes back within a segment.
+        ends = protected
+        if room.ended_at is not None and now < room.ended_at < ends:
+            ends = room.ended_at
+    for nxt in status.segments:
+        if nxt.starts_at <= now:
+            continue
+        if ends is not None and ends <= nxt.starts_at:
+            return ends
+        if _answer_key(nxt, _protection(check, nxt, room, nxt.starts_at, cfg)) != key:
+            return nxt.starts_at
+    return ends
 
 
 def decide_without_store(
@@ -746,7 +901,12 @@ def decide_without_store(
     check's failure mode decides, with reason STATUS_UNAVAILABLE.
     """
     if last_seen is not None and seen_at is not None and now - seen_at <= cfg.stale_bound_ms:
-        return decide(check, last_seen, now, cfg, room, degraded=True)
+        decision = decide(check, last_seen, now, cfg, room, degraded=True)
+        # Past the stale bound the failure mode answers instead.
+        expires = seen_at + cfg.stale_bound_ms + 1
+        if decision.valid_until is None or expires < decision.valid_until:
+            decision = replace(decision, valid_until=expires)
+        return decision
     allowed = check in cfg.fail_open
     outcome = "allowed" if allowed else "denied"
     return Decision(
@@ -769,9 +929,14 @@ def explain(seg: Segment) -> tuple[str, ...]:
         elif r is Reason.RESOURCES_RELEASED:
             out.append(f"R10 release: resources were released at {describe_time(seg.release_at)}")
         elif r is Reason.ACCOUNT_OVERDUE:
+            release = (
+                f"release due at {describe_time(seg.release_at)} (R10)"
+                if seg.release_at is not None
+                else "release on hold by a support override (R10)"
+            )
             out.append(
                 f"R2 overdue suspension: grace ended at {describe_time(seg.grace_ends_at)} without "
-                f"a settlement; release due at {describe_time(seg.release_at)} (R10)"
+                f"a settlement; {release}"
             )
         elif r is Reason.PACKAGE_EXPIRED:
             out.append("R8 expiry: no monthly package is in force")

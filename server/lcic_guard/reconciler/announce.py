@@ -16,12 +16,29 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Segment, overdue_notice
+from lcic_guard.domain.evidence import override_log
+from lcic_guard.domain.facts import GraceExtended
+from lcic_guard.domain.policy import (
+    DAY,
+    HOUR,
+    AppStatus,
+    PolicyConfig,
+    Segment,
+    notice_episode,
+    overdue_notice,
+)
 from lcic_guard.domain.time import Millis, format_time
+from lcic_guard.domain.warnings import ScheduledSuspension, scheduled_suspensions
 from lcic_guard.reconciler.config import STALE_OUTBOX_MS, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.store.coordination import Coordination, Outbox
-from lcic_guard.store.keys import app_deadline, meta_key, notice_deadline, status_key
+from lcic_guard.store.keys import (
+    app_deadline,
+    meta_key,
+    notice_deadline,
+    status_key,
+    warning_deadline,
+)
 from lcic_guard.store.status import AccountFacts, Store
 
 log = logging.getLogger(__name__)
@@ -29,6 +46,7 @@ log = logging.getLogger(__name__)
 ANNOUNCED_FIELD = "announced"
 RELEASE_FIELD = "released"
 NOTICE_FIELD = "notice"
+WARNED_FIELD = "warned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +244,8 @@ class Announcer:
             return ()
         alert, known, release_at = episode
         cursor, _ = await self.coord.cursor(meta_key(account_id), NOTICE_FIELD)
-        sent = _sent_notices(cursor, alert.event_id)
+        series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
+        sent = _sent_notices(cursor, series)
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
         return tuple(replace(n, sent=i in sent) for i, n in enumerate(plan))
 
@@ -262,7 +281,9 @@ class Announcer:
         ):
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
-        sent = _sent_notices(cursor, alert.event_id)
+        # An override that moves release_at starts a new series of notices.
+        series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
+        sent = _sent_notices(cursor, series)
         last = max(sent, default=-1)
         due = [i for i, n in enumerate(plan) if n.at + settle <= now and i > last]
         if due:
@@ -270,7 +291,7 @@ class Announcer:
             notice = plan[i]
             event = {
                 "type": "release_scheduled",
-                "announcement_id": f"notice:{account_id}:{alert.event_id}:{notice.kind}",
+                "announcement_id": f"notice:{account_id}:{series}:{notice.kind}",
                 "occurred_at": format_time(now),
                 "account_id": account_id,
                 "app_ids": sorted(statuses),
@@ -280,7 +301,7 @@ class Announcer:
                 "overdue_since": format_time(alert.occurred_at),
             }
             payload = json.dumps(event, sort_keys=True)
-            new = f"{alert.event_id}|{','.join(str(k) for k in sorted(sent | {i}))}"
+            new = f"{series}|{','.join(str(k) for k in sorted(sent | {i}))}"
             # A writer that dies after its claim leaves the outbox; come back for it.
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             if not await self.coord.claim(key, NOTICE_FIELD, cursor, new, payload, now):
@@ -300,3 +321,126 @@ class Announcer:
             await self.coord.schedule(member, ahead[0])
         else:
             await self.coord.unschedule(member)
+
+    async def warnings(
+        self, account_id: str, loaded: AccountFacts, statuses: dict[str, AppStatus], now: Millis
+    ) -> None:
+        """Announce ``override_applied`` once per override fact, and
+        ``suspension_scheduled`` once when a suspension ahead becomes known
+        and once at each reminder (``--suspension-reminders``) still ahead of
+        that, then keep the next one scheduled.
+
+        Exactly once across replicas: the account's cursor lists what was
+        announced, and each announcement is claimed with it (outbox), as a
+        release notice is. A suspension is first noted, and warned of only
+        once it has stayed ahead for the settle time, so a burst of facts
+        read in any order warns of nothing the complete facts do not say;
+        like R10's notices, only the latest warning due is sent (a reminder
+        missed while no reconciler ran is not sent late)."""
+        settle = self.config.announce_settle_ms
+        member = warning_deadline(account_id)
+        key = meta_key(account_id)
+        cursor, outbox = await self.coord.cursor(key, WARNED_FIELD)
+        if outbox is not None and (
+            now - outbox.at < STALE_OUTBOX_MS
+            or not await self.flush(key, WARNED_FIELD, outbox, now)
+        ):
+            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
+            return
+        if outbox is not None:
+            cursor, _ = await self.coord.cursor(key, WARNED_FIELD)
+        ahead = scheduled_suspensions(statuses, now) if statuses else ()
+        seen = await self.coord.first_seen(key, [w.key for w in ahead], now)
+        done: set[str] = set(json.loads(cursor)) if cursor else set()
+        due: list[Pending] = []
+        later: list[Millis] = []
+        for entry in override_log(loaded.facts, self.policy, loaded.recorded_at):
+            fact = entry.fact
+            event: dict[str, object] = {
+                "type": "override_applied",
+                "announcement_id": f"override:{fact.event_id}",
+                "account_id": fact.account_id,
+                "override": fact.type,
+                "event_id": fact.event_id,
+                "actor": fact.actor,
+                "reason": fact.reason,
+                "made_at": format_time(fact.occurred_at),
+                "recorded_at": (
+                    format_time(entry.recorded_at) if entry.recorded_at is not None else None
+                ),
+                "until": format_time(fact.until) if isinstance(fact, GraceExtended) else None,
+                "effect": entry.effect,
+            }
+            if event["announcement_id"] not in done:
+                due.append(Pending(str(event["announcement_id"]), now, event, None))
+        for suspension in ahead:
+            series = suspension_warnings(
+                suspension, seen[suspension.key], self.config.suspension_reminders_ms
+            )
+            sent = [i for i, w in enumerate(series) if w.announcement_id in done]
+            ready = [
+                i
+                for i, w in enumerate(series)
+                if w.due + settle <= now and i > max(sent, default=-1)
+            ]
+            if ready:
+                due.append(series[ready[-1]])
+            last = ready[-1] if ready else max(sent, default=-1)
+            later += [w.due + settle for i, w in enumerate(series) if i > last]
+        # Ids of suspensions now behind us are never due again: forgotten.
+        keep = {i for i in done if not i.startswith("warn:") or int(i.rsplit(":", 2)[-2]) > now}
+        for warning in due:
+            new = sorted(keep | {warning.announcement_id})
+            payload = json.dumps(warning.event | {"occurred_at": format_time(now)}, sort_keys=True)
+            # A writer that dies after its claim leaves the outbox; come back for it.
+            await self.coord.schedule(member, now + STALE_OUTBOX_MS)
+            claimed = await self.coord.claim(
+                key, WARNED_FIELD, cursor, json.dumps(new, separators=(",", ":")), payload, now
+            )
+            if not claimed:
+                return  # another replica announces it; the deadline above checks
+            await self.store.announce(json.loads(payload))
+            await self.coord.finish(key, WARNED_FIELD, payload)
+            log.info(
+                "%s announced for account %s",
+                warning.event["type"],
+                account_id,
+                extra={"event": warning.event["type"], "account_id": account_id},
+            )
+            cursor, keep = json.dumps(new, separators=(",", ":")), set(new)
+        if later:
+            await self.coord.schedule(member, min(later))
+        else:
+            await self.coord.unschedule(member)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One announcement of :meth:`Announcer.warnings`, with when it is due."""
+
+    announcement_id: str
+    due: Millis
+    event: dict[str, object]
+    forget_after: Millis | None  # when its id may leave the cursor (None: never)
+
+
+def suspension_warnings(
+    warning: ScheduledSuspension, first_seen: Millis, reminders: Iterable[int]
+) -> list[Pending]:
+    """The ``suspension_scheduled`` of one scheduled suspension: the first
+    when it became known, then one per reminder still ahead of that."""
+    out = []
+    for notice in notice_plan(first_seen, warning.at, reminders):
+        event: dict[str, object] = {
+            "type": "suspension_scheduled",
+            "announcement_id": f"warn:{warning.key}:{notice.kind}",
+            "account_id": warning.account_id,
+            "scope": warning.scope,
+            "app_id": warning.app_ids[0] if warning.scope == "app" else None,
+            "app_ids": list(warning.app_ids),
+            "reason": warning.reason.value,
+            "at": format_time(warning.at),
+            "notice": notice.kind,
+        }
+        out.append(Pending(str(event["announcement_id"]), notice.at, event, warning.at))
+    return out

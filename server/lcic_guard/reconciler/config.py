@@ -39,6 +39,9 @@ class ReconcilerConfig:
     release_reminders_ms: tuple[int, ...] = (30 * DAY, 7 * DAY, DAY)
     """R10: how long before ``release_at`` a ``release_scheduled`` reminder
     is announced (after the first notice, when the suspension becomes known)."""
+    suspension_reminders_ms: tuple[int, ...] = (HOUR,)
+    """How long before a scheduled suspension a ``suspension_scheduled``
+    reminder is announced (after the first warning, when it becomes known)."""
     deadletter_maxlen: int = DEADLETTER_MAXLEN
     """About how many dead letters the dead-letter stream keeps (0: all)."""
     parked_ttl_ms: int = 30 * DAY

@@ -382,6 +382,7 @@ class Reconciler:
                 await self._write_app(status, now)
             await self.releaser.schedule(account_id, statuses, now)
             await self.announcer.release_notices(account_id, loaded, statuses, now)
+            await self.announcer.warnings(account_id, loaded, statuses, now)
             if (
                 statuses
                 and Reason.RESOURCES_RELEASED in next(iter(statuses.values())).at(now).reasons
@@ -451,6 +452,9 @@ class Reconciler:
             elif kind == "notice":
                 loaded = await self.store.load_account_facts(ident)
                 await self.announcer.release_notices(ident, loaded, self._compute(loaded), now)
+            elif kind == "warn":
+                loaded = await self.store.load_account_facts(ident)
+                await self.announcer.warnings(ident, loaded, self._compute(loaded), now)
             else:
                 await self.coord.unschedule(member)
             done += 1

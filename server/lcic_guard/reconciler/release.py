@@ -16,8 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 
-from lcic_guard.domain.facts import ResourcesReleased
-from lcic_guard.domain.policy import AppStatus, PolicyConfig, Reason
+from lcic_guard.domain.facts import ReleaseHoldSet, ResourcesReleased
+from lcic_guard.domain.policy import DAY, AppStatus, PolicyConfig, Reason, sweep_until
 from lcic_guard.domain.time import Millis, format_time
 from lcic_guard.reconciler.announce import Announcer, Notice
 from lcic_guard.reconciler.config import MAX_ROUNDS, RETRY_MS, STALE_OUTBOX_MS, ReconcilerConfig
@@ -32,6 +32,10 @@ ALREADY_RELEASED = "already released"
 RESYNCING = "Redis holds a new data set: waiting until the billing feed is read again"
 NOT_LEADER = "not the leader: another reconciler holds the lease"
 FENCED = "fenced off: a newer leader has acted on the account"
+HELD = "release on hold"
+# A held release stays listed (release-plan) and is looked at again this
+# often; clearing the hold reschedules it at once anyway.
+HELD_RECHECK_MS = DAY
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,9 @@ class Releaser:
             if Reason.ACCOUNT_OVERDUE in seg.reasons and seg.release_at is not None:
                 await self.coord.schedule(member, seg.release_at + self.config.release_margin_ms)
                 return
+        if Reason.ACCOUNT_OVERDUE in current.reasons:  # overdue with no release_at: held
+            await self.coord.schedule(member, now + HELD_RECHECK_MS)
+            return
         await self.coord.unschedule(member)
 
     async def plan(self, account_id: str, now: Millis) -> tuple[ReleasePlan, int]:
@@ -118,6 +125,14 @@ class Releaser:
         seg = statuses[apps[0]].at(now)
         if Reason.RESOURCES_RELEASED in seg.reasons:
             return result(seg.release_at or 0, False, ALREADY_RELEASED)
+        if Reason.ACCOUNT_OVERDUE in seg.reasons and seg.release_at is None:
+            hold = sweep_until(loaded.facts, apps[0], now, self.policy, loaded.recorded_at).hold
+            if isinstance(hold, ReleaseHoldSet):
+                return result(
+                    0,
+                    False,
+                    f"{HELD} since {format_time(hold.occurred_at)} by {hold.actor}: {hold.reason}",
+                )
         if Reason.ACCOUNT_OVERDUE not in seg.reasons or seg.release_at is None:
             return result(0, False, "not suspended for overdue")
         due = seg.release_at + self.config.release_margin_ms
@@ -196,6 +211,8 @@ class Releaser:
                 if plan.release_at:
                     due = plan.release_at + self.config.release_margin_ms
                     await self.coord.schedule(member, max(now + RETRY_MS, due))
+                elif plan.why.startswith(HELD):
+                    await self.coord.schedule(member, now + HELD_RECHECK_MS)
                 else:
                     await self.coord.unschedule(member)
                 if await self.coord.account_seq(account_id) == seq:

@@ -16,8 +16,9 @@ and any added later) — requires one of:
 
 Scopes: ``check`` (the four checks, when ``--auth-checks`` protects them),
 ``report`` (``ReportClassroomStarted/Ended``), ``read``
-(``GetApplicationStatus``, ``PreviewApplication``, ``WatchApplicationStatus``)
-and ``admin`` (everything, including RPCs added later). A token or identity
+(``GetApplicationStatus``, ``PreviewApplication``, ``WatchApplicationStatus``,
+``ListOverrides``) and ``admin`` (everything, including ``ApplyOverride`` and
+RPCs added later). A token or identity
 listed without scopes gets ``check,report,read`` — what every listed token
 could do before scopes existed. A credential without the scope an RPC needs
 is refused with ``PERMISSION_DENIED`` naming the scope.
@@ -33,12 +34,14 @@ No credentials: ``UNAUTHENTICATED``. A token that is not listed:
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -63,7 +66,20 @@ _SCOPE_OF: Final = {
     f"/{SERVICE}/GetApplicationStatus": "read",
     f"/{SERVICE}/PreviewApplication": "read",
     f"/{SERVICE}/WatchApplicationStatus": "read",
+    f"/{SERVICE}/ListOverrides": "read",
 }
+
+
+CALLER: ContextVar[str | None] = ContextVar("lcic_guard_caller", default=None)
+"""Who the RPC being served was authenticated as (None: not authenticated,
+or auth is off): the allowed client-certificate name, or ``token:`` and the
+first 12 hex digits of the bearer token's SHA-256 (never the token). Set by
+:class:`AuthInterceptor` around the handler; an override records it as its
+actor."""
+
+
+def token_identity(token: str) -> str:
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def scope_of(method: str) -> str:
@@ -229,15 +245,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         await context.abort(code, why)
         raise AssertionError("abort returned")  # pragma: no cover
 
-    async def authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    async def authorize(self, method: str, context: grpc.aio.ServicerContext) -> str:
+        """The caller's identity if it may call ``method``; else the call is
+        aborted."""
         name = method.rpartition("/")[2]
         needed = scope_of(method)
         token = bearer_token(context.invocation_metadata())
         granted: frozenset[str] | None = None
-        who = ""
+        who = caller = ""
         if token is not None and self.tokens is not None:
             granted = self.tokens.scopes_of(token)
-            who = "bearer token"
+            who, caller = "bearer token", token_identity(token)
         identities = peer_identities(context)
         if granted is None:
             for identity in sorted(identities):
@@ -245,9 +263,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if scopes is not None:
                     granted = scopes if granted is None else granted | scopes
                     who = f"client identity {identity}"
+                    caller = caller or identity
         if granted is not None:
             if needed in granted or "admin" in granted:
-                return
+                return caller
             await self._refuse(
                 context,
                 method,
@@ -288,8 +307,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self.authorize(method, context)
-                return await inner(request, context)
+                caller = CALLER.set(await self.authorize(method, context))
+                try:
+                    return await inner(request, context)
+                finally:
+                    CALLER.reset(caller)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,

@@ -31,6 +31,7 @@ from lcic_guard.sidecar.cache import (
     Entry,
     StatusCache,
     segment_span,
+    unpack,
     unpack_segment,
 )
 
@@ -118,8 +119,11 @@ class Checker:
 
         Synchronous, so a cache hit costs no coroutine. A decision depends
         only on the check, the record's version and the segment in force
-        (and, for a suspended app's classroom, the room), so answers are
-        memoized by those: most checks only find their segment."""
+        with the ones after it (its ``valid_until`` is the next one that
+        answers otherwise; and, for a suspended app's classroom, on the
+        room), so answers are memoized by those: most checks only find their
+        segment. Any memo of answers, serialized or not, must be keyed by
+        all of that: ``valid_until`` is derived from the same record."""
         try:
             return self._from_cache(req, self.clock())
         except Exception as exc:
@@ -147,8 +151,10 @@ class Checker:
         if not cache.fresh_at(fetched_at, now):
             return None
         if known:
-            offset, end = segment_span(rec, count, now)
-            key = (req.check, version, rec[offset:end])
+            offset, _ = segment_span(rec, count, now)
+            # The answer's valid_until reads the timeline ahead as well, so
+            # the key holds the segment in force and every one after it.
+            key = (req.check, version, rec[offset:])
         else:
             key = (req.check, 0, b"")
         memo = self._memo.get(key)
@@ -159,7 +165,7 @@ class Checker:
         room: Room | None = None
         if known:
             seg = unpack_segment(rec, offset)
-            status = AppStatus(req.app_id, "", (seg,), version)
+            status, _ = unpack(req.app_id, rec)
             if req.check is Check.ENTER_CLASSROOM and not r4_r5_allowed(seg):
                 # Only a suspension makes the room matter (R6): not memoized.
                 rooms = cache.rooms_of(req.app_id)

@@ -44,7 +44,9 @@ class DecisionObserver:
         self.shadow = frozenset(shadow)
         # The checker memoizes decisions, so the same Decision object comes
         # back for most checks: convert it once. Keyed by identity, holding
-        # the decision so the identity stays valid.
+        # the decision so the identity stays valid. A memo keyed otherwise
+        # must include valid_until's inputs (the timeline ahead of the
+        # segment in force, the room and, for a protected class, the time).
         self._pb: dict[int, tuple[Decision, pb.Decision]] = {}
 
     def _to_pb(self, d: Decision) -> pb.Decision:

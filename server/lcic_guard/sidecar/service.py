@@ -16,10 +16,11 @@ import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 
+from lcic_guard.domain.evidence import override_log
 from lcic_guard.domain.policy import AppStatus, Room, protected_until
 from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import describe_error
-from lcic_guard.sidecar import wire
+from lcic_guard.sidecar import auth, overrides, wire
 from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
 from lcic_guard.sidecar.observe import PREVIEW_CHECKS, DecisionObserver
 from lcic_guard.sidecar.watchers import WatchCut, Watchers
@@ -186,11 +187,28 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
         try:
             explained = wire.explained_status(status, loaded.facts, self.clock())
+            explained.overrides.extend(
+                overrides.entries_to_pb(
+                    override_log(loaded.facts, self.checker.cfg, loaded.recorded_at)
+                )
+            )
         except Exception as exc:
             # A stored fact the explanation cannot render must not hide the status.
             log.warning("cannot explain the status of %s (%s); sent without facts", app_id, exc)
             explained = wire.status_to_pb(status, self.clock())
         return pb.GetApplicationStatusResponse(status=explained)
+
+    async def ApplyOverride(
+        self, request: pb.ApplyOverrideRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyOverrideResponse:
+        return await overrides.apply_override(
+            self.store, self.checker.cfg, auth.CALLER.get(), request, self.clock(), context
+        )
+
+    async def ListOverrides(
+        self, request: pb.ListOverridesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListOverridesResponse:
+        return await overrides.list_overrides(self.store, self.checker.cfg, request, context)
 
     async def _read_one(
         self, context: grpc.aio.ServicerContext, app_id: str, room_id: str | None

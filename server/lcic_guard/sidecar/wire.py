@@ -30,6 +30,7 @@ from lcic_guard.domain.policy import (
     message_for,
 )
 from lcic_guard.domain.time import MAX_TIME, MIN_TIME, Millis, format_time
+from lcic_guard.domain.warnings import scheduled_suspensions
 from lcic_guard.sidecar.checker import CheckRequest
 
 MAX_BATCH: Final = 1000
@@ -173,6 +174,7 @@ def decision_to_pb(d: Decision) -> pb.Decision:
     _set_time(out, "suspended_at", d.suspended_at)
     _set_time(out, "release_at", d.release_at)
     _set_time(out, "protected_until", d.protected_until)
+    _set_time(out, "valid_until", d.valid_until)
     return out
 
 
@@ -265,6 +267,16 @@ def deadlines_to_pb(items: Iterable[Deadline]) -> list[pb.Deadline]:
     return out
 
 
+def warnings_to_pb(status: AppStatus, now: Millis) -> list[pb.SuspensionWarning]:
+    """The suspensions ahead of ``now`` (what suspension_scheduled warns of)."""
+    out = []
+    for w in scheduled_suspensions({status.app_id: status}, now):
+        msg = pb.SuspensionWarning(reason=_REASON_TO_PB[w.reason], scope=w.scope)
+        _set_time(msg, "at", w.at)
+        out.append(msg)
+    return out
+
+
 def explained_status(
     status: AppStatus, facts: Sequence[Fact] | None, now: Millis
 ) -> pb.ApplicationStatus:
@@ -282,6 +294,7 @@ def explained_status(
             f"{format_time(seg.grace_ends_at or now)} or every application of the account "
             "will be suspended for it too."
         )
+    out.warnings.extend(warnings_to_pb(status, now))
     if facts is not None:
         out.facts.extend(facts_to_pb(reason_facts(status, facts, now)))
         out.deadlines.extend(deadlines_to_pb(deadlines(status, facts, now)))
@@ -301,6 +314,7 @@ def preview(
         enter_classroom=decision_to_pb(decide(Check.ENTER_CLASSROOM, status, at, cfg, room)),
         access_recording=decision_to_pb(decide(Check.ACCESS_RECORDING, status, at, cfg)),
         rules=list(explain(seg)),
+        warnings=warnings_to_pb(status, at),
     )
     out.at.FromMilliseconds(at)
     return out

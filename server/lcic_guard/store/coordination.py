@@ -121,6 +121,29 @@ class Coordination:
 
     # -- announcements (outbox) ---------------------------------------------
 
+    async def first_seen(self, key: str, names: list[str], now: Millis) -> dict[str, Millis]:
+        """When each of ``names`` was first noted in the hash ``key`` (noted
+        now if never before; the first writer's time stays), and forget every
+        other name noted there under the same prefix ``seen:``."""
+        fields = [f"seen:{n}" for n in names]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for field in fields:
+                pipe.hsetnx(key, field, now)
+            if fields:
+                pipe.hmget(key, fields)
+            pipe.hkeys(key)
+            res: Any = await pipe.execute()
+        keep = set(fields)
+        stale = [
+            f for raw in res[-1] if (f := text(raw) or "").startswith("seen:") and f not in keep
+        ]
+        if stale:
+            await self.redis.hdel(key, *stale)
+        if not fields:
+            return {}
+        values = res[-2]
+        return {n: int(v if v is not None else now) for n, v in zip(names, values, strict=True)}
+
     async def cursor(self, key: str, field: str) -> tuple[str, Outbox | None]:
         cur, payload, at = await self.redis.hmget(
             key, [field, f"{field}:outbox", f"{field}:outbox_at"]

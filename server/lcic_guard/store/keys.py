@@ -102,7 +102,13 @@ def notice_deadline(account_id: str) -> str:
     return f"notice:{account_id}"
 
 
+def warning_deadline(account_id: str) -> str:
+    """An account's next warning (suspension_scheduled, override_applied)."""
+    return f"warn:{account_id}"
+
+
 def deadline_of(member: str) -> tuple[str, str]:
-    """``(kind, id)`` of a DEADLINES member: kind ``app``, ``release`` or ``notice``."""
+    """``(kind, id)`` of a DEADLINES member: kind ``app``, ``release``,
+    ``notice`` or ``warn``."""
     kind, _, ident = member.partition(":")
     return kind, ident

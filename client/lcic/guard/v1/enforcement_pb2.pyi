@@ -189,6 +189,44 @@ CLASSROOM_ROLE_SUPERVISOR: ClassroomRole.ValueType  # 4
 """A supervisor or inspector."""
 Global___ClassroomRole: _TypeAlias = ClassroomRole  # noqa: Y015
 
+class _OverrideKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OverrideKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OverrideKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OVERRIDE_KIND_UNSPECIFIED: _OverrideKind.ValueType  # 0
+    """Never valid in a request."""
+    OVERRIDE_KIND_EXTEND_GRACE: _OverrideKind.ValueType  # 1
+    """grace_extended: the overdue suspension of the account's open overdue
+    episode does not apply before `until`; release_at moves by as much.
+    """
+    OVERRIDE_KIND_HOLD_RELEASE: _OverrideKind.ValueType  # 2
+    """release_hold_set: no release of the account's resources while it holds."""
+    OVERRIDE_KIND_CLEAR_HOLD: _OverrideKind.ValueType  # 3
+    """release_hold_cleared: the hold is lifted; the release is never sooner
+    than the notice period after the clear is recorded.
+    """
+
+class OverrideKind(_OverrideKind, metaclass=_OverrideKindEnumTypeWrapper):
+    """OverrideKind names a support override (a billing fact with an actor and a
+    reason).
+    """
+
+OVERRIDE_KIND_UNSPECIFIED: OverrideKind.ValueType  # 0
+"""Never valid in a request."""
+OVERRIDE_KIND_EXTEND_GRACE: OverrideKind.ValueType  # 1
+"""grace_extended: the overdue suspension of the account's open overdue
+episode does not apply before `until`; release_at moves by as much.
+"""
+OVERRIDE_KIND_HOLD_RELEASE: OverrideKind.ValueType  # 2
+"""release_hold_set: no release of the account's resources while it holds."""
+OVERRIDE_KIND_CLEAR_HOLD: OverrideKind.ValueType  # 3
+"""release_hold_cleared: the hold is lifted; the release is never sooner
+than the notice period after the clear is recorded.
+"""
+Global___OverrideKind: _TypeAlias = OverrideKind  # noqa: Y015
+
 class _DeadlineKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -251,6 +289,7 @@ class Decision(_message.Message):
     DEGRADED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """Whether the action may go ahead."""
     reason: Global___DecisionReason.ValueType
@@ -294,6 +333,20 @@ class Decision(_message.Message):
     def protected_until(self) -> _timestamp_pb2.Timestamp:
         """For IN_PROGRESS_PROTECTED: when the protection of the classroom ends."""
 
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """How long this answer holds: the first instant after the decision at
+        which the same check, on the same billing facts, is answered otherwise
+        (the next deadline ahead that changes it: the grace ending, a package
+        expiring or starting, a grace extension ending, a release falling due,
+        the protection of a class in progress ending). Unset when no such
+        instant is known. A caller may reuse the answer until then, but must
+        drop it earlier when WatchApplicationStatus reports a change of the
+        application (a new fact), and should also bound it by a TTL of its
+        own. A degraded answer holds at most until its last-seen status is
+        older than the stale bound.
+        """
+
     def __init__(
         self,
         *,
@@ -309,10 +362,11 @@ class Decision(_message.Message):
         degraded: _builtins.bool = ...,
         state: Global___ApplicationState.ValueType = ...,
         shadow: _builtins.bool = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "protected_until", b"protected_until", "release_at", b"release_at", "suspended_at", b"suspended_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "protected_until", b"protected_until", "release_at", b"release_at", "suspended_at", b"suspended_at", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "degraded", b"degraded", "grace_ends_at", b"grace_ends_at", "message", b"message", "protected_until", b"protected_until", "reason", b"reason", "reasons", b"reasons", "release_at", b"release_at", "shadow", b"shadow", "state", b"state", "status_version", b"status_version", "suspended_at", b"suspended_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "degraded", b"degraded", "grace_ends_at", b"grace_ends_at", "message", b"message", "protected_until", b"protected_until", "reason", b"reason", "reasons", b"reasons", "release_at", b"release_at", "shadow", b"shadow", "state", b"state", "status_version", b"status_version", "suspended_at", b"suspended_at", "valid_until", b"valid_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -706,6 +760,8 @@ class ApplicationStatus(_message.Message):
     DEADLINES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     SUSPENSION_EFFECTIVE_AT_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The application."""
     account_id: _builtins.str
@@ -774,6 +830,19 @@ class ApplicationStatus(_message.Message):
         bounds. Set whenever `suspended_at` is.
         """
 
+    @_builtins.property
+    def overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___Override]:
+        """Every support override recorded for the account, oldest first. Set by
+        GetApplicationStatus only.
+        """
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___SuspensionWarning]:
+        """The stops of service already known to lie ahead, in time order: what
+        the reconciler warns of with suspension_scheduled. Set by
+        GetApplicationStatus only.
+        """
+
     def __init__(
         self,
         *,
@@ -793,14 +862,222 @@ class ApplicationStatus(_message.Message):
         deadlines: _abc.Iterable[Global___Deadline] | None = ...,
         message: _builtins.str = ...,
         suspension_effective_at: _timestamp_pb2.Timestamp | None = ...,
+        overrides: _abc.Iterable[Global___Override] | None = ...,
+        warnings: _abc.Iterable[Global___SuspensionWarning] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grace_ends_at", b"grace_ends_at", "release_at", b"release_at", "suspended_at", b"suspended_at", "suspension_effective_at", b"suspension_effective_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "app_id", b"app_id", "deadlines", b"deadlines", "degraded", b"degraded", "facts", b"facts", "grace_ends_at", b"grace_ends_at", "message", b"message", "reasons", b"reasons", "release_at", b"release_at", "rules", b"rules", "state", b"state", "suspended_at", b"suspended_at", "suspension_effective_at", b"suspension_effective_at", "upcoming", b"upcoming", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "app_id", b"app_id", "deadlines", b"deadlines", "degraded", b"degraded", "facts", b"facts", "grace_ends_at", b"grace_ends_at", "message", b"message", "overrides", b"overrides", "reasons", b"reasons", "release_at", b"release_at", "rules", b"rules", "state", b"state", "suspended_at", b"suspended_at", "suspension_effective_at", b"suspension_effective_at", "upcoming", b"upcoming", "updated_at", b"updated_at", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplicationStatus: _TypeAlias = ApplicationStatus  # noqa: Y015
+
+@_typing.final
+class SuspensionWarning(_message.Message):
+    """SuspensionWarning is a stop of service known to lie ahead if no new
+    billing fact arrives (the grace of an overdue alert running out, a
+    package expiring with no successor).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    reason: Global___DecisionReason.ValueType
+    """The reason the suspension will have."""
+    scope: _builtins.str
+    """"account" (every application of the account) or "app"."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When service stops."""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        reason: Global___DecisionReason.ValueType = ...,
+        scope: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "reason", b"reason", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuspensionWarning: _TypeAlias = SuspensionWarning  # noqa: Y015
+
+@_typing.final
+class Override(_message.Message):
+    """Override is one support override of an account."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The billing event's id."""
+    kind: Global___OverrideKind.ValueType
+    """What it does."""
+    account_id: _builtins.str
+    """The account."""
+    actor: _builtins.str
+    """Who made it (the authenticated caller of ApplyOverride)."""
+    reason: _builtins.str
+    """Why, in the actor's words."""
+    effect: _builtins.str
+    """What it did, in words (e.g. the grace end it gave, or that it had no
+    effect because no overdue episode was open).
+    """
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+        """When the reconciler first stored it (unset until it has)."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """For EXTEND_GRACE: the requested end of the grace period."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        kind: Global___OverrideKind.ValueType = ...,
+        account_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        effect: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "recorded_at", b"recorded_at", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "actor", b"actor", "effect", b"effect", "event_id", b"event_id", "kind", b"kind", "occurred_at", b"occurred_at", "reason", b"reason", "recorded_at", b"recorded_at", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Override: _TypeAlias = Override  # noqa: Y015
+
+@_typing.final
+class ApplyOverrideRequest(_message.Message):
+    """ApplyOverrideRequest asks for one support override."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account. Required."""
+    kind: Global___OverrideKind.ValueType
+    """What to do. Required."""
+    reason: _builtins.str
+    """Why (1-2,000 characters, one line). Required."""
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """For EXTEND_GRACE, required: the new end of the grace period, in the
+        future and at most --max-grace-extension past the episode's A + 24 h.
+        Must be unset otherwise.
+        """
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        kind: Global___OverrideKind.ValueType = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "kind", b"kind", "reason", b"reason", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyOverrideRequest: _TypeAlias = ApplyOverrideRequest  # noqa: Y015
+
+@_typing.final
+class ApplyOverrideResponse(_message.Message):
+    """ApplyOverrideResponse is the override as published on the billing feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OVERRIDE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def override(self) -> Global___Override:
+        """The override (no `recorded_at` yet: the reconciler has not stored it)."""
+
+    def __init__(
+        self,
+        *,
+        override: Global___Override | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["override", b"override"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["override", b"override"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyOverrideResponse: _TypeAlias = ApplyOverrideResponse  # noqa: Y015
+
+@_typing.final
+class ListOverridesRequest(_message.Message):
+    """ListOverridesRequest names the account whose overrides to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account. Required."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOverridesRequest: _TypeAlias = ListOverridesRequest  # noqa: Y015
+
+@_typing.final
+class ListOverridesResponse(_message.Message):
+    """ListOverridesResponse is an account's audit trail of overrides."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OVERRIDES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___Override]:
+        """Every override recorded for the account, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        overrides: _abc.Iterable[Global___Override] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["overrides", b"overrides"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOverridesResponse: _TypeAlias = ListOverridesResponse  # noqa: Y015
 
 @_typing.final
 class ReasonFact(_message.Message):
@@ -1121,6 +1398,7 @@ class PreviewApplicationResponse(_message.Message):
     ENTER_CLASSROOM_FIELD_NUMBER: _builtins.int
     ACCESS_RECORDING_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """The application."""
     state: Global___ApplicationState.ValueType
@@ -1153,6 +1431,10 @@ class PreviewApplicationResponse(_message.Message):
     def rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The rules that produce the state at `at`, in words."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___SuspensionWarning]:
+        """The stops of service known to lie ahead of `at`, in time order."""
+
     def __init__(
         self,
         *,
@@ -1164,10 +1446,11 @@ class PreviewApplicationResponse(_message.Message):
         enter_classroom: Global___Decision | None = ...,
         access_recording: Global___Decision | None = ...,
         rules: _abc.Iterable[_builtins.str] | None = ...,
+        warnings: _abc.Iterable[Global___SuspensionWarning] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "at", b"at", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "app_id", b"app_id", "at", b"at", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom", "reasons", b"reasons", "rules", b"rules", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_recording", b"access_recording", "app_id", b"app_id", "at", b"at", "create_classroom", b"create_classroom", "enter_classroom", b"enter_classroom", "reasons", b"reasons", "rules", b"rules", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

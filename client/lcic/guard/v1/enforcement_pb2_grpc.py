@@ -82,6 +82,16 @@ class EnforcementServiceStub:
                 request_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationRequest.SerializeToString,
                 response_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationResponse.FromString,
                 _registered_method=True)
+        self.ApplyOverride = channel.unary_unary(
+                '/lcic.guard.v1.EnforcementService/ApplyOverride',
+                request_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.ApplyOverrideRequest.SerializeToString,
+                response_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.ApplyOverrideResponse.FromString,
+                _registered_method=True)
+        self.ListOverrides = channel.unary_unary(
+                '/lcic.guard.v1.EnforcementService/ListOverrides',
+                request_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.ListOverridesRequest.SerializeToString,
+                response_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.ListOverridesResponse.FromString,
+                _registered_method=True)
 
 
 class EnforcementServiceServicer:
@@ -172,6 +182,27 @@ class EnforcementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyOverride(self, request, context):
+        """ApplyOverride records a support override of an account (a grace
+        extension, a release hold or its clearing) as a billing fact with the
+        caller's authenticated identity as its actor, on the billing feed; the
+        reconciler applies it like any fact. Needs scope `admin` and an
+        authenticated caller. INVALID_ARGUMENT names a bad field (including an
+        extension for an account with no overdue episode open, or past the
+        limit); NOT_FOUND if the account has no facts at all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOverrides(self, request, context):
+        """ListOverrides lists every override recorded for an account, oldest
+        first, with actor, reason, times and effect (the audit trail).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnforcementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +250,16 @@ def add_EnforcementServiceServicer_to_server(servicer, server):
                     servicer.PreviewApplication,
                     request_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationRequest.FromString,
                     response_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationResponse.SerializeToString,
+            ),
+            'ApplyOverride': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyOverride,
+                    request_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.ApplyOverrideRequest.FromString,
+                    response_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.ApplyOverrideResponse.SerializeToString,
+            ),
+            'ListOverrides': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOverrides,
+                    request_deserializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.ListOverridesRequest.FromString,
+                    response_serializer=lcic_dot_guard_dot_v1_dot_enforcement__pb2.ListOverridesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -467,6 +508,60 @@ class EnforcementService:
             '/lcic.guard.v1.EnforcementService/PreviewApplication',
             lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationRequest.SerializeToString,
             lcic_dot_guard_dot_v1_dot_enforcement__pb2.PreviewApplicationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyOverride(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcic.guard.v1.EnforcementService/ApplyOverride',
+            lcic_dot_guard_dot_v1_dot_enforcement__pb2.ApplyOverrideRequest.SerializeToString,
+            lcic_dot_guard_dot_v1_dot_enforcement__pb2.ApplyOverrideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOverrides(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcic.guard.v1.EnforcementService/ListOverrides',
+            lcic_dot_guard_dot_v1_dot_enforcement__pb2.ListOverridesRequest.SerializeToString,
+            lcic_dot_guard_dot_v1_dot_enforcement__pb2.ListOverridesResponse.FromString,
             options,
             channel_credentials,
             insecure,

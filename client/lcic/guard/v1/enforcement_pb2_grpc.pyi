@@ -92,6 +92,19 @@ class EnforcementServiceStub:
     the past is answered as of now (the status keeps no history). NOT_FOUND
     if the application is unknown.
     """
+    ApplyOverride: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.ApplyOverrideRequest, _enforcement_pb2.ApplyOverrideResponse]
+    """ApplyOverride records a support override of an account (a grace
+    extension, a release hold or its clearing) as a billing fact with the
+    caller's authenticated identity as its actor, on the billing feed; the
+    reconciler applies it like any fact. Needs scope `admin` and an
+    authenticated caller. INVALID_ARGUMENT names a bad field (including an
+    extension for an account with no overdue episode open, or past the
+    limit); NOT_FOUND if the account has no facts at all.
+    """
+    ListOverrides: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.ListOverridesRequest, _enforcement_pb2.ListOverridesResponse]
+    """ListOverrides lists every override recorded for an account, oldest
+    first, with actor, reason, times and effect (the audit trail).
+    """
 
 @_typing.type_check_only
 class EnforcementServiceAsyncStub(EnforcementServiceStub):
@@ -146,6 +159,19 @@ class EnforcementServiceAsyncStub(EnforcementServiceStub):
     Computed from the stored status timeline; nothing is changed. A time in
     the past is answered as of now (the status keeps no history). NOT_FOUND
     if the application is unknown.
+    """
+    ApplyOverride: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.ApplyOverrideRequest, _enforcement_pb2.ApplyOverrideResponse]  # type: ignore[assignment]
+    """ApplyOverride records a support override of an account (a grace
+    extension, a release hold or its clearing) as a billing fact with the
+    caller's authenticated identity as its actor, on the billing feed; the
+    reconciler applies it like any fact. Needs scope `admin` and an
+    authenticated caller. INVALID_ARGUMENT names a bad field (including an
+    extension for an account with no overdue episode open, or past the
+    limit); NOT_FOUND if the account has no facts at all.
+    """
+    ListOverrides: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.ListOverridesRequest, _enforcement_pb2.ListOverridesResponse]  # type: ignore[assignment]
+    """ListOverrides lists every override recorded for an account, oldest
+    first, with actor, reason, times and effect (the audit trail).
     """
 
 class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -252,6 +278,31 @@ class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
         Computed from the stored status timeline; nothing is changed. A time in
         the past is answered as of now (the status keeps no history). NOT_FOUND
         if the application is unknown.
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyOverride(
+        self,
+        request: _enforcement_pb2.ApplyOverrideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enforcement_pb2.ApplyOverrideResponse, _abc.Awaitable[_enforcement_pb2.ApplyOverrideResponse]]:
+        """ApplyOverride records a support override of an account (a grace
+        extension, a release hold or its clearing) as a billing fact with the
+        caller's authenticated identity as its actor, on the billing feed; the
+        reconciler applies it like any fact. Needs scope `admin` and an
+        authenticated caller. INVALID_ARGUMENT names a bad field (including an
+        extension for an account with no overdue episode open, or past the
+        limit); NOT_FOUND if the account has no facts at all.
+        """
+
+    @_abc_1.abstractmethod
+    def ListOverrides(
+        self,
+        request: _enforcement_pb2.ListOverridesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enforcement_pb2.ListOverridesResponse, _abc.Awaitable[_enforcement_pb2.ListOverridesResponse]]:
+        """ListOverrides lists every override recorded for an account, oldest
+        first, with actor, reason, times and effect (the audit trail).
         """
 
 def add_EnforcementServiceServicer_to_server(servicer: EnforcementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
