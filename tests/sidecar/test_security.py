@@ -211,10 +211,15 @@ async def test_auth_checks_puts_the_checks_behind_the_token_too(
         stub = pb_grpc.EnforcementServiceStub(channel)
         assert await check_codes(stub) == [Code.UNAUTHENTICATED] * 4
         assert await check_codes(stub, metadata=bearer(TOKEN)) == [Code.OK] * 4
+        # Health needs no token. It says SERVING once the replica is loaded,
+        # which a loaded machine may not have finished yet.
         health = health_pb2_grpc.HealthStub(channel)
-        assert (await health.Check(health_pb2.HealthCheckRequest())).status == (
+        deadline = time.monotonic() + 10
+        while (await health.Check(health_pb2.HealthCheckRequest())).status != (
             health_pb2.HealthCheckResponse.SERVING
-        )
+        ):
+            assert time.monotonic() < deadline, "health never said SERVING"
+            await asyncio.sleep(0.02)
 
 
 # -- mutual TLS identities ----------------------------------------------------------
