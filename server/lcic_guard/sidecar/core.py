@@ -1,0 +1,419 @@
+"""The serving core: a threaded gRPC server in front of the event loop.
+
+Why threaded: with the same messages, gRPC's threaded server answers 20-50%
+more unary calls a second than grpc.aio on a 2-core machine, and costs less
+CPU per call (docs/benchmarks.md). The checks are answered from memory, so
+they need no event loop: a cache hit is answered on the serving thread
+(validation, one memo lookup, bytes out). Everything that does I/O stays on
+the event loop, where the cache's change feed, the Redis client and the
+watchers live: a check the cache cannot answer, the reports, the status
+reads, previews, watch streams and any RPC added later run there as the
+coroutines of :class:`~lcic_guard.sidecar.service.EnforcementServicer`,
+bridged with ``run_coroutine_threadsafe`` through their grpc.aio
+interceptors (auth, tracing) and a context that behaves like grpc.aio's.
+
+Every request is validated as before (INVALID_ARGUMENT naming the field).
+A request id is bound to a check only when the caller sends one or a log
+line is made for it; bridged calls always bind one, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import Any, Final, NamedTuple, NoReturn
+
+import grpc
+from lcic.guard.v1 import enforcement_pb2 as pb
+
+from lcic_guard import logs
+from lcic_guard.sidecar import wire
+from lcic_guard.sidecar.auth import AuthInterceptor
+from lcic_guard.sidecar.checker import Answer, CheckRequest
+from lcic_guard.sidecar.metrics import BATCH
+from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.sidecar.wire import BadRequest
+
+log = logging.getLogger(__name__)
+
+# Threads for unary calls (each watch stream holds one more while open). A
+# check holds its thread for tens of microseconds, so a few keep 2 cores busy;
+# more only add GIL contention.
+CHECK_THREADS: Final = 16
+
+_SINGLE: Final[dict[str, tuple[Callable[[bytes], Any], Callable[[Any], CheckRequest]]]] = {
+    "CanCreateClassroom": (pb.CanCreateClassroomRequest.FromString, wire.create_request),
+    "CanEnterClassroom": (pb.CanEnterClassroomRequest.FromString, wire.enter_request),
+    "CanAccessRecording": (pb.CanAccessRecordingRequest.FromString, wire.recording_request),
+}
+
+
+class _Details(NamedTuple):
+    """grpc.HandlerCallDetails, for the grpc.aio interceptors."""
+
+    method: str
+    invocation_metadata: Any
+
+
+class _Aborted(Exception):
+    pass
+
+
+class BridgedContext:
+    """What the grpc.aio handlers and interceptors use of their context, over
+    a threaded call's context. ``abort`` records the status and raises, as
+    grpc.aio's does; the serving thread then ends the call with it."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._context.set_trailing_metadata(metadata)
+
+    def peer(self) -> str:
+        return str(self._context.peer())
+
+    def auth_context(self) -> Any:
+        return self._context.auth_context()
+
+    def time_remaining(self) -> Any:
+        return self._context.time_remaining()
+
+    def is_active(self) -> bool:
+        return bool(self._context.is_active())
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        if trailing_metadata:
+            self._context.set_trailing_metadata(trailing_metadata)
+        self._code, self._details = code, details
+        raise grpc.aio.AbortError()
+
+    def finish(self, exc: BaseException | None) -> None:
+        """End the threaded call as the coroutine ended (``exc``: raised)."""
+        if self._code is not None and self._code is not grpc.StatusCode.OK:
+            self._context.abort(self._code, self._details or "")
+        if exc is None:
+            return
+        if isinstance(exc, concurrent.futures.CancelledError | asyncio.CancelledError):
+            self._context.abort(grpc.StatusCode.CANCELLED, "call cancelled")
+        log.error("unexpected error", exc_info=exc, extra={"event": "rpc_error"})
+        self._context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")
+
+
+class Bridge:
+    """Runs grpc.aio handlers, through their interceptors, on ``loop``."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        handlers: dict[str, grpc.RpcMethodHandler],
+        interceptors: Sequence[grpc.aio.ServerInterceptor],
+    ) -> None:
+        self.loop = loop
+        self.handlers = handlers
+        self.interceptors = tuple(interceptors)
+        prefix = f"/{pb.DESCRIPTOR.services_by_name['EnforcementService'].full_name}/"
+        self.prefix = prefix
+
+    def checks_unintercepted(self) -> bool:
+        """True when no interceptor wants to see the checks (auth that
+        leaves them open does not): they may skip the bridge."""
+        for icpt in self.interceptors:
+            if not isinstance(icpt, AuthInterceptor):
+                return False
+            if icpt.protects(self.prefix + "CanCreateClassroom"):
+                return False
+        return True
+
+    async def _handler(self, name: str, metadata: Any) -> grpc.RpcMethodHandler | None:
+        async def innermost(details: Any) -> grpc.RpcMethodHandler | None:
+            return self.handlers.get(details.method[len(self.prefix) :])
+
+        cont: Callable[[Any], Awaitable[Any]] = innermost
+        for icpt in reversed(self.interceptors):
+            cont = _link(icpt, cont)
+        return await cont(_Details(self.prefix + name, metadata))
+
+    def run(self, coro: Coroutine[Any, Any, Any], context: grpc.ServicerContext) -> Any:
+        """Wait in this thread for ``coro`` on the loop; cancelled with the call."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        context.add_callback(future.cancel)
+        return future.result()
+
+    def run_each(self, context: grpc.ServicerContext) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+        """Like :meth:`run` for the many steps of one stream (one callback
+        for the call, cancelling the step under way)."""
+        pending: list[concurrent.futures.Future[Any]] = []
+
+        def cancel() -> None:
+            for future in pending:
+                future.cancel()
+
+        context.add_callback(cancel)
+
+        def run(coro: Coroutine[Any, Any, Any]) -> Any:
+            if not context.is_active():
+                coro.close()
+                raise concurrent.futures.CancelledError()
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            pending[:] = [future]
+            return future.result()
+
+        return run
+
+    def unary(self, name: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        async def call(raw: bytes, bridged: BridgedContext) -> bytes:
+            handler = await self._handler(name, bridged.invocation_metadata())
+            if handler is None or handler.unary_unary is None:
+                await bridged.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: not served")
+                raise AssertionError("abort returned")  # pragma: no cover
+            response = await handler.unary_unary(raw, bridged)
+            serialize = handler.response_serializer
+            return response if serialize is None else serialize(response)  # type: ignore[no-any-return]
+
+        def served(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            bridged = BridgedContext(context)
+            try:
+                out = self.run(call(raw, bridged), context)
+            except grpc.aio.AbortError:
+                bridged.finish(None)
+                raise
+            except BaseException as exc:
+                bridged.finish(exc)
+                raise
+            bridged.finish(None)
+            return out  # type: ignore[no-any-return]
+
+        return served
+
+    def stream(self, name: str) -> Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]:
+        def served(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            bridged = BridgedContext(context)
+            agen: list[AsyncIterator[Any]] = []
+
+            async def start() -> tuple[AsyncIterator[Any], Callable[[Any], bytes] | None]:
+                handler = await self._handler(name, bridged.invocation_metadata())
+                if handler is None or handler.unary_stream is None:
+                    await bridged.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: not served")
+                    raise AssertionError("abort returned")  # pragma: no cover
+                return handler.unary_stream(raw, bridged), handler.response_serializer
+
+            async def step() -> tuple[bool, Any]:
+                try:
+                    return True, await agen[0].__anext__()
+                except StopAsyncIteration:
+                    return False, None
+
+            run = self.run_each(context)
+            try:
+                items, serialize = run(start())
+                agen.append(items)
+                while True:
+                    more, item = run(step())
+                    if not more:
+                        break
+                    yield item if serialize is None else serialize(item)
+            except grpc.aio.AbortError:
+                bridged.finish(None)
+                raise
+            except GeneratorExit:
+                raise
+            except BaseException as exc:
+                bridged.finish(exc)
+                raise
+            finally:
+                if agen and not self.loop.is_closed():
+                    # Its finally blocks (unsubscribing) run on the loop.
+                    with contextlib.suppress(RuntimeError):
+                        asyncio.run_coroutine_threadsafe(_close(agen[0]), self.loop)
+            bridged.finish(None)
+
+        return served
+
+
+async def _close(agen: AsyncIterator[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await agen.aclose()  # type: ignore[attr-defined]
+
+
+def _link(
+    icpt: grpc.aio.ServerInterceptor, cont: Callable[[Any], Awaitable[Any]]
+) -> Callable[[Any], Awaitable[Any]]:
+    async def next_(details: Any) -> Any:
+        return await icpt.intercept_service(cont, details)
+
+    return next_
+
+
+class Checks:
+    """The check RPCs answered on the serving thread from the cache (the
+    rest of a check, or a batch's misses, is bridged to the loop)."""
+
+    def __init__(self, servicer: EnforcementServicer, bridge: Bridge) -> None:
+        self.checker = servicer.checker
+        self.observer = servicer.observer
+        self.bridge = bridge
+
+    def _request_id(
+        self, context: grpc.ServicerContext, answers: Sequence[Answer], token: Any
+    ) -> Any:
+        """Bind a request id when the caller sent one or a line is logged."""
+        if token is not None:
+            return token
+        for key, _ in context.invocation_metadata():
+            if key == logs.REQUEST_ID_KEY:
+                return logs.bind_call(context)
+        needs = self.observer.needs_request_id
+        if any(needs(a) for a in answers):
+            return logs.bind_call(context)
+        return None
+
+    def single(
+        self,
+        parse: Callable[[bytes], Any],
+        validate: Callable[[Any], CheckRequest],
+    ) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        checker, observer, bridge = self.checker, self.observer, self.bridge
+        metrics = observer.metrics
+
+        def served(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            start = time.perf_counter()
+            req = _valid(raw, parse, validate, context)
+            token = None
+            try:
+                answer = checker.answer(req)
+                if answer is None:
+                    # To Redis, on the loop: what it logs carries the request id.
+                    token = logs.bind_call(context)
+                    answer = bridge.run(
+                        _bound(checker.answer_any(req), logs.request_id.get()), context
+                    )
+            except Exception as exc:
+                if token is not None:
+                    logs.request_id.reset(token)
+                _internal(context, exc)
+            if metrics is not None:
+                metrics.timed(req.check.value, time.perf_counter() - start)
+            token = self._request_id(context, (answer,), token)
+            try:
+                observer.observe(req, answer)
+            finally:
+                if token is not None:
+                    logs.request_id.reset(token)
+            return answer.payload
+
+        return served
+
+    def batch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        checker, observer = self.checker, self.observer
+        start = time.perf_counter()
+        reqs = _valid(raw, pb.CheckBatchRequest.FromString, wire.batch_requests, context)
+        token = None
+        try:
+            found = [checker.answer(r) for r in reqs]
+            if None in found:
+                token = logs.bind_call(context)
+                answers = self.bridge.run(
+                    _bound(checker.complete_many(reqs, found), logs.request_id.get()), context
+                )
+            else:
+                answers = found
+        except Exception as exc:
+            if token is not None:
+                logs.request_id.reset(token)
+            _internal(context, exc)
+        if observer.metrics is not None:
+            observer.metrics.timed(BATCH, time.perf_counter() - start)
+        token = self._request_id(context, answers, token)
+        try:
+            for r, a in zip(reqs, answers, strict=True):
+                observer.observe(r, a)
+        finally:
+            if token is not None:
+                logs.request_id.reset(token)
+        return b"".join(a.payload for a in answers)
+
+
+async def _bound(coro: Awaitable[Any], rid: str | None) -> Any:
+    """``coro`` with the calling thread's request id (read when made)."""
+    logs.request_id.set(rid)
+    return await coro
+
+
+def _valid(
+    raw: bytes,
+    parse: Callable[[bytes], Any],
+    validate: Callable[[Any], Any],
+    context: grpc.ServicerContext,
+) -> Any:
+    try:
+        message = parse(raw)
+    except Exception as exc:
+        message, why = None, f"request: malformed message: {exc}"
+    else:
+        try:
+            return validate(message)
+        except BadRequest as exc:  # a bad field becomes INVALID_ARGUMENT, naming it
+            why = str(exc)
+    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, why)
+
+
+def _internal(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    if isinstance(exc, concurrent.futures.CancelledError):
+        context.abort(grpc.StatusCode.CANCELLED, "call cancelled")
+    _abort(context, grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", exc)
+
+
+def _abort(
+    context: grpc.ServicerContext, code: grpc.StatusCode, why: str, exc: Exception | None = None
+) -> NoReturn:
+    """End a check with an error, its request id returned and logged."""
+    token = logs.bind_call(context)
+    try:
+        if exc is not None:
+            log.error("unexpected error", exc_info=exc, extra={"event": "rpc_error"})
+        context.abort(code, why)
+    finally:
+        logs.request_id.reset(token)
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
+def handlers(servicer: EnforcementServicer, bridge: Bridge) -> dict[str, grpc.RpcMethodHandler]:
+    """EnforcementService's handlers on the threaded server: raw bytes in,
+    bytes out."""
+    out: dict[str, grpc.RpcMethodHandler] = {}
+    checks = Checks(servicer, bridge) if bridge.checks_unintercepted() else None
+    for method in pb.DESCRIPTOR.services_by_name["EnforcementService"].methods:
+        name = method.name
+        if method.server_streaming:
+            out[name] = grpc.unary_stream_rpc_method_handler(bridge.stream(name))
+        elif checks is not None and name in _SINGLE:
+            out[name] = grpc.unary_unary_rpc_method_handler(checks.single(*_SINGLE[name]))
+        elif checks is not None and name == "CheckBatch":
+            out[name] = grpc.unary_unary_rpc_method_handler(checks.batch)
+        else:
+            out[name] = grpc.unary_unary_rpc_method_handler(bridge.unary(name))
+    return out
