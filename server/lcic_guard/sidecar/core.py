@@ -23,11 +23,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Final, NamedTuple, NoReturn
 
 import grpc
+import grpc._server
 from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard import logs
@@ -40,10 +43,124 @@ from lcic_guard.sidecar.wire import BadRequest
 
 log = logging.getLogger(__name__)
 
-# Threads for unary calls (each watch stream holds one more while open). A
-# check holds its thread for tens of microseconds, so a few keep 2 cores busy;
-# more only add GIL contention.
-CHECK_THREADS: Final = 16
+# Threads running unary calls at once. A cache hit holds its thread for
+# tens of microseconds of Python, so a few keep 2 cores busy, and every
+# thread more that is runnable adds GIL hand-offs: at concurrency 64, 16
+# threads cost about 100 µs of CPU per check more than 2-4 did
+# (docs/benchmarks.md). A call waiting on the event loop (a Redis read) does
+# not count: another thread takes its place, up to CALL_THREADS_LIMIT.
+CHECK_THREADS: Final = 4
+CALL_THREADS_LIMIT: Final = 256
+
+
+class CallPool(concurrent.futures.Executor):
+    """A thread pool that keeps at most ``active`` threads runnable: a thread
+    inside :meth:`waiting` (blocked on the event loop) is replaced by a new
+    one when work is queued, up to ``limit`` threads, and a thread finding
+    itself surplus after its call ends. So a slow or frozen Redis holds
+    threads, not the checks the cache answers."""
+
+    def __init__(self, active: int, limit: int, name: str = "lcic-guard-rpc") -> None:
+        self.active, self.limit, self.name = active, max(limit, active), name
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = self._waiting = self._idle = 0
+        self._started = 0
+        self._closed = False
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._queue.put((future, fn, args, kwargs))
+            if self._idle == 0 and self._threads - self._waiting < self.active:
+                self._spawn()
+        return future
+
+    def _spawn(self) -> None:  # with _lock held
+        if self._threads >= self.limit:
+            return
+        self._threads += 1
+        self._started += 1
+        threading.Thread(
+            target=self._work, name=f"{self.name}_{self._started}", daemon=True
+        ).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            item = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+            if item is None:
+                with self._lock:
+                    self._threads -= 1
+                return
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del item, future, fn, args, kwargs
+            with self._lock:
+                if self._threads - self._waiting > self.active:
+                    self._threads -= 1  # a waiting thread came back: one too many
+                    return
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a wait on the event loop: this thread does not count."""
+        with self._lock:
+            self._waiting += 1
+            if not self._queue.empty() and self._threads - self._waiting < self.active:
+                self._spawn()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            for _ in range(self._threads):
+                self._queue.put(None)
+
+
+# grpc's threaded server runs a streaming call's whole life on a pool
+# thread; it is recognised by the function grpc submits for it.
+_STREAM_IN_POOL: Final = getattr(grpc._server, "_stream_response_in_pool", None)
+
+
+class Pools(concurrent.futures.Executor):
+    """The threaded server's executor: unary calls on a :class:`CallPool`,
+    each stream (watches, health watches, reflection) on a thread of its own
+    pool, so that open streams never take the threads checks need."""
+
+    def __init__(self, calls: int, streams: int) -> None:
+        self.calls = CallPool(calls, CALL_THREADS_LIMIT)
+        self.streams = concurrent.futures.ThreadPoolExecutor(streams, "lcic-guard-stream")
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        streaming = _STREAM_IN_POOL is not None and (
+            fn is _STREAM_IN_POOL or (bool(args) and args[0] is _STREAM_IN_POOL)
+        )
+        pool = self.streams if streaming else self.calls
+        return pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.calls.shutdown(wait, cancel_futures=cancel_futures)
+        self.streams.shutdown(wait, cancel_futures=cancel_futures)
+
 
 _SINGLE: Final[dict[str, tuple[Callable[[bytes], Any], Callable[[Any], CheckRequest]]]] = {
     "CanCreateClassroom": (pb.CanCreateClassroomRequest.FromString, wire.create_request),
@@ -133,6 +250,7 @@ class Bridge:
         interceptors: Sequence[grpc.aio.ServerInterceptor],
     ) -> None:
         self.loop = loop
+        self.pool: CallPool | None = None  # set by the server using it
         self.handlers = handlers
         self.interceptors = tuple(interceptors)
         prefix = f"/{pb.DESCRIPTOR.services_by_name['EnforcementService'].full_name}/"
@@ -161,7 +279,10 @@ class Bridge:
         """Wait in this thread for ``coro`` on the loop; cancelled with the call."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         context.add_callback(future.cancel)
-        return future.result()
+        if self.pool is None:
+            return future.result()
+        with self.pool.waiting():
+            return future.result()
 
     def run_each(self, context: grpc.ServicerContext) -> Callable[[Coroutine[Any, Any, Any]], Any]:
         """Like :meth:`run` for the many steps of one stream (one callback

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +49,7 @@ class RunningServer:
     health: health.HealthServicer
     certificates: CertificateFiles | None = None  # with TLS: reloaded when they change
     serving: bool = False  # what the health service says (read by the HTTP /readyz)
+    pools: core.Pools | None = None  # the server's threads, ended after it stops
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -76,6 +76,8 @@ class RunningServer:
         # The event loop keeps running meanwhile: the calls bridged to it
         # (reports, watches) finish on it.
         await asyncio.to_thread(stopped.wait)
+        if self.pools is not None:
+            self.pools.shutdown(wait=False)
 
 
 # A connection that has not completed the TLS and HTTP/2 handshake (the
@@ -212,12 +214,14 @@ async def start_server(
     and with it a second sidecar on a taken port would silently share it and
     half the checks would reach the wrong one. With ``serving=False`` health
     says NOT_SERVING until the caller says otherwise. ``threads`` serve the
-    unary calls, and each watch stream (at most ``max_streams``) holds one
-    more while it is open.
+    unary calls; each watch stream (at most ``max_streams``) holds a thread
+    of its own pool while it is open.
     """
     bridge = core.Bridge(asyncio.get_running_loop(), _aio_handlers(servicer), interceptors or ())
+    pools = core.Pools(threads, max_streams + 64)  # + health watches, reflection, refusals
+    bridge.pool = pools.calls
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=threads + max_streams, thread_name_prefix="lcic-guard-rpc"),
+        pools,
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             *connection_limits(handshake_timeout_ms or HANDSHAKE_TIMEOUT_MS),
@@ -241,7 +245,7 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()
-    running = RunningServer(server, port, health_servicer, certificates)
+    running = RunningServer(server, port, health_servicer, certificates, pools=pools)
     health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await running.set_serving(serving)
     return running
