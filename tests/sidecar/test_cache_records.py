@@ -157,3 +157,23 @@ def test_memoized_room_answers_follow_the_clock(
         got = checker.check_cached(CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1"))
         want = decide(Check.ENTER_CLASSROOM, status, clock[0], cfg, bounded_room(room, cfg))
         assert got == want
+
+
+def test_a_memoized_protected_room_is_denied_once_its_protection_ends() -> None:
+    cfg = PolicyConfig()
+    cache = StatusCache(10, max_age_ms=10**15)
+    cache.feed_healthy, cache.synced_since = True, 0
+    overdue = Segment(
+        T0 - HOUR, (Reason.ACCOUNT_OVERDUE,), T0 - HOUR, T0 - HOUR, T0 + 1000 * HOUR, T0 - HOUR
+    )
+    status = AppStatus("app-1", "acct-1", (overdue,), 3)
+    clock = [T0]
+    checker = Checker(Reader(status), cfg, clock=lambda: clock[0], cache=cache)
+    cache.put("app-1", status, 1)
+    cache.put_room("app-1", "room-1", Room(T0 - 2 * HOUR, T0 + HOUR), 0)
+    enter = CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1")
+    first = checker.check_cached(enter)
+    assert first is not None and first.reason is Reason.IN_PROGRESS_PROTECTED
+    clock[0] = T0 + 3 * HOUR  # past the scheduled end and the overrun: same record, same room
+    later = checker.check_cached(enter)
+    assert later is not None and not later.allowed and later.reason is Reason.ACCOUNT_OVERDUE
