@@ -90,10 +90,25 @@ def log(msg: str) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU time of a process (all its threads) and of its
+    child processes (the workers of ``--workers N``)."""
+    total = 0.0
+    for p in [pid, *children_of(pid)]:
+        with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as fh:
+            if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
 
 
 def busy_seconds() -> float:
@@ -796,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
             str(max(1_000_000, args.rss_apps)),
             "--log-level",
             "WARNING",
+            # Metrics on, as deployments run it: their counting is measured too.
+            "--metrics-listen",
+            f"127.0.0.1:{free_port()}",
             *args.sidecar_arg,
         ]
         report.notes.append(

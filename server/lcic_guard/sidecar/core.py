@@ -407,8 +407,7 @@ class Checks:
         for key, _ in context.invocation_metadata():
             if key == logs.REQUEST_ID_KEY:
                 return logs.bind_call(context)
-        needs = self.observer.needs_request_id
-        if any(needs(a) for a in answers):
+        if self.observer.needs_request_id(answers):
             return logs.bind_call(context)
         return None
 
@@ -454,7 +453,8 @@ class Checks:
         reqs = _valid(raw, pb.CheckBatchRequest.FromString, wire.batch_requests, context)
         token = None
         try:
-            found = [checker.answer(r) for r in reqs]
+            now, answer = checker.clock(), checker.answer
+            found = [answer(r, now) for r in reqs]
             if None in found:
                 token = logs.bind_call(context)
                 answers = self.bridge.run(
@@ -470,12 +470,11 @@ class Checks:
             observer.metrics.timed(BATCH, time.perf_counter() - start)
         token = self._request_id(context, answers, token)
         try:
-            for r, a in zip(reqs, answers, strict=True):
-                observer.observe(r, a)
+            observer.observe_many(reqs, answers)
         finally:
             if token is not None:
                 logs.request_id.reset(token)
-        return b"".join(a.payload for a in answers)
+        return b"".join([a.payload for a in answers])
 
 
 async def _bound(coro: Awaitable[Any], rid: str | None) -> Any:

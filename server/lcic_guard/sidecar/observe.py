@@ -94,10 +94,24 @@ class DecisionObserver:
                 },
             )
 
-    def needs_request_id(self, a: Answer) -> bool:
-        """Whether a log line is made for this answer (then it carries the
+    def observe_many(self, reqs: Sequence[CheckRequest], answers: Sequence[Answer]) -> None:
+        """:meth:`observe` for each item of a batch."""
+        m = self.metrics
+        if self.shadow or decision_log.isEnabledFor(logging.DEBUG) or m is None:
+            for r, a in zip(reqs, answers, strict=True):
+                self.observe(r, a)
+            return
+        decided = m.counts.decided
+        for a in answers:  # only counted: nothing to log
+            labels = a.labels
+            decided[labels] = decided.get(labels, 0) + 1
+
+    def needs_request_id(self, answers: Sequence[Answer]) -> bool:
+        """Whether a log line is made for these answers (then it carries the
         call's request id, made up if the caller sent none)."""
-        return a.shadowed or decision_log.isEnabledFor(logging.DEBUG)
+        if decision_log.isEnabledFor(logging.DEBUG):
+            return True
+        return bool(self.shadow) and any(a.shadowed for a in answers)
 
     def finish(self, req: CheckRequest, a: Answer, seconds: float) -> bytes:
         """The response to one check, decided in ``seconds``."""
@@ -112,9 +126,8 @@ class DecisionObserver:
         """The CheckBatchResponse, decided in ``seconds`` altogether."""
         if self.metrics is not None:
             self.metrics.timed(BATCH, seconds)
-        for r, a in zip(reqs, answers, strict=True):
-            self.observe(r, a)
-        return b"".join(a.payload for a in answers)
+        self.observe_many(reqs, answers)
+        return b"".join([a.payload for a in answers])
 
     def shadow_pb(self, check: Check, decision: pb.Decision) -> None:
         """Apply shadow mode to an answer computed outside the checks (a
