@@ -225,12 +225,13 @@ class Checker:
         if got is _NO_ROOM:
             return None  # not known here yet: read it
         room = bounded_room(got, self.cfg)  # type: ignore[arg-type]
-        inside = (
-            room is not None
-            and (room.ended_at is None or now < room.ended_at)
-            and now < protected_until(room, self.cfg)
-        )
-        room_key = (*key, room, inside)
+        if room is None:
+            room_key: tuple[Any, ...] = (*key, None)
+        else:
+            # The room's times (plain ints hash faster than the dataclass).
+            end, ended = room.scheduled_end, room.ended_at
+            inside = (ended is None or now < ended) and now < protected_until(room, self.cfg)
+            room_key = (*key, room.started_at, end, ended, inside)
         memo = self._memo.get(room_key)
         if memo is None:
             status = AppStatus("", "", (segment_of(segment),), version)

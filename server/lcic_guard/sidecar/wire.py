@@ -120,18 +120,22 @@ def _ok_id(value: str) -> bool:
 
 def _ok_times(req: pb.CanCreateClassroomRequest) -> bool:
     """True when start and end times, if given, hold nothing to object to."""
+    has = req.HasField
     start = end = None
-    if req.HasField("start_time"):
+    if has("start_time"):
         ts = req.start_time
-        start = ts.seconds * 1000 + ts.nanos // 1_000_000
-        if not (0 <= ts.nanos < 1_000_000_000 and MIN_TIME <= start <= MAX_TIME):
+        nanos = ts.nanos
+        start = ts.seconds * 1000 + nanos // 1_000_000
+        if not (0 <= nanos < 1_000_000_000 and MIN_TIME <= start <= MAX_TIME):
             return False
-    if req.HasField("end_time"):
+    if has("end_time"):
         ts = req.end_time
-        end = ts.seconds * 1000 + ts.nanos // 1_000_000
-        if not (0 <= ts.nanos < 1_000_000_000 and MIN_TIME <= end <= MAX_TIME):
+        nanos = ts.nanos
+        end = ts.seconds * 1000 + nanos // 1_000_000
+        if not (0 <= nanos < 1_000_000_000 and MIN_TIME <= end <= MAX_TIME):
             return False
-    return start is None or end is None or end >= start
+        return start is None or end >= start
+    return True
 
 
 def create_request(req: pb.CanCreateClassroomRequest, prefix: str = "") -> CheckRequest:
@@ -193,14 +197,20 @@ def batch_requests(req: pb.CheckBatchRequest) -> list[CheckRequest]:
     if n > MAX_BATCH:
         raise BadRequest(f"checks: at most {MAX_BATCH} checks per batch, got {n}")
     out: list[CheckRequest] = []
-    kinds = _BATCH_KINDS
+    append, kinds, valid_ids, create = out.append, _BATCH_KINDS, _valid_ids, Check.CREATE_CLASSROOM
     for i, check in enumerate(req.checks):
         kind = check.WhichOneof("kind")
+        if kind == "create_classroom":  # the common item, inline
+            item = check.create_classroom
+            app_id, room_id = item.app_id, item.room_id
+            if app_id in valid_ids and (not room_id or _fullmatch(room_id)) and _ok_times(item):
+                append(CheckRequest(create, app_id, room_id or None))
+                continue
         validate = kinds.get(kind)  # type: ignore[arg-type]
         if validate is None:
             raise BadRequest(f"checks[{i}]: exactly one kind of check must be set")
         try:
-            out.append(validate(getattr(check, kind)))  # type: ignore[operator, arg-type]
+            append(validate(getattr(check, kind)))  # type: ignore[operator, arg-type]
         except BadRequest:
             validate(getattr(check, kind), f"checks[{i}].{kind}.")  # type: ignore[operator, arg-type]
             raise
