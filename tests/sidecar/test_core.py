@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.policy import AppStatus, Check, PolicyConfig, Reason, Segment, decide
 from lcic_guard.sidecar import wire
@@ -67,12 +68,14 @@ def _status(version: int) -> AppStatus:
     return AppStatus("app-1", "acct-1", (Segment(T0 - 1000, ()),), version)
 
 
-def test_a_held_record_is_never_missed_while_the_feed_replaces_it() -> None:
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_held_record_is_never_missed_while_the_feed_replaces_it(complete: bool) -> None:
     """Serving threads read while the loop's thread stores new versions: a
     reader in between the LRU's remove and insert would find nothing, which a
-    complete replica answers UNKNOWN_APPLICATION."""
+    complete replica answers UNKNOWN_APPLICATION (and a partial one reads
+    from Redis for nothing)."""
     cache = StatusCache(100, max_age_ms=10**12)
-    cache.feed_healthy, cache.synced_since, cache.complete = True, 0, True
+    cache.feed_healthy, cache.synced_since, cache.complete = True, 0, complete
     apps = [f"app-{n}" for n in range(4)]
     for app in apps:
         cache.apply(app, _status(1), T0)

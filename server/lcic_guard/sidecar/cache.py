@@ -194,8 +194,12 @@ class StatusCache:
         return len(self._absent)
 
     def lookup(self, app_id: str) -> bytes | None:
-        """The packed record, marked as just used."""
+        """The packed record, marked as just used (while the whole table is
+        held nothing is evicted, so the order does not matter then: a plain
+        read)."""
         records = self._records
+        if self.complete:
+            return records.get(app_id)
         with self._lock:
             rec = records.pop(app_id, None)
             if rec is not None:
@@ -267,9 +271,13 @@ class StatusCache:
             self.room_count -= len(rooms)
 
     def _store(self, app_id: str, rec: bytes) -> None:
+        records = self._records
         with self._lock:
-            self._records.pop(app_id, None)
-            self._records[app_id] = rec
+            if self.complete and app_id in records:
+                records[app_id] = rec  # in place: a lock-free reader never misses it
+            else:
+                records.pop(app_id, None)
+                records[app_id] = rec
         self._absent.pop(app_id, None)
         self._corrupt.discard(app_id)
         if len(self._records) > self.capacity:
