@@ -200,9 +200,9 @@ class Decisions:
                 )
             )
 
-        def from_cache(req: CheckRequest) -> Answer | None:
+        def from_cache(req: CheckRequest, now: int | None = None) -> Answer | None:
             t = time.monotonic()
-            a = answer(req)
+            a = answer(req, now)
             if a is not None:
                 note(req, a.decision, t)
             return a
