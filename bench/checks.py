@@ -541,7 +541,7 @@ class Report:
             )
         w("")
         w(
-            "The throughput and latency targets compare two processes on a 2-core "
+            "The throughput and latency targets compare processes on a 2-core "
             "machine shared with the load generator and with other users' work (the "
             "'foreign cpu' column below), so they move with the load; the server CPU "
             "time per check ('at equal server CPU') is the steadier measure of what "
