@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Final, NamedTuple, NoReturn
 
 import grpc
@@ -284,27 +284,6 @@ class Bridge:
         with self.pool.waiting():
             return future.result()
 
-    def run_each(self, context: grpc.ServicerContext) -> Callable[[Coroutine[Any, Any, Any]], Any]:
-        """Like :meth:`run` for the many steps of one stream (one callback
-        for the call, cancelling the step under way)."""
-        pending: list[concurrent.futures.Future[Any]] = []
-
-        def cancel() -> None:
-            for future in pending:
-                future.cancel()
-
-        context.add_callback(cancel)
-
-        def run(coro: Coroutine[Any, Any, Any]) -> Any:
-            if not context.is_active():
-                coro.close()
-                raise concurrent.futures.CancelledError()
-            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-            pending[:] = [future]
-            return future.result()
-
-        return run
-
     def unary(self, name: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         async def call(raw: bytes, bridged: BridgedContext) -> bytes:
             handler = await self._handler(name, bridged.invocation_metadata())
@@ -331,53 +310,71 @@ class Bridge:
         return served
 
     def stream(self, name: str) -> Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]:
+        """A server-streaming call: a task on the loop runs the grpc.aio
+        handler and hands its messages to the serving thread through a queue
+        (no round trip to the loop per message), at most :data:`STREAM_AHEAD`
+        ahead of what the thread has sent, so a slow client still slows the
+        handler down (and gets cut by it)."""
+
         def served(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             bridged = BridgedContext(context)
-            agen: list[AsyncIterator[Any]] = []
+            handoff: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            taken = [0]
+            resume: list[asyncio.Event] = []  # set when the thread has caught up
 
-            async def start() -> tuple[AsyncIterator[Any], Callable[[Any], bytes] | None]:
-                handler = await self._handler(name, bridged.invocation_metadata())
-                if handler is None or handler.unary_stream is None:
-                    await bridged.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: not served")
-                    raise AssertionError("abort returned")  # pragma: no cover
-                return handler.unary_stream(raw, bridged), handler.response_serializer
-
-            async def step() -> tuple[bool, Any]:
+            async def pump() -> None:
                 try:
-                    return True, await agen[0].__anext__()
-                except StopAsyncIteration:
-                    return False, None
+                    handler = await self._handler(name, bridged.invocation_metadata())
+                    if handler is None or handler.unary_stream is None:
+                        await bridged.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: not served")
+                        raise AssertionError("abort returned")  # pragma: no cover
+                    serialize = handler.response_serializer
+                    sent = 0
+                    resume.append(asyncio.Event())
+                    resume[0].set()  # cleared only while waiting
+                    async for item in handler.unary_stream(raw, bridged):
+                        handoff.put(item if serialize is None else serialize(item))
+                        sent += 1
+                        if sent - taken[0] >= STREAM_AHEAD:
+                            resume[0].clear()
+                            if sent - taken[0] >= STREAM_AHEAD:  # still, after clear
+                                await resume[0].wait()
+                    handoff.put(_END)
+                except BaseException as exc:
+                    handoff.put(_Failed(exc))
+                    if not isinstance(exc, Exception):
+                        raise
 
-            run = self.run_each(context)
+            future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+            context.add_callback(future.cancel)
             try:
-                items, serialize = run(start())
-                agen.append(items)
                 while True:
-                    more, item = run(step())
-                    if not more:
+                    item = handoff.get()
+                    if item is _END:
                         break
-                    yield item if serialize is None else serialize(item)
-            except grpc.aio.AbortError:
-                bridged.finish(None)
-                raise
-            except GeneratorExit:
-                raise
-            except BaseException as exc:
-                bridged.finish(exc)
-                raise
+                    if isinstance(item, _Failed):
+                        if isinstance(item.exc, grpc.aio.AbortError):
+                            bridged.finish(None)
+                        bridged.finish(item.exc)
+                    yield item
+                    taken[0] += 1
+                    if resume and not resume[0].is_set():
+                        with contextlib.suppress(RuntimeError):  # the loop closed
+                            self.loop.call_soon_threadsafe(resume[0].set)
             finally:
-                if agen and not self.loop.is_closed():
-                    # Its finally blocks (unsubscribing) run on the loop.
-                    with contextlib.suppress(RuntimeError):
-                        asyncio.run_coroutine_threadsafe(_close(agen[0]), self.loop)
+                future.cancel()  # the handler's finally blocks (unsubscribing) run on the loop
             bridged.finish(None)
 
         return served
 
 
-async def _close(agen: AsyncIterator[Any]) -> None:
-    with contextlib.suppress(Exception):
-        await agen.aclose()  # type: ignore[attr-defined]
+# How many messages of a stream may wait for its serving thread.
+STREAM_AHEAD: Final = 32
+_END: Final = object()
+
+
+class _Failed(NamedTuple):
+    exc: BaseException
 
 
 def _link(
