@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # not count: another thread takes its place, up to CALL_THREADS_LIMIT.
 CHECK_THREADS: Final = 4
 CALL_THREADS_LIMIT: Final = 256
+SPARE_IDLE_S: Final = 10.0  # how long a parked thread waits to be needed
 
 
 class CallPool(concurrent.futures.Executor):
@@ -67,6 +68,10 @@ class CallPool(concurrent.futures.Executor):
         self._threads = self._waiting = self._idle = 0
         self._started = 0
         self._closed = False
+        # Threads that were surplus after a call, parked to be woken instead
+        # of starting a new thread (under a stream of Redis reads, starting
+        # and ending a thread per read cost more than the read).
+        self._spares: list[threading.Event] = []
 
     def submit(
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
@@ -84,6 +89,9 @@ class CallPool(concurrent.futures.Executor):
         if self._threads >= self.limit:
             return
         self._threads += 1
+        if self._spares:
+            self._spares.pop().set()
+            return
         self._started += 1
         threading.Thread(
             target=self._work, name=f"{self.name}_{self._started}", daemon=True
@@ -109,10 +117,24 @@ class CallPool(concurrent.futures.Executor):
                 else:
                     future.set_result(result)
             del item, future, fn, args, kwargs
+            spare = None
             with self._lock:
                 if self._threads - self._waiting > self.active:
                     self._threads -= 1  # a waiting thread came back: one too many
-                    return
+                    spare = threading.Event()
+                    self._spares.append(spare)
+            if spare is not None and not self._park(spare):
+                return
+
+    def _park(self, spare: threading.Event) -> bool:
+        """Wait to be woken by _spawn (True) or end after a while idle."""
+        if spare.wait(SPARE_IDLE_S) and not self._closed:
+            return True
+        with self._lock:
+            if spare in self._spares:
+                self._spares.remove(spare)
+                return False
+        return not self._closed  # woken as the wait ended: counted again
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -132,6 +154,9 @@ class CallPool(concurrent.futures.Executor):
             self._closed = True
             for _ in range(self._threads):
                 self._queue.put(None)
+            for spare in self._spares:
+                spare.set()
+            self._spares.clear()
 
 
 # grpc's threaded server runs a streaming call's whole life on a pool
