@@ -9,12 +9,15 @@ the event loop, where the cache's change feed, the Redis client and the
 watchers live: a check the cache cannot answer, the reports, the status
 reads, previews, watch streams and any RPC added later run there as the
 coroutines of :class:`~lcic_guard.sidecar.service.EnforcementServicer`,
-bridged with ``run_coroutine_threadsafe`` through their grpc.aio
-interceptors (auth, tracing) and a context that behaves like grpc.aio's.
+through their grpc.aio interceptors (auth, tracing) and with a context that
+behaves like grpc.aio's: a unary call with ``run_coroutine_threadsafe``, a
+stream as a task on the loop that hands its messages to the serving thread
+through a queue.
 
 Every request is validated as before (INVALID_ARGUMENT naming the field).
-A request id is bound to a check only when the caller sends one or a log
-line is made for it; bridged calls always bind one, as before.
+A request id is bound to a check only when the caller sends one, a log line
+is made for it, or it must read Redis; bridged calls always bind one, as
+before.
 """
 
 from __future__ import annotations
