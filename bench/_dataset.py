@@ -161,3 +161,37 @@ def load_apps(host: str, port: int, first: int, count: int, now: Millis) -> None
         sender.join()
         if failure:
             raise RuntimeError(f"sending failed: {failure[0]}")
+
+
+# Of every TEMPLATE_CYCLE apps, the one whose package quota ran out an hour
+# before the data was written: a suspension that took effect after the
+# classes below started, so their rooms are protected (R6).
+QUOTA_SLOT = _ACTIVE_SHARE + 1
+
+
+def room_id(n: int) -> str:
+    return f"room-{n:07d}"
+
+
+def protected_rooms(apps: int) -> list[tuple[str, str]]:
+    """(app, room) of a class in progress on every quota-exhausted app."""
+    return [(app_id(n), room_id(n)) for n in range(QUOTA_SLOT, apps, TEMPLATE_CYCLE)]
+
+
+def load_rooms(host: str, port: int, apps: int, now: Millis) -> int:
+    """Report a class started 90 minutes ago, ending in an hour, on every
+    quota-exhausted app (the fields Store.report_room writes); returns how many."""
+    import json
+
+    import redis as sync_redis
+    from lcic_guard.store.keys import ROOM_FIELD_PREFIX
+
+    body = json.dumps({"s": now - 90 * 60_000, "e": now + HOUR}, separators=(",", ":"))
+    client = sync_redis.Redis(host=host, port=port)
+    pairs = protected_rooms(apps)
+    with client.pipeline(transaction=False) as pipe:
+        for app, room in pairs:
+            pipe.hset(status_key(app), ROOM_FIELD_PREFIX + room, body)
+        pipe.execute()
+    client.close()
+    return len(pairs)

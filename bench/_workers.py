@@ -39,7 +39,9 @@ from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._dataset import app_id
+from lcic_guard.domain.policy import AppStatus
+
+from bench._dataset import app_id, protected_rooms
 
 SERVICE = "/lcic.guard.v1.EnforcementService/"
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -62,82 +64,101 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-# -- the no-op server ----------------------------------------------------------
+# -- the no-op servers ---------------------------------------------------------
 
 
-def constant_decision() -> pb.Decision:
-    """What the sidecar answers for an application in good standing."""
-    return pb.Decision(
-        allowed=True,
-        reason=pb.DECISION_REASON_OK,
-        message="The application is in good standing.",
-        status_version=1,
-        state=pb.APPLICATION_STATE_ACTIVE,
-    )
+def real_answer() -> bytes:
+    """The serialized CanCreateClassroomResponse the sidecar gives an
+    application suspended for an overdue account (the benchmark data's own
+    timeline): what both no-op servers send, so that every server under test
+    sends bytes of the same size."""
+    from lcic_guard.domain.policy import Check, PolicyConfig, decide
+    from lcic_guard.domain.time import wall_clock
+    from lcic_guard.sidecar import wire
+    from lcic_guard.store.codec import decode_segments
+
+    from bench._dataset import templates
+
+    overdue = templates(wall_clock())[18]
+    assert overdue.name == "overdue"
+    status = AppStatus("app-0000018", "", decode_segments(overdue.data), overdue.version)
+    d = decide(Check.CREATE_CLASSROOM, status, wall_clock(), PolicyConfig())
+    return pb.CanCreateClassroomResponse(decision=wire.decision_to_pb(d)).SerializeToString()
 
 
-class NoopServicer:
-    """Answers every check with the same decision; does no other work."""
+class NoopAnswers:
+    """The same answer to every check (one per check for CheckBatch): the
+    request is parsed like any server parses it; nothing else is done."""
 
     def __init__(self) -> None:
-        d = constant_decision()
-        self.create = pb.CanCreateClassroomResponse(decision=d)
-        self.enter = pb.CanEnterClassroomResponse(decision=d)
-        self.recording = pb.CanAccessRecordingResponse(decision=d)
-        self.batches: dict[int, pb.CheckBatchResponse] = {}
-        self.decision = d
+        self.single = real_answer()
+        self.batches: dict[int, bytes] = {}
 
-    async def CanCreateClassroom(
-        self, request: pb.CanCreateClassroomRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CanCreateClassroomResponse:
-        return self.create
-
-    async def CanEnterClassroom(
-        self, request: pb.CanEnterClassroomRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CanEnterClassroomResponse:
-        return self.enter
-
-    async def CanAccessRecording(
-        self, request: pb.CanAccessRecordingRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CanAccessRecordingResponse:
-        return self.recording
-
-    async def CheckBatch(
-        self, request: pb.CheckBatchRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CheckBatchResponse:
-        n = len(request.checks)
-        resp = self.batches.get(n)
-        if resp is None:
-            resp = self.batches[n] = pb.CheckBatchResponse(decisions=[self.decision] * n)
-        return resp
+    def batch(self, n: int) -> bytes:
+        out = self.batches.get(n)
+        if out is None:
+            # A CheckBatchResponse is its decisions as repeated field 1: the
+            # single answer's bytes (field 1, the decision) n times.
+            out = self.batches[n] = self.single * n
+        return out
 
 
-def add_noop_service(servicer: NoopServicer, server: grpc.aio.Server) -> None:
-    """Register the four check RPCs of EnforcementService the way the sidecar
-    registers its methods (generic and registered handlers, protobuf
-    (de)serialization by the generated message classes)."""
+_NOOP_RPCS = ("CanCreateClassroom", "CanEnterClassroom", "CanAccessRecording", "CheckBatch")
+
+
+def _noop_handlers(answers: NoopAnswers, threaded: bool) -> grpc.GenericRpcHandler:
     service = pb.DESCRIPTOR.services_by_name["EnforcementService"]
     handlers = {}
-    for name in ("CanCreateClassroom", "CanEnterClassroom", "CanAccessRecording", "CheckBatch"):
+    for name in _NOOP_RPCS:
         method = service.methods_by_name[name]
+        if name == "CheckBatch":
+
+            def answer(request: Any, context: Any) -> bytes:
+                return answers.batch(len(request.checks))
+
+        else:
+
+            def answer(request: Any, context: Any) -> bytes:
+                return answers.single
+
+        if not threaded:
+            sync = answer
+
+            async def answer_aio(request: Any, context: Any, sync: Any = sync) -> bytes:
+                return sync(request, context)
+
+            impl: Any = answer_aio
+        else:
+            impl = answer
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
+            impl,
             request_deserializer=getattr(pb, method.input_type.name).FromString,
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            response_serializer=None,  # already bytes
         )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(service.full_name, handlers)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-async def noop_server(cfg: dict[str, Any]) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    add_noop_service(NoopServicer(), server)
+async def noop_aio(cfg: dict[str, Any]) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((_noop_handlers(NoopAnswers(), threaded=False),))
     port = server.add_insecure_port(cfg.get("listen", "127.0.0.1:0"))
     await server.start()
     emit(f"READY {port}")
     await server.wait_for_termination()
+
+
+def noop_threaded(cfg: dict[str, Any]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=int(cfg.get("threads", 16))),
+        options=[("grpc.so_reuseport", 0)],
+    )
+    server.add_generic_rpc_handlers((_noop_handlers(NoopAnswers(), threaded=True),))
+    port = server.add_insecure_port(cfg.get("listen", "127.0.0.1:0"))
+    server.start()
+    emit(f"READY {port}")
+    server.wait_for_termination()
 
 
 # -- requests --------------------------------------------------------------------
@@ -152,17 +173,47 @@ def create_request(app: str, rng: random.Random, now_s: int) -> pb.CanCreateClas
     return req
 
 
+RPC_METHOD = {
+    "create": "CanCreateClassroom",
+    "enter": "CanEnterClassroom",
+    "recording": "CanAccessRecording",
+    "batch": "CheckBatch",
+}
+
+
 def payloads(cfg: dict[str, Any]) -> list[bytes]:
-    """Serialized requests over uniformly random applications."""
+    """Serialized requests over uniformly random applications (``enter``:
+    the protected rooms of :func:`bench._dataset.protected_rooms`)."""
     rng = random.Random(cfg.get("seed", 1))
     apps, first = int(cfg["apps"]), int(cfg.get("first", 0))
     now_s = int(time.time())
+    pool = int(cfg.get("pool", 20_000))
 
     def create() -> pb.CanCreateClassroomRequest:
         return create_request(app_id(first + rng.randrange(apps)), rng, now_s)
 
-    if cfg["rpc"] == "create":
-        return [create().SerializeToString() for _ in range(int(cfg.get("pool", 20_000)))]
+    rpc = cfg["rpc"]
+    if rpc == "create":
+        return [create().SerializeToString() for _ in range(pool)]
+    if rpc == "enter":
+        rooms = protected_rooms(apps)
+        out = []
+        for _ in range(pool):
+            app, room = rooms[rng.randrange(len(rooms))]
+            req = pb.CanEnterClassroomRequest(
+                app_id=app, room_id=room, user_id=f"user-{rng.randrange(10**6)}"
+            )
+            req.role = pb.ClassroomRole.Value("CLASSROOM_ROLE_STUDENT")
+            out.append(req.SerializeToString())
+        return out
+    if rpc == "recording":
+        return [
+            pb.CanAccessRecordingRequest(
+                app_id=app_id(first + rng.randrange(apps)),
+                recording_id=f"rec-{rng.randrange(10**9)}",
+            ).SerializeToString()
+            for _ in range(pool)
+        ]
     out = []
     for _ in range(int(cfg.get("pool", 400))):
         batch = pb.CheckBatchRequest()
@@ -186,35 +237,38 @@ class Tally:
         self.errors: Counter[str] = Counter()
 
 
-def count_decisions(tally: Tally, decisions: Sequence[pb.Decision]) -> None:
+def count_decisions(tally: Tally, decisions: Sequence[pb.Decision], times: int = 1) -> None:
     for d in decisions:
-        tally.checks += 1
-        tally.allowed += d.allowed
-        tally.degraded += d.degraded
-        tally.reasons[_REASON_NAME[d.reason]] += 1
+        tally.checks += times
+        tally.allowed += d.allowed * times
+        tally.degraded += d.degraded * times
+        tally.reasons[_REASON_NAME[d.reason]] += times
 
 
 async def load(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Byte-level: requests serialized once, responses not parsed while
+    measuring (counted by their bytes and parsed once each afterwards), so
+    that the generator costs the same against every server."""
     target = cfg["target"]
     concurrency = int(cfg["concurrency"])
     n_channels = max(1, min(int(cfg.get("channels", 1)), concurrency))
-    batch = cfg["rpc"] == "batch"
-    method = SERVICE + ("CheckBatch" if batch else "CanCreateClassroom")
-    parse: Callable[[bytes], Any] = (
-        pb.CheckBatchResponse.FromString if batch else pb.CanCreateClassroomResponse.FromString
-    )
+    rpc = cfg["rpc"]
+    batch = rpc == "batch"
+    method = SERVICE + RPC_METHOD[rpc]
     bodies = payloads(cfg)
     channels = [
         grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(n_channels)
     ]
     for ch in channels:
         await asyncio.wait_for(ch.channel_ready(), 10)
-    stubs = [ch.unary_unary(method) for ch in channels]  # bytes in, bytes out
+    # No serializers: bytes in, bytes out.
+    stubs = [ch.unary_unary(method) for ch in channels]
     loop = asyncio.get_running_loop()
     warmup, seconds = float(cfg["warmup"]), float(cfg["seconds"])
     t_start = loop.time() + warmup
     t_end = t_start + seconds
     measured = Tally()
+    answers: Counter[bytes] = Counter()
     usage: dict[str, float] = {}
 
     def cpu() -> float:
@@ -231,13 +285,15 @@ async def load(cfg: dict[str, Any]) -> dict[str, Any]:
 
     loop.call_at(t_start, opened)
     loop.call_at(t_end, closed)
+    latencies = measured.latencies
 
     async def worker(k: int) -> None:
         call = stubs[k % n_channels]
         i = k * 7919
         clock = loop.time
+        n_bodies = len(bodies)
         while True:
-            body = bodies[i % len(bodies)]
+            body = bodies[i % n_bodies]
             i += 1
             t0 = clock()
             if t0 >= t_end:
@@ -249,18 +305,23 @@ async def load(cfg: dict[str, Any]) -> dict[str, Any]:
                     measured.errors[exc.code().name] += 1
                 continue
             t1 = clock()
-            resp = parse(raw)
             if t_start <= t1 <= t_end:  # completed in the window
-                measured.calls += 1
-                measured.latencies.append(t1 - t0)
-                count_decisions(measured, resp.decisions if batch else (resp.decision,))
+                latencies.append(t1 - t0)
+                answers[raw] += 1
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     for ch in channels:
         await ch.close()
-    lat = sorted(measured.latencies)
+    parse: Callable[[bytes], Any] = (
+        pb.CheckBatchResponse.FromString if batch else pb.CanCreateClassroomResponse.FromString
+    )
+    for raw, times in answers.items():
+        resp = parse(raw)
+        count_decisions(measured, resp.decisions if batch else (resp.decision,), times)
+    measured.calls = len(latencies)
+    lat = sorted(latencies)
     return {
-        "rpc": cfg["rpc"],
+        "rpc": rpc,
         "batch": int(cfg["batch"]) if batch else 1,
         "concurrency": concurrency,
         "channels": n_channels,
@@ -286,6 +347,11 @@ async def load(cfg: dict[str, Any]) -> dict[str, Any]:
 async def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
     """Check apps [first, first+count) in batches until none is answered degraded."""
     first, count, size = int(cfg["first"]), int(cfg["count"]), int(cfg["batch"])
+    # With "rooms": the protected rooms of apps [0, count) instead, through
+    # enter-classroom checks (the sidecar caches a room on its first check).
+    rooms = protected_rooms(count) if cfg.get("rooms") else None
+    if rooms is not None:
+        first, count = 0, len(rooms)
     concurrency = int(cfg.get("concurrency", 1))
     channel = grpc.aio.insecure_channel(cfg["target"], options=CHANNEL_OPTIONS)
     await asyncio.wait_for(channel.channel_ready(), 10)
@@ -308,7 +374,11 @@ async def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
                 lo, hi = queue.pop()
                 req = pb.CheckBatchRequest()
                 for n in range(lo, hi):
-                    req.checks.add().create_classroom.app_id = app_id(n)
+                    if rooms is None:
+                        req.checks.add().create_classroom.app_id = app_id(n)
+                    else:
+                        enter = req.checks.add().enter_classroom
+                        enter.app_id, enter.room_id = rooms[n]
                 try:
                     resp = await stub.CheckBatch(req, timeout=30)
                 except grpc.aio.AioRpcError as exc:
@@ -494,7 +564,10 @@ async def propagate(cfg: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     role, cfg = sys.argv[1], json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")
     if role == "noop":
-        asyncio.run(noop_server(cfg))
+        if cfg.get("model", "aio") == "threaded":
+            noop_threaded(cfg)
+        else:
+            asyncio.run(noop_aio(cfg))
         return
     runs: dict[str, Callable[[dict[str, Any]], Any]] = {
         "load": load,

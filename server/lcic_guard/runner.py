@@ -238,6 +238,7 @@ async def build_sidecar(
             interceptors=interceptors,
             reuse_port=settings.workers > 1,
             serving=False,
+            max_streams=settings.max_watch_streams,
         )
     except (RuntimeError, OSError) as exc:  # grpc says only "Failed to bind"
         await feed.stop()

@@ -240,7 +240,11 @@ def _request_attributes(request: Any) -> dict[str, Any]:
     return attrs
 
 
-def _response_attributes(response: Any) -> dict[str, Any]:
+def _response_attributes(response: Any, method: str = "") -> dict[str, Any]:
+    if isinstance(response, bytes):  # a check's answer, sent as serialized
+        if method.endswith("/CheckBatch"):
+            return {}
+        response = pb.CanCreateClassroomResponse.FromString(response)
     decision = getattr(response, "decision", None)
     if decision is None:
         return {}
@@ -303,7 +307,7 @@ class RpcTracer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     self._finish(span, context, failed=True)
                     raise
                 if span.is_recording():
-                    span.set_attributes(_response_attributes(response))
+                    span.set_attributes(_response_attributes(response, details.method))
                 self._finish(span, context, failed=False)
                 return response
 

@@ -27,7 +27,7 @@ from lcic_guard.domain.time import format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
-from lcic_guard.sidecar.checker import CheckRequest
+from lcic_guard.sidecar.checker import Answer, CheckRequest
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 
@@ -181,11 +181,11 @@ class Decisions:
     def __init__(self, sidecar: RunningSidecar) -> None:
         self.made: list[Call] = []
         checker = sidecar.checker
-        check = checker.check
+        # A check is answered from the cache (Checker.answer, on a serving
+        # thread) or, when that has none, by check_uncached (on the loop).
+        answer, uncached = checker.answer, checker.check_uncached
 
-        async def recorded(req: CheckRequest) -> Decision:
-            t = time.monotonic()
-            d = await check(req)
+        def note(req: CheckRequest, d: Decision, t: float) -> None:
             reason = pb.DecisionReason.Value(f"DECISION_REASON_{d.reason.value}")
             self.made.append(
                 Call(
@@ -199,9 +199,22 @@ class Decisions:
                     req.app_id,
                 )
             )
+
+        def from_cache(req: CheckRequest, now: int | None = None) -> Answer | None:
+            t = time.monotonic()
+            a = answer(req, now)
+            if a is not None:
+                note(req, a.decision, t)
+            return a
+
+        async def recorded(req: CheckRequest) -> Decision:
+            t = time.monotonic()
+            d = await uncached(req)
+            note(req, d, t)
             return d
 
-        checker.check = recorded  # type: ignore[method-assign]
+        checker.answer = from_cache  # type: ignore[method-assign]
+        checker.check_uncached = recorded  # type: ignore[method-assign]
         self.lags: list[tuple[float, float]] = []  # (when, how late a 5 ms sleep woke)
         self._monitor = asyncio.create_task(self._watch_loop())
 

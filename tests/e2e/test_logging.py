@@ -273,10 +273,10 @@ def test_log_format_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 async def test_an_unexpected_fault_is_one_error_line_with_its_traceback(
     sidecar: SidecarUnderTest, captured: Captured, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(req: object) -> None:
+    def broken(req: object) -> None:
         raise RuntimeError("checker exploded")
 
-    monkeypatch.setattr(sidecar.checker, "check", broken)
+    monkeypatch.setattr(sidecar.checker, "answer", broken)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await sidecar.stub.CanCreateClassroom(
             pb.CanCreateClassroomRequest(app_id="app-1"), metadata=(("x-request-id", "rid-boom"),)

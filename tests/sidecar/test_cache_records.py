@@ -20,7 +20,7 @@ from lcic_guard.domain.policy import (
 )
 from lcic_guard.domain.time import MAX_TIME
 from lcic_guard.sidecar.cache import StatusCache, pack, segment_span, unpack, unpack_segment
-from lcic_guard.sidecar.checker import Checker, CheckRequest
+from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
 
 T0 = 1_790_000_000_000
 CANONICAL = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
@@ -124,3 +124,56 @@ def test_the_least_recently_used_app_is_forgotten_first() -> None:
     assert cache.lookup("a") is not None  # "a" is now the most recent
     cache.put("c", st_, 1)
     assert cache.app_ids() == ["a", "c"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    status=statuses(),
+    start=st.integers(-30 * HOUR, 30 * HOUR),
+    length=st.one_of(st.none(), st.integers(1, 20 * HOUR)),
+    ended=st.one_of(st.none(), st.integers(-30 * HOUR, 30 * HOUR)),
+    offsets=st.lists(st.integers(-40 * HOUR, 40 * HOUR), min_size=1, max_size=20),
+)
+def test_memoized_room_answers_follow_the_clock(
+    status: AppStatus, start: int, length: int | None, ended: int | None, offsets: list[int]
+) -> None:
+    """An enter check of a suspended app is memoized with its room: the same
+    record and room must still give a new answer once now passes the end of
+    the class's protection or its reported end."""
+    cfg = PolicyConfig()
+    cache = StatusCache(10, max_age_ms=10**15)
+    cache.feed_healthy, cache.synced_since = True, 0
+    clock = [T0]
+    checker = Checker(Reader(status), cfg, clock=lambda: clock[0], cache=cache)
+    cache.put("app-1", status, 1)
+    room = Room(
+        T0 + start,
+        None if length is None else T0 + start + length,
+        None if ended is None else T0 + ended,
+    )
+    cache.put_room("app-1", "room-1", room, 0)
+    for off in sorted(offsets) + sorted(offsets):  # again: now from the memo
+        clock[0] = T0 + off
+        got = checker.check_cached(CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1"))
+        want = decide(Check.ENTER_CLASSROOM, status, clock[0], cfg, bounded_room(room, cfg))
+        assert got == want
+
+
+def test_a_memoized_protected_room_is_denied_once_its_protection_ends() -> None:
+    cfg = PolicyConfig()
+    cache = StatusCache(10, max_age_ms=10**15)
+    cache.feed_healthy, cache.synced_since = True, 0
+    overdue = Segment(
+        T0 - HOUR, (Reason.ACCOUNT_OVERDUE,), T0 - HOUR, T0 - HOUR, T0 + 1000 * HOUR, T0 - HOUR
+    )
+    status = AppStatus("app-1", "acct-1", (overdue,), 3)
+    clock = [T0]
+    checker = Checker(Reader(status), cfg, clock=lambda: clock[0], cache=cache)
+    cache.put("app-1", status, 1)
+    cache.put_room("app-1", "room-1", Room(T0 - 2 * HOUR, T0 + HOUR), 0)
+    enter = CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1")
+    first = checker.check_cached(enter)
+    assert first is not None and first.reason is Reason.IN_PROGRESS_PROTECTED
+    clock[0] = T0 + 3 * HOUR  # past the scheduled end and the overrun: same record, same room
+    later = checker.check_cached(enter)
+    assert later is not None and not later.allowed and later.reason is Reason.ACCOUNT_OVERDUE

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Final
 
@@ -118,6 +119,29 @@ def unpack(app_id: str, rec: bytes) -> tuple[AppStatus | None, Millis]:
     return AppStatus(app_id, "", segments, version), fetched_at
 
 
+def segment_of(data: bytes) -> Segment:
+    """Decode the segment in force from what :meth:`StatusCache.in_force`
+    returned."""
+    return unpack_segment(data, 0)
+
+
+def timeline_of(data: bytes) -> tuple[Segment, ...]:
+    """Decode what :meth:`StatusCache.in_force` returned: the segment in
+    force and every one after it."""
+    out, offset = [], 0
+    while offset < len(data):
+        out.append(unpack_segment(data, offset))
+        offset += _SIZE_OF_FLAGS[data[offset + 10]]
+    return tuple(out)
+
+
+class _Stale:
+    """What :meth:`StatusCache.in_force` returns for a record held but not fresh."""
+
+
+STALE: Final = _Stale()
+UNKNOWN_HELD: Final = (0, b"")  # in_force of an app the status table does not know
+
 ROOMS_PER_APP: Final = 256  # rooms remembered per application (LRU)
 NEGATIVE_CAPACITY: Final = 100_000  # ids remembered as absent from the table (LRU)
 
@@ -128,9 +152,13 @@ class StatusCache:
     Once the feed reader has loaded the whole status table into it (and kept
     it whole), the cache is a *complete replica*: an id it does not hold is
     not in the table, and is answered UNKNOWN_APPLICATION with no Redis read.
-    """
 
-    HEAD = _HEAD
+    Checks read it from the serving threads while the change feed writes it
+    on the event loop's thread. Single dict operations are atomic; what is
+    not is moving an entry to the LRU's end (remove, then insert again: a
+    reader in between would find no record, which a complete replica answers
+    UNKNOWN_APPLICATION), so that move and every replacement hold ``_lock``.
+    """
 
     def __init__(
         self,
@@ -149,6 +177,7 @@ class StatusCache:
         # A plain dict keeps insertion order: touching an entry re-inserts it,
         # and the first key is the least recently used.
         self._records: dict[str, bytes] = {}
+        self._lock = threading.Lock()
         self._rooms: dict[str, dict[str, Room | None]] = {}
         # Ids Redis said it does not know, when it said so (R12, R13).
         self._absent: dict[str, Millis] = {}
@@ -176,11 +205,36 @@ class StatusCache:
         return len(self._absent)
 
     def lookup(self, app_id: str) -> bytes | None:
-        """The packed record, marked as just used (the checks' fast path)."""
-        rec = self._records.pop(app_id, None)
-        if rec is not None:
-            self._records[app_id] = rec
+        """The packed record, marked as just used (while the whole table is
+        held nothing is evicted, so the order does not matter then: a plain
+        read)."""
+        records = self._records
+        if self.complete:
+            return records.get(app_id)
+        with self._lock:
+            rec = records.pop(app_id, None)
+            if rec is not None:
+                records[app_id] = rec
         return rec
+
+    def in_force(self, app_id: str, now: Millis) -> tuple[int, bytes] | _Stale | None:
+        """What a check needs of a held record: ``(version, packed segment in
+        force at now and every one after it)`` when it is fresh
+        (:data:`UNKNOWN_HELD` for an app the table does not know),
+        :data:`STALE` when held but not fresh, None when not held. The two
+        values are all an answer depends on (with the room for an enter
+        check): the segments ahead because ``valid_until`` is the next one
+        that answers otherwise. So they are what answers are memoized by."""
+        rec = self.lookup(app_id)
+        if rec is None:
+            return None
+        version, fetched_at, known, count = _HEAD.unpack_from(rec)
+        if not self.fresh_at(fetched_at, now):
+            return STALE
+        if not known:
+            return UNKNOWN_HELD
+        offset, _ = segment_span(rec, count, now)
+        return version, rec[offset:]
 
     def fresh_at(self, fetched_at: Millis, now: Millis) -> bool:
         return (
@@ -230,23 +284,30 @@ class StatusCache:
             self.room_count -= len(rooms)
 
     def _store(self, app_id: str, rec: bytes) -> None:
-        self._records.pop(app_id, None)
+        records = self._records
+        with self._lock:
+            if self.complete and app_id in records:
+                records[app_id] = rec  # in place: a lock-free reader never misses it
+            else:
+                records.pop(app_id, None)
+                records[app_id] = rec
         self._absent.pop(app_id, None)
         self._corrupt.discard(app_id)
-        self._records[app_id] = rec
         if len(self._records) > self.capacity:
-            oldest = next(iter(self._records))
-            del self._records[oldest]
-            self._drop_rooms_of(oldest)
-            self.evictions += 1
             if self.complete:
-                # The table outgrew --cache-size: ids not held are read again.
+                # The table outgrew --cache-size: ids not held are read again
+                # (said before the eviction, which a check may see at once).
                 self.complete = False
                 log.warning(
                     "status table larger than --cache-size (%d): ids not cached are read "
                     "from Redis",
                     self.capacity,
                 )
+            oldest = next(iter(self._records))
+            with self._lock:
+                del self._records[oldest]
+            self._drop_rooms_of(oldest)
+            self.evictions += 1
 
     def _store_absent(self, app_id: str, now: Millis) -> None:
         if self._records.pop(app_id, None) is not None:
@@ -348,6 +409,10 @@ class StatusCache:
 
     def clear(self) -> None:
         """Forget everything (the data set Redis holds was replaced)."""
+        # Not whole first: a check meanwhile must not answer an id missing
+        # from a half-cleared table as unknown.
+        self.complete = False
+        self.synced_since = None
         self._records.clear()
         self._rooms.clear()
         self._absent.clear()

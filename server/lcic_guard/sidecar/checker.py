@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from lcic_guard.domain.policy import (
     AppStatus,
@@ -22,23 +22,58 @@ from lcic_guard.domain.policy import (
     Room,
     decide,
     decide_without_store,
+    protected_until,
     r4_r5_allowed,
 )
 from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
 from lcic_guard.sidecar.cache import (
+    STALE,
+    UNKNOWN_HELD,
     CircuitBreaker,
     Entry,
     StatusCache,
-    segment_span,
-    unpack,
-    unpack_segment,
+    segment_of,
+    timeline_of,
 )
 
 log = logging.getLogger(__name__)
 
-# Memoized decisions (by check, version and segment); cleared when full.
+# Memoized answers (see Checker.answer); cleared when full.
 MEMO_SIZE = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A decision with what is sent for it, made once per memo key.
+
+    ``payload`` is the serialized response (set by the renderer the server
+    installs: the decision as field 1, which is every check response's
+    layout, so a CheckBatchResponse is its items' payloads joined);
+    ``labels`` what the decision is counted under (check, reason, allowed);
+    ``shadowed`` whether shadow mode turned a denial into an allow."""
+
+    decision: Decision
+    payload: bytes = b""
+    labels: tuple[str, str, str] = ("", "", "")
+    shadowed: bool = False
+
+
+Render = Callable[[Check, Decision], Answer]
+
+
+def plain_answer(check: Check, decision: Decision) -> Answer:
+    """The renderer of a checker that no server uses (no payload)."""
+    labels = (check.value, decision.reason.value, "true" if decision.allowed else "false")
+    return Answer(decision, labels=labels)
+
+
+class _NeedsRoom:
+    """Memoized for an enter check of a suspended app: the room decides."""
+
+
+_NEEDS_ROOM: Final = _NeedsRoom()
+_NO_ROOM: Final = object()
 
 
 class StatusReader(Protocol):
@@ -56,8 +91,9 @@ RowOrError = Row | Exception
 PER_MISS_S: Final = 0.00005
 
 
-@dataclass(frozen=True, slots=True)
-class CheckRequest:
+class CheckRequest(NamedTuple):
+    # A tuple: made for every check, and a frozen dataclass costs three
+    # times as much to make.
     check: Check
     app_id: str
     room_id: str | None = None
@@ -111,86 +147,111 @@ class Checker:
         self.failure_mode_answers: dict[tuple[str, str], int] = {}
         self.internal_errors = 0
         self._reads: dict[tuple[str, str | None], asyncio.Future[RowOrError]] = {}
-        self._memo: dict[tuple[Check, int, bytes], Decision] = {}
+        # The one memo of answers. Its key is everything an answer depends
+        # on: the check, the status record's version, and the packed segment
+        # in force with every one after it (crossing a deadline of the
+        # timeline is a new key; valid_until is read from the ones ahead), and
+        # for an enter check of a suspended app also the room as reported and
+        # whether now is inside its protection (the only comparison of now a
+        # room makes). Nothing else of now enters a decision; an answer field
+        # that would (e.g. a validity bound clamped against now) must add what
+        # it depends on to this key. Shadow mode is fixed per process, and the
+        # renderer applies it, so it needs no place in the key.
+        self._memo: dict[tuple[Any, ...], Answer | _NeedsRoom] = {}
+        self.render: Render = plain_answer
         self._warn = RateLimitedLog(log)
 
+    def use_renderer(self, render: Render) -> None:
+        """Make answers with ``render`` from now on (the server's encoding)."""
+        self.render = render
+        self._memo.clear()
+
     def check_cached(self, req: CheckRequest) -> Decision | None:
-        """The decision from a fresh cache entry, or None (then :meth:`check`).
+        """The decision from a fresh cache entry, or None (then :meth:`check`)."""
+        answer = self.answer(req)
+        return answer.decision if answer is not None else None
 
-        Synchronous, so a cache hit costs no coroutine. A decision depends
-        only on the check, the record's version and the segment in force
-        with the ones after it (its ``valid_until`` is the next one that
-        answers otherwise; and, for a suspended app's classroom, on the
-        room), so answers are memoized by those: most checks only find their
-        segment. Any memo of answers, serialized or not, must be keyed by
-        all of that: ``valid_until`` is derived from the same record."""
+    def answer(self, req: CheckRequest, now: Millis | None = None) -> Answer | None:
+        """The answer from a fresh cache entry, or None (then
+        :meth:`check_uncached`). Synchronous and safe from any thread: a cache
+        hit costs no coroutine, and mostly one memo lookup."""
+        if now is None:
+            now = self.clock()
         try:
-            return self._from_cache(req, self.clock())
+            return self._from_cache(req, now)
         except Exception as exc:
-            return self._internal_error(req, exc, self.clock())
+            return self.render(req.check, self._internal_error(req, exc, now))
 
-    def _unknown(self, req: CheckRequest) -> Decision:
-        key = (req.check, 0, b"")
+    def _from_cache(self, req: CheckRequest, now: Millis) -> Answer | None:
+        cache = self.cache
+        held = cache.in_force(req.app_id, now)
+        if held is None:
+            if not (cache.replica_answers_absent() and not cache.is_corrupt(req.app_id)):
+                seen = cache.absent_since(req.app_id)
+                if seen is None or not cache.fresh_at(seen, now):
+                    return None
+            held = UNKNOWN_HELD  # R12, from a whole and current replica or a fresh "absent"
+        elif held is STALE:
+            return None
+        version, segment = held  # type: ignore[misc]
+        key = (req.check, version, segment)
         memo = self._memo.get(key)
         if memo is None:
-            memo = self._memo[key] = decide(req.check, None, 0, self.cfg)
-        self.cache.hits += 1
-        return memo
+            memo = self._remember(key, self._decide_held(req.check, version, segment, now))
+        if memo is _NEEDS_ROOM:
+            return self._with_room(req, key, version, segment, now)
+        cache.hits += 1
+        return memo  # type: ignore[return-value]
 
-    def _from_cache(self, req: CheckRequest, now: Millis) -> Decision | None:
-        cache = self.cache
-        rec = cache.lookup(req.app_id)
-        if rec is None:
-            if cache.replica_answers_absent() and not cache.is_corrupt(req.app_id):
-                return self._unknown(req)  # R12, from a whole and current replica
-            seen = cache.absent_since(req.app_id)
-            if seen is not None and cache.fresh_at(seen, now):
-                return self._unknown(req)
-            return None
-        version, fetched_at, known, count = cache.HEAD.unpack_from(rec)
-        if not cache.fresh_at(fetched_at, now):
-            return None
-        if known:
-            offset, _ = segment_span(rec, count, now)
-            # The answer's valid_until reads the timeline ahead as well, so
-            # the key holds the segment in force and every one after it.
-            key = (req.check, version, rec[offset:])
-        else:
-            key = (req.check, 0, b"")
-        memo = self._memo.get(key)
-        if memo is not None:
-            cache.hits += 1
-            return memo
-        status = None
-        room: Room | None = None
-        if known:
-            seg = unpack_segment(rec, offset)
-            status, _ = unpack(req.app_id, rec)
-            if req.check is Check.ENTER_CLASSROOM and not r4_r5_allowed(seg):
-                # Only a suspension makes the room matter (R6): not memoized.
-                rooms = cache.rooms_of(req.app_id)
-                if rooms is None or req.room_id not in rooms:
-                    return None
-                cache.hits += 1
-                return decide(
-                    req.check,
-                    status,
-                    now,
-                    self.cfg,
-                    bounded_room(rooms[req.room_id or ""], self.cfg),
-                )
-        decision = decide(req.check, status, now, self.cfg, room)
+    def _remember(self, key: tuple[Any, ...], memo: Answer | _NeedsRoom) -> Answer | _NeedsRoom:
         if len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
-        self._memo[key] = decision
-        cache.hits += 1
-        return decision
+        self._memo[key] = memo
+        return memo
+
+    def _decide_held(
+        self, check: Check, version: int, segment: bytes, now: Millis
+    ) -> Answer | _NeedsRoom:
+        if not segment:
+            return self.render(check, decide(check, None, now, self.cfg))
+        if check is Check.ENTER_CLASSROOM and not r4_r5_allowed(segment_of(segment)):
+            return _NEEDS_ROOM  # only a suspension makes the room matter (R6)
+        status = AppStatus("", "", timeline_of(segment), version)
+        return self.render(check, decide(check, status, now, self.cfg))
+
+    def _with_room(
+        self, req: CheckRequest, key: tuple[Any, ...], version: int, segment: bytes, now: Millis
+    ) -> Answer | None:
+        rooms = self.cache.rooms_of(req.app_id)
+        got = rooms.get(req.room_id or "", _NO_ROOM) if rooms is not None else _NO_ROOM
+        if got is _NO_ROOM:
+            return None  # not known here yet: read it
+        room = bounded_room(got, self.cfg)  # type: ignore[arg-type]
+        if room is None:
+            room_key: tuple[Any, ...] = (*key, None)
+        else:
+            # The room's times (plain ints hash faster than the dataclass).
+            end, ended = room.scheduled_end, room.ended_at
+            inside = (ended is None or now < ended) and now < protected_until(room, self.cfg)
+            room_key = (*key, room.started_at, end, ended, inside)
+        memo = self._memo.get(room_key)
+        if memo is None:
+            status = AppStatus("", "", timeline_of(segment), version)
+            memo = self._remember(
+                room_key, self.render(req.check, decide(req.check, status, now, self.cfg, room))
+            )
+        self.cache.hits += 1
+        return memo  # type: ignore[return-value]
 
     def _room_key(self, req: CheckRequest) -> str | None:
         return req.room_id if req.check is Check.ENTER_CLASSROOM else None
 
     async def check(self, req: CheckRequest) -> Decision:
         return self.check_cached(req) or await self.check_uncached(req)
+
+    async def answer_any(self, req: CheckRequest) -> Answer:
+        """The answer from the cache, else from Redis or R13 (not memoized)."""
+        return self.answer(req) or self.render(req.check, await self.check_uncached(req))
 
     def _usable_last_seen(self, req: CheckRequest, now: Millis) -> bool:
         entry = self.cache.get(req.app_id)
@@ -245,15 +306,17 @@ class Checker:
         )
         return self._failure_mode(req, now, None)
 
-    async def check_many(self, reqs: Sequence[CheckRequest]) -> list[Decision]:
+    async def check_many(self, reqs: Sequence[CheckRequest]) -> list[Answer]:
         """One pass over the cache; the misses in one pipelined read."""
         now = self.clock()
-        out: list[Decision | None] = []
-        for r in reqs:
-            try:
-                out.append(self._from_cache(r, now))
-            except Exception as exc:
-                out.append(self._internal_error(r, exc, now))
+        return await self.complete_many(reqs, [self.answer(r, now) for r in reqs])
+
+    async def complete_many(
+        self, reqs: Sequence[CheckRequest], out: list[Answer | None]
+    ) -> list[Answer]:
+        """Fill the items the cache could not answer (None in ``out``)."""
+        now = self.clock()
+        render = self.render
         missing = [i for i, d in enumerate(out) if d is None]
         if missing:
             self.cache.misses += len(missing)
@@ -280,10 +343,10 @@ class Checker:
             now = self.clock()
             for n, i in enumerate(missing):
                 if rows is None:
-                    out[i] = self._fallback(reqs[i], now)
+                    out[i] = render(reqs[i].check, self._fallback(reqs[i], now))
                 else:
-                    out[i] = self._decide_row(reqs[i], rows[n], now)
-        return [d for d in out if d is not None]
+                    out[i] = render(reqs[i].check, self._decide_row(reqs[i], rows[n], now))
+        return [a for a in out if a is not None]
 
     def _read_future(self, key: tuple[str, str | None]) -> asyncio.Future[RowOrError]:
         """One read of an app (and room), shared by concurrent checks of it.

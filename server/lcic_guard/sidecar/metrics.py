@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import logging
 import math
+from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from lcic_guard.domain.policy import Check, Decision, Reason
+from lcic_guard.domain.policy import Check, Reason
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.feed import ChangeFeedReader
 from lcic_guard.sidecar.watchers import Watchers
@@ -182,33 +188,63 @@ class _CheckerCollector(Collector):
         )
 
 
+class _CheckCounts:
+    """What each answer sent adds, as plain integers: a check is counted
+    with a dict increment or two and no lock (prometheus_client's counters
+    take a lock on every increment). The serving threads increment them
+    under the GIL; a scrape reads them through :class:`_CountsCollector`."""
+
+    def __init__(self) -> None:
+        self.decided: dict[tuple[str, str, str], int] = {}
+        self.shadowed: dict[tuple[str, str], int] = {}
+        # check -> [count in each bucket (the last: above every bound), sum]
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+
+class _CountsCollector(Collector):
+    def __init__(self, counts: _CheckCounts) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counts
+        decisions = CounterMetricFamily(
+            "lcic_guard_decisions",
+            "Decisions returned, by check, main reason and outcome.",
+            labels=("check", "reason", "allowed"),
+        )
+        for labels, n in list(c.decided.items()):
+            decisions.add_metric(labels, n)
+        yield decisions
+        duration = HistogramMetricFamily(
+            "lcic_guard_check_duration_seconds",
+            "Time to decide a check in the sidecar (check=batch: a whole CheckBatch).",
+            labels=("check",),
+        )
+        for check, row in list(c.buckets.items()):
+            cumulative, out = 0, []
+            for bound, n in zip((*CHECK_BUCKETS, math.inf), row, strict=True):
+                cumulative += n
+                out.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+            duration.add_metric((check,), out, c.sums.get(check, 0.0))
+        yield duration
+        shadow = CounterMetricFamily(
+            "lcic_guard_shadow_denials",
+            "Denials that shadow mode turned into allows, by check and reason.",
+            labels=("check", "reason"),
+        )
+        for labels2, n in list(c.shadowed.items()):
+            shadow.add_metric(labels2, n)
+        yield shadow
+
+
 class SidecarMetrics:
     """The sidecar's metrics, in a registry of their own."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.decisions = Counter(
-            "lcic_guard_decisions",
-            "Decisions returned, by check, main reason and outcome.",
-            ("check", "reason", "allowed"),
-            registry=self.registry,
-        )
-        self.check_seconds = Histogram(
-            "lcic_guard_check_duration_seconds",
-            "Time to decide a check in the sidecar (check=batch: a whole CheckBatch).",
-            ("check",),
-            buckets=CHECK_BUCKETS,
-            registry=self.registry,
-        )
-        self.shadow_denials = Counter(
-            "lcic_guard_shadow_denials",
-            "Denials that shadow mode turned into allows, by check and reason.",
-            ("check", "reason"),
-            registry=self.registry,
-        )
-        self._decided: dict[tuple[Check, Reason, bool], Any] = {}
-        self._timed: dict[str, Any] = {}
-        self._shadowed: dict[tuple[Check, Reason], Any] = {}
+        self.counts = _CheckCounts()
+        self.registry.register(_CountsCollector(self.counts))
 
     def watch(
         self,
@@ -220,24 +256,19 @@ class SidecarMetrics:
         the table loads and the watch streams."""
         self.registry.register(_CheckerCollector(checker, feed, watchers))
 
-    def decided(self, check: Check, decision: Decision, allowed: bool) -> None:
-        key = (check, decision.reason, allowed)
-        child = self._decided.get(key)
-        if child is None:
-            child = self._decided[key] = self.decisions.labels(
-                check.value, decision.reason.value, "true" if allowed else "false"
-            )
-        child.inc()
+    def decided(self, labels: tuple[str, str, str]) -> None:
+        decided = self.counts.decided
+        decided[labels] = decided.get(labels, 0) + 1
 
     def timed(self, check: str, seconds: float) -> None:
-        child = self._timed.get(check)
-        if child is None:
-            child = self._timed[check] = self.check_seconds.labels(check)
-        child.observe(seconds)
+        c = self.counts
+        row = c.buckets.get(check)
+        if row is None:
+            row = c.buckets.setdefault(check, [0] * (len(CHECK_BUCKETS) + 1))
+        row[bisect_left(CHECK_BUCKETS, seconds)] += 1
+        c.sums[check] = c.sums.get(check, 0.0) + seconds
 
     def shadowed(self, check: Check, reason: Reason) -> None:
-        key = (check, reason)
-        child = self._shadowed.get(key)
-        if child is None:
-            child = self._shadowed[key] = self.shadow_denials.labels(check.value, reason.value)
-        child.inc()
+        key = (check.value, reason.value)
+        shadowed = self.counts.shadowed
+        shadowed[key] = shadowed.get(key, 0) + 1

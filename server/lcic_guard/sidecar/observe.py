@@ -23,11 +23,10 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard.domain.policy import Check, Decision
 from lcic_guard.sidecar import wire
-from lcic_guard.sidecar.checker import CheckRequest
+from lcic_guard.sidecar.checker import Answer, CheckRequest
 from lcic_guard.sidecar.metrics import BATCH, SidecarMetrics
 
 decision_log = logging.getLogger("lcic_guard.decisions")
-PB_MEMO_SIZE: Final = 8192
 
 _SCHEDULE_FIELDS: Final = (
     ("create_classroom", Check.CREATE_CLASSROOM),
@@ -37,42 +36,37 @@ _SCHEDULE_FIELDS: Final = (
 
 
 class DecisionObserver:
-    """Turns the checker's decisions into answers: metrics, logs, shadow mode."""
+    """Makes the checker's answers (:meth:`render`, once per memoized
+    decision) and accounts for each one sent (:meth:`observe`): metrics,
+    logs, shadow mode."""
 
     def __init__(self, metrics: SidecarMetrics | None = None, shadow: Iterable[Check] = ()) -> None:
         self.metrics = metrics
         self.shadow = frozenset(shadow)
-        # The checker memoizes decisions, so the same Decision object comes
-        # back for most checks: convert it once. Keyed by identity, holding
-        # the decision so the identity stays valid. A memo keyed otherwise
-        # must include valid_until's inputs (the timeline ahead of the
-        # segment in force, the room and, for a protected class, the time).
-        self._pb: dict[int, tuple[Decision, pb.Decision]] = {}
 
-    def _to_pb(self, d: Decision) -> pb.Decision:
-        hit = self._pb.get(id(d))
-        if hit is not None and hit[0] is d:
-            return hit[1]
+    def render(self, check: Check, d: Decision) -> Answer:
+        """The answer to send for ``d``: shadow mode applied, serialized once."""
+        shadowed = not d.allowed and check in self.shadow
         out = wire.decision_to_pb(d)
-        if len(self._pb) >= PB_MEMO_SIZE:
-            self._pb.clear()
-        self._pb[id(d)] = (d, out)
-        return out
-
-    def _one(self, req: CheckRequest, d: Decision) -> pb.Decision:
-        shadowed = not d.allowed and req.check in self.shadow
-        m = self.metrics
-        if m is not None:
-            m.decided(req.check, d, d.allowed or shadowed)
-            if shadowed:
-                m.shadowed(req.check, d.reason)
-        out = self._to_pb(d)
         if shadowed:
-            shadow_copy = pb.Decision()
-            shadow_copy.CopyFrom(out)
-            out = shadow_copy
             out.allowed = True
             out.shadow = True
+        # Every check response holds its decision as field 1, so these bytes
+        # are the answer to any of the three, and a CheckBatchResponse is its
+        # items' bytes joined.
+        payload = pb.CanCreateClassroomResponse(decision=out).SerializeToString()
+        allowed = "true" if d.allowed or shadowed else "false"
+        return Answer(d, payload, (check.value, d.reason.value, allowed), shadowed)
+
+    def observe(self, req: CheckRequest, a: Answer) -> None:
+        """Count, and log if asked, one answer sent."""
+        m = self.metrics
+        if m is not None:
+            m.decided(a.labels)
+        if a.shadowed:
+            d = a.decision
+            if m is not None:
+                m.shadowed(req.check, d.reason)
             decision_log.info(
                 "shadow mode: allowed a %s check that enforcement would deny (%s)",
                 req.check.value,
@@ -85,6 +79,7 @@ class DecisionObserver:
                 },
             )
         elif decision_log.isEnabledFor(logging.DEBUG):
+            d = a.decision
             decision_log.debug(
                 "decision",
                 extra={
@@ -98,21 +93,41 @@ class DecisionObserver:
                     "status_version": d.status_version,
                 },
             )
-        return out
 
-    def finish(self, req: CheckRequest, d: Decision, seconds: float) -> pb.Decision:
-        """The answer to one check, decided in ``seconds``."""
+    def observe_many(self, reqs: Sequence[CheckRequest], answers: Sequence[Answer]) -> None:
+        """:meth:`observe` for each item of a batch."""
+        m = self.metrics
+        if self.shadow or decision_log.isEnabledFor(logging.DEBUG) or m is None:
+            for r, a in zip(reqs, answers, strict=True):
+                self.observe(r, a)
+            return
+        decided = m.counts.decided
+        for a in answers:  # only counted: nothing to log
+            labels = a.labels
+            decided[labels] = decided.get(labels, 0) + 1
+
+    def needs_request_id(self, answers: Sequence[Answer]) -> bool:
+        """Whether a log line is made for these answers (then it carries the
+        call's request id, made up if the caller sent none)."""
+        if decision_log.isEnabledFor(logging.DEBUG):
+            return True
+        return bool(self.shadow) and any(a.shadowed for a in answers)
+
+    def finish(self, req: CheckRequest, a: Answer, seconds: float) -> bytes:
+        """The response to one check, decided in ``seconds``."""
         if self.metrics is not None:
             self.metrics.timed(req.check.value, seconds)
-        return self._one(req, d)
+        self.observe(req, a)
+        return a.payload
 
     def finish_batch(
-        self, reqs: Sequence[CheckRequest], ds: Sequence[Decision], seconds: float
-    ) -> list[pb.Decision]:
-        """The answers to a CheckBatch, decided in ``seconds`` altogether."""
+        self, reqs: Sequence[CheckRequest], answers: Sequence[Answer], seconds: float
+    ) -> bytes:
+        """The CheckBatchResponse, decided in ``seconds`` altogether."""
         if self.metrics is not None:
             self.metrics.timed(BATCH, seconds)
-        return [self._one(r, d) for r, d in zip(reqs, ds, strict=True)]
+        self.observe_many(reqs, answers)
+        return b"".join([a.payload for a in answers])
 
     def shadow_pb(self, check: Check, decision: pb.Decision) -> None:
         """Apply shadow mode to an answer computed outside the checks (a

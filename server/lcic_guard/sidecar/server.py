@@ -1,7 +1,8 @@
 """The sidecar's gRPC server: EnforcementService (see
 :mod:`lcic_guard.sidecar.service`), health and reflection, and the connection
-limits. :func:`add_service` is the one place a BadRequest becomes
-INVALID_ARGUMENT.
+limits, served by the threaded core of :mod:`lcic_guard.sidecar.core`.
+:func:`_aio_handlers` and the core's check handlers are where a BadRequest
+becomes INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard import logs
+from lcic_guard.sidecar import core
 from lcic_guard.sidecar.certs import CertificateFiles, reloading_server_credentials
 from lcic_guard.sidecar.service import EnforcementServicer, abort
 from lcic_guard.sidecar.wire import BadRequest
@@ -42,11 +44,12 @@ class TlsFiles:
 
 @dataclass
 class RunningServer:
-    server: grpc.aio.Server
+    server: grpc.Server
     port: int
-    health: health.aio.HealthServicer
+    health: health.HealthServicer
     certificates: CertificateFiles | None = None  # with TLS: reloaded when they change
     serving: bool = False  # what the health service says (read by the HTTP /readyz)
+    pools: core.Pools | None = None  # the server's threads, ended after it stops
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -55,7 +58,7 @@ class RunningServer:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+            self.health.set(name, status)
         self.serving = serving
 
     async def stop(
@@ -69,7 +72,12 @@ class RunningServer:
             await asyncio.sleep(drain)
         if drained is not None:
             drained()
-        await self.server.stop(grace)
+        stopped = self.server.stop(grace)
+        # The event loop keeps running meanwhile: the calls bridged to it
+        # (reports, watches) finish on it.
+        await asyncio.to_thread(stopped.wait)
+        if self.pools is not None:
+            self.pools.shutdown(wait=False)
 
 
 # A connection that has not completed the TLS and HTTP/2 handshake (the
@@ -107,10 +115,11 @@ def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     return out
 
 
-def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
-    """Register EnforcementService like the generated ``add_..._to_server``,
-    except that bytes which do not parse as the request message are answered
-    INVALID_ARGUMENT (grpc.aio alone answers UNKNOWN, naming a Python class)."""
+def _aio_handlers(servicer: EnforcementServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """EnforcementService's handlers as a grpc.aio server runs them: raw
+    bytes in (bytes that do not parse as the request are INVALID_ARGUMENT;
+    grpc.aio alone answers UNKNOWN, naming a Python class), a message or
+    already serialized bytes out."""
 
     def parsing(
         impl: Callable[..., Any], parse: Callable[[bytes], Any], streaming: bool
@@ -167,6 +176,15 @@ def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
             else grpc.unary_unary_rpc_method_handler
         )
         handlers[method.name] = make(impl, response_serializer=serialize)
+    return handlers
+
+
+def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
+    """Register EnforcementService on a grpc.aio server, like the generated
+    ``add_..._to_server`` except for bytes that do not parse (see
+    :func:`_aio_handlers`). The sidecar itself serves it with
+    :func:`start_server`, the threaded core."""
+    handlers = _aio_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
@@ -181,28 +199,39 @@ async def start_server(
     reuse_port: bool = False,
     serving: bool = True,
     handshake_timeout_ms: int | None = None,
+    threads: int = core.CHECK_THREADS,
+    max_streams: int = 1000,
 ) -> RunningServer:
-    """Start EnforcementService, health and reflection on ``listen``.
+    """Start EnforcementService, health and reflection on ``listen``, served
+    by the threaded core (:mod:`lcic_guard.sidecar.core`) bridged to the
+    running event loop.
 
     With ``tls``, each new connection uses the certificate files as they are
     then (changed files are loaded again: see :mod:`lcic_guard.sidecar.certs`).
-    ``interceptors`` (e.g. :mod:`lcic_guard.sidecar.auth`) see every call.
-    ``reuse_port`` only for the processes of one ``--workers N``: gRPC turns
-    SO_REUSEPORT on by default, and with it a second sidecar on a taken port
-    would silently share it and half the checks would reach the wrong one.
-    With ``serving=False`` health says NOT_SERVING until the caller says
-    otherwise.
+    ``interceptors`` (e.g. :mod:`lcic_guard.sidecar.auth`) see every
+    EnforcementService call they ask to. ``reuse_port`` only for the
+    processes of one ``--workers N``: gRPC turns SO_REUSEPORT on by default,
+    and with it a second sidecar on a taken port would silently share it and
+    half the checks would reach the wrong one. With ``serving=False`` health
+    says NOT_SERVING until the caller says otherwise. ``threads`` serve the
+    unary calls; each watch stream (at most ``max_streams``) holds a thread
+    of its own pool while it is open.
     """
-    server = grpc.aio.server(
+    bridge = core.Bridge(asyncio.get_running_loop(), _aio_handlers(servicer), interceptors or ())
+    pools = core.Pools(threads, max_streams + 64)  # + health watches, reflection, refusals
+    bridge.pool = pools.calls
+    server = grpc.server(
+        pools,
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             *connection_limits(handshake_timeout_ms or HANDSHAKE_TIMEOUT_MS),
             *(options or []),
         ],
-        interceptors=list(interceptors or ()),
     )
-    add_service(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    handlers = core.handlers(servicer, bridge)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -215,8 +244,8 @@ async def start_server(
         port = server.add_secure_port(listen, reloading_server_credentials(certificates))
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
-    await server.start()
-    running = RunningServer(server, port, health_servicer, certificates)
-    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    server.start()
+    running = RunningServer(server, port, health_servicer, certificates, pools=pools)
+    health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await running.set_serving(serving)
     return running
