@@ -202,3 +202,35 @@ async def test_cached_client_answers_locally_and_asks_when_it_must(
     assert local == 21 and remote == 1
     assert all(d.allowed for d in decisions[:21])
     assert decisions[-1].reason == pb.DECISION_REASON_UNKNOWN_APPLICATION
+
+
+async def test_held_statuses_are_refreshed_before_they_age_out(
+    store: Store, policy: PolicyConfig, clock: FakeClock, reconciler: Reconciler, events: Events
+) -> None:
+    """With the feed healthy, every held status is read again within half of
+    --cache-max-age, in the background: checks keep answering from memory
+    past the bound, never reading Redis themselves and never degraded."""
+    await reconciler.ingest(
+        deliveries([*events.app("acct", "app-1"), *events.app("acct", "app-2")])
+    )
+    settings = sidecar_settings(cache_max_age_ms=400, policy=policy)
+    sidecar = await build_sidecar(settings, store, clock=clock)
+    try:
+        await eventually(lambda: _healthy(sidecar))
+        await asyncio.wait_for(sidecar.feed.synced.wait(), 5)
+        channel, stub = stub_for(sidecar)
+        async with channel:
+            for _ in range(3):
+                # Past the bound on the sidecar's clock, while the refresh
+                # (every 0.2 s here) runs.
+                clock.advance(450)
+                await asyncio.sleep(0.45)
+                for app in ("app-1", "app-2"):
+                    d = (
+                        await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id=app))
+                    ).decision
+                    assert d.allowed and not d.degraded
+        assert sidecar.checker.store_reads == 0
+        assert sidecar.feed.refreshed >= 4
+    finally:
+        await sidecar.stop(grace=0.2)

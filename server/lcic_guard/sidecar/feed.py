@@ -13,12 +13,16 @@ from typing import Protocol
 
 from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.time import Millis
-from lcic_guard.ratelimit import describe_error
+from lcic_guard.ratelimit import RateLimitedLog, describe_error
 from lcic_guard.sidecar.cache import StatusCache
 from lcic_guard.store.feed import Change
 from lcic_guard.tasks import stop_task
 
 log = logging.getLogger(__name__)
+
+# Statuses re-read from Redis per pipelined read of the refresh (a few
+# milliseconds of the loop's time each, so checks bridged to it wait little).
+REFRESH_CHUNK = 500
 
 
 class FeedStore(Protocol):
@@ -42,6 +46,12 @@ class FeedStore(Protocol):
 class ChangeFeedReader:
     """Loads the whole status table, then follows the change feed, keeping a
     :class:`StatusCache` a current replica of it.
+
+    It also re-reads every held status from Redis within half of the
+    cache's ``max_age``, a chunk at a time spread over that period, so that
+    in steady state no entry ages past the bound and no check has to read
+    Redis for it: the bound still holds, at a cost that follows the size of
+    the table rather than the rate of checks.
 
     Every ``generation_check_ms`` it also reads the store's generation id: a
     new one (Redis lost its data, or a snapshot was loaded into an emptied
@@ -78,13 +88,56 @@ class ChangeFeedReader:
         self.in_sync = False
         self.synced = asyncio.Event()
         self._checked_generation_at = 0.0
+        self.refreshed = 0  # statuses re-read by the refresh
+        self._warn = RateLimitedLog(log)
         self._task: asyncio.Task[None] | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="lcic-guard-change-feed")
+        self._refresh_task = asyncio.create_task(self.refresh(), name="lcic-guard-refresh")
 
     async def stop(self) -> None:
+        await stop_task(self._refresh_task)
         await stop_task(self._task)
+
+    def _healthy(self) -> bool:
+        return self.in_sync and self.cache.feed_healthy
+
+    async def refresh(self) -> None:
+        """Re-read the held statuses, each within ``max_age / 2``, forever.
+
+        A record read here replaces the one held only if it is not older (a
+        newer one came on the feed meanwhile); either way the entry counts as
+        read now. When Redis fails, the round stops; entries it did not reach
+        age as before and are read by the checks that need them."""
+        while True:
+            period = self.cache.max_age_ms / 2000
+            ids = self.cache.app_ids() if self._healthy() and period > 0 else []
+            if not ids:
+                await asyncio.sleep(min(period, 1.0) if period > 0 else 1.0)
+                continue
+            chunks = [ids[i : i + REFRESH_CHUNK] for i in range(0, len(ids), REFRESH_CHUNK)]
+            for chunk in chunks:
+                # Waiting first: what was just loaded or refreshed is fresh.
+                await asyncio.sleep(period / len(chunks))
+                if not self._healthy():
+                    break
+                now = self.clock()  # before the read: the entry is at least this current
+                try:
+                    rows = await self.store.read_rows([(a, None) for a in chunk])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._warn.warning(
+                        "refresh", "refresh of cached statuses failed (%s)", describe_error(exc)
+                    )
+                    break
+                for app_id, row in zip(chunk, rows, strict=True):
+                    if isinstance(row, Exception) or self.cache.held_version(app_id) is None:
+                        continue  # left to age: a check reads it and counts what it finds
+                    self.cache.put(app_id, row[0], now)
+                    self.refreshed += 1
 
     async def _set_in_sync(self, value: bool) -> None:
         if value == self.in_sync:
