@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import grpc
 import pytest_asyncio
@@ -232,5 +233,30 @@ async def test_held_statuses_are_refreshed_before_they_age_out(
                     assert d.allowed and not d.degraded
         assert sidecar.checker.store_reads == 0
         assert sidecar.feed.refreshed >= 4
+    finally:
+        await sidecar.stop(grace=0.2)
+
+
+async def test_the_refresh_finds_a_change_that_never_reached_the_feed(
+    store: Store, policy: PolicyConfig, clock: FakeClock, reconciler: Reconciler, events: Events
+) -> None:
+    """The bound's reason to exist: a status written to Redis without its
+    notice on the feed is still picked up, by the refresh, within the bound."""
+    await reconciler.ingest(deliveries(events.app("acct", "app-1")))
+    settings = sidecar_settings(cache_max_age_ms=400, policy=policy)
+    sidecar = await build_sidecar(settings, store, clock=clock)
+    try:
+        await asyncio.wait_for(sidecar.feed.synced.wait(), 5)
+        status, _ = await store.read_status("app-1")
+        assert status is not None
+        assert sidecar.checker.cache.held_version("app-1") == status.version
+        # Written as the reconciler would from newer facts, but not announced.
+        written = await store.write_status(replace(status, version=status.version + 1))
+        assert written.version > status.version
+
+        async def caught_up() -> bool:
+            return sidecar.checker.cache.held_version("app-1") == written.version
+
+        await eventually(caught_up, timeout=3.0)
     finally:
         await sidecar.stop(grace=0.2)

@@ -337,6 +337,12 @@ class StatusCache:
             return
         self._store(app_id, pack(status, now))
 
+    def touch(self, app_id: str, now: Millis) -> None:
+        """The held record was found current in Redis at ``now``."""
+        old = self._records.get(app_id)
+        if old is not None:
+            self._records[app_id] = self._touched(old, now)  # in place, as apply()
+
     @staticmethod
     def _touched(rec: bytes, now: Millis) -> bytes:
         version, fetched_at, known, count = _HEAD.unpack_from(rec)

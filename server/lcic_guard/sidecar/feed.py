@@ -38,6 +38,8 @@ class FeedStore(Protocol):
         self, requests: Sequence[tuple[str, str | None]]
     ) -> list[tuple[AppStatus | None, Room | None] | Exception]: ...
 
+    async def read_versions(self, app_ids: Sequence[str]) -> list[int | None]: ...
+
     def scan_app_ids(self, count: int = 1000) -> AsyncIterator[list[str]]: ...
 
     async def ensure_generation(self) -> str: ...
@@ -107,9 +109,9 @@ class ChangeFeedReader:
     async def refresh(self) -> None:
         """Re-read the held statuses, each within ``max_age / 2``, forever.
 
-        A record read here replaces the one held only if it is not older (a
-        newer one came on the feed meanwhile); either way the entry counts as
-        read now. When Redis fails, the round stops; entries it did not reach
+        A held record whose version Redis still has is only marked read now;
+        another is read whole and replaces the one held unless that is newer
+        (it came on the feed meanwhile). When Redis fails, the round stops; entries it did not reach
         age as before and are read by the checks that need them."""
         while True:
             period = self.cache.max_age_ms / 2000
@@ -123,9 +125,18 @@ class ChangeFeedReader:
                 await asyncio.sleep(period / len(chunks))
                 if not self._healthy():
                     break
-                now = self.clock()  # before the read: the entry is at least this current
+                now = self.clock()  # before the reads: the entry is at least this current
+                cache = self.cache
                 try:
-                    rows = await self.store.read_rows([(a, None) for a in chunk])
+                    # Versions first: most records are unchanged, and a
+                    # version costs a fraction of decoding a record.
+                    versions = await self.store.read_versions(chunk)
+                    changed = [
+                        a
+                        for a, v in zip(chunk, versions, strict=True)
+                        if v is None or v != cache.held_version(a)
+                    ]
+                    rows = await self.store.read_rows([(a, None) for a in changed])
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -133,10 +144,17 @@ class ChangeFeedReader:
                         "refresh", "refresh of cached statuses failed (%s)", describe_error(exc)
                     )
                     break
-                for app_id, row in zip(chunk, rows, strict=True):
-                    if isinstance(row, Exception) or self.cache.held_version(app_id) is None:
+                for app_id, version in zip(chunk, versions, strict=True):
+                    held = cache.held_version(app_id)
+                    if held is not None and held == version:
+                        cache.touch(app_id, now)
+                        self.refreshed += 1
+                for app_id, row in zip(changed, rows, strict=True):
+                    if isinstance(row, Exception) or cache.held_version(app_id) is None:
                         continue  # left to age: a check reads it and counts what it finds
-                    self.cache.put(app_id, row[0], now)
+                    # Not older than what is held (a newer one came on the
+                    # feed meanwhile): put keeps the newer one.
+                    cache.put(app_id, row[0], now)
                     self.refreshed += 1
 
     async def _set_in_sync(self, value: bool) -> None:

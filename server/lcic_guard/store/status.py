@@ -177,6 +177,16 @@ class Store(Feeds):
                 out.append(exc)
         return out
 
+    async def read_versions(self, app_ids: Sequence[str]) -> list[int | None]:
+        """The stored status versions of many applications in one round trip
+        (None: no status). A version is assigned by the store on every write,
+        so an equal one tells a held record is current without reading it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id in app_ids:
+                pipe.hget(status_key(app_id), "version")
+            res = await pipe.execute()
+        return [None if v is None else int(v) for v in res]
+
     async def scan_app_ids(self, count: int = 1000) -> AsyncIterator[list[str]]:
         """Every application id in the status table, in chunks (SCAN, so a
         large table never blocks Redis; on Redis Cluster, every master)."""
