@@ -451,8 +451,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         type=parse_duration,
         default=format_duration(_DEFAULT.cache_max_age_ms, "s"),
         help="longest a cached status is used before it is read again, even with the "
-        "change feed healthy (statuses in use are re-read in the background within half "
-        "of it, so checks need not)",
+        "change feed healthy (held statuses are re-read in the background within half of "
+        "it, so checks need not)",
     )
     g.add_argument(
         "--workers",

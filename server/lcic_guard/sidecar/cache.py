@@ -183,9 +183,6 @@ class StatusCache:
         self._absent: dict[str, Millis] = {}
         # Ids whose stored status does not decode: never answered as absent.
         self._corrupt: set[str] = set()
-        # Ids of held records checks looked at since the refresh last took
-        # them: only those are worth reading again before they age out.
-        self.used: set[str] = set()
         # Set by the feed reader: while healthy, entries fetched after
         # ``synced_since`` are known current as of ``confirmed_at``.
         self.feed_healthy = False
@@ -231,7 +228,6 @@ class StatusCache:
         rec = self.lookup(app_id)
         if rec is None:
             return None
-        self.used.add(app_id)
         version, fetched_at, known, count = _HEAD.unpack_from(rec)
         if not self.fresh_at(fetched_at, now):
             return STALE
@@ -340,11 +336,6 @@ class StatusCache:
             self._store_absent(app_id, now)
             return
         self._store(app_id, pack(status, now))
-
-    def take_used(self) -> list[str]:
-        """The ids checks looked at since the last call (and forget them)."""
-        used, self.used = self.used, set()
-        return list(used)
 
     def touch(self, app_id: str, now: Millis) -> None:
         """The held record was found current in Redis at ``now``."""

@@ -49,13 +49,11 @@ class ChangeFeedReader:
     """Loads the whole status table, then follows the change feed, keeping a
     :class:`StatusCache` a current replica of it.
 
-    It also re-reads, within half of the cache's ``max_age``, every held
-    status that checks have used since its last round, a chunk at a time
-    spread over that period: in steady state an entry in use does not age
-    past the bound, so no check has to read Redis for it. The bound still
-    holds; the cost follows the number of applications in use (not the rate
-    of checks, nor the size of the table: an entry nobody checks ages out
-    and is read by the check that next needs it).
+    It also re-reads every held status from Redis within half of the
+    cache's ``max_age``, a chunk at a time spread over that period, so that
+    in steady state no entry ages past the bound and no check has to read
+    Redis for it: the bound still holds, at a cost that follows the size of
+    the table rather than the rate of checks.
 
     Every ``generation_check_ms`` it also reads the store's generation id: a
     new one (Redis lost its data, or a snapshot was loaded into an emptied
@@ -109,7 +107,7 @@ class ChangeFeedReader:
         return self.in_sync and self.cache.feed_healthy
 
     async def refresh(self) -> None:
-        """Re-read the held statuses in use, each within ``max_age / 2``, forever.
+        """Re-read the held statuses, each within ``max_age / 2``, forever.
 
         A held record whose version Redis still has is only marked read now;
         another is read whole and replaces the one held unless that is newer
@@ -117,12 +115,9 @@ class ChangeFeedReader:
         age as before and are read by the checks that need them."""
         while True:
             period = self.cache.max_age_ms / 2000
-            if period <= 0 or not self._healthy():
-                await asyncio.sleep(1.0 if period <= 0 else min(period, 1.0))
-                continue
-            ids = [a for a in self.cache.take_used() if self.cache.held_version(a) is not None]
+            ids = self.cache.app_ids() if self._healthy() and period > 0 else []
             if not ids:
-                await asyncio.sleep(period)  # what is used meanwhile is next round's
+                await asyncio.sleep(min(period, 1.0) if period > 0 else 1.0)
                 continue
             chunks = [ids[i : i + REFRESH_CHUNK] for i in range(0, len(ids), REFRESH_CHUNK)]
             for chunk in chunks:
