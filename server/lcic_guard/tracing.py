@@ -106,10 +106,12 @@ class Tracing:
 
         async def traced_ingest(deliveries: Sequence[Delivery]) -> IngestStats:
             with tracer.start_as_current_span("lcic_guard.ingest") as span:
+                # What the batch names is known before it is applied: a batch
+                # cut short (by a stop) is still traced with it.
                 span.set_attribute("lcic.events", len(deliveries))
+                _ids(span, "lcic.app_ids", _app_ids(deliveries))
                 stats = await ingest(deliveries)
                 _ids(span, "lcic.account_ids", stats.accounts)
-                _ids(span, "lcic.app_ids", _app_ids(deliveries))
                 span.set_attributes(
                     {
                         "lcic.applied": stats.applied,
