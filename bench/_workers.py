@@ -124,7 +124,9 @@ def _noop_handlers(answers: NoopAnswers, threaded: bool) -> grpc.GenericRpcHandl
         if not threaded:
             sync = answer
 
-            async def answer_aio(request: Any, context: Any, sync: Any = sync) -> bytes:
+            async def answer_aio(
+                request: Any, context: Any, sync: Callable[[Any, Any], bytes] = sync
+            ) -> bytes:
                 return sync(request, context)
 
             impl: Any = answer_aio

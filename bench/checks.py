@@ -582,11 +582,11 @@ class Report:
             def mark(n: str, text: str, best: str = best) -> str:
                 return text + ("*" if n == best else "")
 
-            t = " | ".join(mark(n, fmt(self.med(n, sc, "checks_per_s"), 0)) for n in NOOPS)
+            rates = " | ".join(mark(n, fmt(self.med(n, sc, "checks_per_s"), 0)) for n in NOOPS)
             p50 = " / ".join(fmt(self.med(n, sc, "p50_ms"), 3) for n in NOOPS)
             cpu = " / ".join(fmt(self.med(n, sc, "cpu_us"), 1) for n in NOOPS)
             w(
-                f"| {self.label(sc)} | {t} | {fmt(s_t, 0)} | "
+                f"| {self.label(sc)} | {rates} | {fmt(s_t, 0)} | "
                 f"{fmt(s_t / self.med(best, sc, 'checks_per_s'))} | {p50} / {fmt(s50, 3)} | "
                 f"{fmt(s99, 3)} | {fmt(s50 / self.med(best, sc, 'p50_ms'))} | "
                 f"{cpu} / {fmt(s_c, 1)} | {fmt(s_c / self.med(best, sc, 'cpu_us'))} |"
