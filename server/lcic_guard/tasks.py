@@ -37,3 +37,22 @@ async def stop_task(task: asyncio.Task[Any] | None, *, timeout: float = 5.0) -> 
 async def stop_tasks(tasks: list[asyncio.Task[Any]], *, timeout: float = 5.0) -> None:
     """:func:`stop_task` for several tasks at once."""
     await asyncio.gather(*(stop_task(t, timeout=timeout) for t in tasks))
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds have passed; True
+    if it is set.
+
+    Not ``asyncio.timeout`` (nor ``wait_for``) around ``event.wait()``: in
+    Python 3.11 both time out by cancelling the waiting task, and a
+    cancellation from outside that lands as the timeout fires can be taken
+    for the timeout and lost, leaving a loop around the wait running after
+    it was cancelled. ``asyncio.wait`` times out without cancelling anyone."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return event.is_set()

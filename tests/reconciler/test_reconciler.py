@@ -40,6 +40,7 @@ from lcic_guard.store.keys import (
     status_key,
 )
 from lcic_guard.store.status import AccountFacts, Store, WriteResult
+from lcic_guard.tasks import stop_task, stop_tasks
 
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries
@@ -1078,8 +1079,9 @@ async def test_killing_the_leader_hands_over_within_seconds(
             await asyncio.sleep(0.05)
         old, new = (r1, r2) if r1.token else (r2, r1)
         first = old.token
-        tasks[old].cancel()  # killed: it never resigns
-        await asyncio.gather(tasks[old], return_exceptions=True)
+        # Killed: it never resigns. Stopped as the product stops its tasks
+        # (asking again if a library lost the cancellation).
+        await stop_task(tasks[old])
 
         started = time.monotonic()
         while new.token == 0:
@@ -1102,9 +1104,7 @@ async def test_killing_the_leader_hands_over_within_seconds(
             await asyncio.sleep(0.05)
     finally:
         stop.set()
-        for task in tasks.values():
-            task.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await stop_tasks(list(tasks.values()))
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from lcic_guard.domain.time import Millis
 from lcic_guard.reconciler.sources import BillingSource
 from lcic_guard.reconciler.stats import IngestStats
+from lcic_guard.tasks import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,4 @@ class ReconcilerMetrics:
                 raise
             except Exception as exc:
                 log.warning("metrics poll failed (%s: %s)", type(exc).__name__, exc)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):  # not wait_for: it can lose a cancel
-                    await stop.wait()
+            await wait_event(stop, interval)

@@ -47,7 +47,7 @@ from lcic_guard.store.keys import (
     deadline_of,
 )
 from lcic_guard.store.status import AccountFacts, AppClaim, Store
-from lcic_guard.tasks import stop_tasks
+from lcic_guard.tasks import stop_tasks, wait_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -560,9 +560,7 @@ class Reconciler:
                 )
                 if self.metrics is not None:
                     self.metrics.on_error("deadlines")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.tick_ms / 1000):  # not wait_for:
-                    await stop.wait()  # Python 3.11's can lose the cancel at shutdown
+            await wait_event(stop, self.config.tick_ms / 1000)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self._source_loop(s, stop)) for s in self.sources]

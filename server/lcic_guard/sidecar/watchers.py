@@ -19,6 +19,7 @@ import grpc
 from lcic_guard.domain.policy import AppStatus
 from lcic_guard.domain.time import Millis
 from lcic_guard.sidecar.cache import StatusCache
+from lcic_guard.tasks import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,7 @@ class Subscription:
                 out = list(self.pending.values())
                 self.pending.clear()
                 return out
-            try:
-                async with asyncio.timeout(timeout):  # not wait_for: it can lose a cancel
-                    await self.watchers.wakes[self.group].wait()
-            except TimeoutError:
+            if not await wait_event(self.watchers.wakes[self.group], timeout):
                 return None
 
 
