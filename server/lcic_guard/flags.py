@@ -18,11 +18,16 @@ from typing import Any
 
 from lcic_guard import metrics
 from lcic_guard.config import Settings
-from lcic_guard.domain.policy import DAY, HOUR, MINUTE, SECOND, Check, PolicyConfig
+from lcic_guard.domain.policy import (
+    DURATION_UNITS,
+    Check,
+    PolicyConfig,
+    format_duration,
+)
 from lcic_guard.redact import redact_url
 
 ENV_PREFIX = "LCIC_GUARD_"
-_UNITS = {"ms": 1, "s": SECOND, "m": MINUTE, "h": HOUR, "d": DAY}
+_UNITS = DURATION_UNITS
 _PART = r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)"
 _DURATION = re.compile(rf"\s*(?:{_PART}\s*)+")
 _PARTS = re.compile(_PART)
@@ -36,22 +41,6 @@ def parse_duration(text: str) -> int:
             "e.g. 24h or 1h30m"
         )
     return sum(int(float(n) * _UNITS[unit]) for n, unit in _PARTS.findall(text))
-
-
-def format_duration(ms: int, unit: str | None = None) -> str:
-    """``ms`` as a flag would take it: in ``unit`` if given (the way the
-    product states it, e.g. a grace of ``24h``), else in the largest unit
-    that holds it exactly; ``0`` for off."""
-    if not ms:
-        return "0"
-    if unit is not None:
-        if ms % _UNITS[unit]:
-            raise ValueError(f"{ms} ms is not a whole number of {unit}")
-        return f"{ms // _UNITS[unit]}{unit}"
-    for name in ("d", "h", "m", "s"):
-        if ms % _UNITS[name] == 0:
-            return f"{ms // _UNITS[name]}{name}"
-    return f"{ms}ms"
 
 
 # The flags' defaults come from here, so that each is written once (in config).

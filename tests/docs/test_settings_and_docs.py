@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lcic_guard.cli import build_parser
 from lcic_guard.config import Settings
-from lcic_guard.domain.policy import DAY, HOUR, MINUTE, Check
+from lcic_guard.domain.policy import DAY, HOUR, MINUTE, Check, format_duration
 from lcic_guard.flags import (
     METRICS,
     POLICY,
@@ -20,7 +20,6 @@ from lcic_guard.flags import (
     RECONCILE,
     SERVE,
     STORE,
-    format_duration,
     groups_of,
     parse_duration,
     settings_from,

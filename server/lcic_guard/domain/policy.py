@@ -45,6 +45,25 @@ SECOND: Final = 1000
 MINUTE: Final = 60 * SECOND
 HOUR: Final = 60 * MINUTE
 DAY: Final = 24 * HOUR
+DURATION_UNITS: Final = {"ms": 1, "s": SECOND, "m": MINUTE, "h": HOUR, "d": DAY}
+
+
+def format_duration(ms: int, unit: str | None = None) -> str:
+    """``ms`` as a flag takes it: in ``unit`` if given (the way the product
+    states it, e.g. a grace of ``24h``), else in the largest unit that holds
+    it exactly; ``0`` for off."""
+    if not ms:
+        return "0"
+    if unit is not None:
+        if ms % DURATION_UNITS[unit]:
+            raise ValueError(f"{ms} ms is not a whole number of {unit}")
+        return f"{ms // DURATION_UNITS[unit]}{unit}"
+    for name in ("d", "h", "m", "s"):
+        if ms % DURATION_UNITS[name] == 0:
+            return f"{ms // DURATION_UNITS[name]}{name}"
+    return f"{ms}ms"
+
+
 FUTURE_SKEW_MS: Final = DAY
 """History kept before the newest fact (or before ``now``, when given), so a
 fact dated a little ahead of a reader's clock cannot hide the present."""

@@ -19,11 +19,10 @@ from dataclasses import dataclass, replace
 from lcic_guard.domain.evidence import override_log
 from lcic_guard.domain.facts import GraceExtended
 from lcic_guard.domain.policy import (
-    DAY,
-    HOUR,
     AppStatus,
     PolicyConfig,
     Segment,
+    format_duration,
     notice_episode,
     overdue_notice,
 )
@@ -58,21 +57,13 @@ class Notice:
     sent: bool = False
 
 
-def lead_time(ms: int) -> str:
-    """A reminder's lead time in the flag's own syntax (``30d``, ``36h``)."""
-    for unit, size in (("d", DAY), ("h", HOUR), ("m", 60_000), ("s", 1000)):
-        if ms and ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
-
-
 def notice_plan(known: Millis, release_at: Millis, reminders: Iterable[int]) -> list[Notice]:
     """R10: the first notice when the suspension becomes known, then one
     reminder per lead time, only those after the first notice."""
     out = [Notice("initial", known)]
     for lead in sorted(set(reminders), reverse=True):
         if release_at - lead > known:
-            out.append(Notice(lead_time(lead), release_at - lead))
+            out.append(Notice(format_duration(lead), release_at - lead))
     return out
 
 
@@ -118,10 +109,7 @@ class Announcer:
             status.app_id, ANNOUNCED_FIELD
         )
         # An announcement in flight: left to its writer unless presumed dead.
-        if outbox is not None and (
-            now - outbox.at < STALE_OUTBOX_MS
-            or not await self.flush(key, ANNOUNCED_FIELD, outbox, now)
-        ):
+        if await self._in_flight(key, ANNOUNCED_FIELD, outbox, now):
             return now + STALE_OUTBOX_MS
         seg = status.at(now)
         new = _state_key(seg)
@@ -180,6 +168,14 @@ class Announcer:
             self.metrics.on_status_change()
         return None
 
+    async def _in_flight(self, key: str, cursor: str, outbox: Outbox | None, now: Millis) -> bool:
+        """Whether an announcement claimed on ``cursor`` is still in flight:
+        left to its writer while recent, finished here once the writer is
+        presumed dead (still in flight if another replica took it over)."""
+        return outbox is not None and (
+            now - outbox.at < STALE_OUTBOX_MS or not await self.flush(key, cursor, outbox, now)
+        )
+
     async def flush(self, key: str, cursor: str, outbox: Outbox, now: Millis) -> bool:
         """Finish an announcement a writer claimed but may not have made.
 
@@ -204,11 +200,8 @@ class Announcer:
         left to its writer. Returns True once every app is known announced."""
         key = meta_key(account_id)
         cursor, outbox = await self.coord.cursor(key, RELEASE_FIELD)
-        if outbox is not None:
-            if now - outbox.at < STALE_OUTBOX_MS:
-                return False  # its writer is probably adding it right now
-            if not await self.flush(key, RELEASE_FIELD, outbox, now):
-                return False
+        if await self._in_flight(key, RELEASE_FIELD, outbox, now):
+            return False
         # "1": announced before the cursor listed apps; nothing more is owed.
         if cursor == "1":
             return True
@@ -275,10 +268,7 @@ class Announcer:
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
         key = meta_key(account_id)
         cursor, outbox = await self.coord.cursor(key, NOTICE_FIELD)
-        if outbox is not None and (
-            now - outbox.at < STALE_OUTBOX_MS
-            or not await self.flush(key, NOTICE_FIELD, outbox, now)
-        ):
+        if await self._in_flight(key, NOTICE_FIELD, outbox, now):
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
         # An override that moves release_at starts a new series of notices.
@@ -341,10 +331,7 @@ class Announcer:
         member = warning_deadline(account_id)
         key = meta_key(account_id)
         cursor, outbox = await self.coord.cursor(key, WARNED_FIELD)
-        if outbox is not None and (
-            now - outbox.at < STALE_OUTBOX_MS
-            or not await self.flush(key, WARNED_FIELD, outbox, now)
-        ):
+        if await self._in_flight(key, WARNED_FIELD, outbox, now):
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
         if outbox is not None:
@@ -372,7 +359,7 @@ class Announcer:
                 "effect": entry.effect,
             }
             if event["announcement_id"] not in done:
-                due.append(Pending(str(event["announcement_id"]), now, event, None))
+                due.append(Pending(str(event["announcement_id"]), now, event))
         for suspension in ahead:
             series = suspension_warnings(
                 suspension, seen[suspension.key], self.config.suspension_reminders_ms
@@ -421,7 +408,6 @@ class Pending:
     announcement_id: str
     due: Millis
     event: dict[str, object]
-    forget_after: Millis | None  # when its id may leave the cursor (None: never)
 
 
 def suspension_warnings(
@@ -442,5 +428,5 @@ def suspension_warnings(
             "at": format_time(warning.at),
             "notice": notice.kind,
         }
-        out.append(Pending(str(event["announcement_id"]), notice.at, event, warning.at))
+        out.append(Pending(str(event["announcement_id"]), notice.at, event))
     return out
