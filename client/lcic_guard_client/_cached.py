@@ -35,7 +35,8 @@ class CachedGuardClient:
     With ``answer_ttl`` > 0, an answer the sidecar gave is also kept and
     reused until the earlier of its ``valid_until`` (the instant it would
     next change without a new billing fact) and ``answer_ttl`` seconds, and
-    dropped as soon as the watch reports a change of its application. Kept:
+    dropped as soon as the watch reports a change of its application, or
+    breaks (no change could reach it then; none is kept until it is back). Kept:
     create-classroom and recording answers, and enter-classroom answers that
     do not depend on a class in progress; never a degraded one.
     """
@@ -65,6 +66,9 @@ class CachedGuardClient:
         self.remote_answers = 0
         self._known: dict[str, _Known] = {}
         self._heard_at = 0.0
+        # Set while the watch is broken: a kept answer is dropped then, since
+        # no change would reach it, and none is kept until the watch is back.
+        self._broken = False
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._call: grpc.Future | None = None
@@ -89,12 +93,15 @@ class CachedGuardClient:
                 pass
             with self._lock:
                 self._heard_at = 0.0  # the watch broke: nothing is fresh
+                self._broken = True
+                self._answers.clear()
             self._closed.wait(backoff)
             backoff = min(backoff * 2, 2.0)
 
     def _heard(self, resp: pb.WatchApplicationStatusResponse) -> None:
         with self._lock:
             self._heard_at = time.monotonic()
+            self._broken = False
             if not resp.HasField("status"):
                 return
             app_id = resp.status.app_id
@@ -142,7 +149,7 @@ class CachedGuardClient:
         if self.answer_ttl <= 0:
             return None
         with self._lock:
-            hit = self._answers.get(key)
+            hit = None if self._broken else self._answers.get(key)
             if hit is None:
                 return None
             if time.time() >= hit[0]:
@@ -164,6 +171,8 @@ class CachedGuardClient:
         if decision.HasField("valid_until"):
             expires = min(expires, decision.valid_until.ToMilliseconds() / 1000)
         with self._lock:
+            if self._broken:
+                return decision
             if len(self._answers) >= 100_000:
                 self._answers.clear()
             self._answers[key] = (expires, decision)

@@ -214,3 +214,46 @@ async def test_cached_client_keeps_an_answer_until_valid_until_and_drops_it_on_a
 
     loop = asyncio.get_running_loop()
     await asyncio.to_thread(run)
+
+
+async def test_cached_client_drops_kept_answers_when_the_watch_breaks(
+    reconciler: Reconciler,
+    cached_sidecar: tuple[RunningSidecar, pb_grpc.EnforcementServiceStub],
+    events: Events,
+    clock: FakeClock,
+) -> None:
+    """A kept answer relies on the watch to hear of a new fact: once the
+    watch is down, it must not be served (here the sidecar stops, so the
+    check fails instead of answering allowed from memory)."""
+    sidecar, _ = cached_sidecar
+    clock.now = wall_clock()
+    await reconciler.ingest(
+        deliveries(events.app("acct-k", "app-k", at=clock.now - DAY, expires=clock.now + DAY))
+    )
+    target = f"127.0.0.1:{sidecar.port}"
+    loop = asyncio.get_running_loop()
+
+    def run() -> None:
+        with CachedGuardClient(
+            target, ["app-k"], max_staleness=0, answer_ttl=60.0, retries=0, timeout=0.5
+        ) as guard:
+            # The watch's first message (which drops what was kept before it)
+            # has arrived, so only a break can drop the answer kept next.
+            deadline = time.monotonic() + 5
+            while "app-k" not in guard._known:
+                assert time.monotonic() < deadline, "the watch never sent app-k"
+                time.sleep(0.02)
+            assert guard.can_create_classroom("app-k").allowed
+            assert guard.can_create_classroom("app-k").allowed
+            assert guard.kept_answers == 1
+            asyncio.run_coroutine_threadsafe(sidecar.stop(grace=0.1), loop).result()
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    guard.can_create_classroom("app-k")
+                except grpc.RpcError:
+                    break  # asked the (stopped) sidecar: nothing kept was served
+                assert time.monotonic() < deadline, "a kept answer outlived the watch"
+                time.sleep(0.05)
+
+    await asyncio.to_thread(run)
