@@ -32,6 +32,7 @@ from lcic_guard.domain.policy import (
     Reason,
     State,
     Sweep,
+    extension_limit,
     fact_order,
     sweep_until,
 )
@@ -301,7 +302,7 @@ def _effect(sweep: Sweep, fact: Override) -> str:
         alert = sweep.overdue_alert
         if alert is None:
             return "no effect: no overdue episode was open when it was made"
-        bound = alert.occurred_at + cfg.grace_ms + cfg.max_grace_extension_ms
+        bound = extension_limit(alert.occurred_at, cfg)
         until = min(fact.until, bound)
         text = (
             f"grace of the overdue episode that began {format_time(alert.occurred_at)} "

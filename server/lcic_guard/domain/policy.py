@@ -316,8 +316,7 @@ class Sweep:
         alert = self.overdue_alert
         if alert is None:
             return
-        bound = alert.occurred_at + self.cfg.grace_ms + self.cfg.max_grace_extension_ms
-        until = min(ext.until, bound)
+        until = min(ext.until, extension_limit(alert.occurred_at, self.cfg))
         if self.extended_until is None or until > self.extended_until:
             self.extension, self.extended_until = ext, until
 
@@ -490,6 +489,12 @@ def r6_effective_at(
 # Within one millisecond: settlements before alerts (R3 pays what is due "up
 # to" its time), then everything else; event ids break remaining ties.
 _RANK: Final[dict[type, int]] = {ArrearsSettled: 0, OverdueAlert: 1}
+
+
+def extension_limit(overdue_since: Millis, cfg: PolicyConfig) -> Millis:
+    """The latest grace end a ``grace_extended`` override can set for the
+    overdue episode that began at ``overdue_since`` (A + grace + the bound)."""
+    return overdue_since + cfg.grace_ms + cfg.max_grace_extension_ms
 
 
 def _order(fact: Fact) -> tuple[Millis, int, str]:

@@ -28,7 +28,7 @@ from lcic_guard.domain.facts import (
     text_problem,
     to_json,
 )
-from lcic_guard.domain.policy import PolicyConfig, sweep_until
+from lcic_guard.domain.policy import PolicyConfig, extension_limit, sweep_until
 from lcic_guard.domain.time import Millis, format_time
 from lcic_guard.sidecar import wire
 from lcic_guard.sidecar.wire import BadRequest
@@ -125,7 +125,7 @@ def _fact(
         raise BadRequest(
             f"until: account {account_id} has no overdue episode open; there is no grace to extend"
         )
-    bound = alert.occurred_at + cfg.grace_ms + cfg.max_grace_extension_ms
+    bound = extension_limit(alert.occurred_at, cfg)
     if until > bound:
         raise BadRequest(
             f"until: at most {format_time(bound)} (the overdue alert of "
