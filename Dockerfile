@@ -4,11 +4,14 @@
 #   docker build -t lcic-guard:0.1.0 .
 #   docker run --read-only --tmpfs /tmp lcic-guard:0.1.0 serve --redis-url redis://redis:6379/0
 #
-# Offline builds (no package index reachable from inside the build): build the
-# wheels beforehand, next to this file, and they are used instead of the index
-# (the client first, so that the server's dependency on it is met from client/):
+# Every third-party package comes from requirements/runtime.txt, a lock with
+# hashes (scripts/lock refreshes it): the same image on any day. Offline
+# builds (no package index reachable from inside the build): download the
+# locked wheels beforehand, next to this file, and they are used instead of
+# the index:
 #
-#   pip wheel --wheel-dir wheelhouse ./client '.[otel]' && docker build -t lcic-guard .
+#   pip download --no-deps --require-hashes -r requirements/runtime.txt -d wheelhouse
+#   docker build -t lcic-guard:0.1.0 .
 #
 # BASE_IMAGE must provide python3 (3.11) with its venv module, the same in
 # both stages (the virtual environment is copied from one to the other).
@@ -21,15 +24,16 @@ LABEL org.lcic-guard.stage="build"
 WORKDIR /src
 COPY . .
 # One virtual environment holding the server, its client (a distribution of
-# its own, built from client/), their dependencies and the OpenTelemetry
-# extra; pip and setuptools leave it before it is copied.
+# its own, built from client/), the locked dependencies and the OpenTelemetry
+# extra; pip and the build backend leave it before it is copied.
 RUN python3 -m venv /opt/lcic-guard \
- && if ! ls wheelhouse/lcic_guard-*.whl wheelhouse/lcic_guard_client-*.whl >/dev/null 2>&1; then \
-        /opt/lcic-guard/bin/pip wheel --no-cache-dir --wheel-dir wheelhouse ./client '.[otel]'; \
-    fi \
- && /opt/lcic-guard/bin/pip install --no-cache-dir --no-index --find-links wheelhouse \
-        'lcic-guard[otel]' \
- && /opt/lcic-guard/bin/pip uninstall --yes --quiet pip setuptools \
+ && if [ -d wheelhouse ]; then set -- --no-index --find-links wheelhouse; fi \
+ && /opt/lcic-guard/bin/pip install --no-cache-dir "$@" --require-hashes --no-deps \
+        -r requirements/runtime.txt \
+ && /opt/lcic-guard/bin/pip install --no-cache-dir --no-index --no-deps --no-build-isolation \
+        ./client . \
+ && /opt/lcic-guard/bin/pip check \
+ && /opt/lcic-guard/bin/pip uninstall --yes --quiet pip setuptools wheel \
  && /opt/lcic-guard/bin/lcic-guard --help >/dev/null
 
 FROM ${BASE_IMAGE}

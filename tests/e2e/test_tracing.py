@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from tests.support.otlp import Receiver
 from tests.support.settings import sidecar_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-LCIC_GUARD = str(ROOT / ".venv" / "bin" / "lcic-guard")
+LCIC_GUARD = str(Path(sys.executable).parent / "lcic-guard")
 CREATE = "lcic.guard.v1.EnforcementService/CanCreateClassroom"
 SPAN_KIND_SERVER = 2
 SPAN_KIND_INTERNAL = 1

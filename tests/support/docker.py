@@ -5,8 +5,8 @@ The machines the tests run on reach the Python and Debian package
 registries but no container registry, and TLS to the package index fails
 from inside a container. So the base image is Debian bookworm with its own
 python3, made with debootstrap and ``docker import`` (cached between runs),
-and the wheels are built on the host into the build context, where the
-Dockerfile uses them instead of the index. The Dockerfile itself is the one
+and the locked wheels are downloaded on the host into the build context,
+where the Dockerfile uses them instead of the index. The Dockerfile itself is the one
 users build with ``python:3.11-slim``.
 """
 
@@ -29,9 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE_PACKAGES = ("python3", "python3-venv")
 BASE_RECIPE = f"bookworm minbase {','.join(BASE_PACKAGES)} v1"
 BASE_TAG = "lcic-guard-test-base:" + hashlib.sha256(BASE_RECIPE.encode()).hexdigest()[:12]
-# Not needed by the host's Python (3.11.7) but by Debian bookworm's (3.11.2):
-# redis-py requires it below 3.11.3.
-EXTRA_WHEELS = ("async-timeout>=4.0.3",)
 CONTEXT_IGNORE = shutil.ignore_patterns(
     ".git",
     ".venv",
@@ -201,13 +198,14 @@ def build_context(dest: Path) -> Path:
             sys.executable,
             "-m",
             "pip",
-            "wheel",
+            "download",
             "--quiet",
-            "--wheel-dir",
+            "--no-deps",
+            "--require-hashes",
+            "--requirement",
+            str(context / "requirements" / "runtime.txt"),
+            "--dest",
             str(context / "wheelhouse"),
-            str(context / "client"),  # meets the server's dependency on lcic-guard-client
-            f"{context}[otel]",
-            *EXTRA_WHEELS,
         ],
         capture_output=True,
         text=True,

@@ -124,7 +124,7 @@ def connect(url: str, *, timeout: float = 2.0) -> RedisClient:
             "retry": Retry(NoBackoff(), 0),
             **target.sentinel_options,
         }
-        manager = Sentinel(  # type: ignore[no-untyped-call]
+        manager = Sentinel(
             list(target.sentinels), sentinel_kwargs=sentinel_options
         )
         master: Redis = manager.master_for(
