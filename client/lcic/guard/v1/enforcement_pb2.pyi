@@ -1276,6 +1276,7 @@ class WatchApplicationStatusResponse(_message.Message):
 
     STATUS_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
+    DISCONTINUITY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def status(self) -> Global___ApplicationStatus:
         """The status; unset in a heartbeat."""
@@ -1288,19 +1289,57 @@ class WatchApplicationStatusResponse(_message.Message):
         protected by an earlier start; when it denies, ask the sidecar.
         """
 
+    @_builtins.property
+    def discontinuity(self) -> Global___StoreDiscontinuity:
+        """Set when the sidecar found that the store may have lost acknowledged
+        writes (SPEC R10, R15): every answer a caller kept, from this stream or
+        any other, must be dropped, and none kept until statuses arrive again.
+        """
+
     def __init__(
         self,
         *,
         status: Global___ApplicationStatus | None = ...,
         schedule: _abc.Iterable[Global___ScheduledDecisions] | None = ...,
+        discontinuity: Global___StoreDiscontinuity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["discontinuity", b"discontinuity", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discontinuity", b"discontinuity", "schedule", b"schedule", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchApplicationStatusResponse: _TypeAlias = WatchApplicationStatusResponse  # noqa: Y015
+
+@_typing.final
+class StoreDiscontinuity(_message.Message):
+    """StoreDiscontinuity says that the store may have gone back in time, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAUSE_FIELD_NUMBER: _builtins.int
+    DETECTED_AT_FIELD_NUMBER: _builtins.int
+    cause: _builtins.str
+    """What was seen: "run_id_changed" (Redis restarted or failed over),
+    "version_went_back", "stream_id_went_back" or "new_generation".
+    """
+    @_builtins.property
+    def detected_at(self) -> _timestamp_pb2.Timestamp:
+        """When the sidecar detected it."""
+
+    def __init__(
+        self,
+        *,
+        cause: _builtins.str = ...,
+        detected_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["detected_at", b"detected_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "detected_at", b"detected_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreDiscontinuity: _TypeAlias = StoreDiscontinuity  # noqa: Y015
 
 @_typing.final
 class ScheduledDecisions(_message.Message):
