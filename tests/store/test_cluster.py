@@ -705,3 +705,8 @@ async def test_sentinel_url_credentials_reach_the_master(sentinel: SentinelProcs
             await bad.read_status("app-s")
     finally:
         await bad.close()
+
+
+async def test_run_ids_name_every_primary_of_the_cluster(cstore: Store) -> None:
+    ids = await cstore.run_ids()
+    assert len(ids) == 3 and all(len(i) == 40 for i in ids)

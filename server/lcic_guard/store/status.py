@@ -207,6 +207,20 @@ class Store(Feeds):
     async def generation(self) -> str | None:
         return text(await self.redis.get(GENERATION))
 
+    async def run_ids(self) -> frozenset[str]:
+        """The ``run_id`` of every Redis server behind the store (one, or one
+        per primary of a cluster). A different set means a restart or a
+        failover: writes acknowledged before it may be lost (SPEC R10)."""
+        if isinstance(self.redis, RedisCluster):
+            infos = await self.redis.info("server", target_nodes=RedisCluster.PRIMARIES)
+            values = infos.values() if isinstance(infos, dict) else []
+            ids = {str(v.get("run_id", "")) for v in values if isinstance(v, dict)}
+            if not ids:
+                ids = {str(infos.get("run_id", ""))}
+            return frozenset(ids)
+        info = await self.redis.info("server")
+        return frozenset({str(info.get("run_id", ""))})
+
     async def ensure_generation(self) -> str:
         """The data set's generation id, created if Redis has none."""
         await self.redis.set(GENERATION, uuid.uuid4().hex, nx=True)
