@@ -20,7 +20,7 @@ def load_lock_inputs(root: Path) -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.ROOT = root
+    module.__dict__["ROOT"] = root  # the copy under test, not this checkout
     return module
 
 
