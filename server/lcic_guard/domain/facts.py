@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Final
 
+from lcic_guard.domain.text import unsafe_text_problem
 from lcic_guard.domain.time import InvalidEvent as InvalidEvent  # raised for a bad time too
 from lcic_guard.domain.time import Millis, format_time, parse_time
 
@@ -198,16 +199,18 @@ MAX_OVERRIDE_REASON: Final = 2000
 
 
 def text_problem(value: object, limit: int) -> str | None:
-    """Why ``value`` is not a one-line text of 1-``limit`` characters (an
-    override's actor or reason), or None when it is."""
+    """Why ``value`` is not a one-line text of 1-``limit`` characters that
+    can be shown as it is (an override's actor or reason; see
+    :mod:`lcic_guard.domain.text`), or None when it is."""
     if not isinstance(value, str):
         return "expected a string"
     if not value.strip():
         return "must not be empty"
     if len(value) > limit:
         return f"at most {limit} characters"
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        return "must not contain control characters"
+    unsafe = unsafe_text_problem(value)
+    if unsafe is not None:
+        return unsafe
     try:
         value.encode()
     except UnicodeEncodeError:

@@ -1,0 +1,51 @@
+"""Which characters free text that people read back may hold.
+
+An override's actor and reason are recorded for good and shown by ``audit``
+on a terminal. A control character there can move the cursor or rewrite
+what is on screen (the C1 range included: U+009B is a CSI on some
+terminals); a line or paragraph separator starts what looks like a new
+row; a bidirectional control makes the text read in another order than it
+is stored (U+202E shows ``txt.exe`` as ``exe.txt``). Each is a way to make
+an audit trail say something it does not, so such text is refused where it
+enters, rather than escaped where it is shown.
+
+Pure: the rule is about the characters of a fact, whatever carried it.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Final
+
+BIDI_CONTROLS: Final = frozenset(
+    "\u061c"  # ARABIC LETTER MARK
+    "\u200e\u200f"  # LEFT-TO-RIGHT MARK, RIGHT-TO-LEFT MARK
+    "\u202a\u202b\u202c\u202d\u202e"  # embeddings, overrides and their POP
+    "\u2066\u2067\u2068\u2069"  # isolates and their POP
+)
+"""The characters that change the order in which text is displayed."""
+
+_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Zl", "Zp"})
+
+
+def unsafe_character(text: str) -> tuple[int, str] | None:
+    """The position and the first character of ``text`` that must not be in
+    text shown to a person (a control, including C1; a line or paragraph
+    separator; a bidirectional control), or None when there is none."""
+    for i, c in enumerate(text):
+        if c in BIDI_CONTROLS or unicodedata.category(c) in _REFUSED_CATEGORIES:
+            return i, c
+    return None
+
+
+def unsafe_text_problem(text: str) -> str | None:
+    """Why ``text`` may not be shown as it is (for an error that names the
+    field before it), or None when it may."""
+    found = unsafe_character(text)
+    if found is None:
+        return None
+    i, c = found
+    return (
+        "must not contain control, line-separator or bidirectional characters "
+        f"(U+{ord(c):04X} at character {i + 1})"
+    )
