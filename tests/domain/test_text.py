@@ -2,7 +2,8 @@
 character that could make ``audit`` show something else than what is
 recorded: no control (C0 or C1), no line or paragraph separator, no
 bidirectional control. Checked where it enters the facts, whichever way it
-comes (ApplyOverride or the billing feed)."""
+comes (ApplyOverride or the billing feed); a fact stored before the rule
+still loads."""
 
 from __future__ import annotations
 
@@ -11,13 +12,8 @@ import unicodedata
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from lcic_guard.domain.facts import (
-    MAX_OVERRIDE_REASON,
-    InvalidEvent,
-    ReleaseHoldSet,
-    parse_event,
-    text_problem,
-)
+from lcic_guard.domain.facts import InvalidEvent, ReleaseHoldSet, parse_event
+from lcic_guard.domain.text import unsafe_text_problem
 
 from tests.support.clock import T0
 from tests.support.events import Events
@@ -44,17 +40,29 @@ def hold(events: Events, **fields: str) -> dict[str, object]:
     return events("release_hold_set", T0, account_id="acct", **fields)
 
 
+C0 = {"\t", "\n", "\x1b", "\x7f"}  # refused since overrides existed, in other words
+
+
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_each_refused_character_is_named_with_the_field(events: Events, name: str) -> None:
     c = REFUSED[name]
     text = f"ticket 4411{c}approved by finance"
-    problem = text_problem(text, MAX_OVERRIDE_REASON)
-    assert problem is not None and f"U+{ord(c):04X} at character 12" in problem
     for field in ("reason", "actor"):
         raw = {"actor": "alice", "reason": "ticket 4411", field: text}
         with pytest.raises(InvalidEvent) as err:
             parse_event(hold(events, **raw))
         assert err.value.reason.startswith(f"{field}: must not contain"), err.value.reason
+        if c not in C0:
+            assert f"(U+{ord(c):04X} at character 12)" in err.value.reason
+
+
+@pytest.mark.parametrize("name", [n for n, c in REFUSED.items() if c not in C0])
+def test_a_fact_already_stored_keeps_loading(events: Events, name: str) -> None:
+    """The rule is for what enters: a hold stored before it must not vanish
+    from the account (the store loads facts with allow_internal)."""
+    raw = hold(events, actor="alice", reason=f"legal hold{REFUSED[name]}")
+    fact = parse_event(raw, allow_internal=True)
+    assert isinstance(fact, ReleaseHoldSet) and fact.reason == raw["reason"]
 
 
 @pytest.mark.parametrize(
@@ -67,17 +75,28 @@ def test_each_refused_character_is_named_with_the_field(events: Events, name: st
     ],
 )
 def test_ordinary_text_in_any_script_is_accepted(events: Events, text: str) -> None:
-    assert text_problem(text, MAX_OVERRIDE_REASON) is None
+    assert unsafe_text_problem(text) is None
     fact = parse_event(hold(events, actor="alice", reason=text))
     assert isinstance(fact, ReleaseHoldSet) and fact.reason == text
 
 
-@given(st.text(min_size=1, max_size=80))
-def test_accepted_text_holds_no_refused_character(text: str) -> None:
-    problem = text_problem(text, MAX_OVERRIDE_REASON)
-    if any(refused(c) for c in text):
-        assert problem is not None and "must not contain" in problem
-    elif text.strip() and not any(unicodedata.category(c) == "Cs" for c in text):
+def entry_problem(reason: str) -> str | None:
+    """What a new event with this reason is refused for (None: accepted)."""
+    try:
+        parse_event(hold(Events(), actor="alice", reason=reason))
+    except InvalidEvent as exc:
+        return exc.reason
+    return None
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=80))
+def test_a_new_reason_is_accepted_exactly_when_it_holds_no_refused_character(text: str) -> None:
+    problem = entry_problem(text)
+    if not text.strip():
+        assert problem == "reason: must not be empty"
+    elif any(refused(c) for c in text):
+        assert problem is not None and problem.startswith("reason: must not contain")
+    else:
         assert problem is None
 
 
@@ -88,5 +107,5 @@ def test_accepted_text_holds_no_refused_character(text: str) -> None:
 )
 def test_one_refused_character_anywhere_is_enough(text: str, c: str, data: st.DataObject) -> None:
     at = data.draw(st.integers(0, len(text)))
-    problem = text_problem("x" + text[:at] + c + text[at:], MAX_OVERRIDE_REASON)
-    assert problem is not None and "must not contain" in problem
+    problem = entry_problem("x" + text[:at] + c + text[at:])
+    assert problem is not None and problem.startswith("reason: must not contain")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Final
 
-from lcic_guard.domain.text import unsafe_text_problem
+from lcic_guard.domain.text import unshowable_field
 from lcic_guard.domain.time import InvalidEvent as InvalidEvent  # raised for a bad time too
 from lcic_guard.domain.time import Millis, format_time, parse_time
 
@@ -199,18 +199,16 @@ MAX_OVERRIDE_REASON: Final = 2000
 
 
 def text_problem(value: object, limit: int) -> str | None:
-    """Why ``value`` is not a one-line text of 1-``limit`` characters that
-    can be shown as it is (an override's actor or reason; see
-    :mod:`lcic_guard.domain.text`), or None when it is."""
+    """Why ``value`` is not a one-line text of 1-``limit`` characters (an
+    override's actor or reason), or None when it is."""
     if not isinstance(value, str):
         return "expected a string"
     if not value.strip():
         return "must not be empty"
     if len(value) > limit:
         return f"at most {limit} characters"
-    unsafe = unsafe_text_problem(value)
-    if unsafe is not None:
-        return unsafe
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "must not contain control characters"
     try:
         value.encode()
     except UnicodeEncodeError:
@@ -289,6 +287,11 @@ def parse_event(raw: object, *, allow_internal: bool = False) -> Fact:
         # billing event holding such an id would pre-empt the real one.
         raise InvalidEvent(RESERVED_REASON)
     values = {f.name: _field_value(cls, f.name, raw) for f in fields(cls)}
+    # Only on the way in: a fact stored before this rule must still load (a
+    # release hold must not vanish for the characters of its reason).
+    unshowable = None if allow_internal else unshowable_field(values)
+    if unshowable is not None:
+        raise InvalidEvent(unshowable)
     fact = cls(**values)
     if isinstance(fact, PackagePurchased) and fact.expires_at <= fact.starts_at:
         raise InvalidEvent("expires_at: must be after starts_at")

@@ -7,7 +7,8 @@ terminals); a line or paragraph separator starts what looks like a new
 row; a bidirectional control makes the text read in another order than it
 is stored (U+202E shows ``txt.exe`` as ``exe.txt``). Each is a way to make
 an audit trail say something it does not, so such text is refused where it
-enters, rather than escaped where it is shown.
+enters (a new event, an ApplyOverride request), rather than escaped where it
+is shown. Facts stored before the rule keep loading as they are.
 
 Pure: the rule is about the characters of a fact, whatever carried it.
 """
@@ -15,6 +16,7 @@ Pure: the rule is about the characters of a fact, whatever carried it.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
 from typing import Final
 
 BIDI_CONTROLS: Final = frozenset(
@@ -26,6 +28,8 @@ BIDI_CONTROLS: Final = frozenset(
 """The characters that change the order in which text is displayed."""
 
 _REFUSED_CATEGORIES: Final = frozenset({"Cc", "Zl", "Zp"})
+SHOWN_FIELDS: Final = ("actor", "reason")
+"""The free-text fields of facts that ``audit`` shows."""
 
 
 def unsafe_character(text: str) -> tuple[int, str] | None:
@@ -49,3 +53,14 @@ def unsafe_text_problem(text: str) -> str | None:
         "must not contain control, line-separator or bidirectional characters "
         f"(U+{ord(c):04X} at character {i + 1})"
     )
+
+
+def unshowable_field(values: Mapping[str, object]) -> str | None:
+    """``FIELD: why`` for the first of a new fact's :data:`SHOWN_FIELDS`
+    that may not be shown as it is, or None."""
+    for name in SHOWN_FIELDS:
+        value = values.get(name)
+        problem = unsafe_text_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            return f"{name}: {problem}"
+    return None
