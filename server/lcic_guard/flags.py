@@ -279,8 +279,9 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
         "--token-file",
         action=_EnvDefault,
         default=None,
-        help="file whose first line is the bearer token to send (a sidecar run with "
-        "--auth-token-file wants one for status, explain and preview)",
+        help="file whose first line is the bearer token to send, alone or as a line of the "
+        "sidecar's token file (a sidecar run with --auth-token-file wants one for status, "
+        "explain, preview, override and audit)",
     )
     # Their variables are LCIC_GUARD_CLIENT_TLS_*: LCIC_GUARD_TLS_CERT/KEY are
     # serve's own certificate, and one environment often holds both.
@@ -289,21 +290,22 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
         "--client-tls-ca",
         action=_EnvDefault,
         default=None,
-        help="CA (PEM) the sidecar's certificate must chain to; enables TLS",
+        help="CA (PEM) the sidecar's certificate must chain to; enables TLS (also --tls-ca)",
     )
     g.add_argument(
         "--tls-cert",
         "--client-tls-cert",
         action=_EnvDefault,
         default=None,
-        help="client certificate (PEM) for mutual TLS; with --tls-key and --tls-ca",
+        help="client certificate (PEM) for mutual TLS; with --client-tls-key and "
+        "--client-tls-ca (also --tls-cert)",
     )
     g.add_argument(
         "--tls-key",
         "--client-tls-key",
         action=_EnvDefault,
         default=None,
-        help="client private key (PEM)",
+        help="client private key (PEM) (also --tls-key)",
     )
 
 
