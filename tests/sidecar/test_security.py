@@ -292,7 +292,7 @@ async def details_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
 
 
 async def published_actors(store: Store) -> list[str]:
-    entries = await store.redis.xrange(BILLING_STREAM)
+    entries: Any = await store.redis.xrange(BILLING_STREAM)
     return [json.loads(fields[b"event"])["actor"] for _, fields in entries]
 
 
