@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from lcic_guard.domain.facts import InvalidEvent, ReleaseHoldSet, parse_event
-from lcic_guard.domain.text import unsafe_text_problem
+from lcic_guard.domain.text import unsafe_character, unsafe_text_problem
 
 from tests.support.clock import T0
 from tests.support.events import Events
@@ -114,8 +114,6 @@ def test_one_refused_character_anywhere_is_enough(text: str, c: str, data: st.Da
 def test_the_refused_set_is_exactly_cc_zl_zp_and_the_bidi_controls() -> None:
     """Every code point, against unicodedata: the fast character class and
     the rule as Unicode states it agree."""
-    from lcic_guard.domain.text import unsafe_character
-
     for cp in range(0x110000):
         c = chr(cp)
         if unicodedata.category(c) == "Cs":
