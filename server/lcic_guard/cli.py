@@ -28,10 +28,12 @@ from lcic_guard.flags import (
     add_reconcile_flags,
     add_serve_flags,
     add_store_flags,
+    retired_tls_variable,
     settings_from,
 )
 from lcic_guard.redact import redact_url
 from lcic_guard.sample import sample_jsonl
+from lcic_guard.sidecar.identities import token_to_send
 from lcic_guard.store.billing_stream import publish_events
 from lcic_guard.store.connect import StoreError, connect
 from lcic_guard.store.keys import BILLING_STREAM
@@ -472,12 +474,11 @@ def _read_pem(path: str | None, flag: str) -> bytes | None:
 def _read_token(path: str | None) -> str | None:
     if not path:
         return None
-    text = readable_text_file(Path(path), "--token-file")
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            # A line of the sidecar's own token file may name scopes after the token.
-            return line.split()[0]
-    raise CommandError(f"--token-file {path}: holds no token")
+    # The token alone, or a line of the sidecar's own token file.
+    token = token_to_send(readable_text_file(Path(path), "--token-file"))
+    if token is None:
+        raise CommandError(f"--token-file {path}: holds no token")
+    return token
 
 
 def _client(args: argparse.Namespace) -> GuardClient:
@@ -770,6 +771,8 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(sample_jsonl(wall_clock()))
         return 0
     if args.command in ("check", "status", "explain", "preview", "override", "audit"):
+        if retired := retired_tls_variable(serving=False):
+            raise CommandError(retired)
         import grpc
 
         run: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -25,6 +25,7 @@ from lcic_guard.domain.policy import (
     format_duration,
 )
 from lcic_guard.redact import redact_url
+from lcic_guard.sidecar.identities import parse_identity, read_token_file
 
 ENV_PREFIX = "LCIC_GUARD_"
 _UNITS = DURATION_UNITS
@@ -278,22 +279,57 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
         "--token-file",
         action=_EnvDefault,
         default=None,
-        help="file whose first line is the bearer token to send (a sidecar run with "
-        "--auth-token-file wants one for status, explain and preview)",
+        help="file whose first line is the bearer token to send, alone or as a line of the "
+        "sidecar's token file (a sidecar run with --auth-token-file wants one for status, "
+        "explain, preview, override and audit)",
     )
+    # Their variables are LCIC_GUARD_CLIENT_TLS_*: LCIC_GUARD_TLS_CERT/KEY are
+    # serve's own certificate, and one environment often holds both.
     g.add_argument(
         "--tls-ca",
+        "--client-tls-ca",
         action=_EnvDefault,
         default=None,
-        help="CA (PEM) the sidecar's certificate must chain to; enables TLS",
+        help="CA (PEM) the sidecar's certificate must chain to; enables TLS (also --tls-ca)",
     )
     g.add_argument(
         "--tls-cert",
+        "--client-tls-cert",
         action=_EnvDefault,
         default=None,
-        help="client certificate (PEM) for mutual TLS; with --tls-key and --tls-ca",
+        help="client certificate (PEM) for mutual TLS; with --client-tls-key and "
+        "--client-tls-ca (also --tls-cert)",
     )
-    g.add_argument("--tls-key", action=_EnvDefault, default=None, help="client private key (PEM)")
+    g.add_argument(
+        "--tls-key",
+        "--client-tls-key",
+        action=_EnvDefault,
+        default=None,
+        help="client private key (PEM) (also --tls-key)",
+    )
+
+
+RETIRED_CLIENT_TLS_CA = ENV_PREFIX + "TLS_CA"
+
+
+def retired_tls_variable(*, serving: bool) -> str | None:
+    """Why a client command (or, ``serving``, serve with its certificate from
+    the environment) must not run here: the environment holds
+    LCIC_GUARD_TLS_CA, which only client commands ever read, so its
+    LCIC_GUARD_TLS_CERT/KEY, which meant the client's certificate to them and
+    the server's to serve, may well be a client's. Rather than guess, both
+    refuse until the client's variables are renamed."""
+    if RETIRED_CLIENT_TLS_CA not in os.environ:
+        return None
+    if serving and ENV_PREFIX + "TLS_CERT" not in os.environ:
+        return None
+    return (
+        f"{RETIRED_CLIENT_TLS_CA} is no longer read: client commands take "
+        f"{ENV_PREFIX}CLIENT_TLS_CA, {ENV_PREFIX}CLIENT_TLS_CERT and "
+        f"{ENV_PREFIX}CLIENT_TLS_KEY, while {ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY "
+        f"are serve's own certificate; rename the client's variables and unset "
+        f"{RETIRED_CLIENT_TLS_CA}"
+    )
 
 
 def add_metrics_flags(p: argparse.ArgumentParser) -> None:
@@ -476,16 +512,18 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--auth-token-file",
         action=_EnvDefault,
         default=None,
-        help="file of bearer tokens (one a line), any of which lets a caller use the RPCs "
-        "that change or reveal state (reports, status, watch); read again when it changes",
+        help="file of bearer tokens, one a line as NAME:SCOPES:TOKEN (NAME is the actor "
+        "audit shows) or TOKEN [SCOPES], any of which lets a caller use the RPCs that "
+        "change or reveal state (reports, status, watch); read again when it changes",
     )
     g.add_argument(
         "--auth-allow-identity",
         action=_EnvAppend,
         type=parse_list,
         default=None,
-        help="client certificate identity (CN or SAN, mutual TLS) allowed to use the RPCs "
-        "that change or reveal state; repeatable or comma-separated",
+        help="client certificate identity allowed to use the RPCs that change or reveal "
+        "state, NAME or NAME=SCOPE+SCOPE: a DNS subject alternative name, or the common "
+        "name of a certificate with none (mutual TLS); repeatable or comma-separated",
     )
     g.add_argument(
         "--auth-checks",
@@ -679,6 +717,19 @@ def _serve(s: Settings, ns: argparse.Namespace) -> Settings:
         raise SystemExit("--auth-allow-identity needs mutual TLS (--tls-client-ca)")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
+    retired = retired_tls_variable(serving=True)
+    if retired is not None:
+        raise SystemExit(retired)
+    if s.auth_token_file:  # a bad line is one line now, not a failure after Redis started
+        try:
+            read_token_file(s.auth_token_file)
+        except ValueError as exc:
+            raise SystemExit(f"--auth-token-file {exc}") from None
+    for entry in sorted(s.auth_allow_identities):
+        try:
+            parse_identity(entry)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     refuse_open_listen(s)
     return s
 

@@ -98,6 +98,7 @@ VALID_VARIANTS = [
     _with("arrears_settled", event_id="x" * 200),
     _with("grace_extended", reason="r" * 2000, actor="a" * 200),
     _with("release_hold_set", reason="  legal hold  "),
+    _with("release_hold_set", reason="litige — 係争中 — נזק 👩\u200d💻"),
 ]
 
 INVALID = [
@@ -139,6 +140,10 @@ INVALID = [
     _with("release_hold_set", reason=_DROP),
     _with("release_hold_set", reason="r" * 2001),
     _with("release_hold_set", reason="line one\nline two"),
+    _with("release_hold_set", reason="line one\u2028line two"),
+    _with("release_hold_set", reason="escape \x9b2J"),
+    _with("grace_extended", reason="refund \u202e0001 USD"),
+    _with("release_hold_cleared", actor="alice\u2066"),
     _with("release_hold_cleared", actor=7),
     _with("release_hold_cleared", event_id="lcic-guard:override:1"),
 ]

@@ -438,7 +438,7 @@ def test_client_commands_take_token_and_tls(tmp_path: Path, demo: Served) -> Non
 
         env = clean_env(
             LCIC_GUARD_TARGET=target,
-            LCIC_GUARD_TLS_CA=str(ca.ca),
+            LCIC_GUARD_CLIENT_TLS_CA=str(ca.ca),
             LCIC_GUARD_TOKEN_FILE=str(mine),
         )
         done = run("check", "create", "app-grace", env=env)

@@ -19,7 +19,7 @@ from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import RunningSidecar
-from lcic_guard.sidecar.auth import token_identity
+from lcic_guard.sidecar.identities import token_identity
 from lcic_guard.store.keys import BILLING_STREAM
 from lcic_guard.store.status import Store
 
@@ -142,6 +142,10 @@ INVALID = {
     "blank reason": (_bad(reason="   "), "reason:"),
     "long reason": (_bad(reason="r" * 2001), "reason:"),
     "two-line reason": (_bad(reason="a\nb"), "reason:"),
+    # What audit would print raw: a new row, a terminal escape, reversed text.
+    "line-separator reason": (_bad(reason="ok\u2028acct-2 CLEAR_HOLD"), "reason:"),
+    "C1-control reason": (_bad(reason="ok\x9b2J"), "reason:"),
+    "bidi reason": (_bad(reason="refund \u202e0001 USD"), "reason:"),
     "no until": (_bad(until=None), "until:"),
     "until in the past": (_bad(until=T0 - 1), "until:"),
     "until past the limit": (_bad(until=ALERT_AT + GRACE + MAX_EXTENSION + 1), "until:"),

@@ -6,6 +6,8 @@ secret in any log. Real sockets, real certificates, real redis-servers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -35,7 +37,7 @@ from lcic_guard.reconciler import Reconciler
 from lcic_guard.redact import redact_url
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect
-from lcic_guard.store.keys import facts_key, meta_key, parked_key, status_key
+from lcic_guard.store.keys import BILLING_STREAM, facts_key, meta_key, parked_key, status_key
 from lcic_guard.store.status import Store
 from redis.asyncio import Redis
 from redis.crc import key_slot
@@ -235,14 +237,14 @@ async def test_mtls_identities_on_the_allow_list_may_report_and_read(
         tls_cert=str(pki.server.cert),
         tls_key=str(pki.server.key),
         tls_client_ca=str(pki.ca.ca),
-        auth_allow_identities=frozenset({ALLOWED, SPIFFE}),
+        auth_allow_identities=frozenset({ALLOWED, "gateway-7"}),
         auth_token_file=str(token_file(tmp_path, TOKEN)),
     )
     root = pki.ca.ca_pem
     OK, DENIED = Code.OK, Code.PERMISSION_DENIED
     for client, expected in [
-        (pki.allowed, OK),  # by common name
-        (pki.by_san, OK),  # by a URI subject alternative name (SPIFFE id)
+        (pki.allowed, OK),  # by common name (it has no DNS name)
+        (pki.by_san, OK),  # by common name: its URI name (a SPIFFE id) is not a DNS name
         (pki.intruder, DENIED),  # authenticated, not allowed
     ]:
         async with tls_channel(sidecar.port, root, client) as channel:
@@ -265,6 +267,188 @@ async def test_mtls_identities_on_the_allow_list_may_report_and_read(
         stub = pb_grpc.EnforcementServiceStub(channel)
         req = pb.CanCreateClassroomRequest(app_id="app-1")
         assert await code_of(stub.CanCreateClassroom(req, timeout=3)) == Code.UNAVAILABLE
+
+
+# -- who is recorded: named tokens and the certificate name that granted ----------
+
+
+def hold(reason: str = "dispute 77") -> pb.ApplyOverrideRequest:
+    return pb.ApplyOverrideRequest(
+        kind=pb.OVERRIDE_KIND_HOLD_RELEASE, account_id="acct", reason=reason
+    )
+
+
+async def actor_of(stub: pb_grpc.EnforcementServiceStub, **kw: Any) -> str:
+    """The actor ApplyOverride records for these credentials."""
+    return str((await stub.ApplyOverride(hold(), timeout=5, **kw)).override.actor)
+
+
+async def details_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return Code.OK, ""
+
+
+async def published_actors(store: Store) -> list[str]:
+    entries: Any = await store.redis.xrange(BILLING_STREAM)
+    return [json.loads(fields[b"event"])["actor"] for _, fields in entries]
+
+
+async def test_a_named_token_is_recorded_under_its_name(
+    start_sidecar: Callable[..., Awaitable[RunningSidecar]],
+    seeded: Reconciler,
+    store: Store,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tokens = token_file(
+        tmp_path,
+        "support-alice:admin:tok-alice:may:hold:colons",
+        "classroom-svc::tok-classroom",  # no scopes: check,report,read
+        f"{TOKEN} admin",  # the older form, unnamed
+    )
+    sidecar = await start_sidecar(auth_token_file=str(tokens))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        stub = pb_grpc.EnforcementServiceStub(channel)
+        assert await actor_of(stub, metadata=bearer("tok-alice:may:hold:colons")) == (
+            "support-alice"
+        )
+        unnamed = "token:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
+        assert await actor_of(stub, metadata=bearer(TOKEN)) == unnamed
+        assert await protected_codes(stub, metadata=bearer("tok-classroom")) == [Code.OK] * 4
+        code, details = await details_of(
+            stub.ApplyOverride(hold(), metadata=bearer("tok-classroom"))
+        )
+        assert code == Code.PERMISSION_DENIED
+        assert "needs scope 'admin'; the bearer token classroom-svc has" in details
+        # Neither the name nor the scopes are part of the token.
+        for wrong in ("support-alice:admin:tok-alice:may:hold:colons", "tok-alice", "admin"):
+            assert await code_of(stub.ApplyOverride(hold(), metadata=bearer(wrong))) == (
+                Code.UNAUTHENTICATED
+            )
+    # What the reconciler will apply, and audit list, carries the name.
+    assert await published_actors(store) == ["support-alice", unnamed]
+    assert "tok-alice" not in caplog.text and TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("lines", "says"),
+    [
+        (
+            ["alice:admin:tok-1", "alice:read:tok-2"],
+            "line 4: name 'alice' is already used on line 3",
+        ),
+        (["alice:admin:tok-1", "bob:read:tok-1"], "line 4: the same token as line 3"),
+        (["tok-1 read", "tok-1 admin"], "line 4: the same token as line 3"),
+        (["alice:admin:tok-1", "tok-1"], "line 4: the same token as line 3"),
+        (["alice:admin"], "line 3: a line with a colon is NAME:SCOPES:TOKEN"),
+        (["alice:admin:"], "line 3: a line with a colon is NAME:SCOPES:TOKEN"),
+        (["alice:admin:tok 1"], "line 3: a line with a colon is NAME:SCOPES:TOKEN"),
+        (["al ice:admin:tok-1"], "line 3: name 'al ice' is not"),
+        ([":admin:tok-1"], "line 3: name '' is not"),
+        (["-alice:admin:tok-1"], "line 3: name '-alice' is not"),
+        (["alice:root:tok-1"], "line 3: unknown scope 'root'"),
+    ],
+)
+def test_a_malformed_token_file_is_refused_at_start_naming_the_line(
+    tmp_path: Path, lines: list[str], says: str
+) -> None:
+    tokens = token_file(tmp_path, *lines)
+    tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"]
+    with pytest.raises(SystemExit) as err:
+        settings_from(build_parser().parse_args(["serve", *tls, "--auth-token-file", str(tokens)]))
+    message = str(err.value.code)
+    assert message.startswith(f"--auth-token-file {tokens} ") and says in message, message
+
+
+async def test_a_malformed_token_file_read_again_keeps_the_named_tokens(
+    start_sidecar: Callable[..., Awaitable[RunningSidecar]],
+    seeded: Reconciler,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tokens = token_file(tmp_path, "support-alice:admin:tok-alice")
+    sidecar = await start_sidecar(auth_token_file=str(tokens))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        stub = pb_grpc.EnforcementServiceStub(channel)
+        assert await actor_of(stub, metadata=bearer("tok-alice")) == "support-alice"
+        tokens.write_text("support-alice:admin:tok-alice\nsupport-alice:admin:tok-mallory\n")
+        os.utime(tokens, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+        await asyncio.sleep(1.1)
+        assert await actor_of(stub, metadata=bearer("tok-alice")) == "support-alice"
+        assert await code_of(stub.ApplyOverride(hold(), metadata=bearer("tok-mallory"))) == (
+            Code.UNAUTHENTICATED
+        )
+    assert "line 2: name 'support-alice' is already used on line 1" in caplog.text
+    assert "keeping the old tokens" in caplog.text
+
+
+@pytest.fixture
+def desk(tmp_path: Path) -> tuple[Authority, Issued]:
+    """A CA of its own and its server certificate."""
+    ca = Authority(tmp_path, "desk")
+    return ca, ca.issue("lcic-guard", server=True)
+
+
+async def test_the_actor_is_the_certificate_name_that_granted_the_scope(
+    start_sidecar: Callable[..., Awaitable[RunningSidecar]],
+    seeded: Reconciler,
+    store: Store,
+    desk: tuple[Authority, Issued],
+) -> None:
+    ca, server = desk
+    both = ca.issue("desk-7", client=True, dns=("classroom-svc", "support-admin"))
+    only_classroom = ca.issue("desk-8", client=True, dns=("classroom-svc",))
+    sidecar = await start_sidecar(
+        tls_cert=str(server.cert),
+        tls_key=str(server.key),
+        tls_client_ca=str(ca.ca),
+        auth_allow_identities=frozenset({"classroom-svc", "support-admin=admin"}),
+    )
+    async with tls_channel(sidecar.port, ca.ca_pem, both) as channel:
+        stub = pb_grpc.EnforcementServiceStub(channel)
+        # classroom-svc sorts first; support-admin is the name that grants admin.
+        assert await actor_of(stub) == "support-admin"
+        assert await protected_codes(stub) == [Code.OK] * 4
+    async with tls_channel(sidecar.port, ca.ca_pem, only_classroom) as channel:
+        stub = pb_grpc.EnforcementServiceStub(channel)
+        code, details = await details_of(stub.ApplyOverride(hold(), timeout=5))
+        assert code == Code.PERMISSION_DENIED
+        assert "needs scope 'admin'; the client identity classroom-svc has" in details
+    assert await published_actors(store) == ["support-admin"]
+
+
+async def test_only_dns_names_and_the_common_name_match_the_allow_list(
+    start_sidecar: Callable[..., Awaitable[RunningSidecar]],
+    seeded: Reconciler,
+    store: Store,
+    desk: tuple[Authority, Issued],
+) -> None:
+    ca, server = desk
+    by_uri = ca.issue("gateway-1", client=True, uris=("support-admin",))
+    by_email = ca.issue("gateway-2", client=True, emails=("support-admin",))
+    # A common name counts only on a certificate without DNS names.
+    cn_beside_dns = ca.issue("support-admin", client=True, dns=("gateway-3",))
+    by_cn = ca.issue("support-admin", client=True, file_stem="cn-only")
+    sidecar = await start_sidecar(
+        tls_cert=str(server.cert),
+        tls_key=str(server.key),
+        tls_client_ca=str(ca.ca),
+        auth_allow_identities=frozenset({"support-admin=admin"}),
+    )
+    for client in (by_uri, by_email, cn_beside_dns):
+        async with tls_channel(sidecar.port, ca.ca_pem, client) as channel:
+            stub = pb_grpc.EnforcementServiceStub(channel)
+            assert await protected_codes(stub) == [Code.PERMISSION_DENIED] * 4, client.cert
+            code, details = await details_of(stub.ApplyOverride(hold(), timeout=5))
+            assert code == Code.PERMISSION_DENIED, client.cert
+            assert "is not allowed" in details and "support-admin" not in details, details
+    async with tls_channel(sidecar.port, ca.ca_pem, by_cn) as channel:
+        stub = pb_grpc.EnforcementServiceStub(channel)
+        assert await actor_of(stub) == "support-admin"
+    assert await published_actors(store) == ["support-admin"]
 
 
 # -- certificate reload -------------------------------------------------------------
@@ -654,9 +838,13 @@ def test_auth_flags_from_the_command_line_and_environment(
     monkeypatch.setenv("LCIC_GUARD_AUTH_ALLOW_IDENTITY", "env-a, env-b")
     s = settings_from(build_parser().parse_args(["serve", *tls]))
     assert s.auth_allow_identities == {"env-a", "env-b"}
-    args = ["serve", *tls, "--auth-allow-identity", "a,b", "--auth-allow-identity", SPIFFE]
+    args = ["serve", *tls, "--auth-allow-identity", "a,b", "--auth-allow-identity", "c=admin"]
     s = settings_from(build_parser().parse_args(args))
-    assert s.auth_allow_identities == {"a", "b", SPIFFE}  # the command line replaces the env
+    assert s.auth_allow_identities == {"a", "b", "c=admin"}  # the command line replaces the env
+    # A URI never matches (only DNS names and the common name do): said at start.
+    args = ["serve", *tls, "--auth-allow-identity", SPIFFE]
+    with pytest.raises(SystemExit, match="looks like a URI; only a certificate's DNS names"):
+        settings_from(build_parser().parse_args(args))
     monkeypatch.delenv("LCIC_GUARD_AUTH_ALLOW_IDENTITY")
     with pytest.raises(SystemExit, match="needs mutual TLS"):
         settings_from(build_parser().parse_args(["serve", "--auth-allow-identity", "a"]))

@@ -80,12 +80,14 @@ class Authority:
         client: bool = False,
         dns: tuple[str, ...] = (),
         uris: tuple[str, ...] = (),
+        emails: tuple[str, ...] = (),
         file_stem: str | None = None,
     ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.UniformResourceIdentifier(u) for u in uris]
+        sans += [x509.RFC822Name(e) for e in emails]
         usages = []
         if server:
             sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]

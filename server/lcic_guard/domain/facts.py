@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Final
 
+from lcic_guard.domain.text import unshowable_field
 from lcic_guard.domain.time import InvalidEvent as InvalidEvent  # raised for a bad time too
 from lcic_guard.domain.time import Millis, format_time, parse_time
 
@@ -286,6 +287,11 @@ def parse_event(raw: object, *, allow_internal: bool = False) -> Fact:
         # billing event holding such an id would pre-empt the real one.
         raise InvalidEvent(RESERVED_REASON)
     values = {f.name: _field_value(cls, f.name, raw) for f in fields(cls)}
+    # Only on the way in: a fact stored before this rule must still load (a
+    # release hold must not vanish for the characters of its reason).
+    unshowable = None if allow_internal else unshowable_field(values)
+    if unshowable is not None:
+        raise InvalidEvent(unshowable)
     fact = cls(**values)
     if isinstance(fact, PackagePurchased) and fact.expires_at <= fact.starts_at:
         raise InvalidEvent("expires_at: must be after starts_at")

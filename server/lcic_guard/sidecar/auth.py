@@ -7,12 +7,14 @@ state (``ReportClassroomStarted/Ended``) and those that reveal it
 and any added later) — requires one of:
 
 * ``authorization: Bearer <token>`` metadata with a token listed in the token
-  file, compared in constant time. A line is ``TOKEN`` or ``TOKEN SCOPES``
-  (``SCOPES`` comma-separated); blank lines and ``#`` comments are ignored;
-  the file is read again when it changes;
-* a client certificate (mutual TLS, ``--tls-client-ca``) whose common name or
-  one of whose subject alternative names is on the allow-list
-  (``NAME`` or ``NAME=SCOPE+SCOPE``).
+  file, compared in constant time (its form, ``NAME:SCOPES:TOKEN`` or the
+  older unnamed ``TOKEN [SCOPES]``, is in
+  :mod:`lcic_guard.sidecar.identities`); the file is read again when it
+  changes;
+* a client certificate (mutual TLS, ``--tls-client-ca``) one of whose DNS
+  subject alternative names (or its common name, when it has no DNS name) is
+  on the allow-list (``NAME`` or ``NAME=SCOPE+SCOPE``). URI and e-mail names
+  never match.
 
 Scopes: ``check`` (the four checks, when ``--auth-checks`` protects them),
 ``report`` (``ReportClassroomStarted/Ended``), ``read``
@@ -30,15 +32,15 @@ port unless ``--auth-checks`` is set. Health and reflection are always open.
 No credentials: ``UNAUTHENTICATED``. A token that is not listed:
 ``UNAUTHENTICATED``. A client certificate whose identity is not allowed:
 ``PERMISSION_DENIED``. Tokens are never logged.
+
+The caller's identity (:data:`CALLER`) is what an override records as its
+actor: a token's name, or the certificate name that granted the scope the
+RPC needs (for ``ApplyOverride``, the name that granted ``admin``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import os
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -47,6 +49,8 @@ from typing import Any, Final, NoReturn
 
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
+
+from lcic_guard.sidecar.identities import Grant, TokenFile, parse_identity
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,6 @@ CHECK_METHODS: Final = frozenset(
 )
 _PREFIX: Final = f"/{SERVICE}/"
 _LOG_EVERY_S: Final = 10.0
-SCOPES: Final = ("check", "report", "read", "admin")
-DEFAULT_SCOPES: Final = frozenset({"check", "report", "read"})
 _SCOPE_OF: Final = {
     **{m: "check" for m in CHECK_METHODS},
     f"/{SERVICE}/ReportClassroomStarted": "report",
@@ -72,98 +74,16 @@ _SCOPE_OF: Final = {
 
 CALLER: ContextVar[str | None] = ContextVar("lcic_guard_caller", default=None)
 """Who the RPC being served was authenticated as (None: not authenticated,
-or auth is off): the allowed client-certificate name, or ``token:`` and the
-first 12 hex digits of the bearer token's SHA-256 (never the token). Set by
+or auth is off): the name of a named token; ``token:`` and the first 12 hex
+digits of an unnamed token's SHA-256 (never the token); or the allowed
+certificate name that granted the scope the RPC needs. Set by
 :class:`AuthInterceptor` around the handler; an override records it as its
 actor."""
-
-
-def token_identity(token: str) -> str:
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def scope_of(method: str) -> str:
     """The scope an RPC needs (``admin`` for any not listed)."""
     return _SCOPE_OF.get(method, "admin")
-
-
-def parse_scopes(text: str, where: str) -> frozenset[str]:
-    scopes = frozenset(x.strip() for x in text.replace("+", ",").split(",") if x.strip())
-    unknown = sorted(scopes - set(SCOPES))
-    if unknown:
-        raise ValueError(f"{where}: unknown scope {unknown[0]!r} (use {', '.join(SCOPES)})")
-    return scopes
-
-
-def parse_identity(entry: str) -> tuple[str, frozenset[str]]:
-    """``NAME`` or ``NAME=SCOPE+SCOPE`` from ``--auth-allow-identity``."""
-    name, sep, tail = entry.rpartition("=")
-    if sep and tail and all(x in SCOPES for x in tail.replace("+", ",").split(",") if x):
-        return name, parse_scopes(tail, f"--auth-allow-identity {entry}")
-    return entry, DEFAULT_SCOPES
-
-
-class TokenFile:
-    """The accepted bearer tokens, read again (at most once a second) when
-    the file changes. A file that cannot be read again keeps the old tokens."""
-
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = path
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
-        self._checked = 0.0
-        self._tokens: tuple[tuple[bytes, frozenset[str]], ...] = ()
-        self._reload()  # raises if unreadable at start
-        if not self._tokens:
-            log.warning("auth: the token file %s lists no token", path)
-
-    def _reload(self) -> None:
-        st = os.stat(self.path)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp == self._stamp:
-            return
-        with open(self.path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-        tokens = []
-        for n, line in enumerate(lines, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            token, _, scopes = text.partition(" ")
-            granted = (
-                parse_scopes(scopes, f"{self.path} line {n}") if scopes.strip() else DEFAULT_SCOPES
-            )
-            tokens.append((token.encode(), granted))
-        if self._stamp is not None:
-            log.info("auth: token file %s read again (%d tokens)", self.path, len(tokens))
-        self._tokens, self._stamp = tuple(tokens), stamp
-
-    def tokens(self) -> tuple[tuple[bytes, frozenset[str]], ...]:
-        now = self.clock()
-        if now - self._checked >= 1.0:
-            with self._lock:
-                self._checked = now
-                try:
-                    self._reload()
-                except (OSError, ValueError) as exc:
-                    log.warning(
-                        "auth: cannot read the token file (%s); keeping the old tokens", exc
-                    )
-        return self._tokens
-
-    def scopes_of(self, token: str) -> frozenset[str] | None:
-        """The token's scopes, None if it is not listed. Constant time in the
-        token: every listed token is compared."""
-        presented = token.encode()
-        found: frozenset[str] | None = None
-        for known, scopes in self.tokens():
-            if hmac.compare_digest(known, presented):
-                found = scopes
-        return found
-
-    def accepts(self, token: str) -> bool:
-        return self.scopes_of(token) is not None
 
 
 @dataclass(frozen=True)
@@ -190,17 +110,22 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def peer_identities(context: grpc.aio.ServicerContext) -> frozenset[str]:
-    """The verified client certificate's common name and alternative names."""
+def _values(auth: Any, key: str) -> list[str]:
+    return [
+        v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in auth.get(key, ())
+    ]
+
+
+def peer_identities(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
+    """The names the verified client certificate may be allowed by: its DNS
+    subject alternative names, or its common name when it has none. Never
+    its URI or e-mail names (see :mod:`lcic_guard.sidecar.identities`)."""
     try:
         auth = context.auth_context() or {}
     except Exception:  # pragma: no cover - no transport security at all
-        return frozenset()
-    out: set[str] = set()
-    for key in ("x509_common_name", "x509_subject_alternative_name"):
-        for value in auth.get(key, ()):
-            out.add(value.decode(errors="replace") if isinstance(value, bytes) else str(value))
-    return frozenset(out)
+        return ()
+    dns = _values(auth, "peer_dns")
+    return tuple(sorted(set(dns or _values(auth, "x509_common_name"))))
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -245,46 +170,58 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         await context.abort(code, why)
         raise AssertionError("abort returned")  # pragma: no cover
 
+    def identity_grant(self, names: Sequence[str], needed: str) -> Grant | None:
+        """What the allowed ``names`` of one certificate may do together, and
+        the actor: the first name that grants ``needed`` itself, else the
+        first that grants ``admin``, so that an override is recorded under
+        the name that allowed it, not the certificate's first name."""
+        allowed = [(n, self.identities[n]) for n in names if n in self.identities]
+        if not allowed:
+            return None
+        scopes = frozenset().union(*(s for _, s in allowed))
+        actor = next(
+            (n for n, s in allowed if needed in s),
+            next((n for n, s in allowed if "admin" in s), allowed[0][0]),
+        )
+        return Grant(actor, scopes, named=True)
+
     async def authorize(self, method: str, context: grpc.aio.ServicerContext) -> str:
-        """The caller's identity if it may call ``method``; else the call is
-        aborted."""
+        """The caller's identity (the actor it is recorded as) if it may call
+        ``method``; else the call is aborted."""
         name = method.rpartition("/")[2]
         needed = scope_of(method)
         token = bearer_token(context.invocation_metadata())
-        granted: frozenset[str] | None = None
-        who = caller = ""
+        grant: Grant | None = None
+        who = ""
         if token is not None and self.tokens is not None:
-            granted = self.tokens.scopes_of(token)
-            who, caller = "bearer token", token_identity(token)
+            grant = self.tokens.grant_of(token)
+            who = f"bearer token {grant.actor}" if grant and grant.named else "bearer token"
         identities = peer_identities(context)
-        if granted is None:
-            for identity in sorted(identities):
-                scopes = self.identities.get(identity)
-                if scopes is not None:
-                    granted = scopes if granted is None else granted | scopes
-                    who = f"client identity {identity}"
-                    caller = caller or identity
-        if granted is not None:
-            if needed in granted or "admin" in granted:
-                return caller
+        if grant is None:
+            grant = self.identity_grant(identities, needed)
+            who = f"client identity {','.join(identities)}"
+        if grant is not None:
+            if needed in grant.scopes or "admin" in grant.scopes:
+                return grant.actor
             await self._refuse(
                 context,
                 method,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{name}: needs scope {needed!r}; the {who} has "
-                f"{','.join(sorted(granted)) or 'none'}",
+                f"{','.join(sorted(grant.scopes)) or 'none'}",
             )
         if token is not None:
             await self._refuse(
                 context, method, grpc.StatusCode.UNAUTHENTICATED, f"{name}: invalid bearer token"
             )
         if identities:
-            shown = ",".join(sorted(identities))
+            shown = ",".join(identities)
             await self._refuse(
                 context,
                 method,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{name}: client identity {shown} is not allowed",
+                f"{name}: client identity {shown} is not allowed (a certificate is known by "
+                "its DNS names, or its common name when it has none)",
             )
         await self._refuse(
             context,

@@ -29,6 +29,7 @@ from lcic_guard.domain.facts import (
     to_json,
 )
 from lcic_guard.domain.policy import PolicyConfig, extension_limit, sweep_until
+from lcic_guard.domain.text import unsafe_text_problem
 from lcic_guard.domain.time import Millis, format_time
 from lcic_guard.sidecar import wire
 from lcic_guard.sidecar.wire import BadRequest
@@ -88,7 +89,9 @@ def _check_fields(request: pb.ApplyOverrideRequest, now: Millis) -> type[Overrid
     if cls is None:
         raise BadRequest("kind: required (EXTEND_GRACE, HOLD_RELEASE or CLEAR_HOLD)")
     wire.require_id(request.account_id, "account_id")
-    problem = text_problem(request.reason, MAX_OVERRIDE_REASON)
+    problem = text_problem(request.reason, MAX_OVERRIDE_REASON) or unsafe_text_problem(
+        request.reason
+    )
     if problem is not None:
         raise BadRequest(f"reason: {problem}")
     if cls is not GraceExtended:
