@@ -185,7 +185,7 @@ class CachedGuardClient:
             hit = self._answers.get(key)
             if hit is None:
                 return None
-            if time.time() >= hit[0] or not self._fresh():
+            if time.time() >= hit[0]:
                 del self._answers[key]
                 return None
         self.kept_answers += 1
@@ -202,9 +202,10 @@ class CachedGuardClient:
         if decision.valid_until is not None:
             expires = min(expires, decision.valid_until.timestamp())
         with self._lock:
-            # R15: only while a live watch covers the app, i.e. its status came
-            # on this watch and nothing since has voided it.
-            if key[1] not in self._watched or key[1] not in self._known or not self._fresh():
+            # R15: only while a live watch covers the app: its status came on
+            # the stream that is up now, and nothing since has voided it (a
+            # break or a discontinuity empties _known).
+            if key[1] not in self._watched or key[1] not in self._known:
                 return decision
             if len(self._answers) >= 100_000:
                 self._answers.clear()

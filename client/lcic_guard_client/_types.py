@@ -446,6 +446,11 @@ class CreateClassroomCheck:
     start_time: datetime | None = None
     end_time: datetime | None = None
 
+    def __post_init__(self) -> None:
+        # Refused when built, not when a batch is sent: the caller's bug shows
+        # where it was made.
+        create_request(self)
+
     def to_proto(self) -> pb.Check:
         return pb.Check(create_classroom=create_request(self))
 
