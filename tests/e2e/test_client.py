@@ -113,9 +113,7 @@ async def test_sync_client_every_method(
             guard.report_classroom_started(
                 APP, "room-1", at(T0 - 2 * HOUR), scheduled_end_time=at(T0 + HOUR)
             )
-            d = guard.can_enter_classroom(
-                APP, "room-1", user_id="t-1", role=Role.TEACHER
-            )
+            d = guard.can_enter_classroom(APP, "room-1", user_id="t-1", role=Role.TEACHER)
             assert d.allowed and d.reason == Reason.IN_PROGRESS_PROTECTED
             assert ms(d.protected_until) == T0 + 2 * HOUR
             guard.report_classroom_ended(APP, "room-1", at(T0 - MINUTE))
@@ -208,9 +206,7 @@ def test_naive_datetimes_are_refused_before_any_call() -> None:
 async def test_sync_client_is_closed_by_its_context_manager(sidecar: SidecarUnderTest) -> None:
     def run() -> None:
         with GuardClient(sidecar.target) as guard:
-            assert guard.can_create_classroom("nobody").reason == (
-                Reason.UNKNOWN_APPLICATION
-            )
+            assert guard.can_create_classroom("nobody").reason == (Reason.UNKNOWN_APPLICATION)
         with pytest.raises(ValueError, match="closed"):
             guard.can_create_classroom("nobody")
         other = GuardClient(sidecar.target)
@@ -243,9 +239,7 @@ async def test_async_client_every_method(
         await guard.report_classroom_started(
             APP, "room-1", at(T0 - 2 * HOUR), scheduled_end_time=at(T0 + HOUR)
         )
-        d = await guard.can_enter_classroom(
-            APP, "room-1", user_id="s-1", role=Role.STUDENT
-        )
+        d = await guard.can_enter_classroom(APP, "room-1", user_id="s-1", role=Role.STUDENT)
         assert d.allowed and d.reason == Reason.IN_PROGRESS_PROTECTED
         await guard.report_classroom_ended(APP, "room-1", at(T0 + MINUTE))
         clock.now = T0 + MINUTE
@@ -628,10 +622,7 @@ async def test_tls_server_authentication(
         wrong_name = TlsConfig(root_certificates=pki.ca.ca, server_name="sidecar.example")
         assert await _refused(target, wrong_name) == "UNAVAILABLE"
         # A server certificate from a CA the client does not trust is refused.
-        assert (
-            await _refused(target, TlsConfig(root_certificates=pki.other_ca.ca))
-            == "UNAVAILABLE"
-        )
+        assert await _refused(target, TlsConfig(root_certificates=pki.other_ca.ca)) == "UNAVAILABLE"
         # Plaintext against a TLS port gets nowhere.
         assert await _refused(target, None) == "UNAVAILABLE"
 
