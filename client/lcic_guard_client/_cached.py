@@ -107,8 +107,8 @@ class CachedGuardClient:
                 for update in stream:
                     self._heard(update)
                     backoff = 0.05
-            except GuardError:
-                pass
+            except (GuardError, ValueError):
+                pass  # ValueError: the channel was closed under us by close()
             with self._lock:
                 # No change can reach what is kept while the watch is down, and
                 # a reconnected watch sends every status again.

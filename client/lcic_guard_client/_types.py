@@ -23,8 +23,8 @@ class _WireEnum(enum.IntEnum):
     does not know reads as ``UNSPECIFIED`` instead of failing the call."""
 
     @classmethod
-    def _missing_(cls, value: object) -> Self:
-        return cls(0)
+    def _missing_(cls, value: object) -> Self | None:
+        return cls(0) if isinstance(value, int) else None
 
     def __str__(self) -> str:
         return self.name

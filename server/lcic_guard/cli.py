@@ -627,7 +627,7 @@ def _explain(args: argparse.Namespace) -> int:
             st = guard.get_application_status(args.app_id).to_proto()
         except (NotFound, SidecarUnavailable) as exc:
             print(render.render_decision(args.check, args.app_id, d, wall_clock()))
-            if exc.code == "UNAVAILABLE":
+            if isinstance(exc, SidecarUnavailable):
                 # The check was still answered (R13): show that answer, and why
                 # nothing more can be said now.
                 print(
