@@ -52,15 +52,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
-import grpc
 from lcic_guard_client import (
     DEFAULT_TIMEOUT,
     CachedGuardClient,
     Decision,
     GuardClient,
+    GuardError,
+    InvalidRequest,
+    NotFound,
     Reason,
-    State,
-    pb,
+    Role,
 )
 
 log = logging.getLogger("classroom_service")
@@ -73,16 +74,16 @@ ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Suspensions the customer can end by paying: 402 Payment Required.
 PAYABLE = frozenset(
     {
-        pb.DECISION_REASON_ACCOUNT_OVERDUE,
-        pb.DECISION_REASON_PACKAGE_EXPIRED,
-        pb.DECISION_REASON_PACKAGE_QUOTA_EXHAUSTED,
+        Reason.ACCOUNT_OVERDUE,
+        Reason.PACKAGE_EXPIRED,
+        Reason.PACKAGE_QUOTA_EXHAUSTED,
     }
 )
-ROLES: dict[str, pb.ClassroomRole.ValueType] = {
-    "student": pb.CLASSROOM_ROLE_STUDENT,
-    "teacher": pb.CLASSROOM_ROLE_TEACHER,
-    "assistant": pb.CLASSROOM_ROLE_ASSISTANT,
-    "supervisor": pb.CLASSROOM_ROLE_SUPERVISOR,
+ROLES: dict[str, Role] = {
+    "student": Role.STUDENT,
+    "teacher": Role.TEACHER,
+    "assistant": Role.ASSISTANT,
+    "supervisor": Role.SUPERVISOR,
 }
 JsonBody = dict[str, Any]
 
@@ -90,27 +91,19 @@ JsonBody = dict[str, Any]
 # -- decisions as JSON ---------------------------------------------------------
 
 
-def reason_name(reason: pb.DecisionReason.ValueType) -> str:
-    """``DECISION_REASON_ACCOUNT_OVERDUE`` -> ``ACCOUNT_OVERDUE``."""
-    return Reason.Name(reason).removeprefix("DECISION_REASON_")
-
-
-def state_name(state: pb.ApplicationState.ValueType) -> str:
-    return State.Name(state).removeprefix("APPLICATION_STATE_")
-
-
 def decision_json(d: Decision) -> JsonBody:
     """The parts of a decision a caller of this service may show or log."""
     out: JsonBody = {
         "allowed": d.allowed,
-        "reason": reason_name(d.reason),
-        "reasons": [reason_name(r) for r in d.reasons],
-        "state": state_name(d.state),
+        "reason": d.reason.name,
+        "reasons": [r.name for r in d.reasons],
+        "state": d.state.name,
         "message": d.message,
     }
     for name in ("grace_ends_at", "suspended_at", "release_at", "protected_until"):
-        if d.HasField(name):
-            out[name] = getattr(d, name).ToDatetime(tzinfo=UTC).isoformat()
+        at: datetime | None = getattr(d, name)
+        if at is not None:
+            out[name] = at.isoformat()
     if d.degraded:
         out["degraded"] = True
     return out
@@ -177,23 +170,22 @@ def _denied(d: Decision) -> Reply:
         denial_status(d),
         {
             "error": "denied",
-            "reason": reason_name(d.reason),
+            "reason": d.reason.name,
             "message": d.message,
             "decision": decision_json(d),
         },
     )
 
 
-def _rpc_failure(exc: grpc.RpcError) -> Reply:
-    code = exc.code()
-    details = exc.details() or str(code)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return Reply(HTTPStatus.BAD_REQUEST, {"error": "bad_request", "message": details})
-    if code == grpc.StatusCode.NOT_FOUND:
-        return Reply(HTTPStatus.NOT_FOUND, {"error": "unknown_application", "message": details})
-    # The sidecar is down or too slow: this service's own failure mode is to
-    # refuse and ask the caller to retry (the sidecar's R13 covers Redis).
-    log.warning("lcic-guard sidecar call failed: %s %s", code, details)
+def _rpc_failure(exc: GuardError) -> Reply:
+    if isinstance(exc, InvalidRequest):
+        return Reply(HTTPStatus.BAD_REQUEST, {"error": "bad_request", "message": exc.details})
+    if isinstance(exc, NotFound):
+        return Reply(HTTPStatus.NOT_FOUND, {"error": "unknown_application", "message": exc.details})
+    # The sidecar is down or too slow (SidecarUnavailable), or refused us:
+    # this service's own failure mode is to refuse and ask the caller to
+    # retry (the sidecar's R13 covers Redis).
+    log.warning("lcic-guard sidecar call failed: %s %s", exc.code, exc.details)
     return Reply(
         HTTPStatus.SERVICE_UNAVAILABLE,
         {"error": "guard_unavailable", "message": "Billing checks are unavailable; retry shortly."},
@@ -238,7 +230,7 @@ class ClassroomService:
         with self._lock:
             self._rooms[(app_id, room_id)] = room
         out = room.to_json()
-        if decision.reason == pb.DECISION_REASON_OVERDUE_GRACE:
+        if decision.reason == Reason.OVERDUE_GRACE:
             out["warning"] = decision.message  # allowed, but tell the customer
         return Reply(HTTPStatus.CREATED, out)
 
@@ -251,7 +243,7 @@ class ClassroomService:
         if room.state != "scheduled":
             return Reply(HTTPStatus.CONFLICT, {"error": "not_scheduled", "message": room.state})
         # A room not started before a suspension cannot start during it.
-        decision = self.checks.can_enter_classroom(app_id, room_id, role=pb.CLASSROOM_ROLE_TEACHER)
+        decision = self.checks.can_enter_classroom(app_id, room_id, role=Role.TEACHER)
         if not decision.allowed:
             return _denied(decision)
         started = self.now()
@@ -295,10 +287,10 @@ class ClassroomService:
         out = room.to_json()
         try:
             self.reports.report_classroom_ended(app_id, room_id, ended)
-        except grpc.RpcError as exc:
+        except GuardError as exc:
             # The class is over whatever the sidecar heard; unreported, its
             # protection lapses by itself at protected_until.
-            log.warning("could not report the end of %s/%s: %s", app_id, room_id, exc.code())
+            log.warning("could not report the end of %s/%s: %s", app_id, room_id, exc.code)
             out["guard_report"] = "failed"
         return Reply(HTTPStatus.OK, out)
 
@@ -341,7 +333,7 @@ class ClassroomService:
                     return self.end(app_id, room_id)
         except BadRequest as exc:
             return Reply(HTTPStatus.BAD_REQUEST, {"error": "bad_request", "message": str(exc)})
-        except grpc.RpcError as exc:
+        except GuardError as exc:
             return _rpc_failure(exc)
         return Reply(HTTPStatus.NOT_FOUND, {"error": "not_found", "message": path})
 

@@ -44,8 +44,13 @@ from types import FrameType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import grpc
-from lcic_guard_client import DEFAULT_TIMEOUT, CachedGuardClient, Decision, Reason, pb
+from lcic_guard_client import (
+    DEFAULT_TIMEOUT,
+    CachedGuardClient,
+    Decision,
+    GuardError,
+    Reason,
+)
 
 log = logging.getLogger("recording_gateway")
 
@@ -57,11 +62,6 @@ ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 REASON_HEADER = "X-Lcic-Guard-Reason"
 WARNING_HEADER = "X-Lcic-Guard-Warning"
 DEGRADED_HEADER = "X-Lcic-Guard-Degraded"
-
-
-def reason_name(reason: pb.DecisionReason.ValueType) -> str:
-    """``DECISION_REASON_ACCOUNT_OVERDUE`` -> ``ACCOUNT_OVERDUE``."""
-    return Reason.Name(reason).removeprefix("DECISION_REASON_")
 
 
 def header_text(text: str) -> str:
@@ -96,7 +96,7 @@ class RecordingGateway:
         self.root = root.resolve()
 
     def _guard_headers(self, d: Decision) -> dict[str, str]:
-        headers = {REASON_HEADER: reason_name(d.reason)}
+        headers = {REASON_HEADER: d.reason.name}
         if d.degraded:
             headers[DEGRADED_HEADER] = "true"
         return headers
@@ -110,17 +110,17 @@ class RecordingGateway:
             return _plain(HTTPStatus.BAD_REQUEST, "room_id: 1-64 characters [A-Za-z0-9._:-]")
         try:
             d = self.guard.can_access_recording(app_id, recording_id, room_id=room_id)
-        except grpc.RpcError as exc:
-            log.warning("lcic-guard sidecar call failed: %s", exc.code())
+        except GuardError as exc:
+            log.warning("lcic-guard sidecar call failed: %s", exc.code)
             return _plain(
                 HTTPStatus.SERVICE_UNAVAILABLE, "Billing checks are unavailable; retry shortly."
             )
         headers = self._guard_headers(d)
         if not d.allowed:
-            released = d.reason == pb.DECISION_REASON_RESOURCES_RELEASED
+            released = d.reason == Reason.RESOURCES_RELEASED
             status = HTTPStatus.GONE if released else HTTPStatus.FORBIDDEN
             return _plain(status, d.message, headers)
-        if d.reason == pb.DECISION_REASON_OVERDUE_GRACE:
+        if d.reason == Reason.OVERDUE_GRACE:
             headers[WARNING_HEADER] = header_text(d.message)
         path = (self.root / app_id / recording_id).resolve()
         if path.parent.parent != self.root or not path.is_file():

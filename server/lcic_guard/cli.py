@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import sys
@@ -40,9 +41,8 @@ from lcic_guard.store.keys import BILLING_STREAM
 from lcic_guard.store.status import Store
 
 if TYPE_CHECKING:
-    import grpc
     from lcic.guard.v1 import enforcement_pb2 as pb
-    from lcic_guard_client import GuardClient
+    from lcic_guard_client import GuardClient, GuardError
 
 DESCRIPTION = """\
 lcic-guard enforces the classroom platform's billing policy.
@@ -504,19 +504,19 @@ def _ask(guard: GuardClient, kind: str, args: argparse.Namespace) -> pb.Decision
     if kind == "enter" and not args.room:
         raise CommandError("--room is required for an enter check")
     if kind == "create":
-        return guard.can_create_classroom(args.app_id, room_id=args.room)
-    if kind == "enter":
-        return guard.can_enter_classroom(args.app_id, args.room)
-    return guard.can_access_recording(args.app_id, args.recording, room_id=args.room)
+        d = guard.can_create_classroom(args.app_id, room_id=args.room)
+    elif kind == "enter":
+        d = guard.can_enter_classroom(args.app_id, args.room)
+    else:
+        d = guard.can_access_recording(args.app_id, args.recording, room_id=args.room)
+    return d.to_proto()  # type: ignore[no-any-return]
 
 
-def _rpc_error(exc: grpc.RpcError, target: str) -> CommandError:
-    import grpc
-
-    code = exc.code()
-    details = str(exc.details() or "")
+def _rpc_error(exc: GuardError, target: str) -> CommandError:
+    code = exc.code
+    details = exc.details
     low = details.lower()
-    if code == grpc.StatusCode.UNAVAILABLE and (
+    if code == "UNAVAILABLE" and (
         "failed to connect" in low or "dns resolution" in low or "connection refused" in low
     ):
         if "handshake" in low or "ssl" in low or "tls" in low:
@@ -529,21 +529,21 @@ def _rpc_error(exc: grpc.RpcError, target: str) -> CommandError:
             f"cannot reach the sidecar at {target} — is `lcic-guard serve` running? "
             "(--target or LCIC_GUARD_TARGET names it)"
         )
-    if code == grpc.StatusCode.UNAUTHENTICATED:
+    if code == "UNAUTHENTICATED":
         return CommandError(
             f"the sidecar at {target} wants a bearer token ({details}); pass --token-file "
             "(or LCIC_GUARD_TOKEN_FILE)"
         )
-    if code == grpc.StatusCode.PERMISSION_DENIED:
+    if code == "PERMISSION_DENIED":
         return CommandError(f"the sidecar at {target} refused the call: {details}")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code == "DEADLINE_EXCEEDED":
         return CommandError(
             f"the sidecar at {target} did not answer in time; is the address right, and is "
             "it running and not overloaded?"
         )
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+    if code in ("INVALID_ARGUMENT", "NOT_FOUND"):
         return CommandError(details)
-    return CommandError(f"the sidecar at {target} answered {code.name}: {details}")
+    return CommandError(f"the sidecar at {target} answered {code}: {details}")
 
 
 def _time_fields(d: pb.Decision, name: str) -> dict[str, Any]:
@@ -611,7 +611,7 @@ def _status(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     with _client(args) as guard:
-        st = guard.get_application_status(args.app_id)
+        st = guard.get_application_status(args.app_id).to_proto()
     if args.json:
         print(json_format.MessageToJson(st, indent=2))
     else:
@@ -620,22 +620,19 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import grpc
+    from lcic_guard_client import NotFound, SidecarUnavailable
 
     with _client(args) as guard:
         d = _ask(guard, args.check, args)
         try:
-            st = guard.get_application_status(args.app_id)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                raise
+            st = guard.get_application_status(args.app_id).to_proto()
+        except (NotFound, SidecarUnavailable) as exc:
             print(render.render_decision(args.check, args.app_id, d, wall_clock()))
-            if code == grpc.StatusCode.UNAVAILABLE:
+            if isinstance(exc, SidecarUnavailable):
                 # The check was still answered (R13): show that answer, and why
                 # nothing more can be said now.
                 print(
-                    f"\nThe status record cannot be read now ({exc.details()}): the answer "
+                    f"\nThe status record cannot be read now ({exc.details}): the answer "
                     "above is the sidecar's own without it."
                 )
             return 0 if d.allowed else 1
@@ -643,21 +640,21 @@ def _explain(args: argparse.Namespace) -> int:
     return 0 if d.allowed else 1
 
 
+def _datetime(ms: Millis) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+
+
 def _preview(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
-    from lcic.guard.v1 import enforcement_pb2 as pb
 
     now = wall_clock()
     try:
         at = render.parse_at(args.at, now)
     except argparse.ArgumentTypeError as exc:
         raise CommandError(str(exc)) from None
-    req = pb.PreviewApplicationRequest(app_id=args.app_id, room_id=args.room)
-    req.at.FromMilliseconds(at)
     with _client(args) as guard:
-        resp: pb.PreviewApplicationResponse = guard.stub.PreviewApplication(
-            req, timeout=guard.timeout, metadata=guard._metadata
-        )
+        preview = guard.preview_application(args.app_id, _datetime(at), room_id=args.room)
+    resp: pb.PreviewApplicationResponse = preview.to_proto()
     if args.json:
         print(json_format.MessageToJson(resp, indent=2))
     else:
@@ -670,34 +667,32 @@ OVERRIDE_ACTIONS: Final = ("extend-grace", "hold-release", "clear-hold")
 
 def _override(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
-    from lcic.guard.v1 import enforcement_pb2 as pb
+    from lcic_guard_client import OverrideKind
 
     kind = {
-        "extend-grace": pb.OVERRIDE_KIND_EXTEND_GRACE,
-        "hold-release": pb.OVERRIDE_KIND_HOLD_RELEASE,
-        "clear-hold": pb.OVERRIDE_KIND_CLEAR_HOLD,
+        "extend-grace": OverrideKind.EXTEND_GRACE,
+        "hold-release": OverrideKind.HOLD_RELEASE,
+        "clear-hold": OverrideKind.CLEAR_HOLD,
     }[args.action]
-    req = pb.ApplyOverrideRequest(kind=kind, account_id=args.account_id, reason=args.reason)
+    until: datetime.datetime | None = None
     if args.action == "extend-grace":
         if not args.until:
             raise CommandError("--until is required for extend-grace")
         try:
-            req.until.FromMilliseconds(render.parse_at(args.until, wall_clock()))
+            until = _datetime(render.parse_at(args.until, wall_clock()))
         except argparse.ArgumentTypeError as exc:
             raise CommandError(f"--until: {exc}") from None
     elif args.until:
         raise CommandError(f"--until is only for extend-grace, not {args.action}")
     with _client(args) as guard:
-        resp: pb.ApplyOverrideResponse = guard.stub.ApplyOverride(
-            req, timeout=guard.timeout, metadata=guard._metadata
-        )
+        applied = guard.apply_override(args.account_id, kind, args.reason, until=until)
+    o: pb.Override = applied.to_proto()
     if args.json:
-        print(json_format.MessageToJson(resp.override, indent=2))
+        print(json_format.MessageToJson(o, indent=2))
     else:
-        o = resp.override
-        until = f" until {format_time(o.until.ToMilliseconds())}" if o.HasField("until") else ""
+        till = f" until {format_time(o.until.ToMilliseconds())}" if o.HasField("until") else ""
         print(
-            f"recorded {args.action} of account {o.account_id}{until} by {o.actor} "
+            f"recorded {args.action} of account {o.account_id}{till} by {o.actor} "
             f"(event {o.event_id}); the reconciler applies it when it reads the billing feed"
         )
     return 0
@@ -708,11 +703,8 @@ def _audit(args: argparse.Namespace) -> int:
     from lcic.guard.v1 import enforcement_pb2 as pb
 
     with _client(args) as guard:
-        resp: pb.ListOverridesResponse = guard.stub.ListOverrides(
-            pb.ListOverridesRequest(account_id=args.account_id),
-            timeout=guard.timeout,
-            metadata=guard._metadata,
-        )
+        overrides = guard.list_overrides(args.account_id)
+    resp = pb.ListOverridesResponse(overrides=[o.to_proto() for o in overrides])
     if args.json:
         print(json_format.MessageToJson(resp, indent=2))
         return 0
@@ -773,7 +765,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("check", "status", "explain", "preview", "override", "audit"):
         if retired := retired_tls_variable(serving=False):
             raise CommandError(retired)
-        import grpc
+        from lcic_guard_client import GuardError
 
         run: dict[str, Callable[[argparse.Namespace], int]] = {
             "check": _check,
@@ -785,7 +777,7 @@ def _run(args: argparse.Namespace) -> int:
         }
         try:
             return run[args.command](args)
-        except grpc.RpcError as exc:
+        except GuardError as exc:
             raise _rpc_error(exc, args.target) from exc
     from lcic_guard import runner  # imports grpc: see main()
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from lcic_guard_client import GuardClient, pb
+from lcic_guard_client import GuardClient, Reason
 
 ROOT = Path(__file__).resolve().parents[2]
 LCIC_GUARD = str(Path(sys.executable).with_name("lcic-guard"))
@@ -163,7 +163,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         def sample_reconciled() -> bool:
             with GuardClient(target, timeout=2) as guard:
                 d = guard.can_access_recording("app-released", "rec-1")
-            return d.reason == pb.DECISION_REASON_RESOURCES_RELEASED
+            return d.reason == Reason.RESOURCES_RELEASED
 
         _wait("the sample data reconciled", sample_reconciled)
         yield target
@@ -184,14 +184,15 @@ SCRIPT = textwrap.dedent(
     import asyncio, importlib.util, json, sys
 
     from lcic_guard_client import (
-        AsyncGuardClient, CachedGuardClient, GuardClient, Reason, create_classroom_check,
+        AsyncGuardClient, CachedGuardClient, GuardClient, SidecarUnavailable,
+        create_classroom_check,
     )
 
     target = sys.argv[1]
     out = {}
 
     def note(name, decision):
-        out[name] = [decision.allowed, Reason.Name(decision.reason)]
+        out[name] = [decision.allowed, str(decision.reason)]
 
     with GuardClient(target, timeout=5) as guard:
         note("create app-active", guard.can_create_classroom("app-active"))
@@ -219,6 +220,19 @@ SCRIPT = textwrap.dedent(
         note("cached create app-banned", cached.can_create_classroom("app-banned"))
         out["cached local answers"] = cached.local_answers
 
+    # A sidecar that is not there: one exception of the client's own, no grpc
+    # import needed to catch it.
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+    with GuardClient(nobody, timeout=0.3) as guard:
+        try:
+            guard.can_create_classroom("app-active")
+            out["down"] = "answered"
+        except SidecarUnavailable as exc:
+            out["down"] = [type(exc).__name__, type(exc.__cause__).__module__.split(".")[0]]
+
     out["server importable"] = importlib.util.find_spec("lcic_guard") is not None
     out["server imported"] = sorted(m for m in sys.modules if m.split(".")[0] == "lcic_guard")
     print(json.dumps(out))
@@ -234,21 +248,22 @@ def test_the_client_alone_answers_from_a_real_sidecar(
     out = _run([str(_venv_python(client_venv)), "-I", str(script), sidecar], cwd=tmp_path)
     answers = json.loads(out.strip().splitlines()[-1])
     assert answers == {
-        "create app-active": [True, "DECISION_REASON_OK"],
-        "create app-overdue": [False, "DECISION_REASON_ACCOUNT_OVERDUE"],
-        "enter app-quota room-live": [True, "DECISION_REASON_IN_PROGRESS_PROTECTED"],
-        "enter app-quota room-new": [False, "DECISION_REASON_PACKAGE_QUOTA_EXHAUSTED"],
-        "recording app-released": [False, "DECISION_REASON_RESOURCES_RELEASED"],
-        "create app-invented": [False, "DECISION_REASON_UNKNOWN_APPLICATION"],
-        "batch app-banned": [False, "DECISION_REASON_ACCOUNT_BANNED"],
-        "batch app-payg": [True, "DECISION_REASON_OK"],
-        "async create app-expired": [False, "DECISION_REASON_PACKAGE_EXPIRED"],
-        "async create app-settled": [True, "DECISION_REASON_OK"],
+        "create app-active": [True, "OK"],
+        "create app-overdue": [False, "ACCOUNT_OVERDUE"],
+        "enter app-quota room-live": [True, "IN_PROGRESS_PROTECTED"],
+        "enter app-quota room-new": [False, "PACKAGE_QUOTA_EXHAUSTED"],
+        "recording app-released": [False, "RESOURCES_RELEASED"],
+        "create app-invented": [False, "UNKNOWN_APPLICATION"],
+        "batch app-banned": [False, "ACCOUNT_BANNED"],
+        "batch app-payg": [True, "OK"],
+        "async create app-expired": [False, "PACKAGE_EXPIRED"],
+        "async create app-settled": [True, "OK"],
         "cached fresh": True,
-        "cached create app-active": [True, "DECISION_REASON_OK"],
-        "cached create app-banned": [False, "DECISION_REASON_ACCOUNT_BANNED"],
+        "cached create app-active": [True, "OK"],
+        "cached create app-banned": [False, "ACCOUNT_BANNED"],
         # Both answered from the pushed schedule, without a round trip.
         "cached local answers": 2,
+        "down": ["SidecarUnavailable", "grpc"],
         "server importable": False,
         "server imported": [],
     }

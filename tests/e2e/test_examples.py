@@ -56,7 +56,8 @@ from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM
 from lcic_guard.store.status import Store
-from lcic_guard_client import GuardClient, pb
+from lcic_guard_client import GuardClient
+from lcic_guard_client import Reason as Answer
 
 from tests.support.events import Events
 from tests.support.settings import sidecar_settings
@@ -248,9 +249,9 @@ async def test_classroom_service_creates_only_when_billing_allows(
         assert body["message"] == truth["app-overdue"].message
         assert "Top up the account" in body["message"]
         assert body["decision"]["state"] == "SUSPENDED"
-        assert body["decision"]["release_at"] == (
-            truth["app-overdue"].release_at.ToDatetime(tzinfo=UTC).isoformat()
-        )
+        release_at = truth["app-overdue"].release_at
+        assert release_at is not None and release_at.tzinfo is not None
+        assert body["decision"]["release_at"] == release_at.isoformat()
         # R11, R10: nothing the customer pays restores these: 403.
         for app, reason in (
             ("app-banned", "ACCOUNT_BANNED"),
@@ -339,7 +340,7 @@ async def test_a_class_started_before_a_suspension_stays_enterable(
         with guard.ask() as direct:
             after = await asyncio.to_thread(direct.can_enter_classroom, "app-quota", "live")
         assert not after.allowed
-        assert after.reason == pb.DECISION_REASON_PACKAGE_QUOTA_EXHAUSTED
+        assert after.reason == Answer.PACKAGE_QUOTA_EXHAUSTED
 
         # R7: pay-as-you-go on restores service.
         await guard.publish(ev("payg_changed", wall_clock(), app_id="app-quota", enabled=True))

@@ -16,7 +16,7 @@ from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.keys import CHANGES_STREAM
 from lcic_guard.store.status import Store
-from lcic_guard_client import CachedGuardClient
+from lcic_guard_client import CachedGuardClient, Decision, Reason
 
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries
@@ -191,7 +191,7 @@ async def test_cached_client_answers_locally_and_asks_when_it_must(
     )
     target = f"127.0.0.1:{cached_sidecar.port}"
 
-    def run() -> tuple[int, int, list[pb.Decision]]:
+    def run() -> tuple[int, int, list[Decision]]:
         with CachedGuardClient(target, ["app-1", "app-2"], timeout=2.0) as guard:
             assert guard.wait_fresh()
             out = [guard.can_create_classroom("app-1") for _ in range(20)]
@@ -202,7 +202,7 @@ async def test_cached_client_answers_locally_and_asks_when_it_must(
     local, remote, decisions = await asyncio.to_thread(run)
     assert local == 21 and remote == 1
     assert all(d.allowed for d in decisions[:21])
-    assert decisions[-1].reason == pb.DECISION_REASON_UNKNOWN_APPLICATION
+    assert decisions[-1].reason == Reason.UNKNOWN_APPLICATION
 
 
 async def test_held_statuses_are_refreshed_before_they_age_out(

@@ -19,7 +19,7 @@ from lcic_guard.domain.time import wall_clock
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.status import Store
-from lcic_guard_client import CachedGuardClient
+from lcic_guard_client import CachedGuardClient, Reason, SidecarUnavailable
 
 from tests.sidecar.test_sidecar_rpc import ACCT, APP, enter, ms, report_started, three
 from tests.support.clock import T0, FakeClock
@@ -163,6 +163,51 @@ async def test_no_valid_until_when_nothing_lies_ahead(
         assert not d.HasField("valid_until")
 
 
+def await_known(guard: CachedGuardClient, *app_ids: str) -> None:
+    """Wait until the watch has delivered the status of each app (the answers
+    of an app are kept only from then on)."""
+    deadline = time.monotonic() + 5
+    while not all(a in guard._known for a in app_ids):
+        assert time.monotonic() < deadline, f"the watch never sent {app_ids}"
+        time.sleep(0.02)
+
+
+async def test_cached_client_keeps_no_answer_of_an_app_no_watch_covers(
+    reconciler: Reconciler,
+    cached_sidecar: tuple[RunningSidecar, pb_grpc.EnforcementServiceStub],
+    events: Events,
+    clock: FakeClock,
+) -> None:
+    """SPEC R15: no watch would tell the client of a ban of app-x, so its
+    answer is asked every time, never kept for the TTL."""
+    sidecar, _ = cached_sidecar
+    clock.now = wall_clock()
+    await reconciler.ingest(
+        deliveries(
+            [
+                *events.app("acct-w", "app-w", at=clock.now - DAY, expires=clock.now + 30 * DAY),
+                *events.app("acct-x", "app-x", at=clock.now - DAY, expires=clock.now + 30 * DAY),
+            ]
+        )
+    )
+    target = f"127.0.0.1:{sidecar.port}"
+    loop = asyncio.get_running_loop()
+
+    def run() -> None:
+        with CachedGuardClient(target, ["app-w"], answer_ttl=60.0) as guard:
+            await_known(guard, "app-w")
+            assert guard.can_create_classroom("app-x").reason == Reason.OK
+            ban = events("compliance_ban", clock.now - 1, account_id="acct-x")
+            asyncio.run_coroutine_threadsafe(reconciler.ingest(deliveries([ban])), loop).result()
+            deadline = time.monotonic() + 5
+            while guard.can_create_classroom("app-x").reason != Reason.ACCOUNT_BANNED:
+                assert time.monotonic() < deadline, "an uncovered app's answer was kept"
+                time.sleep(0.02)
+            assert guard.kept_answers == 0
+
+    await asyncio.to_thread(run)
+
+
 async def test_cached_client_keeps_an_answer_until_valid_until_and_drops_it_on_a_change(
     reconciler: Reconciler,
     cached_sidecar: tuple[RunningSidecar, pb_grpc.EnforcementServiceStub],
@@ -186,15 +231,19 @@ async def test_cached_client_keeps_an_answer_until_valid_until_and_drops_it_on_a
     def run() -> None:
         # max_staleness=0: the watch is never fresh enough to answer from
         # the schedule, so every answer comes from the sidecar or is kept.
-        with CachedGuardClient(target, ["app-w"], max_staleness=0, answer_ttl=60.0) as guard:
+        with CachedGuardClient(
+            target, ["app-w", "app-u"], max_staleness=0, answer_ttl=60.0
+        ) as guard:
+            await_known(guard, "app-w", "app-u")
             first = guard.can_create_classroom("app-u")
-            assert ms(first.valid_until) == expires
+            assert first.valid_until is not None
+            assert round(first.valid_until.timestamp() * 1000) == expires
             assert guard.can_create_classroom("app-u").allowed
             assert (guard.remote_answers, guard.kept_answers) == (1, 1)
             while wall_clock() < expires:
                 time.sleep(0.05)
             clock.now = expires
-            assert guard.can_create_classroom("app-u").reason == R.DECISION_REASON_PACKAGE_EXPIRED
+            assert guard.can_create_classroom("app-u").reason == Reason.PACKAGE_EXPIRED
             assert (guard.remote_answers, guard.kept_answers) == (2, 1)
 
             assert guard.can_create_classroom("app-w").allowed
@@ -206,7 +255,7 @@ async def test_cached_client_keeps_an_answer_until_valid_until_and_drops_it_on_a
             deadline = time.monotonic() + 5
             while True:
                 d = guard.can_create_classroom("app-w")
-                if d.reason == R.DECISION_REASON_ACCOUNT_BANNED:
+                if d.reason == Reason.ACCOUNT_BANNED:
                     break
                 assert time.monotonic() < deadline, "the kept answer was never dropped"
                 time.sleep(0.02)
@@ -239,10 +288,7 @@ async def test_cached_client_drops_kept_answers_when_the_watch_breaks(
         ) as guard:
             # The watch's first message (which drops what was kept before it)
             # has arrived, so only a break can drop the answer kept next.
-            deadline = time.monotonic() + 5
-            while "app-k" not in guard._known:
-                assert time.monotonic() < deadline, "the watch never sent app-k"
-                time.sleep(0.02)
+            await_known(guard, "app-k")
             assert guard.can_create_classroom("app-k").allowed
             assert guard.can_create_classroom("app-k").allowed
             assert guard.kept_answers == 1
@@ -251,7 +297,7 @@ async def test_cached_client_drops_kept_answers_when_the_watch_breaks(
             while True:
                 try:
                     guard.can_create_classroom("app-k")
-                except grpc.RpcError:
+                except SidecarUnavailable:
                     break  # asked the (stopped) sidecar: nothing kept was served
                 assert time.monotonic() < deadline, "a kept answer outlived the watch"
                 time.sleep(0.05)
