@@ -282,7 +282,7 @@ async def test_the_explanation_cites_the_extension(
     loaded = await store.load_account_facts("acct")
     status, _ = await store.read_status("app-1")
     assert status is not None
-    cited = reason_facts(status, loaded.facts, T0)
+    cited = reason_facts(status, loaded.facts, T0, PolicyConfig())
     assert [(f.reason, f.event_type) for f in cited] == [
         (pb_reason("OVERDUE_GRACE"), "overdue_alert"),
         (pb_reason("OVERDUE_GRACE"), "grace_extended"),

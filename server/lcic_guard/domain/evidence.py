@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
 
 from lcic_guard.domain.facts import (
     Fact,
@@ -67,13 +66,11 @@ class Deadline:
     event_id: str = ""
 
 
-def _fold(app_id: str, facts: Iterable[Fact], now: Millis) -> Sweep:
-    # The policy's own fold, stopped at ``now``: the facts cited are the ones
-    # the rules used, not a second reading of them.
-    return sweep_until(facts, app_id, now, _CFG)
-
-
-_CFG: Final = PolicyConfig()
+def _fold(app_id: str, facts: Iterable[Fact], now: Millis, cfg: PolicyConfig) -> Sweep:
+    # The policy's own fold, stopped at ``now`` and with the configured
+    # durations: the facts cited are the ones the rules used, not a second
+    # reading of them under other limits.
+    return sweep_until(facts, app_id, now, cfg)
 
 
 def _exhausting(usage: list[PackageUsage], quota: int) -> PackageUsage | None:
@@ -94,10 +91,13 @@ def _amount(alert: OverdueAlert) -> str:
     return f" (amount due {alert.amount_due})" if alert.amount_due else ""
 
 
-def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[ReasonFact, ...]:
-    """The billing events behind each reason of the status in force at ``now``."""
+def reason_facts(
+    status: AppStatus, facts: Iterable[Fact], now: Millis, cfg: PolicyConfig
+) -> tuple[ReasonFact, ...]:
+    """The billing events behind each reason of the status in force at ``now``,
+    read with the policy ``cfg`` that computed the status."""
     seg = status.at(now)
-    k = _fold(status.app_id, facts, now)
+    k = _fold(status.app_id, facts, now, cfg)
     out: list[ReasonFact] = []
     for reason in seg.reasons:
         if reason is Reason.ACCOUNT_BANNED and k.ban is not None:
@@ -209,12 +209,14 @@ def _quota_facts(k: Sweep, now: Millis) -> list[ReasonFact]:
     return out
 
 
-def deadlines(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[Deadline, ...]:
+def deadlines(
+    status: AppStatus, facts: Iterable[Fact], now: Millis, cfg: PolicyConfig
+) -> tuple[Deadline, ...]:
     """The known future moments that matter, in time order."""
     seg = status.at(now)
     if seg.state in (State.RELEASED, State.BANNED):
         return ()  # for good: no payment, package or date changes anything now
-    k = _fold(status.app_id, facts, now)
+    k = _fold(status.app_id, facts, now, cfg)
     alert_id = k.overdue_alert.event_id if k.overdue_alert is not None else ""
     out: list[Deadline] = []
     grace_end = seg.grace_ends_at
