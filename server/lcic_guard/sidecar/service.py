@@ -204,7 +204,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.ApplyOverrideRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyOverrideResponse:
         return await overrides.apply_override(
-            self.store, self.checker.cfg, auth.CALLER.get(), request, self.clock(), context
+            self.store, self.checker.cfg, auth.CALLER.get(), request, self.clock, context
         )
 
     async def ListOverrides(
