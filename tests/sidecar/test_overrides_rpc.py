@@ -224,6 +224,9 @@ async def test_an_override_is_published_applied_and_audited(
         assert decision.reason == pb.DECISION_REASON_OVERDUE_GRACE
         assert decision.grace_ends_at.ToMilliseconds() == until
 
+        # A moment later: overrides are dated when made, and the audit lists
+        # two of one millisecond in no particular order.
+        clock.now = T0 + 1
         hold = pb.ApplyOverrideRequest(
             kind=pb.OVERRIDE_KIND_HOLD_RELEASE, account_id="acct", reason="legal hold 7"
         )
