@@ -55,7 +55,7 @@ def outcome(facts: Sequence[Fact], recorded: dict[str, Millis]) -> tuple[object,
 def test_a_clear_dated_before_a_later_hold_has_no_effect() -> None:
     # The case: hold at T-1h, a clear dated T-2h recorded after it.
     alert = OverdueAlert("a", T0 - 70 * DAY, ACCT)
-    facts = [alert, hold("h", T0 - HOUR), clear("c", T0 - 2 * HOUR)]
+    facts: list[Fact] = [alert, hold("h", T0 - HOUR), clear("c", T0 - 2 * HOUR)]
     got = effects(facts, {"a": T0 - 70 * DAY, "h": T0 - HOUR, "c": T0})
     assert got["c"] == f"{NO_EFFECT}: a later hold (h of {format_time(T0 - HOUR)}) is in force"
     assert got["h"] == "release of the account's resources held"
