@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate every line of FILE (one JSON event a line; blank lines "
         f"and lines starting with # are skipped), then add them to the Redis Stream "
         f"{BILLING_STREAM}. If any line is invalid, nothing is published "
-        "(--skip-invalid publishes the valid ones) and the exit status is 1. "
+        "(--skip-invalid publishes the valid ones) and the exit status is 1. An event "
+        "dated more than 5 minutes ahead of now is invalid: the reconciler would "
+        "dead-letter it. "
         "The event format: docs/events.md; `lcic-guard sample-events` prints examples.",
     )
     pub.add_argument("file", type=Path, help="events file, or - for standard input")
@@ -379,11 +381,12 @@ async def _publish(settings: Settings, path: Path, skip_invalid: bool) -> int:
     text = _read_events(path)
     valid: list[str] = []
     invalid = 0
+    now = wall_clock()
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            parse_event_json(line)
+            parse_event_json(line, now=now)
         except InvalidEvent as exc:
             name = "<stdin>" if str(path) == "-" else path
             print(f"{name}:{n}: invalid: {exc.reason}", file=sys.stderr)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lcic_guard.domain.facts import (
+    MAX_AHEAD_MS,
     ApplicationRegistered,
     ArrearsSettled,
     ComplianceBan,
@@ -535,3 +536,44 @@ def test_format_parse_round_trip(ms: int) -> None:
 def test_parse_time_names_the_field() -> None:
     with pytest.raises(InvalidEvent, match=r"^starts_at: "):
         parse_time("nope", "starts_at")
+
+
+# -- no facts from the future (SPEC §2) -------------------------------------------
+
+FUTURE_KINDS: dict[str, dict[str, Any]] = {
+    **VALID,
+    "grace_extended": {
+        "account_id": "acct-1",
+        "until": "9000-01-01T00:00:00Z",
+        "actor": "alice@support",
+        "reason": "ticket 1",
+    },
+    "release_hold_set": {"account_id": "acct-1", "actor": "alice@support", "reason": "dispute"},
+    "release_hold_cleared": {"account_id": "acct-1", "actor": "bob", "reason": "settled"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FUTURE_KINDS))
+def test_a_fact_more_than_five_minutes_ahead_of_the_clock_is_refused_whatever_its_type(
+    kind: str,
+) -> None:
+    ahead = {**event(kind), **FUTURE_KINDS[kind], "type": kind}
+    ahead["occurred_at"] = format_time(T0 + MAX_AHEAD_MS + 1)
+    with pytest.raises(InvalidEvent) as exc:
+        parse_event(ahead, now=T0)
+    assert exc.value.reason.startswith("occurred_at:"), exc.value.reason
+    # Within the skew allowed, and with no clock (read back from the store): kept.
+    ahead["occurred_at"] = format_time(T0 + MAX_AHEAD_MS)
+    assert parse_event(ahead, now=T0).occurred_at == T0 + MAX_AHEAD_MS
+    ahead["occurred_at"] = "2099-01-01T00:00:00Z"
+    assert parse_event(ahead).occurred_at == parse_time("2099-01-01T00:00:00Z", "x")
+
+
+@given(ahead=st.integers(-400 * 86_400_000, 400 * 86_400_000))
+def test_the_future_bound_is_exactly_five_minutes(ahead: int) -> None:
+    raw = event("arrears_settled", occurred_at=format_time(T0 + ahead))
+    if ahead > MAX_AHEAD_MS:
+        with pytest.raises(InvalidEvent, match=r"^occurred_at: "):
+            parse_event_json(json.dumps(raw), now=T0)
+    else:
+        assert parse_event_json(json.dumps(raw), now=T0).occurred_at == T0 + ahead

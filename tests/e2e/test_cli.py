@@ -296,6 +296,22 @@ def test_publish_validates_first_and_publishes_nothing_on_an_invalid_line(
     assert _xlen(demo.redis_url) == before + 1
 
 
+def test_publish_refuses_an_event_from_the_future_before_touching_redis(tmp_path: Path) -> None:
+    future = {
+        "event_id": "cli-future-1",
+        "type": "arrears_settled",
+        "occurred_at": "2099-01-01T00:00:00Z",
+        "account_id": "acct-cli",
+    }
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(future) + "\n")
+    # Nothing listens there: the line is refused before any connection.
+    done = run("events", "publish", str(path), "--redis-url", "redis://127.0.0.1:1")
+    assert done.returncode == 1, done.stderr
+    first = done.stderr.splitlines()[0]
+    assert first.startswith(f"{path}:1: invalid: occurred_at: 2099-01-01T00:00:00.000Z"), first
+
+
 def test_reconcile_fails_at_start_on_a_missing_events_file(demo: Served) -> None:
     done = run("reconcile", "--events", "/nonexistent/events.jsonl", "--redis-url", demo.redis_url)
     one_line(done, 2, "--events /nonexistent/events.jsonl: no such file")

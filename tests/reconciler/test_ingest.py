@@ -504,6 +504,9 @@ async def test_parked_facts_expire_after_the_parked_ttl(
 
 ACCOUNTS = ("acct-a", "acct-b", "acct-c")
 HOURS = st.integers(-96, 96).map(lambda h: T0 + h * HOUR)
+# When facts occurred: up to the reconciler's clock, never from the future
+# (SPEC §2: those are dead-lettered); package dates may lie ahead (HOURS).
+OCCURRED = st.integers(-96, 0).map(lambda h: T0 + h * HOUR)
 
 
 @st.composite
@@ -519,16 +522,16 @@ def fact_sets(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[tuple[int, in
         if draw(st.booleans()):
             owners = draw(st.lists(st.sampled_from(ACCOUNTS), min_size=2, max_size=3, unique=True))
             for acct in owners:
-                ev("application_registered", draw(HOURS), account_id=acct, app_id=app)
+                ev("application_registered", draw(OCCURRED), account_id=acct, app_id=app)
         else:
             acct = draw(st.sampled_from(ACCOUNTS))
             for _ in range(draw(st.integers(1, 2))):
-                ev("application_registered", draw(HOURS), account_id=acct, app_id=app)
+                ev("application_registered", draw(OCCURRED), account_id=acct, app_id=app)
         for k in range(draw(st.integers(0, 2))):
             start = draw(HOURS)
             ev(
                 "package_purchased",
-                draw(HOURS),
+                draw(OCCURRED),
                 app_id=app,
                 package_id=f"{app}-p{k}",
                 starts_at=start,
@@ -538,22 +541,22 @@ def fact_sets(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[tuple[int, in
             for _ in range(draw(st.integers(0, 2))):
                 ev(
                     "package_usage",
-                    draw(HOURS),
+                    draw(OCCURRED),
                     app_id=app,
                     package_id=f"{app}-p{k}",
                     used_minutes=draw(st.integers(0, 150)),
                 )
         if draw(st.booleans()):
-            ev("payg_changed", draw(HOURS), app_id=app, enabled=draw(st.booleans()))
+            ev("payg_changed", draw(OCCURRED), app_id=app, enabled=draw(st.booleans()))
     for acct in ACCOUNTS:
         for _ in range(draw(st.integers(0, 2))):
-            ev("overdue_alert", draw(HOURS), account_id=acct, amount_due="12.50")
+            ev("overdue_alert", draw(OCCURRED), account_id=acct, amount_due="12.50")
         for _ in range(draw(st.integers(0, 1))):
-            ev("arrears_settled", draw(HOURS), account_id=acct)
+            ev("arrears_settled", draw(OCCURRED), account_id=acct)
         if draw(st.integers(0, 6)) == 0:
-            ev("compliance_ban", draw(HOURS), account_id=acct, note="terms")
+            ev("compliance_ban", draw(OCCURRED), account_id=acct, note="terms")
     if draw(st.booleans()):  # facts of an app that is never registered
-        ev("payg_changed", draw(HOURS), app_id="ghost-app", enabled=True)
+        ev("payg_changed", draw(OCCURRED), app_id="ghost-app", enabled=True)
     made = list(ev.made)
     reuses: list[tuple[int, int]] = []
     for _ in range(draw(st.integers(0, 3))):
@@ -561,9 +564,9 @@ def fact_sets(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[tuple[int, in
         original = made[i]
         other = draw(st.sampled_from(ACCOUNTS))
         if "account_id" in original:
-            copy = {**original, "account_id": other, "occurred_at": format_time(draw(HOURS))}
+            copy = {**original, "account_id": other, "occurred_at": format_time(draw(OCCURRED))}
         else:
-            copy = {**original, "occurred_at": format_time(draw(HOURS))}
+            copy = {**original, "occurred_at": format_time(draw(OCCURRED))}
         if copy != original:
             reuses.append((i, len(made)))
             made.append(copy)

@@ -72,7 +72,7 @@ async def test_an_extension_delays_the_flip_and_ends_by_itself(
 
 
 async def test_an_extension_is_bounded_ends_with_a_settlement_and_needs_an_open_episode(
-    reconciler: Reconciler, store: Store, events: Events
+    reconciler: Reconciler, store: Store, events: Events, clock: FakeClock
 ) -> None:
     alert_at = T0 - HOUR
     early = override(events, "grace_extended", alert_at - DAY, until=T0 + 5 * DAY)
@@ -93,6 +93,7 @@ async def test_an_extension_is_bounded_ends_with_a_settlement_and_needs_an_open_
     limit = alert_at + GRACE + MAX_EXTENSION
     seg = (await status_of(store, APP)).at(T0)
     assert seg.grace_ends_at == limit and seg.reasons == (Reason.OVERDUE_GRACE,)
+    clock.now = T0 + HOUR
     await reconciler.ingest(deliveries([events("arrears_settled", T0 + HOUR, account_id=ACCT)]))
     status = await status_of(store, APP)
     assert status.at(T0 + HOUR).reasons == ()

@@ -64,6 +64,9 @@ def make_events(n: int, seed: int, base: Millis, releasable: int = 0) -> list[di
     out: list[dict[str, Any]] = []
 
     def ev(kind: str, at: Millis, **fields: Any) -> None:
+        # Nothing occurs after ``base`` (the reconciler's clock dead-letters
+        # facts from the future, SPEC §2): a later time is mirrored before it.
+        at = at if at <= base else 2 * base - at
         for key in ("starts_at", "expires_at"):
             if key in fields:
                 fields[key] = format_time(fields[key])

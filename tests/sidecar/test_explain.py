@@ -49,7 +49,7 @@ def by_reason(facts: tuple[ReasonFact, ...]) -> dict[Reason, list[ReasonFact]]:
 
 def covered(status: AppStatus, facts: list[Fact], now: int) -> tuple[ReasonFact, ...]:
     """Every reason in force has a fact, listed in the order of the reasons."""
-    found = reason_facts(status, facts, now)
+    found = reason_facts(status, facts, now, CFG)
     reasons = status.at(now).reasons
     assert set(by_reason(found)) == set(reasons)
     order = [f.reason for f in found]
@@ -74,7 +74,7 @@ def test_grace_names_the_alert_that_started_it_not_a_settled_one(events: Events)
     assert fact.event_id == evs[4]["event_id"] and fact.event_type == "overdue_alert"
     assert fact.occurred_at == T0 - HOUR
     assert "12.50" in fact.detail and format_time(T0 + 23 * HOUR) in fact.detail
-    ahead = deadlines(status, facts, T0)
+    ahead = deadlines(status, facts, T0, CFG)
     assert [(d.kind, d.at) for d in ahead] == [
         (DeadlineKind.GRACE_END, T0 + 23 * HOUR),
         (DeadlineKind.PACKAGE_EXPIRY, T0 + 20 * DAY),
@@ -92,7 +92,7 @@ def test_overdue_suspension_names_the_alert_and_the_release_date(events: Events)
     assert fact.reason is Reason.ACCOUNT_OVERDUE and fact.event_id == evs[2]["event_id"]
     release = T0 - 2 * DAY + DAY + 60 * DAY
     assert format_time(release) in fact.detail
-    kinds = {d.kind: d for d in deadlines(status, facts, T0)}
+    kinds = {d.kind: d for d in deadlines(status, facts, T0, CFG)}
     assert DeadlineKind.GRACE_END not in kinds  # already past
     assert kinds[DeadlineKind.RELEASE].at == release
 
@@ -143,7 +143,7 @@ def test_expired_package_and_one_bought_for_later(events: Events) -> None:
     assert expired.event_id == evs[1]["event_id"]
     assert f"expired at {format_time(T0 - DAY)}" in expired.detail
     assert later.event_id == evs[2]["event_id"] and "in force only from" in later.detail
-    [start] = deadlines(status, facts, T0)
+    [start] = deadlines(status, facts, T0, CFG)
     assert start.kind is DeadlineKind.PACKAGE_START and start.at == T0 + 2 * DAY
 
 
@@ -175,14 +175,14 @@ def test_ban_release_and_overdue_together_each_have_their_event(events: Events) 
     assert "resources were released" in found[Reason.ACCOUNT_OVERDUE][0].detail
     assert "if unpaid" not in found[Reason.ACCOUNT_OVERDUE][0].detail
     # Nothing lies ahead that a payment could change: no release deadline.
-    assert all(d.kind is not DeadlineKind.RELEASE for d in deadlines(status, facts, T0))
+    assert all(d.kind is not DeadlineKind.RELEASE for d in deadlines(status, facts, T0, CFG))
 
 
 def test_facts_after_now_are_not_used(events: Events) -> None:
     evs = [*events.app("acct", "app-1"), events("overdue_alert", T0 + HOUR, account_id="acct")]
     status, facts = fold(evs)
-    assert reason_facts(status, facts, T0) == ()
-    [fact] = reason_facts(status, facts, T0 + 2 * HOUR)
+    assert reason_facts(status, facts, T0, CFG) == ()
+    [fact] = reason_facts(status, facts, T0 + 2 * HOUR, CFG)
     assert fact.reason is Reason.OVERDUE_GRACE
 
 

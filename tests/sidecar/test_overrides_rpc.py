@@ -228,6 +228,9 @@ async def test_an_override_is_published_applied_and_audited(
         assert decision.reason == pb.DECISION_REASON_OVERDUE_GRACE
         assert decision.grace_ends_at.ToMilliseconds() == until
 
+        # A moment later: overrides are dated when made, and the audit lists
+        # two of one millisecond in no particular order.
+        clock.now = T0 + 1
         hold = pb.ApplyOverrideRequest(
             kind=pb.OVERRIDE_KIND_HOLD_RELEASE, account_id="acct", reason="legal hold 7"
         )
@@ -286,7 +289,7 @@ async def test_the_explanation_cites_the_extension(
     loaded = await store.load_account_facts("acct")
     status, _ = await store.read_status("app-1")
     assert status is not None
-    cited = reason_facts(status, loaded.facts, T0)
+    cited = reason_facts(status, loaded.facts, T0, PolicyConfig())
     assert [(f.reason, f.event_type) for f in cited] == [
         (pb_reason("OVERDUE_GRACE"), "overdue_alert"),
         (pb_reason("OVERDUE_GRACE"), "grace_extended"),

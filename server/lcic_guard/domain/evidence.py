@@ -13,7 +13,7 @@ at or before ``now``, swept in time order with settlements first.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
 
@@ -67,13 +67,11 @@ class Deadline:
     event_id: str = ""
 
 
-def _fold(app_id: str, facts: Iterable[Fact], now: Millis) -> Sweep:
-    # The policy's own fold, stopped at ``now``: the facts cited are the ones
-    # the rules used, not a second reading of them.
-    return sweep_until(facts, app_id, now, _CFG)
-
-
-_CFG: Final = PolicyConfig()
+def _fold(app_id: str, facts: Iterable[Fact], now: Millis, cfg: PolicyConfig) -> Sweep:
+    # The policy's own fold, stopped at ``now`` and with the configured
+    # durations: the facts cited are the ones the rules used, not a second
+    # reading of them under other limits.
+    return sweep_until(facts, app_id, now, cfg)
 
 
 def _exhausting(usage: list[PackageUsage], quota: int) -> PackageUsage | None:
@@ -94,10 +92,13 @@ def _amount(alert: OverdueAlert) -> str:
     return f" (amount due {alert.amount_due})" if alert.amount_due else ""
 
 
-def reason_facts(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[ReasonFact, ...]:
-    """The billing events behind each reason of the status in force at ``now``."""
+def reason_facts(
+    status: AppStatus, facts: Iterable[Fact], now: Millis, cfg: PolicyConfig
+) -> tuple[ReasonFact, ...]:
+    """The billing events behind each reason of the status in force at ``now``,
+    read with the policy ``cfg`` that computed the status."""
     seg = status.at(now)
-    k = _fold(status.app_id, facts, now)
+    k = _fold(status.app_id, facts, now, cfg)
     out: list[ReasonFact] = []
     for reason in seg.reasons:
         if reason is Reason.ACCOUNT_BANNED and k.ban is not None:
@@ -209,12 +210,14 @@ def _quota_facts(k: Sweep, now: Millis) -> list[ReasonFact]:
     return out
 
 
-def deadlines(status: AppStatus, facts: Iterable[Fact], now: Millis) -> tuple[Deadline, ...]:
+def deadlines(
+    status: AppStatus, facts: Iterable[Fact], now: Millis, cfg: PolicyConfig
+) -> tuple[Deadline, ...]:
     """The known future moments that matter, in time order."""
     seg = status.at(now)
     if seg.state in (State.RELEASED, State.BANNED):
         return ()  # for good: no payment, package or date changes anything now
-    k = _fold(status.app_id, facts, now)
+    k = _fold(status.app_id, facts, now, cfg)
     alert_id = k.overdue_alert.event_id if k.overdue_alert is not None else ""
     out: list[Deadline] = []
     grace_end = seg.grace_ends_at
@@ -279,45 +282,124 @@ class OverrideEntry:
     fact: Override
     recorded_at: Millis | None
     effect: str
+    """What the override does to the account's folded outcome (its grace
+    end, whether its release is held, its release date): starts with
+    ``no effect`` exactly when the outcome would be the same without it."""
+
+
+NO_EFFECT: Final = "no effect"
 
 
 def override_log(
     facts: Iterable[Fact], cfg: PolicyConfig, recorded_at: Mapping[str, Millis]
 ) -> tuple[OverrideEntry, ...]:
     """Every override among the account's facts, oldest first, with what it
-    did: swept as the policy sweeps them, so the effect shown is the one the
-    rules gave it."""
-    sweep = Sweep(cfg, recorded_at)
+    does: read from the fold of all the facts, the way the policy folds them,
+    so that an override a later one supersedes (a clear dated before a hold)
+    is shown as having no effect, not as what it would have done alone.
+
+    The one audit of overrides: ListOverrides, GetApplicationStatus and the
+    ``override_applied`` announcement all show this text."""
+    ordered = sorted({f.event_id: f for f in facts}.values(), key=fact_order)
+    final = Sweep(cfg, recorded_at)
+    episode_of: dict[str, OverdueAlert | None] = {}  # extension -> the episode it applies to
+    for fact in ordered:
+        if isinstance(fact, GraceExtended):
+            episode_of[fact.event_id] = final.overdue_alert
+        final.apply(fact)
+    clears = [f for f in ordered if isinstance(f, ReleaseHoldCleared)]
+    before = Sweep(cfg, recorded_at)  # the account just before each override
     out: list[OverrideEntry] = []
-    for fact in sorted({f.event_id: f for f in facts}.values(), key=fact_order):
-        if isinstance(fact, GraceExtended | ReleaseHoldSet | ReleaseHoldCleared):
-            out.append(OverrideEntry(fact, recorded_at.get(fact.event_id), _effect(sweep, fact)))
-        sweep.apply(fact)
+    for fact in ordered:
+        effect: str | None = None
+        if isinstance(fact, GraceExtended):
+            same_episode = [
+                e
+                for e in ordered
+                if isinstance(e, GraceExtended)
+                and e is not fact
+                and episode_of[e.event_id] is not None
+                and episode_of[e.event_id] is episode_of[fact.event_id]
+            ]
+            effect = _extension_effect(fact, before, final, same_episode)
+        elif isinstance(fact, ReleaseHoldSet):
+            effect = _hold_effect(fact, before, final)
+        elif isinstance(fact, ReleaseHoldCleared):
+            effect = _clear_effect(fact, before, final, clears)
+        if effect is not None:
+            assert isinstance(fact, GraceExtended | ReleaseHoldSet | ReleaseHoldCleared)
+            out.append(OverrideEntry(fact, recorded_at.get(fact.event_id), effect))
+        before.apply(fact)
     return tuple(out)
 
 
-def _effect(sweep: Sweep, fact: Override) -> str:
-    cfg = sweep.cfg
-    if isinstance(fact, GraceExtended):
-        alert = sweep.overdue_alert
-        if alert is None:
-            return "no effect: no overdue episode was open when it was made"
-        bound = extension_limit(alert.occurred_at, cfg)
-        until = min(fact.until, bound)
-        text = (
-            f"grace of the overdue episode that began {format_time(alert.occurred_at)} "
-            f"extended until {format_time(until)}"
+def _named(fact: Fact) -> str:
+    return f"{fact.event_id} of {format_time(fact.occurred_at)}"
+
+
+def _extension_effect(
+    ext: GraceExtended, before: Sweep, final: Sweep, same_episode: list[GraceExtended]
+) -> str:
+    cfg = final.cfg
+    alert = before.overdue_alert
+    if alert is None:
+        return f"{NO_EFFECT}: no overdue episode was open when it was made"
+    began = format_time(alert.occurred_at)
+    if final.overdue_alert is not alert:
+        return f"{NO_EFFECT}: the overdue episode it extended (began {began}) was settled"
+    bound = extension_limit(alert.occurred_at, cfg)
+    until = min(ext.until, bound)
+    cut = f" (cut to the limit of {format_time(bound)})" if until < ext.until else ""
+    # The grace end is the longest extension of the episode (the policy keeps
+    # the first of equals): this one decides it only if no other reaches it.
+    rivals = [e for e in same_episode if min(e.until, bound) >= until]
+    if rivals:
+        best = max(rivals, key=lambda e: min(e.until, bound))
+        return (
+            f"{NO_EFFECT}: extension {_named(best)} already gives the grace until "
+            f"{format_time(min(best.until, bound))}"
         )
-        if until < fact.until:
-            text += f" (cut to the limit of {format_time(bound)})"
-        current = sweep.grace_end
-        if current is not None and current >= until:
-            text += f"; no change: the grace already ran until {format_time(current)}"
-        return text
-    if isinstance(fact, ReleaseHoldSet):
-        return "release of the account's resources held"
-    known = sweep.recorded_at(fact)
+    plain_end = alert.occurred_at + cfg.grace_ms
+    if until <= plain_end:
+        return f"{NO_EFFECT}: the grace already runs until {format_time(plain_end)}"
     return (
-        "release hold lifted; no release before "
-        f"{format_time(known + cfg.release_notice_ms)} (the notice period after it was recorded)"
+        f"grace of the overdue episode that began {began} extended until {format_time(until)}" + cut
     )
+
+
+def _hold_effect(hold: ReleaseHoldSet, before: Sweep, final: Sweep) -> str:
+    # The latest hold or clear by occurred_at decides (R14).
+    decisive = final.hold
+    if decisive is hold:
+        if before.release_held and before.hold is not None:
+            return f"{NO_EFFECT}: the release was already held by {_named(before.hold)}"
+        return "release of the account's resources held"
+    assert decisive is not None
+    if isinstance(decisive, ReleaseHoldCleared):
+        return f"{NO_EFFECT}: lifted by a later clear ({_named(decisive)})"
+    return f"{NO_EFFECT}: a later hold ({_named(decisive)}) is in force"
+
+
+def _clear_effect(
+    clear: ReleaseHoldCleared, before: Sweep, final: Sweep, clears: list[ReleaseHoldCleared]
+) -> str:
+    decisive = final.hold
+    if isinstance(decisive, ReleaseHoldSet):
+        return f"{NO_EFFECT}: a later hold ({_named(decisive)}) is in force"
+    known = final.recorded_at(clear)
+    no_release = (
+        f"no release before {format_time(known + final.cfg.release_notice_ms)} "
+        "(the notice period after it was recorded)"
+    )
+    if decisive is clear and before.release_held:
+        return f"release hold lifted; {no_release}"
+    # Not held either way: what it may still change is the release date, by
+    # the notice period counted from the latest recorded clear (R10).
+    others = [final.recorded_at(c) for c in clears if c is not clear]
+    without = replace(final, hold_cleared_known=max(others, default=None))
+    if final.r10_release_at() != without.r10_release_at():
+        return f"release postponed: {no_release}"
+    if not before.release_held:
+        return f"{NO_EFFECT}: no release hold was in force when it was made"
+    assert decisive is not None
+    return f"{NO_EFFECT}: a later clear ({_named(decisive)}) lifts the hold too"

@@ -26,6 +26,25 @@ RESERVED_REASON: Final = (
 )
 
 
+MAX_AHEAD_MS: Final = 5 * 60_000
+"""How far ahead of the recording clock a fact's ``occurred_at`` may be
+(SPEC §2): clock skew between the billing system and the reconciler, not
+more. A fact from further ahead would be folded as if it had already
+happened once its date comes, and would outrank (by ``occurred_at``) every
+fact made in the meantime, a support override included."""
+
+
+def future_problem(occurred_at: Millis, now: Millis) -> str | None:
+    """Why a fact dated ``occurred_at`` cannot be recorded at ``now`` (the
+    reconciler's clock), or None when it can."""
+    if occurred_at - now <= MAX_AHEAD_MS:
+        return None
+    return (
+        f"occurred_at: {format_time(occurred_at)} is more than 5 minutes ahead of the "
+        f"reconciler's clock ({format_time(now)}); a fact from the future is not recorded"
+    )
+
+
 def valid_id(value: object) -> bool:
     return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
@@ -267,8 +286,13 @@ def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
     raise AssertionError(f"unhandled field {cls.__name__}.{name}")  # pragma: no cover
 
 
-def parse_event(raw: object, *, allow_internal: bool = False) -> Fact:
+def parse_event(raw: object, *, allow_internal: bool = False, now: Millis | None = None) -> Fact:
     """Validate one decoded event object and return its fact.
+
+    ``now`` is the clock of whoever is about to record or publish it: a fact
+    dated more than :data:`MAX_AHEAD_MS` after it is refused, whatever its
+    type. None only for facts read back from the store (checked when first
+    recorded).
 
     Raises :class:`InvalidEvent` naming the first field that is wrong.
     Unknown extra fields are ignored, so the billing system may add fields.
@@ -297,18 +321,23 @@ def parse_event(raw: object, *, allow_internal: bool = False) -> Fact:
         raise InvalidEvent("expires_at: must be after starts_at")
     if isinstance(fact, GraceExtended) and fact.until <= fact.occurred_at:
         raise InvalidEvent("until: must be after occurred_at")
+    if now is not None and (problem := future_problem(fact.occurred_at, now)) is not None:
+        raise InvalidEvent(problem)
     return fact
 
 
-def parse_event_json(text: str | bytes, *, allow_internal: bool = False) -> Fact:
-    """Decode and validate one event from its JSON text."""
+def parse_event_json(
+    text: str | bytes, *, allow_internal: bool = False, now: Millis | None = None
+) -> Fact:
+    """Decode and validate one event from its JSON text (``now``: see
+    :func:`parse_event`)."""
     try:
         raw = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # RecursionError: nesting too deep to decode; it must be dead-lettered
         # like any other bad event, not escape as a crash of the batch.
         raise InvalidEvent(f"event: not valid JSON ({exc.__class__.__name__})") from None
-    return parse_event(raw, allow_internal=allow_internal)
+    return parse_event(raw, allow_internal=allow_internal, now=now)
 
 
 def to_record(fact: Fact) -> dict[str, Any]:

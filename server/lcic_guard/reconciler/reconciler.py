@@ -145,6 +145,9 @@ class Reconciler:
         with the same content and are applied again, which is idempotent."""
         stats = IngestStats(received=len(deliveries))
         by_id: dict[str, list[tuple[Delivery, Fact]]] = {}
+        # SPEC §2: nothing dated past the reconciler's own "now" (plus skew)
+        # is recorded, so that no fact outranks what is done in the meantime.
+        now = self.clock()
         for d in deliveries:
             size = len(d.raw.encode("utf-8", "surrogatepass"))
             if size > MAX_EVENT_BYTES:
@@ -158,7 +161,7 @@ class Reconciler:
                 )
                 continue
             try:
-                fact = parse_event_json(d.raw)
+                fact = parse_event_json(d.raw, now=now)
             except InvalidEvent as exc:
                 kind = "reserved_id" if exc.reason == RESERVED_REASON else "invalid"
                 await self._dead_letter(stats, d.raw, exc.reason, d.source, kind)

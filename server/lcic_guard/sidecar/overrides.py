@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Final
 
 import grpc
@@ -19,7 +20,6 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.evidence import OverrideEntry, override_log
 from lcic_guard.domain.facts import (
     MAX_OVERRIDE_REASON,
-    OVERRIDES,
     GraceExtended,
     Override,
     ReleaseHoldCleared,
@@ -36,6 +36,9 @@ from lcic_guard.sidecar.wire import BadRequest
 from lcic_guard.store.billing_stream import publish_events
 from lcic_guard.store.status import AccountFacts, Store
 
+ORDER_WAIT_MS: Final = 1000
+"""How far ahead of this sidecar's clock a hold or clear made elsewhere may
+be dated and still be waited for, so that the new one is dated after it."""
 KINDS: Final[dict[pb.OverrideKind.ValueType, type[Override]]] = {
     pb.OVERRIDE_KIND_EXTEND_GRACE: GraceExtended,
     pb.OVERRIDE_KIND_HOLD_RELEASE: ReleaseHoldSet,
@@ -137,18 +140,53 @@ def _fact(
     return GraceExtended(event_id, now, account_id, until, actor, request.reason)
 
 
+async def _stamp(
+    loaded: AccountFacts,
+    account: str,
+    cls: type[Override],
+    clock: Callable[[], Millis],
+    context: grpc.aio.ServicerContext,
+) -> Millis:
+    """When the override is made: now, never later (SPEC §2: a fact from the
+    future is not recorded, and one dated ahead would not be in force now).
+
+    The latest hold or clear by occurred_at decides (R14), so a hold or a
+    clear must be dated after the one support made just before it: when one
+    is dated at this very instant or a moment ahead (another sidecar's clock),
+    wait for the clock to pass it. One dated further ahead is not waited for:
+    this override is dated now and precedes it, and its effect says so."""
+    now = clock()
+    if cls is GraceExtended:  # the longest extension counts, whatever the order
+        return now
+    holds = [
+        f.occurred_at for f in loaded.facts if isinstance(f, ReleaseHoldSet | ReleaseHoldCleared)
+    ]
+    newest = max(holds, default=now - 1)
+    if now <= newest <= now + ORDER_WAIT_MS:
+        await asyncio.sleep((newest - now + 1) / 1000)
+        now = clock()
+        if now <= newest:
+            await _abort(
+                context,
+                grpc.StatusCode.ABORTED,
+                f"another release-hold override of account {account} is "
+                f"dated {format_time(newest)}, not yet past; try again",
+            )
+    return now
+
+
 async def apply_override(
     store: Store,
     cfg: PolicyConfig,
     actor: str | None,
     request: pb.ApplyOverrideRequest,
-    now: Millis,
+    clock: Callable[[], Millis],
     context: grpc.aio.ServicerContext,
     *,
     timeout: float = 1.0,
 ) -> pb.ApplyOverrideResponse:
     """Validate the request, then publish the override on the billing feed."""
-    _check_fields(request, now)
+    cls = _check_fields(request, clock())
     if not actor:
         await _abort(
             context,
@@ -161,19 +199,19 @@ async def apply_override(
     loaded = await _load(store, account_id, context, timeout)
     if not loaded.facts:
         await _abort(context, grpc.StatusCode.NOT_FOUND, f"account_id: {account_id} is not known")
-    # After every override already recorded: the policy orders facts by
-    # occurred_at, so a hold and its clear made within one millisecond keep
-    # the order support made them in.
-    now = max([now, *(f.occurred_at + 1 for f in loaded.facts if isinstance(f, OVERRIDES))])
+    now = await _stamp(loaded, account_id, cls, clock, context)
     fact = _fact(request, cfg, actor, loaded, account_id, now)
     text = to_json(fact)
-    parse_event_json(text)  # what the reconciler will accept, or a bug here
+    parse_event_json(text, now=now)  # what the reconciler will accept, or a bug here
     try:
         await asyncio.wait_for(publish_events(store.redis, [text]), timeout)
     except Exception:
         await _abort(context, grpc.StatusCode.UNAVAILABLE, "billing feed unavailable")
+    # What it will do once recorded, by the same audit as ListOverrides.
+    audit = override_log([*loaded.facts, fact], cfg, loaded.recorded_at)
+    [effect] = [e.effect for e in audit if e.fact.event_id == fact.event_id]
     return pb.ApplyOverrideResponse(
-        override=override_to_pb(fact, None, "published; applied once the reconciler reads it")
+        override=override_to_pb(fact, None, f"published; once the reconciler records it: {effect}")
     )
 
 

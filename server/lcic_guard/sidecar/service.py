@@ -188,7 +188,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         except Exception:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
         try:
-            explained = wire.explained_status(status, loaded.facts, self.clock())
+            explained = wire.explained_status(status, loaded.facts, self.clock(), self.checker.cfg)
             explained.overrides.extend(
                 overrides.entries_to_pb(
                     override_log(loaded.facts, self.checker.cfg, loaded.recorded_at)
@@ -204,7 +204,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         self, request: pb.ApplyOverrideRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyOverrideResponse:
         return await overrides.apply_override(
-            self.store, self.checker.cfg, auth.CALLER.get(), request, self.clock(), context
+            self.store, self.checker.cfg, auth.CALLER.get(), request, self.clock, context
         )
 
     async def ListOverrides(

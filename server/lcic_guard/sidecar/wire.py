@@ -346,9 +346,10 @@ def warnings_to_pb(status: AppStatus, now: Millis) -> list[pb.SuspensionWarning]
 
 
 def explained_status(
-    status: AppStatus, facts: Sequence[Fact] | None, now: Millis
+    status: AppStatus, facts: Sequence[Fact] | None, now: Millis, cfg: PolicyConfig
 ) -> pb.ApplicationStatus:
-    """The status record with its facts, deadlines and advice (GetApplicationStatus)."""
+    """The status record with its facts, deadlines and advice (GetApplicationStatus),
+    the facts read with the policy ``cfg`` the status was computed with."""
     out = status_to_pb(status, now)
     seg = status.at(now)
     if seg.suspended_at is not None:  # R6: when the suspension took effect for classes
@@ -364,8 +365,8 @@ def explained_status(
         )
     out.warnings.extend(warnings_to_pb(status, now))
     if facts is not None:
-        out.facts.extend(facts_to_pb(reason_facts(status, facts, now)))
-        out.deadlines.extend(deadlines_to_pb(deadlines(status, facts, now)))
+        out.facts.extend(facts_to_pb(reason_facts(status, facts, now, cfg)))
+        out.deadlines.extend(deadlines_to_pb(deadlines(status, facts, now, cfg)))
     return out
 
 
