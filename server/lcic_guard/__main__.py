@@ -18,12 +18,16 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> int:
-    signal.signal(signal.SIGINT, _interrupted)
+    # Not when SIGINT is ignored (a background job, nohup): that is kept.
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, _interrupted)
     from lcic_guard.cli import main as run
 
-    # From here on the command handles Ctrl-C itself (KeyboardInterrupt, or
-    # the servers' own signal handlers): exit status 130 too.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if ours:
+        # From here on the command handles Ctrl-C itself (KeyboardInterrupt,
+        # or the servers' own signal handlers): exit status 130 too.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return run()
 
 
