@@ -717,6 +717,12 @@ def _preview(args: argparse.Namespace) -> int:
         resp: pb.PreviewApplicationResponse = guard.stub.PreviewApplication(
             req, timeout=guard.timeout, metadata=guard._metadata
         )
+    if resp.at.ToMilliseconds() > at:
+        # The sidecar answers a time before its own now as of now: say so.
+        print(
+            f"note: --at {args.at} is before the sidecar's current time: these are the answers now",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(render.to_json(resp), indent=2))
     else:

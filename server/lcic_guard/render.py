@@ -85,7 +85,8 @@ def audit_json(account_id: str, resp: pb.ListOverridesResponse) -> dict[str, Any
 def parse_at(text: str, now: Millis, flag: str = "--at", *, future: bool = False) -> Millis:
     """An RFC 3339 time (``2026-10-01T12:00:00Z``) or a duration from now:
     ``+25h``, ``25h``, ``+1h30m``, ``-1h``. With ``future``, a time before
-    now is refused: said, not quietly answered as now."""
+    before now is refused (a negative duration): said, not quietly answered
+    as now."""
     text = text.strip()
     example = "2026-10-01T12:00:00Z or +25h"
     if text[:1] in ("+", "-") or (text[:1].isdigit() and text[-1:].isalpha() and "T" not in text):
@@ -102,7 +103,9 @@ def parse_at(text: str, now: Millis, flag: str = "--at", *, future: bool = False
             raise argparse.ArgumentTypeError(
                 f"{exc.reason}; use an RFC 3339 time such as {example}"
             ) from None
-    if future and at < now:
+    if future and text.startswith("-"):
+        # Only what is in the past by construction: an absolute time is
+        # judged by the sidecar's clock, not this machine's.
         raise argparse.ArgumentTypeError(
             f"{flag} {text} is in the past ({format_time(at)}); give a later time, "
             f"such as {example}"

@@ -814,6 +814,8 @@ def test_until_and_at_are_named_and_a_past_time_is_refused(demo: Served) -> None
     one_line(done, 2, "--until -1d is in the past")
     done = run("preview", "app-grace", "--at", "-1h", *t)
     one_line(done, 2, "--at -1h is in the past")
+    done = run("preview", "app-grace", "--at", "2020-01-01T00:00:00Z", *t)
+    assert done.returncode == 0 and "these are the answers now" in done.stderr
     done = run("preview", "app-grace", "--at", "25h", *t)
     assert done.returncode == 0 and "state: SUSPENDED" in done.stdout, done.stderr
 
