@@ -5,8 +5,10 @@ promises (``# DENIED · ACCOUNT_OVERDUE · release in 57d 23h — …``)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -185,3 +187,46 @@ def test_the_markdown_reader_sees_the_comments() -> None:
     assert tour[0].comment.startswith("ALLOWED · OVERDUE_GRACE")
     pattern = promised(tour[1].comment)
     assert pattern is not None and pattern.match("DENIED · ACCOUNT_OVERDUE · release in 9d 1h — x")
+
+
+def _pip_dry_run(*targets: str) -> subprocess.CompletedProcess[str]:
+    """What ``pip install TARGETS`` would do, resolved against the package
+    index as a user's would be, installing nothing."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-build-isolation",  # the build backend comes from the lock
+            "--disable-pip-version-check",
+            "--quiet",
+            "--report",
+            "-",
+            *targets,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_documented_install_works_and_the_plain_one_fails_as_documented() -> None:
+    """docs/deployment.md and the README say: `pip install ./client .`, and
+    that a plain `pip install .` stops at a missing lcic-guard-client."""
+    deployment = (ROOT / "docs/deployment.md").read_text(encoding="utf-8")
+    quoted = re.search(r"No matching distribution found for\s+lcic-guard-client", deployment)
+    assert quoted and "pip install ./client ." in deployment
+
+    done = _pip_dry_run("./client", ".")
+    assert done.returncode == 0, done.stderr
+    names = {i["metadata"]["name"] for i in json.loads(done.stdout)["install"]}
+    assert {"lcic-guard", "lcic-guard-client"} <= names, names
+
+    done = _pip_dry_run(".")
+    assert done.returncode != 0
+    assert "No matching distribution found for lcic-guard-client" in done.stderr, done.stderr
