@@ -914,9 +914,18 @@ def test_ctrl_c_while_starting_is_quiet_with_status_130(delay: float) -> None:
     # From when the interpreter is up (it catches SIGINT): before that, and
     # while the generated script imports its first modules, no program's code
     # runs yet.
-    wait_for("the interpreter", lambda: _catches_sigint(proc.pid), timeout=30)
-    time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGINT)
-    _out, err = proc.communicate(timeout=60)
+    try:
+        wait_for("the interpreter", lambda: _catches_sigint(proc.pid), timeout=30)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # nothing left behind when the test fails
+            os.killpg(proc.pid, signal.SIGTERM)  # stops its private Redis too
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     assert proc.returncode == 130, err
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
