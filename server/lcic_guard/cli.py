@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import difflib
 import json
 import os
+import re
+import secrets
+import signal
 import sys
 import textwrap
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -93,7 +97,7 @@ class _Parser(argparse.ArgumentParser):
     flag it does not know included), not the top-level usage."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: {message}{_did_you_mean(message)} (see `{self.prog} --help`)\n")
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -102,6 +106,17 @@ class _Parser(argparse.ArgumentParser):
         if extra:
             self.error(f"unrecognized arguments: {' '.join(extra)}")
         return ns, extra
+
+
+def _did_you_mean(message: str) -> str:
+    """``; did you mean 'check'?`` for argparse's "invalid choice" of a
+    mistyped command (or check kind, or action)."""
+    wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if wrong is None:
+        return ""
+    choices = re.findall(r"'([^']*)'", wrong.group(2))
+    close = difflib.get_close_matches(wrong.group(1), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _version() -> str:
@@ -184,6 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_store_flags(pub)
     add_debug_flag(pub)
+    new = ev.add_parser(
+        "new",
+        help="print one billing event, dated now, ready to publish",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print one billing event of TYPE as a JSON line, validated, with a new "
+        "event_id and occurred_at now (or --at), for trying things by hand: pipe it to "
+        "`lcic-guard events publish -`. The fields of each type: docs/events.md.",
+        epilog="example:\n  lcic-guard events new arrears_settled account_id=acct-overdue \\\n"
+        "    | lcic-guard events publish - --redis-url redis://127.0.0.1:6379/0",
+    )
+    new.add_argument("type", help="the event type, e.g. arrears_settled")
+    new.add_argument(
+        "fields",
+        nargs="*",
+        metavar="FIELD=VALUE",
+        help="a field as a string (account_id=acct-42), or FIELD:=JSON for a number or a "
+        "boolean (quota_minutes:=6000, enabled:=true)",
+    )
+    new.add_argument(
+        "--at",
+        default=None,
+        help="when it occurred: RFC 3339, or a duration from now (-2h); default now",
+    )
+    add_debug_flag(new)
 
     p = sub.add_parser(
         "release-plan",
@@ -242,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--at",
         required=True,
-        help="RFC 3339 time (2026-10-01T12:00:00Z), or a duration from now: +25h, +1h30m, -1h",
+        help="RFC 3339 time (2026-10-01T12:00:00Z), or a duration from now: +25h, +1h30m; "
+        "not in the past (the answers now: check, status)",
     )
     p.add_argument("--room", default="", help="a classroom reported started, for enter")
     p.add_argument("--json", action="store_true", help="print the raw answer as JSON")
@@ -264,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--until",
         default=None,
-        help="extend-grace only: RFC 3339 time, or a duration from now (+3d, +36h)",
+        help="extend-grace only: RFC 3339 time, or a duration from now (+3d, 36h)",
     )
     p.add_argument("--reason", required=True, help="why, for the audit trail (one line)")
     p.add_argument("--json", action="store_true", help="print the recorded override as JSON")
@@ -374,6 +414,37 @@ def _read_events(path: Path) -> str:
     return readable_text_file(path, "")
 
 
+def _events_new(args: argparse.Namespace) -> int:
+    now = wall_clock()
+    try:
+        at = render.parse_at(args.at, now) if args.at else now
+    except argparse.ArgumentTypeError as exc:
+        raise CommandError(str(exc)) from None
+    event: dict[str, Any] = {
+        "event_id": f"cli-{now}-{secrets.token_hex(3)}",
+        "type": args.type,
+        "occurred_at": format_time(at),
+    }
+    for item in args.fields:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CommandError(f"{item!r}: give FIELD=VALUE (or FIELD:=JSON)")
+        if name.endswith(":"):
+            try:
+                event[name[:-1]] = json.loads(value)
+            except ValueError:
+                raise CommandError(f"{item!r}: {value!r} is not JSON") from None
+        else:
+            event[name] = value
+    line = json.dumps(event)
+    try:
+        parse_event_json(line)
+    except InvalidEvent as exc:
+        raise CommandError(f"invalid {args.type} event: {exc.reason} (docs/events.md)") from None
+    print(line)
+    return 0
+
+
 async def _publish(settings: Settings, path: Path, skip_invalid: bool) -> int:
     from lcic_guard import runner
 
@@ -408,6 +479,13 @@ async def _publish(settings: Settings, path: Path, skip_invalid: bool) -> int:
         await store.close()
     skipped = ", not published" if invalid else ""
     print(f"published {len(valid)} events to {BILLING_STREAM} ({invalid} invalid{skipped})")
+    # The reconciler applies them later, so this command cannot tell their
+    # effect; what can make one change nothing is said here, not discovered.
+    print(
+        "The reconciler applies them within seconds. One changes nothing if it is dated "
+        "before the fact it answers (a settlement older than the alert), and one that "
+        "contradicts the feed is dead-lettered: see docs/events.md"
+    )
     return 1 if invalid else 0
 
 
@@ -447,19 +525,28 @@ async def _release_plan(settings: Settings) -> int:
     print(_table(("ACCOUNT", "APPLICATIONS", "RELEASE AT", "IF DUE NOW", "WHY"), rows))
     now = wall_clock()
     notices = [
-        (
-            plan.account_id,
-            notice.kind,
-            format_time(notice.at),
-            "sent" if notice.sent else ("due" if notice.at > now else "skipped"),
-        )
+        (plan.account_id, notice.kind, format_time(notice.at), _notice_state(plan.notices, i, now))
         for plan in plans
-        for notice in plan.notices  # R10: release_scheduled, sent and due
+        for i, notice in enumerate(plan.notices)
     ]
     if notices:
         print()
+        print("Release notices (release_scheduled announcements, R10):")
         print(_table(("ACCOUNT", "NOTICE", "AT", "STATE"), notices))
     return 0
+
+
+def _notice_state(notices: Sequence[Any], i: int, now: Millis) -> str:
+    """sent; scheduled (in the future); due now (the latest one whose time
+    has come: sent on the next tick); or skipped (a later one superseded it:
+    only the latest notice due is announced)."""
+    notice = notices[i]
+    if notice.sent:
+        return "sent"
+    if notice.at > now:
+        return f"scheduled ({render.relative(notice.at, now)})"
+    later_due = any(n.at <= now for n in notices[i + 1 :])
+    return "skipped (superseded by a later notice)" if later_due else "due now"
 
 
 # -- commands on a sidecar ----------------------------------------------------
@@ -515,7 +602,7 @@ def _ask(guard: GuardClient, kind: str, args: argparse.Namespace) -> pb.Decision
     return d.to_proto()  # type: ignore[no-any-return]
 
 
-def _rpc_error(exc: GuardError, target: str) -> CommandError:
+def _rpc_error(exc: GuardError, target: str, token_file: str | None = None) -> CommandError:
     code = exc.code
     details = exc.details
     low = details.lower()
@@ -533,6 +620,11 @@ def _rpc_error(exc: GuardError, target: str) -> CommandError:
             "(--target or LCIC_GUARD_TARGET names it)"
         )
     if code == "UNAUTHENTICATED":
+        if token_file:
+            return CommandError(
+                f"the sidecar at {target} refused the token in {token_file} ({details}); "
+                "is it one of the sidecar's --auth-token-file tokens?"
+            )
         return CommandError(
             f"the sidecar at {target} wants a bearer token ({details}); pass --token-file "
             "(or LCIC_GUARD_TOKEN_FILE)"
@@ -547,35 +639,6 @@ def _rpc_error(exc: GuardError, target: str) -> CommandError:
     if code in ("INVALID_ARGUMENT", "NOT_FOUND"):
         return CommandError(details)
     return CommandError(f"the sidecar at {target} answered {code}: {details}")
-
-
-def _time_fields(d: pb.Decision, name: str) -> dict[str, Any]:
-    has = d.HasField(name)  # type: ignore[arg-type]
-    ms = getattr(d, name).ToMilliseconds() if has else None
-    return {name: format_time(ms) if ms is not None else None, f"{name}_ms": ms}
-
-
-TIME_FIELDS = ("grace_ends_at", "suspended_at", "release_at", "protected_until")
-
-
-def decision_json(kind: str, app_id: str, d: pb.Decision) -> dict[str, Any]:
-    """A decision as a stable JSON object: every key always present, enum
-    names without their prefixes, times as RFC 3339 and epoch milliseconds."""
-    out: dict[str, Any] = {
-        "check": kind,
-        "app_id": app_id,
-        "allowed": d.allowed,
-        "reason": render.reason_name(d.reason),
-        "reasons": [render.reason_name(r) for r in d.reasons],
-        "state": render.state_name(d.state),
-        "message": d.message,
-        "degraded": d.degraded,
-        "shadow": d.shadow,
-        "status_version": d.status_version,
-    }
-    for name in TIME_FIELDS:
-        out |= _time_fields(d, name)
-    return out
 
 
 def decision_line(d: pb.Decision, now: Millis) -> str:
@@ -604,19 +667,17 @@ def _check(args: argparse.Namespace) -> int:
     with _client(args) as guard:
         d = _ask(guard, args.kind, args)
     if args.json:
-        print(json.dumps(decision_json(args.kind, args.app_id, d), indent=2))
+        print(json.dumps(render.check_json(args.kind, args.app_id, d), indent=2))
     else:
         print(decision_line(d, wall_clock()))
     return 0 if d.allowed else 1
 
 
 def _status(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
     with _client(args) as guard:
         st = guard.get_application_status(args.app_id).to_proto()
     if args.json:
-        print(json_format.MessageToJson(st, indent=2))
+        print(json.dumps(render.to_json(st), indent=2))
     else:
         print(render.render_status(st, wall_clock()))
     return 0
@@ -648,18 +709,23 @@ def _datetime(ms: Millis) -> datetime.datetime:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
 
     now = wall_clock()
     try:
-        at = render.parse_at(args.at, now)
+        at = render.parse_at(args.at, now, "--at", future=True)
     except argparse.ArgumentTypeError as exc:
         raise CommandError(str(exc)) from None
     with _client(args) as guard:
         preview = guard.preview_application(args.app_id, _datetime(at), room_id=args.room)
     resp: pb.PreviewApplicationResponse = preview.to_proto()
+    if resp.at.ToMilliseconds() > at:
+        # The sidecar answers a time before its own now as of now: say so.
+        print(
+            f"note: --at {args.at} is before the sidecar's current time: these are the answers now",
+            file=sys.stderr,
+        )
     if args.json:
-        print(json_format.MessageToJson(resp, indent=2))
+        print(json.dumps(render.to_json(resp), indent=2))
     else:
         print(render.render_preview(resp, now))
     return 0
@@ -669,7 +735,6 @@ OVERRIDE_ACTIONS: Final = ("extend-grace", "hold-release", "clear-hold")
 
 
 def _override(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
     from lcic_guard_client import OverrideKind
 
     kind = {
@@ -682,16 +747,16 @@ def _override(args: argparse.Namespace) -> int:
         if not args.until:
             raise CommandError("--until is required for extend-grace")
         try:
-            until = _datetime(render.parse_at(args.until, wall_clock()))
+            until = _datetime(render.parse_at(args.until, wall_clock(), "--until", future=True))
         except argparse.ArgumentTypeError as exc:
-            raise CommandError(f"--until: {exc}") from None
+            raise CommandError(str(exc)) from None
     elif args.until:
         raise CommandError(f"--until is only for extend-grace, not {args.action}")
     with _client(args) as guard:
         applied = guard.apply_override(args.account_id, kind, args.reason, until=until)
     o: pb.Override = applied.to_proto()
     if args.json:
-        print(json_format.MessageToJson(o, indent=2))
+        print(json.dumps(render.to_json(o), indent=2))
     else:
         till = f" until {format_time(o.until.ToMilliseconds())}" if o.HasField("until") else ""
         print(
@@ -702,14 +767,13 @@ def _override(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
     from lcic.guard.v1 import enforcement_pb2 as pb
 
     with _client(args) as guard:
         overrides = guard.list_overrides(args.account_id)
     resp = pb.ListOverridesResponse(overrides=[o.to_proto() for o in overrides])
     if args.json:
-        print(json_format.MessageToJson(resp, indent=2))
+        print(json.dumps(render.audit_json(args.account_id, resp), indent=2))
         return 0
     if not resp.overrides:
         print(f"no override recorded for account {args.account_id}")
@@ -739,14 +803,14 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _attach_dash_values(argv: list[str]) -> list[str]:
-    """``--at -1h`` as ``--at=-1h``: argparse takes a value starting with a
-    dash for a flag."""
+    """``--at -1h`` as ``--at=-1h`` (and ``--until``): argparse takes a value
+    starting with a dash for a flag."""
     out: list[str] = []
     i = 0
     while i < len(argv):
         value = argv[i + 1] if i + 1 < len(argv) else ""
-        if argv[i] == "--at" and value[:1] == "-" and value[1:2].isdigit():
-            out.append(f"--at={value}")
+        if argv[i] in ("--at", "--until") and value[:1] == "-" and value[1:2].isdigit():
+            out.append(f"{argv[i]}={value}")
             i += 2
             continue
         out.append(argv[i])
@@ -765,6 +829,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "sample-events":
         sys.stdout.write(sample_jsonl(wall_clock()))
         return 0
+    if args.command == "events" and args.events_command == "new":
+        return _events_new(args)
     if args.command in ("check", "status", "explain", "preview", "override", "audit"):
         if retired := retired_tls_variable(serving=False):
             raise CommandError(retired)
@@ -781,7 +847,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             return run[args.command](args)
         except GuardError as exc:
-            raise _rpc_error(exc, args.target) from exc
+            raise _rpc_error(exc, args.target, args.token_file) from exc
     from lcic_guard import runner  # imports grpc: see main()
 
     try:
@@ -791,19 +857,32 @@ def _run(args: argparse.Namespace) -> int:
             raise CommandError(exc.code) from None
         raise
     runner.configure_logging(settings.log_level, settings.log_format)
-    try:
-        if args.command == "serve":
-            asyncio.run(runner.serve(settings))
-        elif args.command == "reconcile":
-            _needs_redis(settings, "the reconciler")
-            asyncio.run(runner.reconcile(settings))
-        elif args.command == "events":
-            return asyncio.run(_publish(settings, args.file, args.skip_invalid))
-        elif args.command == "release-plan":
-            return asyncio.run(_release_plan(settings))
-    except KeyboardInterrupt:
-        pass
-    return 0
+    if args.command == "serve":
+        return asyncio.run(_until_signal(lambda stop: runner.serve(settings, stop=stop)))
+    if args.command == "reconcile":
+        _needs_redis(settings, "the reconciler")
+        return asyncio.run(_until_signal(lambda stop: runner.reconcile(settings, stop=stop)))
+    if args.command == "events":
+        return asyncio.run(_publish(settings, args.file, args.skip_invalid))
+    return asyncio.run(_release_plan(settings))
+
+
+async def _until_signal(run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    """Run a server until SIGINT or SIGTERM: exit status 130 after Ctrl-C (as
+    a shell reports an interrupted command), 0 after SIGTERM (a normal stop
+    by a service manager or an orchestrator)."""
+    stop = asyncio.Event()
+    got: list[int] = []
+
+    def on(sig: int) -> None:
+        got.append(sig)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on, sig)
+    await run(stop)
+    return 130 if signal.SIGINT in got else 0
 
 
 def _fail(name: str, message: str, debug: bool, code: int) -> int:

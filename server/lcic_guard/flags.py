@@ -115,16 +115,60 @@ REDIS_SCHEMES: tuple[str, ...] = ("redis", "rediss", "unix", "redis+sentinel", "
 
 
 def parse_redis_url(text: str) -> str:
-    """A Redis URL the store can connect to (checked here, so that a typo is
-    one line at start rather than a failure inside the client)."""
-    scheme, sep, rest = text.strip().partition("://")
+    """A Redis URL the store can connect to, checked here (the one place every
+    command's --redis-url and LCIC_GUARD_REDIS_URL go through), so that a typo
+    is one line at start rather than a failure inside the client."""
+    url = text.strip()
+    scheme, sep, rest = url.partition("://")
+    problem = None
     if not sep or scheme.lower() not in REDIS_SCHEMES or not rest:
-        shown = redact_url(text.strip())
+        problem = "unknown form"
+    else:
+        problem = _redis_url_problem(scheme.lower(), rest)
+    if problem is not None:
+        shown = redact_url(url)
+        why = "" if problem == "unknown form" else f" ({problem})"
         raise argparse.ArgumentTypeError(
-            f"invalid Redis URL {shown!r}: use redis://HOST:PORT/DB (rediss:// for TLS, "
+            f"invalid Redis URL {shown!r}{why}: use redis://HOST:PORT/DB (rediss:// for TLS, "
             "redis+sentinel://HOST:PORT/SERVICE for Sentinel)"
         )
-    return text.strip()
+    return url
+
+
+def _redis_url_problem(scheme: str, rest: str) -> str | None:
+    """What the Redis client would reject in a URL, found before it does."""
+    rest = rest.partition("#")[0].partition("?")[0]
+    netloc, _, path = rest.partition("/")
+    if scheme == "unix":
+        return None if path or netloc else "no socket path"
+    hosts = netloc.rpartition("@")[2]
+    items = hosts.split(",") if scheme.endswith("+sentinel") else [hosts]
+    for item in items:
+        host, port = _host_port(item.strip())
+        if not host:
+            return "no host"
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"port {port!r} is not a number from 1 to 65535"
+    parts = [p for p in path.split("/") if p]
+    if scheme.endswith("+sentinel"):
+        if not parts or len(parts) > 2:
+            return "no service name after the host"
+        db = parts[1] if len(parts) == 2 else "0"
+    else:
+        if len(parts) > 1:
+            return f"path {path!r} is not a database number"
+        db = parts[0] if parts else "0"
+    if not db.isdigit():
+        return f"database {db!r} is not a number"
+    return None
+
+
+def _host_port(item: str) -> tuple[str, str | None]:
+    if item.startswith("["):  # [IPv6]:port
+        host, _, tail = item[1:].partition("]")
+        return host, tail[1:] if tail.startswith(":") else None
+    host, colon, port = item.partition(":")
+    return host, port if colon else None
 
 
 def parse_bool(text: str) -> bool:

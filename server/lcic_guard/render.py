@@ -1,17 +1,22 @@
 """Explanations on the wire and for a person.
 
-The wire side turns :mod:`lcic_guard.domain.evidence` and the policy into the
-``ApplicationStatus.facts``/``deadlines``/``message`` fields and the
-PreviewApplication answer. The person side renders those messages as the
-text ``lcic-guard status``, ``explain`` and ``preview`` print. Pure: no I/O.
+For a person: the text ``lcic-guard status``, ``explain``, ``check`` and
+``preview`` print. For a program: :func:`to_json`, the one JSON dialect of
+every ``--json`` output (documented by docs/cli-json.schema.json): the API's
+field names (snake_case), every field always present, enum values by their
+short names (``ACCOUNT_OVERDUE``, not ``DECISION_REASON_ACCOUNT_OVERDUE``),
+numbers as JSON numbers, times as RFC 3339 UTC strings (``null`` when
+unset). Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard.domain.facts import InvalidEvent
@@ -27,25 +32,85 @@ PREVIEW_FIELDS: Final = (
     ("access_recording", Check.ACCESS_RECORDING),
 )
 
+# -- for a program ------------------------------------------------------------------
+
+
+def _enum_prefix(full_name: str) -> str:
+    """``DecisionReason`` -> ``DECISION_REASON_``: the prefix every value of
+    the enum carries on the wire (the style guide's rule)."""
+    name = full_name.rpartition(".")[2]
+    return "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper() + "_"
+
+
+def _value_json(field: Any, value: Any) -> Any:
+    # ``field`` is a FieldDescriptor (the C implementation's type differs
+    # from the stubs' one, hence Any).
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        enum = field.enum_type
+        named = enum.values_by_number.get(value)
+        return named.name.removeprefix(_enum_prefix(enum.full_name)) if named else value
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if field.message_type.full_name == "google.protobuf.Timestamp":
+            return format_time(value.ToMilliseconds())
+        return to_json(value)
+    return value
+
+
+def to_json(msg: Message) -> dict[str, Any]:
+    """Any message of the API as the CLI's JSON (see the module docstring)."""
+    out: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.is_repeated:
+            out[field.name] = [_value_json(field, v) for v in value]
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not msg.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = _value_json(field, value)
+    return out
+
+
+def check_json(check: str, app_id: str, d: pb.Decision) -> dict[str, Any]:
+    """``check --json``: which check of which application, then the Decision."""
+    return {"check": check, "app_id": app_id, **to_json(d)}
+
+
+def audit_json(account_id: str, resp: pb.ListOverridesResponse) -> dict[str, Any]:
+    return {"account_id": account_id, **to_json(resp)}
+
+
 # -- for a person -----------------------------------------------------------------
 
 
-def parse_at(text: str, now: Millis) -> Millis:
+def parse_at(text: str, now: Millis, flag: str = "--at", *, future: bool = False) -> Millis:
     """An RFC 3339 time (``2026-10-01T12:00:00Z``) or a duration from now:
-    ``+25h``, ``+1h30m``, ``-1h``."""
+    ``+25h``, ``25h``, ``+1h30m``, ``-1h``. With ``future``, a time before
+    before now is refused (a negative duration): said, not quietly answered
+    as now."""
     text = text.strip()
-    if text[:1] in ("+", "-"):
+    example = "2026-10-01T12:00:00Z or +25h"
+    if text[:1] in ("+", "-") or (text[:1].isdigit() and text[-1:].isalpha() and "T" not in text):
+        sign = text[0] if text[0] in "+-" else "+"
         try:
-            ms = parse_duration(text[1:])
+            ms = parse_duration(text.lstrip("+-"))
         except argparse.ArgumentTypeError as exc:
-            raise argparse.ArgumentTypeError(f"--at: {exc}") from None
-        return now + ms if text[0] == "+" else now - ms
-    try:
-        return parse_time(text, "--at")
-    except InvalidEvent as exc:
+            raise argparse.ArgumentTypeError(f"{flag}: {exc}") from None
+        at = now + ms if sign == "+" else now - ms
+    else:
+        try:
+            at = parse_time(text, flag)
+        except InvalidEvent as exc:
+            raise argparse.ArgumentTypeError(
+                f"{exc.reason}; use an RFC 3339 time such as {example}"
+            ) from None
+    if future and text.startswith("-"):
+        # Only what is in the past by construction: an absolute time is
+        # judged by the sidecar's clock, not this machine's.
         raise argparse.ArgumentTypeError(
-            f"{exc.reason}; use an RFC 3339 time such as 2026-10-01T12:00:00Z or +25h"
-        ) from None
+            f"{flag} {text} is in the past ({format_time(at)}); give a later time, "
+            f"such as {example}"
+        )
+    return at
 
 
 def reason_name(value: int) -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import multiprocessing
+import shutil
 import signal
 import socket
 import sys
@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from lcic_guard import logs, tracing
 from lcic_guard.config import Settings
 from lcic_guard.domain.policy import Room, protected_until
-from lcic_guard.domain.time import Millis, format_time, wall_clock
+from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.errors import CommandError, bind_error, check_readable
 from lcic_guard.metrics import MetricsServer, serve_metrics, worker_listen
@@ -344,19 +344,23 @@ async def _report_sample_rooms(store: Store, settings: Settings, now: Millis) ->
         )
 
 
-def _settle_example(now: Millis) -> str:
-    event = {
-        "event_id": f"pay-{now // 1000}",
-        "type": "arrears_settled",
-        "occurred_at": format_time(now - now % 1000).replace(".000Z", "Z"),
-        "account_id": "acct-overdue",
-    }
-    return json.dumps(event)
+def _program() -> str:
+    """This lcic-guard as a person in the current directory runs it: the bare
+    name when PATH finds this one, else its path (``.venv/bin/lcic-guard``)."""
+    exe = Path(sys.executable).with_name("lcic-guard").absolute()
+    found = shutil.which("lcic-guard")
+    if found is not None and Path(found).absolute() == exe:
+        return "lcic-guard"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
 
 
 def _print_howto(
     listen: str, port: int, embedded: EmbeddedRedis | None, redis_down: str | None
 ) -> None:
+    prog = _program()
     host = listen.rpartition(":")[0].strip("[]")
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
@@ -382,15 +386,15 @@ def _print_howto(
         lines += [f"  {app:<14} {what}" for app, what in SAMPLE_APPS.items()]
         lines += [
             "",
-            "Ask the sidecar (in the project's virtual environment):",
-            f"  lcic-guard check create app-overdue --target {target}",
-            f"  lcic-guard check enter app-quota --room room-live --target {target}",
-            f"  lcic-guard explain app-grace --check create --target {target}",
+            "Ask the sidecar:",
+            f"  {prog} check create app-overdue --target {target}",
+            f"  {prog} check enter app-quota --room room-live --target {target}",
+            f"  {prog} explain app-grace --check create --target {target}",
             "",
             f"Publish a billing event to its {BILLING_STREAM} (format: docs/events.md),",
             "e.g. acct-overdue pays its arrears:",
-            f"  echo '{_settle_example(wall_clock())}' \\",
-            f"    | lcic-guard events publish - --redis-url {embedded.url}",
+            f"  {prog} events new arrears_settled account_id=acct-overdue \\",
+            f"    | {prog} events publish - --redis-url {embedded.url}",
             "",
             "From Python:",
             "  from lcic_guard_client import GuardClient",
@@ -401,8 +405,8 @@ def _print_howto(
     else:
         lines += [
             "Ask it:",
-            f"  lcic-guard check create APP_ID --target {target}",
-            f"  lcic-guard status APP_ID --target {target}",
+            f"  {prog} check create APP_ID --target {target}",
+            f"  {prog} status APP_ID --target {target}",
         ]
     lines += ["", "Press Ctrl-C to stop.", ""]
     print("\n".join(lines), flush=True)

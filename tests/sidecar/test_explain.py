@@ -269,8 +269,8 @@ async def test_status_command_prints_for_a_person(
 
     code, out, _ = await run_cli(capsys, "status", "app-q", "--json", "--target", sidecar.target)
     raw = json.loads(out)
-    assert code == 0 and raw["appId"] == "app-q"
-    assert [f["eventId"] for f in raw["facts"]] == [e["event_id"] for e in evs[1:4]]
+    assert code == 0 and raw["app_id"] == "app-q"  # the CLI's one JSON dialect
+    assert [f["event_id"] for f in raw["facts"]] == [e["event_id"] for e in evs[1:4]]
 
 
 async def test_explain_command_gives_the_answer_and_why(

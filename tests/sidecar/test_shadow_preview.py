@@ -410,8 +410,8 @@ async def test_preview_command(
         cli.main, ["preview", "app-grace", "--at", at, "--json", "--target", sidecar.target]
     )
     raw = json.loads(capsys.readouterr().out)
-    assert code == 0 and raw["state"] == "APPLICATION_STATE_SUSPENDED"
-    assert raw["createClassroom"]["reason"] == "DECISION_REASON_ACCOUNT_OVERDUE"
+    assert code == 0 and raw["state"] == "SUSPENDED"  # the CLI's one JSON dialect
+    assert raw["create_classroom"]["reason"] == "ACCOUNT_OVERDUE"
 
     code = await asyncio.to_thread(
         cli.main, ["preview", "app-grace", "--at", "tomorrow", "--target", sidecar.target]

@@ -92,7 +92,10 @@ class Readiness:
         if self.synced is not None and not self.synced():
             if self.serving is not False:
                 await self.server.set_serving(False)
-                log.warning("readiness: status table not loaded yet: health NOT_SERVING")
+                if self.serving is None:  # every start: loading is normal, not a warning
+                    log.info("readiness: loading the status table: NOT_SERVING until loaded")
+                else:
+                    log.warning("readiness: reloading the status table: health NOT_SERVING")
                 self.serving = False
             return False
         if fresh != self.serving:
