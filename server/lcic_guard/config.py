@@ -21,7 +21,7 @@ class Settings:
 
     redis_url: str | None = field(default=None, repr=False)  # may hold a password
     listen: str = "127.0.0.1:50051"
-    redis_timeout_ms: int = 5
+    redis_timeout_ms: int = 5  # deprecated: a lower bound of store_down_ms
     events: Path | None = None
     log_level: str = "INFO"
     tls_cert: str | None = None
@@ -46,7 +46,7 @@ class Settings:
     # SIGTERM: NOT_SERVING for shutdown_delay, then in-flight calls get shutdown_grace.
     shutdown_delay_ms: int = 1000
     shutdown_grace_ms: int = 5000
-    # R13: how long a check with nothing to go on waits before Redis counts as down.
+    # R13: how long Redis may answer no read before it counts as down.
     store_down_ms: int = 250
     max_watch_streams: int = 1000
     # Serve a non-loopback address with no authentication (refused otherwise).

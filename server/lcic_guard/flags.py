@@ -480,16 +480,18 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         action=_EnvDefault,
         type=parse_duration,
         default=format_duration(_DEFAULT.redis_timeout_ms),
-        help="R13: longest a check waits on Redis before answering without it",
+        help="deprecated: a lower bound of --store-down-after, kept so that existing "
+        "configurations start (checks no longer answer without Redis before it is down)",
     )
     g.add_argument(
         "--store-down-after",
         action=_EnvDefault,
         type=parse_duration,
         default=format_duration(_DEFAULT.store_down_ms),
-        help="R13: how long a check with no usable status waits on a slow Redis before "
-        "Redis counts as down and the failure mode answers (a refused or reset "
-        "connection, or an open circuit breaker, counts at once)",
+        help="R13: Redis counts as down when it has answered no read for this long (a "
+        "refused or reset connection, or an open circuit breaker, counts at once); only "
+        "then does a check answer without it, from the last status seen or by its failure "
+        "mode. A slow Redis or a large CheckBatch is waited for",
     )
     g.add_argument(
         "--max-watch-streams",

@@ -210,7 +210,15 @@ async def build_sidecar(
         if readiness_box:
             await readiness_box[0].check_once()
 
-    feed = ChangeFeedReader(store, cache, clock, on_change=watchers.publish, on_sync=on_sync)
+    feed = ChangeFeedReader(
+        store,
+        cache,
+        clock,
+        on_change=watchers.publish,
+        on_sync=on_sync,
+        on_discontinuity=watchers.discontinuity,
+        breaker=checker.breaker,
+    )
     if registry is not None or settings.metrics_listen:
         metrics = SidecarMetrics(registry)
         metrics.watch(checker, feed, watchers)

@@ -106,7 +106,7 @@ async def env(events: Events) -> AsyncIterator[Env]:
     sidecar_store = Store(connect(redis.url))
     reconciler = Reconciler(store, POLICY, clock=wall_clock)
     await seed(reconciler, events)
-    settings = sidecar_settings(policy=POLICY)  # default 5 ms sub-deadline
+    settings = sidecar_settings(policy=POLICY)  # default --store-down-after
     sidecar = await build_sidecar(settings, sidecar_store)
 
     async def feed_healthy() -> bool:
@@ -302,7 +302,7 @@ async def test_redis_killed_under_load_answers_per_r13_and_recovers(env: Env) ->
         f"p50 {pct(seen_outage, 0.5) * 1000:.2f} ms p99 {pct(seen_outage, 0.99) * 1000:.1f} ms; "
         f"breaker trips {checker.breaker.trips}; Redis reads tried while it was down: "
         f"{window_reads} for {window_checks} checks in {window:.1f}s; before the kill "
-        f"{new_share:.0%} of never-seen apps were read within the 5 ms sub-deadline"
+        f"{new_share:.0%} of never-seen apps were answered from Redis"
     )
 
     assert rate >= 500, f"load was only {rate:.0f} checks/s"
@@ -310,14 +310,11 @@ async def test_redis_killed_under_load_answers_per_r13_and_recovers(env: Env) ->
     wrong = [c for c in calls if not r13_valid(c)]
     assert not wrong, (len(wrong), wrong[:5])
 
-    # Steady state before the kill: fresh answers, from what Redis says (a new
-    # app's first read may miss the 5 ms sub-deadline on a busy machine, and is
-    # then answered per R13: asked for some, not all, to be fresh).
+    # Steady state before the kill: fresh answers, from what Redis says, for
+    # a new app too (a busy machine is no reason to answer per R13).
     assert len(before) > 300
-    stale = [d for d in before if not is_new(d) and not fresh(d)]
+    stale = [d for d in before if not fresh(d)]
     assert not stale, [(d, d.sent - start) for d in stale[:5]]
-    new_apps = [d for d in before if is_new(d)]
-    assert sum(map(fresh, new_apps)) >= 0.1 * len(new_apps)
 
     # During the outage (R13): the last status seen, marked degraded. The
     # sidecar held the whole table, so an id it never saw was last seen "not
@@ -330,7 +327,8 @@ async def test_redis_killed_under_load_answers_per_r13_and_recovers(env: Env) ->
     kinds = Counter((d.kind, "new" if is_new(d) else d.app) for d in outage)
     assert len(kinds) == 7 and min(kinds.values()) > 200, kinds
 
-    # No check waited on Redis: the sub-deadline is 5 ms, the socket timeout 2 s.
+    # No check waited on Redis (--store-down-after 250 ms, the socket timeout
+    # 2 s): the change feed found the connection refused and opened the breaker.
     assert max(took) < 0.2 + lag, (max(took), lag)
     assert pct(took, 0.99) < 0.02 + lag, (pct(took, 0.99), lag)
 
@@ -400,8 +398,10 @@ async def test_a_frozen_redis_is_not_waited_on(env: Env) -> None:
     frozen = decisions.between(stop, cont)
     took = [d.latency for d in frozen]
     lag = decisions.lag(stop, cont)
-    # The change feed notices within its blocking read (1 s) plus 0.5 s.
-    late = decisions.between(stop + 2.0, cont)
+    # The change feed notices within its blocking read (1 s) plus 0.5 s, and
+    # opens the breaker. Judged on checks answered while still frozen: the
+    # breaker's probe waits for Redis, and may be answered by it once thawed.
+    late = [d for d in decisions.between(stop + 2.0, cont) if d.done <= cont]
     after = decisions.between(cont + 2.0, float("inf"))
     print(
         f"\nfrozen Redis: {len(calls)} checks in {duration:.1f}s; failed "
@@ -413,9 +413,9 @@ async def test_a_frozen_redis_is_not_waited_on(env: Env) -> None:
     assert all(c.code == "OK" for c in calls)
     wrong = [c for c in calls if not r13_valid(c)]
     assert not wrong, (len(wrong), wrong[:5])
-    # No check waited for the frozen Redis beyond the 5 ms sub-deadline, but
-    # for the few with nothing to go on before the breaker opened: those wait
-    # up to --store-down-after, so that a busy Redis is not taken for a dead one.
+    # No check waited for the frozen Redis beyond --store-down-after (a busy
+    # Redis is not a dead one), and almost none at all: the change feed found
+    # Redis silent first and opened the breaker.
     assert len(frozen) > 500
     assert max(took) < checker.store_down_timeout + 0.2 + lag, (max(took), lag)
     assert pct(took, 0.99) < 0.02 + lag, (pct(took, 0.99), lag)
@@ -445,7 +445,7 @@ async def test_redis_restarted_without_its_data_is_not_served_from_the_cache(
             ).decision
             return d.reason, d.degraded
 
-        async def good() -> bool:  # the first read may miss 5 ms on a busy machine
+        async def good() -> bool:
             return await reason() == (OK, False)
 
         await eventually(good)

@@ -471,6 +471,15 @@ class CircuitBreaker:
     def success(self) -> None:
         self.failures = 0
 
+    def trip(self, now: Millis) -> None:
+        """Open now: Redis was found down elsewhere (the change feed got no
+        answer, or a refused or reset connection), so no check waits to find
+        it out again."""
+        if self.failures < self.threshold:
+            self.failures = self.threshold
+            self.trips += 1
+        self.open_until = now + self.cooldown_ms
+
     def failure(self, now: Millis) -> None:
         self.failures += 1
         if self.failures == self.threshold:

@@ -1,5 +1,5 @@
-"""Answers checks: from the cache when it is fresh, else from Redis within a
-sub-deadline, else from what was last seen (R13).
+"""Answers checks: from the cache when it is fresh, else from Redis, else,
+only when Redis is down, from what was last seen or the failure mode (R13).
 
 Knows nothing of gRPC. The store is anything with the two read methods of
 :class:`StatusReader`, so a unit test can hand it a small fake.
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from lcic_guard.domain.policy import (
     AppStatus,
@@ -24,6 +25,7 @@ from lcic_guard.domain.policy import (
     decide_without_store,
     protected_until,
     r4_r5_allowed,
+    r6_protection,
 )
 from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
@@ -82,13 +84,15 @@ class StatusReader(Protocol):
     ) -> list[tuple[AppStatus | None, Room | None] | Exception]: ...
 
 
+_T = TypeVar("_T")
 Row = tuple[AppStatus | None, Room | None]
 RowOrError = Row | Exception
 
-# Extra time a batch's pipelined read gets per application it has to read:
-# a cold or expired batch of 1,000 is a bigger reply, not a sign that Redis
-# is down.
-PER_MISS_S: Final = 0.00005
+# A batch's misses are read in pipelines of this many, one after the other:
+# each is answered soon, so a large batch on a busy but healthy Redis (or a
+# busy sidecar) shows that Redis answers, and waits for its reads instead of
+# being taken for an outage (R13).
+BATCH_CHUNK: Final = 250
 
 
 class CheckRequest(NamedTuple):
@@ -111,17 +115,29 @@ def bounded_room(room: Room | None, cfg: PolicyConfig) -> Room | None:
     return Room(room.started_at, max(room.started_at, latest), room.ended_at)
 
 
+def room_may_be_protected(status: AppStatus, now: Millis, cfg: PolicyConfig) -> bool:
+    """R6: whether some class, if one was reported started, would be let in
+    now although the status denies (so an unread room decides)."""
+    seg = status.at(now)
+    if r4_r5_allowed(seg) or seg.suspended_at is None:
+        return False
+    took_effect = seg.suspended_at if seg.effective_at is None else seg.effective_at
+    # The earliest start that is protected, the longest protection it can have.
+    return r6_protection(seg, Room(took_effect - 1), now, cfg) is not None
+
+
 class Checker:
     """Turns check requests into decisions.
 
     A check is answered from the cache when its entry is fresh, or, when the
     cache is a complete current replica and does not hold the app, as
-    UNKNOWN_APPLICATION (no Redis call either way). Otherwise Redis is read:
-    after ``read_timeout`` seconds (plus :data:`PER_MISS_S` per read of a
-    batch) a check with a status seen within the stale bound answers from it,
-    degraded; one with none keeps waiting up to ``store_down_timeout``. Only
-    then, or on a refused or reset connection, or while the circuit breaker
-    is open, does the check's failure mode answer (R13), and that is counted.
+    UNKNOWN_APPLICATION (no Redis call either way). Otherwise Redis is read
+    and the check waits for it. Only when Redis is down (a refused or reset
+    connection, the circuit breaker open, or no answer within
+    ``store_down_timeout``) does the check answer without it (R13): from a
+    status seen within the stale bound, degraded, else by its failure mode,
+    which is counted. A busy Redis, a cold cache or a large batch never
+    leads there.
     """
 
     def __init__(
@@ -129,15 +145,16 @@ class Checker:
         reader: StatusReader,
         cfg: PolicyConfig,
         *,
-        read_timeout: float = 0.005,
         store_down_timeout: float = 0.25,
+        read_timeout: float = 0.0,
         clock: Callable[[], Millis] = wall_clock,
         cache: StatusCache | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
+        """``read_timeout`` is the older name of a lower bound of
+        ``store_down_timeout`` (the larger of the two is used)."""
         self.reader = reader
         self.cfg = cfg
-        self.read_timeout = read_timeout
         self.store_down_timeout = max(store_down_timeout, read_timeout)
         self.clock = clock
         self.cache = cache if cache is not None else StatusCache(100_000, max_age_ms=60_000)
@@ -147,6 +164,7 @@ class Checker:
         self.failure_mode_answers: dict[tuple[str, str], int] = {}
         self.internal_errors = 0
         self._reads: dict[tuple[str, str | None], asyncio.Future[RowOrError]] = {}
+        self._answered_at = 0.0  # monotonic: when Redis last answered a read
         # The one memo of answers. Its key is everything an answer depends
         # on: the check, the status record's version, and the packed segment
         # in force with every one after it (crossing a deadline of the
@@ -253,33 +271,18 @@ class Checker:
         """The answer from the cache, else from Redis or R13 (not memoized)."""
         return self.answer(req) or self.render(req.check, await self.check_uncached(req))
 
-    def _usable_last_seen(self, req: CheckRequest, now: Millis) -> bool:
-        entry = self.cache.get(req.app_id)
-        return (
-            entry is not None and now - self.cache.last_confirmed(entry) <= self.cfg.stale_bound_ms
-        )
-
     async def check_uncached(self, req: CheckRequest) -> Decision:
         """The decision when the cache had none: Redis, else R13."""
         now = self.clock()
         self.cache.misses += 1
         if not self.breaker.allows(now):
             return self._fallback(req, now)
-        key = (req.app_id, self._room_key(req))
-        read = self._read_future(key)
+        read = self._read_future((req.app_id, self._room_key(req)))
         try:
-            try:
-                row = await asyncio.wait_for(asyncio.shield(read), self.read_timeout)
-            except TimeoutError:
-                if self._usable_last_seen(req, self.clock()):
-                    return self._fallback(req, self.clock())
-                # Nothing to go on: a slow Redis is not a down Redis.
-                row = await asyncio.wait_for(
-                    asyncio.shield(read), self.store_down_timeout - self.read_timeout
-                )
+            row = await self._answer(read)
         except Exception as exc:  # any store fault: R13, never an RPC error
             self._note_error(exc, now)
-            return self._fallback(req, now)
+            return self._fallback(req, self.clock())
         # The read's own callback (_keep) already filled the cache.
         return self._decide_row(req, row, self.clock())
 
@@ -315,38 +318,58 @@ class Checker:
         self, reqs: Sequence[CheckRequest], out: list[Answer | None]
     ) -> list[Answer]:
         """Fill the items the cache could not answer (None in ``out``)."""
-        now = self.clock()
         render = self.render
         missing = [i for i, d in enumerate(out) if d is None]
         if missing:
             self.cache.misses += len(missing)
-            rows: list[RowOrError] | None = None
-            if self.breaker.allows(now):
-                keys = [(reqs[i].app_id, self._room_key(reqs[i])) for i in missing]
-                self.store_reads += 1
-                batch = asyncio.ensure_future(self.reader.read_rows(keys))
-                batch.add_done_callback(partial(self._batch_done, keys))
-                budget = self.read_timeout + PER_MISS_S * len(missing)
-                try:
-                    try:
-                        rows = await asyncio.wait_for(asyncio.shield(batch), budget)
-                    except TimeoutError:
-                        later = self.clock()
-                        if all(self._usable_last_seen(reqs[i], later) for i in missing):
-                            rows = None
-                        else:
-                            rows = await asyncio.wait_for(
-                                asyncio.shield(batch), max(self.store_down_timeout - budget, 0.001)
-                            )
-                except Exception as exc:
-                    self._note_error(exc, now)
+            rows: list[RowOrError | None] = [None] * len(missing)
+            if self.breaker.allows(self.clock()):
+                rows = await self._read_batch(
+                    [(reqs[i].app_id, self._room_key(reqs[i])) for i in missing]
+                )
             now = self.clock()
-            for n, i in enumerate(missing):
-                if rows is None:
+            for i, row in zip(missing, rows, strict=True):
+                if row is None:
                     out[i] = render(reqs[i].check, self._fallback(reqs[i], now))
                 else:
-                    out[i] = render(reqs[i].check, self._decide_row(reqs[i], rows[n], now))
+                    out[i] = render(reqs[i].check, self._decide_row(reqs[i], row, now))
         return [a for a in out if a is not None]
+
+    async def _read_batch(self, keys: list[tuple[str, str | None]]) -> list[RowOrError | None]:
+        """The rows of ``keys`` (None: not read, for Redis is down).
+
+        Read :data:`BATCH_CHUNK` at a time, one pipeline after the other, so
+        that each answers soon and a batch of any size waits for its reads as
+        long as Redis keeps answering (see :meth:`_answer`); the caller's
+        deadline bounds the whole (gRPC then ends the call)."""
+        started = self.clock()
+        out: list[RowOrError | None] = []
+        for n in range(0, len(keys), BATCH_CHUNK):
+            chunk = keys[n : n + BATCH_CHUNK]
+            self.store_reads += 1
+            read = asyncio.ensure_future(self.reader.read_rows(chunk))
+            read.add_done_callback(partial(self._batch_done, chunk))
+            try:
+                rows = await self._answer(read)
+            except Exception as exc:  # Redis is down: the rest per R13
+                self._note_error(exc, started)
+                break
+            out += rows
+        return out + [None] * (len(keys) - len(out))
+
+    async def _answer(self, read: asyncio.Future[_T]) -> _T:
+        """What ``read`` returns, waited for as long as Redis keeps answering
+        reads: a busy Redis, or a sidecar busy decoding other replies, is not
+        a down Redis (R13). TimeoutError once Redis has answered no read at
+        all for ``store_down_timeout``. ``read`` itself is never cancelled
+        (see :meth:`_read_future`)."""
+        since = time.monotonic()
+        while not read.done():
+            left = max(since, self._answered_at) + self.store_down_timeout - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no answer from Redis within --store-down-after")
+            await asyncio.wait((read,), timeout=left)
+        return read.result()
 
     def _read_future(self, key: tuple[str, str | None]) -> asyncio.Future[RowOrError]:
         """One read of an app (and room), shared by concurrent checks of it.
@@ -394,6 +417,7 @@ class Checker:
         # Redis answered, if late: it is reachable, so close the breaker (a
         # frozen or dead Redis never gets here, and keeps it open).
         self.breaker.success()
+        self._answered_at = time.monotonic()
         now = self.clock()
         for (app_id, room_id), row in zip(keys, rows, strict=True):
             if isinstance(row, Exception):
@@ -416,12 +440,17 @@ class Checker:
         seen_at = self.cache.last_confirmed(entry)
         if now - seen_at > self.cfg.stale_bound_ms:
             return self._failure_mode(req, now, entry.status)
-        room = None
-        if req.room_id and entry.rooms is not None:
-            room = entry.rooms.get(req.room_id)
         if entry.status is None:
             # Known to be unknown: still R12, but say the answer is not fresh.
             return decide(req.check, None, now, self.cfg, degraded=True)
+        room: Room | None = None
+        if req.check is Check.ENTER_CLASSROOM and req.room_id:
+            rooms = entry.rooms or {}
+            if req.room_id in rooms:
+                room = rooms[req.room_id]
+            elif room_may_be_protected(entry.status, now, self.cfg):
+                # Never deny a class whose report was not read (R6).
+                return self._failure_mode(req, now, entry.status)
         try:
             return decide_without_store(
                 req.check, entry.status, seen_at, now, self.cfg, bounded_room(room, self.cfg)

@@ -9,13 +9,14 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
-from lcic_guard.sidecar.cache import StatusCache
-from lcic_guard.store.feed import Change
+from lcic_guard.sidecar.cache import CircuitBreaker, StatusCache
+from lcic_guard.store.connect import StoreError, store_unreachable
+from lcic_guard.store.feed import Change, stream_id_order
 from lcic_guard.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,21 @@ log = logging.getLogger(__name__)
 # Statuses re-read from Redis per pipelined read of the refresh (a few
 # milliseconds of the loop's time each, so checks bridged to it wait little).
 REFRESH_CHUNK = 500
+
+# Store discontinuities (SPEC R10, R15): why the store may have lost writes
+# it had acknowledged, as sent to watchers (StoreDiscontinuity.cause).
+RUN_ID_CHANGED: Final = "run_id_changed"  # Redis restarted or failed over
+VERSION_WENT_BACK: Final = "version_went_back"
+STREAM_ID_WENT_BACK: Final = "stream_id_went_back"
+NEW_GENERATION: Final = "new_generation"  # a new data set (ADR 0011)
+DISCONTINUITIES: Final = (RUN_ID_CHANGED, VERSION_WENT_BACK, STREAM_ID_WENT_BACK, NEW_GENERATION)
+# The table load each one causes (the cause label of lcic_guard_table_loads).
+_LOAD_CAUSE: Final = {
+    RUN_ID_CHANGED: "restart",
+    VERSION_WENT_BACK: "rollback",
+    STREAM_ID_WENT_BACK: "rollback",
+    NEW_GENERATION: "generation",
+}
 
 
 class FeedStore(Protocol):
@@ -44,6 +60,8 @@ class FeedStore(Protocol):
 
     async def ensure_generation(self) -> str: ...
 
+    async def run_ids(self) -> frozenset[str]: ...
+
 
 class ChangeFeedReader:
     """Loads the whole status table, then follows the change feed, keeping a
@@ -55,12 +73,21 @@ class ChangeFeedReader:
     Redis for it: the bound still holds, at a cost that follows the size of
     the table rather than the rate of checks.
 
-    Every ``generation_check_ms`` it also reads the store's generation id: a
-    new one (Redis lost its data, or a snapshot was loaded into an emptied
-    store) drops everything held and loads the table again; so does a change
-    whose version is older than the one held when Redis confirms it went
-    backwards. ``in_sync`` is False until the first load and during every
-    reload (health says NOT_SERVING meanwhile).
+    Every ``generation_check_ms``, and at every reconnection, it also looks
+    for a *store discontinuity*, a sign that Redis may have lost writes it
+    had acknowledged: a new generation id (Redis lost its data, or a
+    snapshot was loaded into an emptied store), a new run id (Redis
+    restarted or failed over), a change feed that ends before the position
+    already read. So does a change whose version is older than the one held
+    when Redis confirms it went backwards. Each is counted, logged, told to
+    ``on_discontinuity`` (every watch stream, SPEC R15), and drops
+    everything held and loads the table again. ``in_sync`` is False until
+    the first load and during every reload (health says NOT_SERVING
+    meanwhile).
+
+    When the feed cannot reach Redis (refused, reset, or no answer within
+    its blocking read), Redis is down: it opens ``breaker``, so that checks
+    answer per R13 at once instead of each waiting to find that out.
     """
 
     def __init__(
@@ -73,6 +100,8 @@ class ChangeFeedReader:
         generation_check_ms: int = 500,
         on_change: Callable[[str, AppStatus | None], Awaitable[None] | None] | None = None,
         on_sync: Callable[[bool], Awaitable[None] | None] | None = None,
+        on_discontinuity: Callable[[str, Millis], None] | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -81,8 +110,12 @@ class ChangeFeedReader:
         self.generation_check_ms = generation_check_ms
         self.on_change = on_change
         self.on_sync = on_sync
+        self.on_discontinuity = on_discontinuity
+        self.breaker = breaker
         self.last_id: str | None = None
         self.generation: str | None = None
+        self.run_ids: frozenset[str] | None = None
+        self.discontinuities: dict[str, int] = {}
         self.resyncs = 0
         self.resync_causes: dict[str, int] = {}
         self.applied = 0
@@ -223,24 +256,71 @@ class ChangeFeedReader:
             (self.clock() - start) / 1000,
         )
 
-    async def _check_generation(self) -> bool:
-        """True if the store holds a new data set (everything held is dropped)."""
+    async def _check_store(self) -> str | None:
+        """The discontinuity since the last look, if any (one cause, the
+        widest: a new data set, then a restart, then a feed gone back)."""
         gen = await self.store.ensure_generation()
+        run_ids = await self._read_run_ids()
         self._checked_generation_at = asyncio.get_running_loop().time()
-        if self.generation is None or gen == self.generation:
-            self.generation = gen
-            return False
-        log.warning(
-            "Redis holds a new data set (generation %s, was %s): dropping %d statuses held "
-            "and loading the table again; health NOT_SERVING until loaded",
-            gen,
-            self.generation,
-            len(self.cache),
-        )
+        cause = None
+        if self.generation is not None and gen != self.generation:
+            log.warning(
+                "Redis holds a new data set (generation %s, was %s): dropping %d statuses "
+                "held and loading the table again; health NOT_SERVING until loaded",
+                gen,
+                self.generation,
+                len(self.cache),
+            )
+            cause = NEW_GENERATION
+        elif self.run_ids is not None and run_ids is not None and run_ids != self.run_ids:
+            log.warning(
+                "Redis restarted or failed over (run id %s, was %s): writes it had "
+                "acknowledged may be lost; loading the table again; health NOT_SERVING "
+                "until loaded",
+                ",".join(sorted(run_ids)),
+                ",".join(sorted(self.run_ids)),
+            )
+            cause = RUN_ID_CHANGED
+        elif self.last_id is not None:
+            tail = await self.store.changes_tail()
+            if stream_id_order(tail) < stream_id_order(self.last_id):
+                log.warning(
+                    "the change feed ends at %s, before %s already read (Redis restored from "
+                    "an older snapshot?): loading the table again; health NOT_SERVING until "
+                    "loaded",
+                    tail,
+                    self.last_id,
+                )
+                cause = STREAM_ID_WENT_BACK
         self.generation = gen
+        if run_ids is not None:
+            self.run_ids = run_ids
+        return cause
+
+    async def _read_run_ids(self) -> frozenset[str] | None:
+        try:
+            return await self.store.run_ids()
+        except StoreError as exc:
+            if store_unreachable(exc):
+                raise
+            # Answered with an error (INFO forbidden to this user): restarts
+            # are then seen only by the feed or a version going back.
+            self._warn.warning("run-id", "cannot read Redis's run id (%s)", describe_error(exc))
+            return None
+
+    def _discontinuity(self, cause: str) -> None:
+        """Count it and tell every watcher, before the table is reloaded."""
+        self.discontinuities[cause] = self.discontinuities.get(cause, 0) + 1
+        if self.on_discontinuity is not None:
+            self.on_discontinuity(cause, self.clock())
+
+    async def _reload(self, cause: str) -> None:
+        """The store went back: drop everything held, load the table again."""
+        self._discontinuity(cause)
         await self._set_in_sync(False)
         self.cache.clear()
-        return True
+        self.last_id = await self.store.changes_tail()
+        await self._resync(_LOAD_CAUSE[cause])
 
     async def _went_back(self, app_id: str, held: int) -> bool:
         """A change older than what is held: did Redis itself go backwards?"""
@@ -262,15 +342,18 @@ class ChangeFeedReader:
         return True
 
     async def _connect(self) -> None:
-        new_generation = await self._check_generation()
-        if self.last_id is None or new_generation:
+        went_back = await self._check_store()
+        if self.breaker is not None:
+            # Redis answers again: checks read it (a reload below empties the cache).
+            self.breaker.success()
+        if went_back is not None:
+            await self._reload(went_back)
+        elif self.last_id is None or self.cache.synced_since is None:
+            # The first load, or one a lost connection cut short.
             self.last_id = await self.store.changes_tail()
-            await self._resync("start" if self.resyncs == 0 else "generation")
+            await self._resync("start" if self.resyncs == 0 else "gap")
         elif await self.store.feed_gap(self.last_id):
-            log.warning(
-                "change feed trimmed past our position, or lost or rolled back by a Redis "
-                "restart; loading the table again"
-            )
+            log.warning("change feed trimmed past our position; loading the table again")
             self.last_id = await self.store.changes_tail()
             await self._resync("gap")
         self.cache.feed_healthy = True
@@ -294,7 +377,7 @@ class ChangeFeedReader:
                 held = self.cache.held_version(change.app_id)
                 if held is not None and change.status.version < held:
                     if await self._went_back(change.app_id, held):
-                        return "rollback"
+                        return VERSION_WENT_BACK
                     continue
                 if self.cache.apply(change.app_id, change.status, now):
                     self.applied += 1
@@ -306,8 +389,8 @@ class ChangeFeedReader:
                     await res
         self.cache.confirmed_at = now
         due = self._checked_generation_at + self.generation_check_ms / 1000
-        if asyncio.get_running_loop().time() >= due and await self._check_generation():
-            return "generation"
+        if asyncio.get_running_loop().time() >= due:
+            return await self._check_store()
         return None
 
     async def run(self) -> None:
@@ -322,19 +405,20 @@ class ChangeFeedReader:
                     backoff = 0.05
                     log.info("following the change feed from %s", self.last_id)
                 cause = await self._follow()
-                if cause == "rollback" and await self._check_generation():
-                    cause = "generation"  # what went back was a whole new data set
+                if cause == VERSION_WENT_BACK:
+                    # A new data set, or a restart, says more of what went back.
+                    cause = await self._check_store() or cause
                 if cause is not None:
-                    await self._set_in_sync(False)
-                    self.cache.clear()
-                    self.last_id = await self.store.changes_tail()
-                    await self._resync(cause)
+                    await self._reload(cause)
                     self.cache.confirmed_at = self.clock()
                     await self._set_in_sync(True)
             except asyncio.CancelledError:
                 self.cache.feed_healthy = False
                 raise
             except Exception as exc:
+                if self.breaker is not None and store_unreachable(exc):
+                    # Before the cache stops being fresh: no check waits then.
+                    self.breaker.trip(self.clock())
                 mono = asyncio.get_running_loop().time()
                 if connected or mono - warned >= 30:
                     warned = mono

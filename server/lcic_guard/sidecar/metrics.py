@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from lcic_guard.domain.policy import Check, Reason
 from lcic_guard.sidecar.checker import Checker
-from lcic_guard.sidecar.feed import ChangeFeedReader
+from lcic_guard.sidecar.feed import DISCONTINUITIES, ChangeFeedReader
 from lcic_guard.sidecar.watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,23 @@ class _CheckerCollector(Collector):
             resyncs = CounterMetricFamily(
                 "lcic_guard_table_loads",
                 "Loads of the whole status table, by cause (start, generation: Redis holds a "
-                "new data set, rollback: a version went backwards, gap: the change feed was "
-                "trimmed past this reader).",
+                "new data set, restart: Redis restarted or failed over, rollback: a version "
+                "or the change feed went backwards, gap: the change feed was trimmed past "
+                "this reader).",
                 labels=("cause",),
             )
-            for cause in ("start", "generation", "rollback", "gap"):
+            for cause in ("start", "generation", "restart", "rollback", "gap"):
                 resyncs.add_metric((cause,), self.feed.resync_causes.get(cause, 0))
             yield resyncs
+            gone_back = CounterMetricFamily(
+                "lcic_guard_store_discontinuities",
+                "Store discontinuities seen (SPEC R10, R15: Redis may have lost acknowledged "
+                "writes), by cause; each is sent to every open watch stream.",
+                labels=("cause",),
+            )
+            for cause in DISCONTINUITIES:
+                gone_back.add_metric((cause,), self.feed.discontinuities.get(cause, 0))
+            yield gone_back
             yield GaugeMetricFamily(
                 "lcic_guard_table_loaded",
                 "1 while the whole status table is loaded and followed.",

@@ -61,6 +61,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         checker.use_renderer(self.observer.render)
         if watchers is not None:
             watchers.render = self.render_watched
+            watchers.render_discontinuity = render_discontinuity
             watchers.clock = checker.clock
             watchers.refresh = self._refresh
 
@@ -313,3 +314,10 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         resp = wire.watch_response(status, now, self.checker.cfg)
         self.observer.shadow_schedule(resp)
         return resp.SerializeToString()
+
+
+def render_discontinuity(cause: str, detected_at: Millis) -> bytes:
+    """The watch message that tells a client to drop every answer it kept."""
+    return pb.WatchApplicationStatusResponse(
+        discontinuity=pb.StoreDiscontinuity(cause=cause, detected_at=wire.timestamp(detected_at))
+    ).SerializeToString()

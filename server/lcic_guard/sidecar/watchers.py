@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 SEND_RATE: Final = 5_000.0
 FLUSH_PER_STREAM_S: Final = 0.0001
 WAKE_GROUPS: Final = 8
+# The change log's key of an entry for every stream (an app id is never empty).
+EVERY_STREAM: Final = ""
 
 
 class WatchCut(Exception):
@@ -66,7 +68,12 @@ class Subscription:
         ids = self.ids
         for i in range(self.cursor + 1 - first, len(w.log)):
             app_id, payload = w.log[i]
-            if ids is None or app_id in ids:
+            if app_id == EVERY_STREAM:
+                # A store discontinuity: what was not sent yet may be what
+                # the store lost, and nothing from before may follow it.
+                self.pending.clear()
+                self.pending[EVERY_STREAM] = payload
+            elif ids is None or app_id in ids:
                 self.pending.pop(app_id, None)
                 self.pending[app_id] = payload
         self.cursor = w.seq
@@ -150,6 +157,8 @@ class Watchers:
         self.slow_cuts = 0
         self.render_errors = 0
         self.render: Callable[[AppStatus, Millis], bytes] | None = None
+        self.render_discontinuity: Callable[[str, Millis], bytes] | None = None
+        self.discontinuities_sent = 0  # streams told of a store discontinuity
         self.clock: Callable[[], Millis] = lambda: time.time_ns() // 1_000_000
         # Time-driven transitions: (instant, app id), and the same as a set.
         self._due: list[tuple[Millis, str]] = []
@@ -254,15 +263,29 @@ class Watchers:
         self.log.append((app_id, payload))
         self.seq += 1
         if urgent:
-            if self._wake_due is not None:
-                self._wake_due.cancel()
-            self._wake_due = asyncio.get_running_loop().call_soon(self._wake_now)
+            self._wake_soon()
         elif self._wake_due is None:
             # Waking every stream costs in proportion to their number: the
             # more streams, the less often (each wake carries more changes).
             interval = max(self.flush_s, len(self._subs) * FLUSH_PER_STREAM_S)
             step = interval / WAKE_GROUPS
             self._wake_due = asyncio.get_running_loop().call_later(step, self._cycle, 0, step)
+
+    def _wake_soon(self) -> None:
+        if self._wake_due is not None:
+            self._wake_due.cancel()
+        self._wake_due = asyncio.get_running_loop().call_soon(self._wake_now)
+
+    def discontinuity(self, cause: str, now: Millis) -> None:
+        """Tell every open stream, at once, that the store may have lost
+        acknowledged writes (SPEC R15): its client drops every answer it
+        kept. Statuses published after this follow it on each stream."""
+        if not self._subs or self.closing or self.render_discontinuity is None:
+            return
+        self.log.append((EVERY_STREAM, self.render_discontinuity(cause, now)))
+        self.seq += 1
+        self.discontinuities_sent += len(self._subs)
+        self._wake_soon()
 
     # -- time-driven transitions --------------------------------------------
 

@@ -13,7 +13,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lcic_guard.domain.time import Millis
 
@@ -22,6 +24,13 @@ from lcic_guard.domain.time import Millis
 StoreError = RedisError
 
 RedisClient = Redis | RedisCluster
+
+
+def store_unreachable(exc: BaseException) -> bool:
+    """Redis refused, reset or did not answer (SPEC R13: unavailable), as
+    opposed to an error it answered with (e.g. a command the ACL forbids)."""
+    unreachable = (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)
+    return isinstance(exc, unreachable)
 
 
 SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
@@ -124,9 +133,7 @@ def connect(url: str, *, timeout: float = 2.0) -> RedisClient:
             "retry": Retry(NoBackoff(), 0),
             **target.sentinel_options,
         }
-        manager = Sentinel(
-            list(target.sentinels), sentinel_kwargs=sentinel_options
-        )
+        manager = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)
         master: Redis = manager.master_for(
             target.service, db=target.db, **options, **target.master_options
         )

@@ -24,7 +24,8 @@ from lcic_guard.store.keys import (
 )
 
 
-def _id_tuple(entry_id: str) -> tuple[int, int]:
+def stream_id_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as something that compares in the stream's order."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -104,18 +105,18 @@ class Feeds:
         except ResponseError:
             # No feed: nothing was missed, unless we had read from one, in
             # which case Redis lost it (restarted without its data).
-            return _id_tuple(after) > (0, 0)
+            return stream_id_order(after) > (0, 0)
         # Trimming removes the oldest entries: if the entry we stopped at is
         # gone, newer ones may be gone too, so count that as a gap.
         deleted = text(info.get("max-deleted-entry-id")) or "0-0"
         first = info.get("first-entry")
         first_id = text(first[0]) if first else None
-        trimmed = first_id is not None and _id_tuple(first_id) > _id_tuple(after)
+        trimmed = first_id is not None and stream_id_order(first_id) > stream_id_order(after)
         # A feed that ends before where we stopped was rolled back (Redis
         # restarted from an older snapshot): what we applied may be gone.
         last = text(info.get("last-generated-id")) or "0-0"
-        rolled_back = _id_tuple(last) < _id_tuple(after)
-        return trimmed or rolled_back or _id_tuple(deleted) > _id_tuple(after)
+        rolled_back = stream_id_order(last) < stream_id_order(after)
+        return trimmed or rolled_back or stream_id_order(deleted) > stream_id_order(after)
 
     async def announce(self, event: dict[str, Any], stream: str = GUARD_STREAM) -> str:
         entry_id = await self.redis.xadd(stream, {"event": json.dumps(event, sort_keys=True)})
