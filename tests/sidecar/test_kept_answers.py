@@ -190,23 +190,14 @@ async def live_sidecar(
     await sidecar.stop(grace=0.2)
 
 
-# The sidecar detects both cases (a version gone back, a new data set) and
-# reloads its table, but does not yet tell its watch streams: the client has
-# no way to learn that app-2 is gone. Strict: once the sidecar sends
-# StoreDiscontinuity this passes, and the marker must go.
-NEEDS_SIDECAR = pytest.mark.xfail(
-    strict=True, reason="needs the sidecar to send StoreDiscontinuity on its watch streams"
-)
-
-
 @pytest.mark.parametrize(
     "rounds",
     [
-        pytest.param(4, id="versions-went-back", marks=NEEDS_SIDECAR),
+        pytest.param(4, id="versions-went-back"),
         # One status write before and one after: the reload writes the same
         # version numbers, so only the sidecar (which sees the new data set)
         # can tell.
-        pytest.param(1, id="same-versions", marks=NEEDS_SIDECAR),
+        pytest.param(1, id="same-versions"),
     ],
 )
 async def test_no_allowed_answer_survives_a_flushall_and_a_reload_with_a_ban(
