@@ -704,15 +704,13 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     set their fields; the rest keep their defaults. Then the checks of values
     that only make sense together."""
     groups = groups_of(ns)
-    rows = [row for row in SETTINGS if row.group in groups and row.field is not None]
+    rows = [(row, row.field) for row in SETTINGS if row.group in groups and row.field]
     s = _DEFAULT
-    for row in rows:
-        assert row.field is not None
-        s = _with(s, row.field, row.kind.land(field_value(s, row.field), getattr(ns, row.dest)))
-    for row in rows:
-        assert row.field is not None
+    for row, path in rows:
+        s = _with(s, path, row.kind.land(field_value(s, path), getattr(ns, row.dest)))
+    for row, path in rows:
         least = row.at_least
-        if least is not None and field_value(s, row.field) < least:
+        if least is not None and field_value(s, path) < least:
             raise SystemExit(
                 f"{row.flag} must be " + (f"at least {least}" if least else "0 or more")
             )
