@@ -12,9 +12,12 @@ lands in (``Settings``, ``PolicyConfig``, ``ReconcilerConfig``), next to the
 code that uses it, so a program building those directly gets the same ones.
 
 To add a setting: give the field its default where it lands, then add one
-row to :data:`SETTINGS` in the group of the commands that take it. Its flag,
-environment variable, ``--help`` line, documentation and the test that the
-flag, the variable and the document agree all follow from the row.
+row to :data:`SETTINGS` in the group of the commands that take it, and run
+scripts/generate. Its flag, environment variable, ``--help`` line, the
+Settings it builds and its line in the document all follow from the row, and
+tests/docs/test_settings_table.py checks them against each other (it needs
+an example value only for a new kind). A value only a command reads (the
+client commands' --target) has no field: its row gives its default.
 
 Every flag ``--some-flag`` can also be given as ``LCIC_GUARD_SOME_FLAG``; a
 flag on the command line wins over the environment, which wins over the
