@@ -3,7 +3,9 @@ once by :mod:`lcic_guard.flags` from the command line and the environment, or
 directly by a program embedding the sidecar or the reconciler.
 
 Every default is written here (and in the nested PolicyConfig and
-ReconcilerConfig) and nowhere else: the flags take theirs from these.
+ReconcilerConfig) and nowhere else: each row of the table of settings
+(:data:`lcic_guard.flags.SETTINGS`) names the field it sets and reads its
+default from it. A field no row names is in ``flags.INTERNAL``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,23 @@
-"""Command-line flags and the environment, turned into :class:`lcic_guard.config.Settings`.
+"""Every setting of lcic-guard, declared once: the table :data:`SETTINGS`.
+
+A row is one setting: which commands have it (its group), its flag, where it
+lands in the :class:`~lcic_guard.config.Settings` tree, the kind of value it
+takes (how its text is read and its default shown) and its help. From the
+table come the commands' flags and their ``--help`` (``add_*_flags``), the
+``Settings`` a parsed command builds (:func:`settings_from`) and
+docs/configuration.md (scripts/gen_config_doc.py, run by scripts/generate).
+
+Defaults are not in the table: a row reads its default from the field it
+lands in (``Settings``, ``PolicyConfig``, ``ReconcilerConfig``), next to the
+code that uses it, so a program building those directly gets the same ones.
+
+To add a setting: give the field its default where it lands, then add one
+row to :data:`SETTINGS` in the group of the commands that take it, and run
+scripts/generate. Its flag, environment variable, ``--help`` line, the
+Settings it builds and its line in the document all follow from the row, and
+tests/docs/test_settings_table.py checks them against each other (it needs
+an example value only for a new kind). A value only a command reads (the
+client commands' --target) has no field: its row gives its default.
 
 Every flag ``--some-flag`` can also be given as ``LCIC_GUARD_SOME_FLAG``; a
 flag on the command line wins over the environment, which wins over the
@@ -12,18 +31,14 @@ import ipaddress
 import os
 import re
 import sys
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lcic_guard import metrics
 from lcic_guard.config import Settings
-from lcic_guard.domain.policy import (
-    DURATION_UNITS,
-    Check,
-    PolicyConfig,
-    format_duration,
-)
+from lcic_guard.domain.policy import DURATION_UNITS, Check, format_duration
 from lcic_guard.redact import redact_url
 from lcic_guard.sidecar.identities import parse_identity, read_token_file
 
@@ -32,6 +47,8 @@ _UNITS = DURATION_UNITS
 _PART = r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)"
 _DURATION = re.compile(rf"\s*(?:{_PART}\s*)+")
 _PARTS = re.compile(_PART)
+
+# -- reading a value's text ---------------------------------------------------------------
 
 
 def parse_duration(text: str) -> int:
@@ -42,12 +59,6 @@ def parse_duration(text: str) -> int:
             "e.g. 24h or 1h30m"
         )
     return sum(int(float(n) * _UNITS[unit]) for n, unit in _PARTS.findall(text))
-
-
-# The flags' defaults come from here, so that each is written once (in config).
-_DEFAULT = Settings()
-_POLICY = _DEFAULT.policy
-_RECONCILER = _DEFAULT.reconciler
 
 
 def parse_duration_or_off(text: str) -> int:
@@ -180,36 +191,381 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
 
 
-def _env(name: str) -> str | None:
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+def parse_durations(text: str) -> tuple[int, ...]:
+    """``30d,7d,1d`` into milliseconds; empty or ``off`` for none."""
+    if text.strip().lower() in ("", "off", "none"):
+        return ()
+    return tuple(parse_duration(x) for x in text.split(",") if x.strip())
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """``a,b, c`` into ``("a", "b", "c")``."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+# -- kinds of value -----------------------------------------------------------------------
+
+
+def _replaced(_old: Any, new: Any) -> Any:
+    return new
+
+
+@dataclass(frozen=True)
+class Kind:
+    """The type of a setting: how its text (flag or environment) is read, and
+    how the value of the field it lands in is written back as such text."""
+
+    name: str
+    parse: Callable[[str], Any]
+    """Text to value; a bad text raises ArgumentTypeError (or ValueError)
+    saying how to write one. argparse names a plain function's failure after
+    it ("invalid int value"), so the parsers are the ones the flags always had."""
+    show: Callable[[Any], str | None] = str
+    """The field's value as the flag takes it (its default in ``--help`` and
+    the doc); ``None``: shown as no default."""
+    land: Callable[[Any, Any], Any] = _replaced
+    """The field's new value from its current one and the parsed value."""
+    repeatable: bool = False
+    """Repeatable flag: the first use replaces the environment's value, later
+    ones add to it."""
+    redact: Callable[[Any], str | None] | None = None
+    """How a default from the environment is shown in ``--help`` (a secret)."""
+    switch: bool = False
+    """A flag alone, taking no value (the environment: true, yes, on or 1)."""
+
+
+def duration(unit: str | None = None, *, off: bool = False) -> Kind:
+    """Milliseconds, written with a unit; shown in ``unit`` (the way the
+    product states it, e.g. a grace of ``24h``) or the largest exact one.
+    ``off``: ``0`` alone (no unit) is accepted, meaning off."""
+    return Kind(
+        "duration",
+        parse_duration_or_off if off else parse_duration,
+        show=lambda ms: format_duration(ms, unit),
+    )
+
+
+def failure_mode(check: Check) -> Kind:
+    """``open`` or ``closed`` for one check: whether it is in ``fail_open``."""
+    return Kind(
+        "failure mode",
+        parse_mode,
+        show=lambda fail_open: "open" if check in fail_open else "closed",
+        land=lambda fail_open, mode: fail_open | {check} if mode == "open" else fail_open - {check},
+    )
+
+
+TEXT = Kind("text", str)
+PATH = Kind("path", Path)
+INT = Kind("int", int)
+BOOL = Kind("bool", parse_bool)
+SWITCH = Kind("switch", parse_bool, switch=True)
+LISTEN = Kind("address", parse_listen)
+REDIS_URL = Kind("Redis URL", parse_redis_url, redact=redact_url)
+METRICS_LISTEN = Kind("address or empty", parse_metrics_listen)
+DURATIONS = Kind(
+    "durations", parse_durations, show=lambda ms: ",".join(format_duration(x) for x in ms)
+)
+SHADOW = Kind(
+    "checks",
+    parse_shadow_checks,
+    show=lambda checks: ",".join(sorted(c.value for c in checks)),
+)
+IDENTITIES = Kind(
+    "names",
+    parse_list,
+    show=lambda names: ",".join(sorted(names)) or None,
+    land=lambda _old, names: frozenset(names or ()),
+    repeatable=True,
+)
+
+
+# -- the table ----------------------------------------------------------------------------
+
+# The groups of settings: which commands have a row is which groups its parser
+# is given (cli.build_parser calls add_<group>_flags). A parser records the
+# groups whose rows land in Settings; settings_from builds from those only.
+STORE = "store"  # serve, reconcile, events publish, release-plan
+METRICS = "metrics"  # serve, reconcile
+POLICY = "policy"  # serve, reconcile, release-plan
+POLICY_R13 = "policy-r13"  # serve: R13 is the sidecar's answers only
+SERVE = "serve"  # serve
+RECONCILE = "reconcile"  # serve, reconcile, release-plan
+CLIENT = "client"  # check, status, explain, preview, override, audit: the command reads them
+DEBUG = "debug"  # every command: the command reads it
+# The heading a group's flags have in --help (none: among the options).
+_TITLES = {
+    POLICY: "policy (SPEC rules)",
+    POLICY_R13: "policy (SPEC rules)",
+    SERVE: "sidecar",
+    RECONCILE: "reconciler",
+    CLIENT: "the sidecar to ask",
+}
+_DEFAULT = Settings()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of :data:`SETTINGS`."""
+
+    group: str
+    flag: str
+    """``--some-flag``; its environment variable is ``LCIC_GUARD_SOME_FLAG``."""
+    field: str | None
+    """Where it lands in the Settings tree (``policy.grace_ms``), which also
+    holds its default; ``None``: read by the command itself (``default``)."""
+    kind: Kind
+    help: str
+    help_embedded: str | None = None
+    """The help in ``serve``, which starts its own Redis without --redis-url."""
+    aliases: tuple[str, ...] = ()
+    """Other names, before the flag in --help (argparse's attribute is the first)."""
+    choices: tuple[str, ...] = ()
+    at_least: int | None = None
+    """The least value (an int), checked once the value is known."""
+    default: str | None = None
+    """The default of a flag with no field."""
+
+    def __post_init__(self) -> None:
+        if self.field is not None and self.default is not None:
+            raise ValueError(f"{self.flag}: its default is its field's ({self.field})")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.flag.lstrip("-").upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return (*self.aliases, self.flag)[0].lstrip("-").replace("-", "_")
+
+    @property
+    def default_text(self) -> str | None:
+        """The default as the flag would take it; ``None``: none."""
+        if self.field is None:
+            return self.default
+        value = field_value(_DEFAULT, self.field)
+        return None if value is None else self.kind.show(value)
+
+
+# fmt: off
+SETTINGS: tuple[Setting, ...] = (
+    # Setting(group, flag, field it lands in (None: the command reads it), kind,
+    #         help, options...), in --help's order within each group.
+    Setting(STORE, "--redis-url", "redis_url", REDIS_URL,
+            "Redis to use (redis://, rediss://, redis+sentinel://). Required",
+            help_embedded="Redis to use (redis://, rediss://, redis+sentinel://). Without it, "
+                          "a private redis-server is started and stopped with the process"),
+    Setting(STORE, "--log-level", "log_level", TEXT,
+            "log verbosity",
+            choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting(STORE, "--log-format", "log_format", TEXT,
+            "json: one JSON object a line (production); text: for a person; "
+            "auto: text on a terminal, json otherwise",
+            choices=("auto", "json", "text")),
+    Setting(METRICS, "--metrics-listen", "metrics_listen", METRICS_LISTEN,
+            "serve Prometheus metrics at http://HOST:PORT/metrics (empty: off; with "
+            "--workers N, worker i (from 0) uses PORT+1+i)"),
+    Setting(POLICY, "--grace", "policy.grace_ms", duration("h"),
+            "R1: grace after an overdue alert, in ms or with a unit"),
+    Setting(POLICY, "--release-after", "policy.release_after_ms", duration(),
+            "R10: overdue suspension length before release"),
+    Setting(POLICY, "--release-notice", "policy.release_notice_ms", duration(off=True),
+            "R10: least time between an overdue suspension becoming known and the release "
+            "(a backfilled history is not released sooner)"),
+    Setting(POLICY, "--max-grace-extension", "policy.max_grace_extension_ms", duration(off=True),
+            "how far past A + grace a grace_extended override may move the grace end "
+            "(a later 'until' is cut to this)"),
+    Setting(POLICY, "--overrun", "policy.overrun_ms", duration("m"),
+            "R6: protection of a class past its scheduled end"),
+    Setting(POLICY, "--max-class", "policy.max_class_ms", duration(),
+            "R6: protection of a class with no scheduled end, from its start"),
+    Setting(POLICY, "--protect-when-banned", "policy.protect_when_banned", BOOL,
+            "R6: keep classes in progress running after a compliance ban"),
+    Setting(POLICY_R13, "--stale-bound", "policy.stale_bound_ms", duration(),
+            "R13: how old a last-seen status may be and still answer"),
+    *(Setting(POLICY_R13, f"--failure-mode-{check.value}", "policy.fail_open",
+              failure_mode(check),
+              f"R13: answer to {check.value} checks when no usable status exists "
+              "(open = allow, closed = deny)")
+      for check in Check),
+    Setting(SERVE, "--listen", "listen", LISTEN,
+            "gRPC listen address, HOST:PORT"),
+    Setting(SERVE, "--redis-timeout", "redis_timeout_ms", duration(),
+            "deprecated: a lower bound of --store-down-after, kept so that existing "
+            "configurations start (checks no longer answer without Redis before it is down)"),
+    Setting(SERVE, "--store-down-after", "store_down_ms", duration(),
+            "R13: Redis counts as down when it has answered no read for this long (a "
+            "refused or reset connection, or an open circuit breaker, counts at once); only "
+            "then does a check answer without it, from the last status seen or by its failure "
+            "mode. A slow Redis or a large CheckBatch is waited for"),
+    Setting(SERVE, "--max-watch-streams", "max_watch_streams", INT,
+            "WatchApplicationStatus streams open at once per process; more are refused "
+            "with RESOURCE_EXHAUSTED",
+            at_least=1),
+    Setting(SERVE, "--insecure", "insecure", BOOL,
+            "allow listening on a non-loopback address without --auth-token-file or mutual "
+            "TLS (anyone who reaches the port can then report classes and read statuses)"),
+    Setting(SERVE, "--cache-size", "cache_size", INT,
+            "applications kept in each process's status cache (LRU)",
+            at_least=1),
+    Setting(SERVE, "--cache-max-age", "cache_max_age_ms", duration("s"),
+            "longest a cached status is used before it is read again, even with the "
+            "change feed healthy (held statuses are re-read in the background within half of "
+            "it, so checks need not)"),
+    Setting(SERVE, "--workers", "workers", INT,
+            "serving processes sharing the listen port (SO_REUSEPORT among them only: "
+            "a port another program holds is refused)",
+            at_least=1),
+    Setting(SERVE, "--tls-cert", "tls_cert", TEXT,
+            "server certificate (PEM); with --tls-key enables TLS"),
+    Setting(SERVE, "--tls-key", "tls_key", TEXT,
+            "server private key (PEM)"),
+    Setting(SERVE, "--shadow", "shadow", SHADOW,
+            "checks in shadow mode, e.g. create,enter,recording or all: always allowed, "
+            "what would be denied is logged and counted"),
+    Setting(SERVE, "--tls-client-ca", "tls_client_ca", TEXT,
+            "CA (PEM) that client certificates must chain to; enables mutual TLS"),
+    Setting(SERVE, "--auth-token-file", "auth_token_file", TEXT,
+            "file of bearer tokens, one a line as NAME:SCOPES:TOKEN (NAME is the actor "
+            "audit shows) or TOKEN [SCOPES], any of which lets a caller use the RPCs that "
+            "change or reveal state (reports, status, watch); read again when it changes"),
+    Setting(SERVE, "--auth-allow-identity", "auth_allow_identities", IDENTITIES,
+            "client certificate identity allowed to use the RPCs that change or reveal "
+            "state, NAME or NAME=SCOPE+SCOPE: a DNS subject alternative name, or the common "
+            "name of a certificate with none (mutual TLS); repeatable or comma-separated"),
+    Setting(SERVE, "--auth-checks", "auth_checks", BOOL,
+            "require the same authentication for the checks too"),
+    Setting(SERVE, "--max-heartbeat-age", "max_heartbeat_age_ms", duration(off=True),
+            "health turns NOT_SERVING when the reconciler's heartbeat is older than this "
+            "(0 disables)"),
+    Setting(SERVE, "--shutdown-delay", "shutdown_delay_ms", duration(off=True),
+            "on SIGTERM, how long health says NOT_SERVING while still answering, "
+            "before the port closes"),
+    Setting(SERVE, "--shutdown-grace", "shutdown_grace_ms", duration(),
+            "on SIGTERM, how long in-flight calls may take to finish after the port closes"),
+    Setting(RECONCILE, "--events", "events", PATH,
+            "file of billing events (one JSON object a line) applied at start",
+            help_embedded="file of billing events (one JSON object a line) applied at start; "
+                          "without --redis-url, built-in sample data"),
+    Setting(RECONCILE, "--release-margin", "reconciler.release_margin_ms", duration(),
+            "R10: how far past release_at the feed must be confirmed read"),
+    Setting(RECONCILE, "--release-dry-run", "reconciler.release_dry_run", BOOL,
+            "log releases that fall due instead of performing them"),
+    Setting(RECONCILE, "--release-reminders", "reconciler.release_reminders_ms", DURATIONS,
+            "R10: when before release_at to announce release_scheduled again (after the "
+            "first notice; only reminders still ahead of it; off for none)"),
+    Setting(RECONCILE, "--suspension-reminders", "reconciler.suspension_reminders_ms", DURATIONS,
+            "when before a scheduled suspension to announce suspension_scheduled again "
+            "(after the first warning; only reminders still ahead of it; off for none)"),
+    Setting(RECONCILE, "--announce-settle", "reconciler.announce_settle_ms", duration(off=True),
+            "how long a new state must hold before status_changed announces it (a state "
+            "passed through sooner is not announced)"),
+    Setting(RECONCILE, "--batch-size", "reconciler.batch_size", INT,
+            "billing events applied per round"),
+    Setting(RECONCILE, "--claim-idle", "reconciler.claim_idle_ms", duration(),
+            "how long a billing-stream entry may stay unacknowledged by a consumer "
+            "before another replica claims it (its consumer is presumed dead)"),
+    Setting(RECONCILE, "--deadletter-maxlen", "reconciler.deadletter_maxlen", INT,
+            "about how many entries the dead-letter stream keeps (approximate MAXLEN; "
+            "0 keeps all)",
+            at_least=0),
+    Setting(RECONCILE, "--parked-ttl", "reconciler.parked_ttl_ms", duration(off=True),
+            "how long facts about an application never registered are kept, from the "
+            "last one parked (0 keeps them for ever)"),
+    Setting(CLIENT, "--target", None, TEXT,
+            "sidecar address",
+            default=_DEFAULT.listen),
+    Setting(CLIENT, "--token-file", None, TEXT,
+            "file whose first line is the bearer token to send, alone or as a line of the "
+            "sidecar's token file (a sidecar run with --auth-token-file wants one for status, "
+            "explain, preview, override and audit)"),
+    # Their variables are LCIC_GUARD_CLIENT_TLS_*: LCIC_GUARD_TLS_CERT/KEY are
+    # serve's own certificate, and one environment often holds both.
+    Setting(CLIENT, "--client-tls-ca", None, TEXT,
+            "CA (PEM) the sidecar's certificate must chain to; enables TLS (also --tls-ca)",
+            aliases=("--tls-ca",)),
+    Setting(CLIENT, "--client-tls-cert", None, TEXT,
+            "client certificate (PEM) for mutual TLS; with --client-tls-key and "
+            "--client-tls-ca (also --tls-cert)",
+            aliases=("--tls-cert",)),
+    Setting(CLIENT, "--client-tls-key", None, TEXT,
+            "client private key (PEM) (also --tls-key)",
+            aliases=("--tls-key",)),
+    Setting(DEBUG, "--debug", None, SWITCH,
+            "on a failure, print its traceback too",
+            default="False"),
+)
+# fmt: on
+
+INTERNAL: frozenset[str] = frozenset(
+    {"consume_stream", "reconciler.block_ms", "reconciler.lease_ttl_ms", "reconciler.tick_ms"}
+)
+"""The fields of the Settings tree no flag sets: for programs that embed the
+sidecar or the reconciler, and for tests."""
+
+
+# -- the Settings tree --------------------------------------------------------------------
+
+
+def field_value(settings: Any, path: str) -> Any:
+    """The value at ``path`` (``policy.grace_ms``) in a Settings tree."""
+    for name in path.split("."):
+        settings = getattr(settings, name)
+    return settings
+
+
+def _with(settings: Any, path: str, value: Any) -> Any:
+    head, _, rest = path.partition(".")
+    if rest:
+        value = _with(getattr(settings, head), rest, value)
+    return replace(settings, **{head: value})
+
+
+# -- flags from the table -----------------------------------------------------------------
+
+_GROUPS = "settings_groups"
 
 
 class _EnvDefault(argparse.Action):
-    """Takes its default from LCIC_GUARD_<FLAG> when set (shown in --help)."""
+    """A row's flag: takes its default from the row's variable when set (shown
+    in --help), else from the row."""
 
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
-        flag = option_strings[-1].lstrip("-")
-        env_value = _env(flag)
-        conv = kwargs.get("type") or str
+    def __init__(
+        self,
+        option_strings: list[str],
+        dest: str,
+        *,
+        setting: Setting,
+        meaning: str,
+        **kwargs: Any,
+    ) -> None:
+        self.setting = setting
+        kind = setting.kind
+        env_value = os.environ.get(setting.env)
+        default: Any = setting.default_text
         if env_value is not None:
             try:
-                kwargs["default"] = conv(env_value)
+                default = kind.parse(env_value)
             except (argparse.ArgumentTypeError, ValueError) as exc:
-                raise SystemExit(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}: {exc}") from None
-            kwargs["required"] = False
-        env_name = ENV_PREFIX + flag.upper().replace("-", "_")
-        if conv is parse_bool:
+                raise SystemExit(f"{setting.env}: {exc}") from None
+        if kind.parse is parse_bool:
             # The flag alone means true; ``--flag false`` still turns it off.
-            kwargs.setdefault("nargs", "?")
-            kwargs.setdefault("const", True)
-            kwargs["metavar"] = "true|false"
-            kwargs["help"] = f"{kwargs.get('help', '')} (the flag alone means true)"
+            kwargs.update(nargs="?", const=True, metavar="true|false")
+            meaning = f"{meaning} (the flag alone means true)"
+        self.meaning = meaning
+        """The help without the variable and the default (the doc's column)."""
         shown = "%(default)s"
-        redact = kwargs.pop("redact", None)
-        if redact is not None:  # a secret may be in the default (from the environment)
-            shown = str(redact(kwargs.get("default"))).replace("%", "%%")
-        kwargs["help"] = f"{kwargs.get('help', '')} [env {env_name}; default: {shown}]"
-        super().__init__(option_strings, dest, **kwargs)
+        if kind.redact is not None:  # a secret may be in the default (from the environment)
+            shown = str(kind.redact(default)).replace("%", "%%")
+        super().__init__(
+            option_strings,
+            dest,
+            type=kind.parse,
+            default=default,
+            choices=setting.choices or None,
+            help=f"{meaning} [env {setting.env}; default: {shown}]",
+            **kwargs,
+        )
 
     def __call__(
         self,
@@ -238,33 +594,64 @@ class _EnvAppend(_EnvDefault):
         setattr(namespace, self.dest, (*current, *values))
 
 
-def parse_durations(text: str) -> tuple[int, ...]:
-    """``30d,7d,1d`` into milliseconds; empty or ``off`` for none."""
-    if text.strip().lower() in ("", "off", "none"):
-        return ()
-    return tuple(parse_duration(x) for x in text.split(",") if x.strip())
+class _EnvSwitch(argparse.Action):
+    """A flag alone (``--debug``), also on when its variable says true; a
+    variable it does not understand leaves it off."""
+
+    def __init__(
+        self, option_strings: list[str], dest: str, *, setting: Setting, meaning: str
+    ) -> None:
+        self.setting = setting
+        self.meaning = meaning
+        env_value = os.environ.get(setting.env)
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=env_value is not None
+            and env_value.strip().lower() in ("1", "true", "yes", "on"),
+            help=f"{meaning} [env {setting.env}]",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, True)
 
 
-def parse_list(text: str) -> tuple[str, ...]:
-    """``a,b, c`` into ``("a", "b", "c")``."""
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-# The groups of settings flags a command's parser has, recorded on the parser
-# (and so on the parsed namespace): settings_from builds from these only.
-STORE, METRICS, POLICY, POLICY_R13, SERVE, RECONCILE = (
-    "store",
-    "metrics",
-    "policy",
-    "policy-r13",
-    "serve",
-    "reconcile",
-)
-_GROUPS = "settings_groups"
-
-
-def _has(p: argparse.ArgumentParser, group: str) -> None:
-    p.set_defaults(**{_GROUPS: frozenset(p.get_default(_GROUPS) or ()) | {group}})
+def _add(
+    p: argparse.ArgumentParser, *groups: str, embedded: bool = False, dest: str | None = None
+) -> None:
+    """Add the rows of ``groups`` to a command's parser, in the table's order."""
+    rows = [row for row in SETTINGS if row.group in groups]
+    lands = frozenset(row.group for row in rows if row.field is not None)
+    if lands:
+        p.set_defaults(**{_GROUPS: frozenset(p.get_default(_GROUPS) or ()) | lands})
+    headings: dict[str, argparse._ArgumentGroup] = {}
+    for row in rows:
+        target: argparse._ActionsContainer = p
+        title = _TITLES.get(row.group)
+        if title is not None:
+            if title not in headings:
+                headings[title] = p.add_argument_group(title)
+            target = headings[title]
+        action: type[argparse.Action] = _EnvDefault
+        if row.kind.switch:
+            action = _EnvSwitch
+        elif row.kind.repeatable:
+            action = _EnvAppend
+        target.add_argument(
+            *row.aliases,
+            row.flag,
+            action=action,
+            dest=dest or row.dest,
+            setting=row,
+            meaning=(row.help_embedded if embedded else None) or row.help,
+        )
 
 
 def groups_of(ns: argparse.Namespace) -> frozenset[str]:
@@ -272,85 +659,92 @@ def groups_of(ns: argparse.Namespace) -> frozenset[str]:
     return frozenset(getattr(ns, _GROUPS, None) or ())
 
 
+def documented(p: argparse.ArgumentParser) -> Iterator[tuple[Setting, str]]:
+    """Each row a command's parser has, in its --help order, with its help as
+    that command gives it."""
+    for action in p._actions:
+        if isinstance(action, (_EnvDefault, _EnvSwitch)):
+            yield action.setting, action.meaning
+
+
 def add_store_flags(p: argparse.ArgumentParser, *, embedded: bool = False) -> None:
-    _has(p, STORE)
-    p.add_argument(
-        "--redis-url",
-        action=_EnvDefault,
-        type=parse_redis_url,
-        default=None,
-        redact=redact_url,
-        help="Redis to use (redis://, rediss://, redis+sentinel://). "
-        + (
-            "Without it, a private redis-server is started and stopped with the process"
-            if embedded
-            else "Required"
-        ),
-    )
-    p.add_argument(
-        "--log-level",
-        action=_EnvDefault,
-        default=_DEFAULT.log_level,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity",
-    )
-    p.add_argument(
-        "--log-format",
-        action=_EnvDefault,
-        default=_DEFAULT.log_format,
-        choices=["auto", "json", "text"],
-        help="json: one JSON object a line (production); text: for a person; "
-        "auto: text on a terminal, json otherwise",
-    )
+    _add(p, STORE, embedded=embedded)
 
 
 def add_debug_flag(p: argparse.ArgumentParser, dest: str = "debug") -> None:
-    env = _env("debug")
-    p.add_argument(
-        "--debug",
-        dest=dest,
-        action="store_true",
-        default=env is not None and env.strip().lower() in ("1", "true", "yes", "on"),
-        help="on a failure, print its traceback too [env LCIC_GUARD_DEBUG]",
-    )
+    _add(p, DEBUG, dest=dest)
 
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     """How a command reaches a running sidecar (check, status, explain, preview)."""
-    g = p.add_argument_group("the sidecar to ask")
-    g.add_argument("--target", action=_EnvDefault, default=_DEFAULT.listen, help="sidecar address")
-    g.add_argument(
-        "--token-file",
-        action=_EnvDefault,
-        default=None,
-        help="file whose first line is the bearer token to send, alone or as a line of the "
-        "sidecar's token file (a sidecar run with --auth-token-file wants one for status, "
-        "explain, preview, override and audit)",
-    )
-    # Their variables are LCIC_GUARD_CLIENT_TLS_*: LCIC_GUARD_TLS_CERT/KEY are
-    # serve's own certificate, and one environment often holds both.
-    g.add_argument(
-        "--tls-ca",
-        "--client-tls-ca",
-        action=_EnvDefault,
-        default=None,
-        help="CA (PEM) the sidecar's certificate must chain to; enables TLS (also --tls-ca)",
-    )
-    g.add_argument(
-        "--tls-cert",
-        "--client-tls-cert",
-        action=_EnvDefault,
-        default=None,
-        help="client certificate (PEM) for mutual TLS; with --client-tls-key and "
-        "--client-tls-ca (also --tls-cert)",
-    )
-    g.add_argument(
-        "--tls-key",
-        "--client-tls-key",
-        action=_EnvDefault,
-        default=None,
-        help="client private key (PEM) (also --tls-key)",
-    )
+    _add(p, CLIENT)
+
+
+def add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    _add(p, METRICS)
+
+
+def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> None:
+    """The policy's flags; those only the sidecar's answers use (R13) are left
+    out of the reconciler's commands (``sidecar=False``)."""
+    if sidecar:
+        _add(p, POLICY, POLICY_R13)
+    else:
+        _add(p, POLICY)
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    _add(p, SERVE)
+
+
+def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
+    _add(p, RECONCILE, embedded=embedded)
+
+
+# -- Settings from a parsed command -------------------------------------------------------
+
+
+def settings_from(ns: argparse.Namespace) -> Settings:
+    """Build :class:`Settings` from a parsed command: the rows its parser has
+    set their fields; the rest keep their defaults. Then the checks of values
+    that only make sense together."""
+    groups = groups_of(ns)
+    rows = [(row, row.field) for row in SETTINGS if row.group in groups and row.field]
+    s = _DEFAULT
+    for row, path in rows:
+        s = _with(s, path, row.kind.land(field_value(s, path), getattr(ns, row.dest)))
+    for row, path in rows:
+        least = row.at_least
+        if least is not None and field_value(s, path) < least:
+            raise SystemExit(
+                f"{row.flag} must be " + (f"at least {least}" if least else "0 or more")
+            )
+    if SERVE in groups:
+        _check_serve(s)
+    return s
+
+
+def _check_serve(s: Settings) -> None:
+    if s.auth_checks and not (s.auth_token_file or s.auth_allow_identities):
+        raise SystemExit("--auth-checks needs --auth-token-file or --auth-allow-identity")
+    if s.auth_allow_identities and not s.tls_client_ca:
+        raise SystemExit("--auth-allow-identity needs mutual TLS (--tls-client-ca)")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    retired = retired_tls_variable(serving=True)
+    if retired is not None:
+        raise SystemExit(retired)
+    if s.auth_token_file:  # a bad line is one line now, not a failure after Redis started
+        try:
+            read_token_file(s.auth_token_file)
+        except ValueError as exc:
+            raise SystemExit(f"--auth-token-file {exc}") from None
+    for entry in sorted(s.auth_allow_identities):
+        try:
+            parse_identity(entry)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    refuse_open_listen(s)
 
 
 RETIRED_CLIENT_TLS_CA = ENV_PREFIX + "TLS_CA"
@@ -373,315 +767,6 @@ def retired_tls_variable(*, serving: bool) -> str | None:
         f"{ENV_PREFIX}CLIENT_TLS_KEY, while {ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY "
         f"are serve's own certificate; rename the client's variables and unset "
         f"{RETIRED_CLIENT_TLS_CA}"
-    )
-
-
-def add_metrics_flags(p: argparse.ArgumentParser) -> None:
-    _has(p, METRICS)
-    p.add_argument(
-        "--metrics-listen",
-        action=_EnvDefault,
-        type=parse_metrics_listen,
-        default=_DEFAULT.metrics_listen,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (empty: off; with "
-        "--workers N, worker i (from 0) uses PORT+1+i)",
-    )
-
-
-def add_policy_flags(p: argparse.ArgumentParser, *, sidecar: bool = True) -> None:
-    """The policy's flags; those only the sidecar's answers use (R13) are left
-    out of the reconciler's commands (``sidecar=False``)."""
-    _has(p, POLICY)
-    g = p.add_argument_group("policy (SPEC rules)")
-    g.add_argument(
-        "--grace",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_POLICY.grace_ms, "h"),
-        help="R1: grace after an overdue alert, in ms or with a unit",
-    )
-    g.add_argument(
-        "--release-after",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_POLICY.release_after_ms),
-        help="R10: overdue suspension length before release",
-    )
-    g.add_argument(
-        "--release-notice",
-        action=_EnvDefault,
-        type=parse_duration_or_off,
-        default=format_duration(_POLICY.release_notice_ms),
-        help="R10: least time between an overdue suspension becoming known and the release "
-        "(a backfilled history is not released sooner)",
-    )
-    g.add_argument(
-        "--max-grace-extension",
-        action=_EnvDefault,
-        type=parse_duration_or_off,
-        default=format_duration(_POLICY.max_grace_extension_ms),
-        help="how far past A + grace a grace_extended override may move the grace end "
-        "(a later 'until' is cut to this)",
-    )
-    g.add_argument(
-        "--overrun",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_POLICY.overrun_ms, "m"),
-        help="R6: protection of a class past its scheduled end",
-    )
-    g.add_argument(
-        "--max-class",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_POLICY.max_class_ms),
-        help="R6: protection of a class with no scheduled end, from its start",
-    )
-    g.add_argument(
-        "--protect-when-banned",
-        action=_EnvDefault,
-        type=parse_bool,
-        default=_POLICY.protect_when_banned,
-        help="R6: keep classes in progress running after a compliance ban",
-    )
-    if not sidecar:
-        return
-    _has(p, POLICY_R13)
-    g.add_argument(
-        "--stale-bound",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_POLICY.stale_bound_ms),
-        help="R13: how old a last-seen status may be and still answer",
-    )
-    for check in Check:
-        g.add_argument(
-            f"--failure-mode-{check.value}",
-            action=_EnvDefault,
-            type=parse_mode,
-            default="open" if check in _POLICY.fail_open else "closed",
-            help=f"R13: answer to {check.value} checks when no usable status "
-            "exists (open = allow, closed = deny)",
-        )
-
-
-def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    _has(p, SERVE)
-    g = p.add_argument_group("sidecar")
-    g.add_argument(
-        "--listen",
-        action=_EnvDefault,
-        type=parse_listen,
-        default=_DEFAULT.listen,
-        help="gRPC listen address, HOST:PORT",
-    )
-    g.add_argument(
-        "--redis-timeout",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_DEFAULT.redis_timeout_ms),
-        help="deprecated: a lower bound of --store-down-after, kept so that existing "
-        "configurations start (checks no longer answer without Redis before it is down)",
-    )
-    g.add_argument(
-        "--store-down-after",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_DEFAULT.store_down_ms),
-        help="R13: Redis counts as down when it has answered no read for this long (a "
-        "refused or reset connection, or an open circuit breaker, counts at once); only "
-        "then does a check answer without it, from the last status seen or by its failure "
-        "mode. A slow Redis or a large CheckBatch is waited for",
-    )
-    g.add_argument(
-        "--max-watch-streams",
-        action=_EnvDefault,
-        type=int,
-        default=_DEFAULT.max_watch_streams,
-        help="WatchApplicationStatus streams open at once per process; more are refused "
-        "with RESOURCE_EXHAUSTED",
-    )
-    g.add_argument(
-        "--insecure",
-        action=_EnvDefault,
-        type=parse_bool,
-        default=_DEFAULT.insecure,
-        help="allow listening on a non-loopback address without --auth-token-file or mutual "
-        "TLS (anyone who reaches the port can then report classes and read statuses)",
-    )
-    g.add_argument(
-        "--cache-size",
-        action=_EnvDefault,
-        type=int,
-        default=_DEFAULT.cache_size,
-        help="applications kept in each process's status cache (LRU)",
-    )
-    g.add_argument(
-        "--cache-max-age",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_DEFAULT.cache_max_age_ms, "s"),
-        help="longest a cached status is used before it is read again, even with the "
-        "change feed healthy (held statuses are re-read in the background within half of "
-        "it, so checks need not)",
-    )
-    g.add_argument(
-        "--workers",
-        action=_EnvDefault,
-        type=int,
-        default=_DEFAULT.workers,
-        help="serving processes sharing the listen port (SO_REUSEPORT among them only: "
-        "a port another program holds is refused)",
-    )
-    g.add_argument(
-        "--tls-cert",
-        action=_EnvDefault,
-        default=None,
-        help="server certificate (PEM); with --tls-key enables TLS",
-    )
-    g.add_argument("--tls-key", action=_EnvDefault, default=None, help="server private key (PEM)")
-    g.add_argument(
-        "--shadow",
-        action=_EnvDefault,
-        type=parse_shadow_checks,
-        default=",".join(sorted(c.value for c in _DEFAULT.shadow)),
-        help="checks in shadow mode, e.g. create,enter,recording or all: always allowed, "
-        "what would be denied is logged and counted",
-    )
-    g.add_argument(
-        "--tls-client-ca",
-        action=_EnvDefault,
-        default=None,
-        help="CA (PEM) that client certificates must chain to; enables mutual TLS",
-    )
-    g.add_argument(
-        "--auth-token-file",
-        action=_EnvDefault,
-        default=None,
-        help="file of bearer tokens, one a line as NAME:SCOPES:TOKEN (NAME is the actor "
-        "audit shows) or TOKEN [SCOPES], any of which lets a caller use the RPCs that "
-        "change or reveal state (reports, status, watch); read again when it changes",
-    )
-    g.add_argument(
-        "--auth-allow-identity",
-        action=_EnvAppend,
-        type=parse_list,
-        default=None,
-        help="client certificate identity allowed to use the RPCs that change or reveal "
-        "state, NAME or NAME=SCOPE+SCOPE: a DNS subject alternative name, or the common "
-        "name of a certificate with none (mutual TLS); repeatable or comma-separated",
-    )
-    g.add_argument(
-        "--auth-checks",
-        action=_EnvDefault,
-        type=parse_bool,
-        default=_DEFAULT.auth_checks,
-        help="require the same authentication for the checks too",
-    )
-    g.add_argument(
-        "--max-heartbeat-age",
-        action=_EnvDefault,
-        type=parse_duration_or_off,
-        default=format_duration(_DEFAULT.max_heartbeat_age_ms),
-        help="health turns NOT_SERVING when the reconciler's heartbeat is older than this "
-        "(0 disables)",
-    )
-    g.add_argument(
-        "--shutdown-delay",
-        action=_EnvDefault,
-        type=parse_duration_or_off,
-        default=format_duration(_DEFAULT.shutdown_delay_ms),
-        help="on SIGTERM, how long health says NOT_SERVING while still answering, "
-        "before the port closes",
-    )
-    g.add_argument(
-        "--shutdown-grace",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_DEFAULT.shutdown_grace_ms),
-        help="on SIGTERM, how long in-flight calls may take to finish after the port closes",
-    )
-
-
-def add_reconcile_flags(p: argparse.ArgumentParser, *, embedded: bool) -> None:
-    _has(p, RECONCILE)
-    g = p.add_argument_group("reconciler")
-    g.add_argument(
-        "--events",
-        action=_EnvDefault,
-        type=Path,
-        default=None,
-        help="file of billing events (one JSON object a line) applied at start"
-        + ("; without --redis-url, built-in sample data" if embedded else ""),
-    )
-    g.add_argument(
-        "--release-margin",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_RECONCILER.release_margin_ms),
-        help="R10: how far past release_at the feed must be confirmed read",
-    )
-    g.add_argument(
-        "--release-dry-run",
-        action=_EnvDefault,
-        type=parse_bool,
-        default=_RECONCILER.release_dry_run,
-        help="log releases that fall due instead of performing them",
-    )
-    g.add_argument(
-        "--release-reminders",
-        action=_EnvDefault,
-        type=parse_durations,
-        default=",".join(format_duration(ms) for ms in _RECONCILER.release_reminders_ms),
-        help="R10: when before release_at to announce release_scheduled again (after the "
-        "first notice; only reminders still ahead of it; off for none)",
-    )
-    g.add_argument(
-        "--suspension-reminders",
-        action=_EnvDefault,
-        type=parse_durations,
-        default=",".join(format_duration(ms) for ms in _RECONCILER.suspension_reminders_ms),
-        help="when before a scheduled suspension to announce suspension_scheduled again "
-        "(after the first warning; only reminders still ahead of it; off for none)",
-    )
-    g.add_argument(
-        "--announce-settle",
-        action=_EnvDefault,
-        type=parse_duration_or_off,
-        default=format_duration(_RECONCILER.announce_settle_ms),
-        help="how long a new state must hold before status_changed announces it (a state "
-        "passed through sooner is not announced)",
-    )
-    g.add_argument(
-        "--batch-size",
-        action=_EnvDefault,
-        type=int,
-        default=_RECONCILER.batch_size,
-        help="billing events applied per round",
-    )
-    g.add_argument(
-        "--claim-idle",
-        action=_EnvDefault,
-        type=parse_duration,
-        default=format_duration(_RECONCILER.claim_idle_ms),
-        help="how long a billing-stream entry may stay unacknowledged by a consumer "
-        "before another replica claims it (its consumer is presumed dead)",
-    )
-    g.add_argument(
-        "--deadletter-maxlen",
-        action=_EnvDefault,
-        type=int,
-        default=_RECONCILER.deadletter_maxlen,
-        help="about how many entries the dead-letter stream keeps (approximate MAXLEN; "
-        "0 keeps all)",
-    )
-    g.add_argument(
-        "--parked-ttl",
-        action=_EnvDefault,
-        type=parse_duration_or_off,
-        default=format_duration(_RECONCILER.parked_ttl_ms),
-        help="how long facts about an application never registered are kept, from the "
-        "last one parked (0 keeps them for ever)",
     )
 
 
@@ -709,112 +794,3 @@ def refuse_open_listen(s: Settings) -> None:
         "--insecure to accept anyone who can reach the port\n"
     )
     raise SystemExit(2)
-
-
-def _policy(ns: argparse.Namespace, groups: frozenset[str]) -> PolicyConfig:
-    policy = replace(
-        _POLICY,
-        grace_ms=ns.grace,
-        release_after_ms=ns.release_after,
-        release_notice_ms=ns.release_notice,
-        max_grace_extension_ms=ns.max_grace_extension,
-        overrun_ms=ns.overrun,
-        max_class_ms=ns.max_class,
-        protect_when_banned=ns.protect_when_banned,
-    )
-    if POLICY_R13 not in groups:  # the reconciler's commands: R13 is the sidecar's
-        return policy
-    return replace(
-        policy,
-        stale_bound_ms=ns.stale_bound,
-        fail_open=frozenset(c for c in Check if getattr(ns, f"failure_mode_{c.value}") == "open"),
-    )
-
-
-def _serve(s: Settings, ns: argparse.Namespace) -> Settings:
-    s = replace(
-        s,
-        listen=ns.listen,
-        redis_timeout_ms=ns.redis_timeout,
-        cache_size=ns.cache_size,
-        cache_max_age_ms=ns.cache_max_age,
-        workers=ns.workers,
-        tls_cert=ns.tls_cert,
-        tls_key=ns.tls_key,
-        tls_client_ca=ns.tls_client_ca,
-        shadow=frozenset(ns.shadow),
-        auth_token_file=ns.auth_token_file,
-        auth_allow_identities=frozenset(ns.auth_allow_identity or ()),
-        auth_checks=ns.auth_checks,
-        max_heartbeat_age_ms=ns.max_heartbeat_age,
-        shutdown_delay_ms=ns.shutdown_delay,
-        shutdown_grace_ms=ns.shutdown_grace,
-        store_down_ms=ns.store_down_after,
-        max_watch_streams=ns.max_watch_streams,
-        insecure=ns.insecure,
-    )
-    if s.workers < 1 or s.cache_size < 1:
-        raise SystemExit("--workers and --cache-size must be at least 1")
-    if s.max_watch_streams < 1:
-        raise SystemExit("--max-watch-streams must be at least 1")
-    if s.auth_checks and not (s.auth_token_file or s.auth_allow_identities):
-        raise SystemExit("--auth-checks needs --auth-token-file or --auth-allow-identity")
-    if s.auth_allow_identities and not s.tls_client_ca:
-        raise SystemExit("--auth-allow-identity needs mutual TLS (--tls-client-ca)")
-    if bool(s.tls_cert) != bool(s.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
-    retired = retired_tls_variable(serving=True)
-    if retired is not None:
-        raise SystemExit(retired)
-    if s.auth_token_file:  # a bad line is one line now, not a failure after Redis started
-        try:
-            read_token_file(s.auth_token_file)
-        except ValueError as exc:
-            raise SystemExit(f"--auth-token-file {exc}") from None
-    for entry in sorted(s.auth_allow_identities):
-        try:
-            parse_identity(entry)
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
-    refuse_open_listen(s)
-    return s
-
-
-def _reconcile(s: Settings, ns: argparse.Namespace) -> Settings:
-    s = replace(
-        s,
-        events=ns.events,
-        reconciler=replace(
-            _RECONCILER,
-            batch_size=ns.batch_size,
-            release_margin_ms=ns.release_margin,
-            release_dry_run=ns.release_dry_run,
-            claim_idle_ms=ns.claim_idle,
-            release_reminders_ms=ns.release_reminders,
-            suspension_reminders_ms=ns.suspension_reminders,
-            announce_settle_ms=ns.announce_settle,
-            deadletter_maxlen=ns.deadletter_maxlen,
-            parked_ttl_ms=ns.parked_ttl,
-        ),
-    )
-    if s.reconciler.deadletter_maxlen < 0:
-        raise SystemExit("--deadletter-maxlen must be 0 or more")
-    return s
-
-
-def settings_from(ns: argparse.Namespace) -> Settings:
-    """Build :class:`Settings` from a parsed command: the groups of flags its
-    parser has set their settings; the rest keep their defaults."""
-    groups = groups_of(ns)
-    s = _DEFAULT
-    if STORE in groups:
-        s = replace(s, redis_url=ns.redis_url, log_level=ns.log_level, log_format=ns.log_format)
-    if METRICS in groups:
-        s = replace(s, metrics_listen=ns.metrics_listen)
-    if POLICY in groups:
-        s = replace(s, policy=_policy(ns, groups))
-    if SERVE in groups:
-        s = _serve(s, ns)
-    if RECONCILE in groups:
-        s = _reconcile(s, ns)
-    return s
