@@ -128,9 +128,7 @@ async def test_a_move_is_remembered_until_each_account_left_is_cleaned_up(
     assert (again.verdict, again.moved_from) == ("own", ("acct-1", "acct-2"))
 
     await store.move_done(APP, "acct-1")
-    assert (await store.claim_app(reg("acct-3", T0 - 2 * HOUR, "ev-3"))).moved_from == (
-        "acct-2",
-    )
+    assert (await store.claim_app(reg("acct-3", T0 - 2 * HOUR, "ev-3"))).moved_from == ("acct-2",)
     await store.move_done(APP, "acct-9")  # not in the list: nothing changes
     await store.move_done(APP, "acct-2")
     assert await store.redis.hexists(status_key(APP), "moved_from") == 0

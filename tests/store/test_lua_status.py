@@ -158,9 +158,7 @@ async def test_the_earliest_end_wins_and_the_first_scheduled_end_is_kept(store: 
     r = dict(now=T0, until=T0 + 2 * HOUR)
     await store.report_room(APP, "room-1", started_at=T0 - HOUR, scheduled_end=T0 + HOUR, **r)
     # A repeat cannot push the scheduled end out (or in).
-    await store.report_room(
-        APP, "room-1", started_at=T0 - HOUR, scheduled_end=T0 + 5 * HOUR, **r
-    )
+    await store.report_room(APP, "room-1", started_at=T0 - HOUR, scheduled_end=T0 + 5 * HOUR, **r)
     await store.report_room(APP, "room-1", ended_at=T0 + 10 * MINUTE, **r)
     await store.report_room(APP, "room-1", ended_at=T0 + 30 * MINUTE, **r)
     await store.report_room(APP, "room-1", ended_at=T0 + 5 * MINUTE, **r)
