@@ -3,12 +3,17 @@ policy they stand in for."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 
+import grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lcic.guard.v1 import enforcement_pb2 as pb
+from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import (
     HOUR,
+    MINUTE,
     SUSPENSION_PRECEDENCE,
     AppStatus,
     Check,
@@ -19,10 +24,27 @@ from lcic_guard.domain.policy import (
     decide,
 )
 from lcic_guard.domain.time import MAX_TIME
+from lcic_guard.reconciler import Reconciler
+from lcic_guard.runner import build_sidecar
 from lcic_guard.sidecar.cache import StatusCache, pack, segment_span, unpack, unpack_segment
 from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
+from lcic_guard.store.status import Store
+
+from tests.sidecar.test_sidecar_rpc import ts
+from tests.support.clock import FakeClock
+from tests.support.events import Events, deliveries
+from tests.support.settings import sidecar_settings
 
 T0 = 1_790_000_000_000
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 CANONICAL = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
 # Times a record can hold: the messages of a decision format them.
 times = st.one_of(st.none(), st.integers(0, MAX_TIME))
@@ -159,21 +181,39 @@ def test_memoized_room_answers_follow_the_clock(
         assert got == want
 
 
-def test_a_memoized_protected_room_is_denied_once_its_protection_ends() -> None:
-    cfg = PolicyConfig()
-    cache = StatusCache(10, max_age_ms=10**15)
-    cache.feed_healthy, cache.synced_since = True, 0
-    overdue = Segment(
-        T0 - HOUR, (Reason.ACCOUNT_OVERDUE,), T0 - HOUR, T0 - HOUR, T0 + 1000 * HOUR, T0 - HOUR
+async def test_a_memoized_protected_room_is_denied_once_its_protection_ends(
+    store: Store, reconciler: Reconciler, events: Events, policy: PolicyConfig, clock: FakeClock
+) -> None:
+    """The status and the room reach the cache the way they do in production
+    (the reconciler's write and the report, delivered by the change feed);
+    the second answer comes from the same held record and room."""
+    settings = sidecar_settings(
+        redis_timeout_ms=2000, cache_size=50, cache_max_age_ms=10 * HOUR, policy=policy
     )
-    status = AppStatus("app-1", "acct-1", (overdue,), 3)
-    clock = [T0]
-    checker = Checker(Reader(status), cfg, clock=lambda: clock[0], cache=cache)
-    cache.put("app-1", status, 1)
-    cache.put_room("app-1", "room-1", Room(T0 - 2 * HOUR, T0 + HOUR), 0)
-    enter = CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1")
-    first = checker.check_cached(enter)
-    assert first is not None and first.reason is Reason.IN_PROGRESS_PROTECTED
-    clock[0] = T0 + 3 * HOUR  # past the scheduled end and the overrun: same record, same room
-    later = checker.check_cached(enter)
-    assert later is not None and not later.allowed and later.reason is Reason.ACCOUNT_OVERDUE
+    sidecar = await build_sidecar(settings, store, clock=clock)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}")
+    stub = pb_grpc.EnforcementServiceStub(channel)
+    try:
+        await eventually(lambda: sidecar.checker.cache.feed_healthy)
+        # The package expires at T0 + 1 h, after the class started.
+        await reconciler.ingest(deliveries(events.app("acct-1", "app-1", expires=T0 + HOUR)))
+        report = pb.ReportClassroomStartedRequest(
+            app_id="app-1", room_id="room-1", started_at=ts(T0 - 10 * MINUTE)
+        )
+        report.scheduled_end_time.CopyFrom(ts(T0 + HOUR))
+        await stub.ReportClassroomStarted(report, timeout=5)
+        enter = pb.CanEnterClassroomRequest(app_id="app-1", room_id="room-1")
+        await eventually(lambda: sidecar.checker.cache.held_version("app-1") is not None)
+
+        clock.now = T0 + 90 * MINUTE
+        first = (await stub.CanEnterClassroom(enter, timeout=5)).decision
+        assert first.allowed and first.reason == pb.DECISION_REASON_IN_PROGRESS_PROTECTED
+        hits = sidecar.checker.cache.hits
+        # Past the scheduled end and the overrun: same record, same room.
+        clock.now = T0 + 3 * HOUR
+        later = (await stub.CanEnterClassroom(enter, timeout=5)).decision
+        assert not later.allowed and later.reason == pb.DECISION_REASON_PACKAGE_EXPIRED
+        assert sidecar.checker.cache.hits == hits + 1, "answered from the cache"
+    finally:
+        await channel.close()
+        await sidecar.stop(grace=0.2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from lcic_guard.domain.policy import AppStatus, Segment
+from lcic_guard.store.codec import text
 from lcic_guard.store.coordination import Coordination, Outbox
 from lcic_guard.store.keys import meta_key, status_key
 from lcic_guard.store.status import Store
@@ -28,7 +29,7 @@ SETTLE = 60_000
 
 async def fields(store: Store, key: str = KEY) -> dict[str, str]:
     raw = await store.redis.hgetall(key)
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {text(k) or "": text(v) or "" for k, v in raw.items()}
 
 
 # -- claim_announcement / finish_announcement ---------------------------------------
