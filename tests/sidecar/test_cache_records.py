@@ -103,6 +103,7 @@ async def fed(
     settings = sidecar_settings(
         redis_timeout_ms=2000, cache_size=10_000, cache_max_age_ms=1000 * HOUR, policy=policy
     )
+    clock.now = T0 - 200 * HOUR  # before every time the tests step to
     sidecar = await build_sidecar(settings, store, clock=clock)
     await eventually(lambda: sidecar.checker.cache.replica_answers_absent())
     yield sidecar
@@ -135,7 +136,7 @@ class Written:
         assert await self.store.report_room(
             app_id,
             room_id,
-            now=T0,
+            now=self.sidecar.checker.clock(),
             until=until,
             started_at=room.started_at,
             scheduled_end=room.scheduled_end,
@@ -167,7 +168,8 @@ async def test_memoized_fast_path_equals_the_policy(
     store: Store, fed: RunningSidecar, clock: FakeClock, status: AppStatus, offsets: list[int]
 ) -> None:
     cfg = PolicyConfig()
-    clock.now = T0
+    # Fetched before every time asked at: the clock only moves forward.
+    clock.now = T0 - 151 * HOUR
     status = await Written(store, fed).status(status)
     app, checker = status.app_id, fed.checker
     for off in offsets:  # crossing deadlines: each segment memoized apart
@@ -220,7 +222,8 @@ async def test_memoized_room_answers_follow_the_clock(
     record and room must still give a new answer once now passes the end of
     the class's protection or its reported end."""
     cfg = PolicyConfig()
-    clock.now = T0
+    # Fetched before every time asked at: the clock only moves forward.
+    clock.now = T0 - 41 * HOUR
     written = Written(store, fed)
     status = await written.status(status)
     room = Room(
