@@ -11,6 +11,7 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, PolicyConfig, Reason
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.reconciler import Reconciler
+from lcic_guard.reconciler.release import HELD_RECHECK_MS
 from lcic_guard.store.keys import DEADLINES
 from lcic_guard.store.status import Store
 
@@ -130,8 +131,8 @@ async def test_a_hold_stops_a_due_release_and_clearing_it_waits_the_notice(
     assert await released_facts(store, ACCT) == []
     seg = (await status_of(store, APP)).at(now)
     assert seg.reasons == (Reason.ACCOUNT_OVERDUE,) and seg.release_at is None
-    # Still listed by release-plan, as held.
-    assert await store.redis.zscore(DEADLINES, f"release:{ACCT}") is not None
+    # Still listed by release-plan, as held, and looked at again a day later.
+    assert await store.redis.zscore(DEADLINES, f"release:{ACCT}") == now + HELD_RECHECK_MS
     [listed] = await rec.plan_releases(now)
     assert listed.why.startswith("release on hold")
 

@@ -3,26 +3,53 @@ policy they stand in for."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
-from hypothesis import given, settings
+import grpc
+import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lcic.guard.v1 import enforcement_pb2 as pb
+from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import (
     HOUR,
+    MINUTE,
     SUSPENSION_PRECEDENCE,
     AppStatus,
     Check,
+    Decision,
     PolicyConfig,
     Reason,
     Room,
     Segment,
     decide,
+    protected_until,
 )
 from lcic_guard.domain.time import MAX_TIME
+from lcic_guard.reconciler import Reconciler
+from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.sidecar.cache import StatusCache, pack, segment_span, unpack, unpack_segment
 from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
+from lcic_guard.store.status import Store
+
+from tests.sidecar.test_sidecar_rpc import ts
+from tests.support.clock import FakeClock
+from tests.support.events import Events, deliveries
+from tests.support.settings import sidecar_settings
 
 T0 = 1_790_000_000_000
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 CANONICAL = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
 # Times a record can hold: the messages of a decision format them.
 times = st.one_of(st.none(), st.integers(0, MAX_TIME))
@@ -66,52 +93,95 @@ def test_unknown_apps_pack_too() -> None:
     assert unpack("x", pack(None, 42)) == (None, 42)
 
 
-class Reader:
-    """Serves statuses from memory: the fast path must not need it."""
-
-    def __init__(self, status: AppStatus) -> None:
-        self.status = status
-        self.reads = 0
-
-    async def read_status(
-        self, app_id: str, room_id: str | None = None
-    ) -> tuple[AppStatus | None, Room | None]:
-        self.reads += 1
-        return (self.status if app_id == "app-1" else None), None
-
-    async def read_statuses(
-        self, requests: Sequence[tuple[str, str | None]]
-    ) -> list[tuple[AppStatus | None, Room | None]]:
-        return [await self.read_status(a, r) for a, r in requests]
-
-    async def read_rows(
-        self, requests: Sequence[tuple[str, str | None]]
-    ) -> list[tuple[AppStatus | None, Room | None] | Exception]:
-        return list(await self.read_statuses(requests))
+@pytest_asyncio.fixture
+async def fed(
+    store: Store, policy: PolicyConfig, clock: FakeClock
+) -> AsyncIterator[RunningSidecar]:
+    """A sidecar whose cache is fed by the change feed from a real Redis, and
+    whose entries stay fresh across the hours these tests step over (the
+    feed confirms them; only the age bound would expire them)."""
+    settings = sidecar_settings(
+        redis_timeout_ms=2000, cache_size=10_000, cache_max_age_ms=1000 * HOUR, policy=policy
+    )
+    clock.now = T0 - 200 * HOUR  # before every time the tests step to
+    sidecar = await build_sidecar(settings, store, clock=clock)
+    await eventually(lambda: sidecar.checker.cache.replica_answers_absent())
+    yield sidecar
+    await sidecar.stop(grace=0.2)
 
 
-@settings(max_examples=100, deadline=None)
+class Written:
+    """Statuses written and published as the reconciler does, each under a
+    new application id, held by the sidecar once the feed delivers them."""
+
+    ids = itertools.count(1)  # hypothesis runs its examples on one store
+
+    def __init__(self, store: Store, sidecar: RunningSidecar) -> None:
+        self.store, self.sidecar = store, sidecar
+
+    async def status(self, status: AppStatus) -> AppStatus:
+        status = replace(status, app_id=f"app-{next(self.ids)}")
+        res = await self.store.write_status(status)
+        assert res.written
+        status = replace(status, version=res.version)  # the store's own version
+        await self.store.publish_change(status)
+        cache = self.sidecar.checker.cache
+        await eventually(lambda: cache.held_version(status.app_id) == status.version)
+        return status
+
+    async def room(self, app_id: str, room_id: str, room: Room) -> None:
+        """A classroom report as the sidecar records one, and the first check
+        of it, which reads the room from Redis into the cache."""
+        until = protected_until(bounded_room(room, PolicyConfig()) or room, PolicyConfig())
+        assert await self.store.report_room(
+            app_id,
+            room_id,
+            now=self.sidecar.checker.clock(),
+            until=until,
+            started_at=room.started_at,
+            scheduled_end=room.scheduled_end,
+            ended_at=room.ended_at,
+        )
+        await self.store.publish_room(app_id, room_id)
+        checker = self.sidecar.checker
+        await checker.check_uncached(CheckRequest(Check.ENTER_CLASSROOM, app_id, room_id))
+        rooms = checker.cache.rooms_of(app_id)
+        assert rooms is not None and room_id in rooms
+
+
+def cached(checker: Checker, req: CheckRequest) -> Decision | None:
+    """What the serving threads answer from the cache (None: not held)."""
+    answer = checker.answer(req)
+    return answer.decision if answer is not None else None
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     status=statuses(),
     offsets=st.lists(st.integers(-150 * HOUR, 150 * HOUR), min_size=1, max_size=20),
 )
-def test_memoized_fast_path_equals_the_policy(status: AppStatus, offsets: list[int]) -> None:
+async def test_memoized_fast_path_equals_the_policy(
+    store: Store, fed: RunningSidecar, clock: FakeClock, status: AppStatus, offsets: list[int]
+) -> None:
     cfg = PolicyConfig()
-    cache = StatusCache(10, max_age_ms=10**15)
-    cache.feed_healthy, cache.synced_since = True, 0
-    clock = [T0]
-    checker = Checker(Reader(status), cfg, clock=lambda: clock[0], cache=cache)
-    cache.put("app-1", status, 1)
-    cache.put("app-2", None, 1)
+    # Fetched before every time asked at: the clock only moves forward.
+    clock.now = T0 - 151 * HOUR
+    status = await Written(store, fed).status(status)
+    app, checker = status.app_id, fed.checker
     for off in offsets:  # crossing deadlines: each segment memoized apart
-        clock[0] = T0 + off
+        clock.now = T0 + off
         for check in (Check.CREATE_CLASSROOM, Check.ACCESS_RECORDING):
-            got = checker.check_cached(CheckRequest(check, "app-1"))
-            assert got == decide(check, status, clock[0], cfg)
-            unknown = checker.check_cached(CheckRequest(check, "app-2"))
-            assert unknown == decide(check, None, clock[0], cfg)
-        enter = checker.check_cached(CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1"))
-        expected = decide(Check.ENTER_CLASSROOM, status, clock[0], cfg)
+            got = cached(checker, CheckRequest(check, app))
+            assert got == decide(check, status, clock.now, cfg)
+            # Not in the table: the whole replica answers it unknown.
+            unknown = cached(checker, CheckRequest(check, "app-never"))
+            assert unknown == decide(check, None, clock.now, cfg)
+        enter = cached(checker, CheckRequest(Check.ENTER_CLASSROOM, app, "room-1"))
+        expected = decide(Check.ENTER_CLASSROOM, status, clock.now, cfg)
         # A suspended app's classroom needs the room: no cached answer yet.
         assert enter == (expected if expected.allowed else None)
 
@@ -126,7 +196,11 @@ def test_the_least_recently_used_app_is_forgotten_first() -> None:
     assert cache.app_ids() == ["a", "c"]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     status=statuses(),
     start=st.integers(-30 * HOUR, 30 * HOUR),
@@ -134,46 +208,73 @@ def test_the_least_recently_used_app_is_forgotten_first() -> None:
     ended=st.one_of(st.none(), st.integers(-30 * HOUR, 30 * HOUR)),
     offsets=st.lists(st.integers(-40 * HOUR, 40 * HOUR), min_size=1, max_size=20),
 )
-def test_memoized_room_answers_follow_the_clock(
-    status: AppStatus, start: int, length: int | None, ended: int | None, offsets: list[int]
+async def test_memoized_room_answers_follow_the_clock(
+    store: Store,
+    fed: RunningSidecar,
+    clock: FakeClock,
+    status: AppStatus,
+    start: int,
+    length: int | None,
+    ended: int | None,
+    offsets: list[int],
 ) -> None:
     """An enter check of a suspended app is memoized with its room: the same
     record and room must still give a new answer once now passes the end of
     the class's protection or its reported end."""
     cfg = PolicyConfig()
-    cache = StatusCache(10, max_age_ms=10**15)
-    cache.feed_healthy, cache.synced_since = True, 0
-    clock = [T0]
-    checker = Checker(Reader(status), cfg, clock=lambda: clock[0], cache=cache)
-    cache.put("app-1", status, 1)
+    # Fetched before every time asked at: the clock only moves forward.
+    clock.now = T0 - 41 * HOUR
+    written = Written(store, fed)
+    status = await written.status(status)
     room = Room(
         T0 + start,
         None if length is None else T0 + start + length,
         None if ended is None else T0 + ended,
     )
-    cache.put_room("app-1", "room-1", room, 0)
+    await written.room(status.app_id, "room-1", room)
+    enter = CheckRequest(Check.ENTER_CLASSROOM, status.app_id, "room-1")
     for off in sorted(offsets) + sorted(offsets):  # again: now from the memo
-        clock[0] = T0 + off
-        got = checker.check_cached(CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1"))
-        want = decide(Check.ENTER_CLASSROOM, status, clock[0], cfg, bounded_room(room, cfg))
+        clock.now = T0 + off
+        got = cached(fed.checker, enter)
+        want = decide(Check.ENTER_CLASSROOM, status, clock.now, cfg, bounded_room(room, cfg))
         assert got == want
 
 
-def test_a_memoized_protected_room_is_denied_once_its_protection_ends() -> None:
-    cfg = PolicyConfig()
-    cache = StatusCache(10, max_age_ms=10**15)
-    cache.feed_healthy, cache.synced_since = True, 0
-    overdue = Segment(
-        T0 - HOUR, (Reason.ACCOUNT_OVERDUE,), T0 - HOUR, T0 - HOUR, T0 + 1000 * HOUR, T0 - HOUR
+async def test_a_memoized_protected_room_is_denied_once_its_protection_ends(
+    store: Store, reconciler: Reconciler, events: Events, policy: PolicyConfig, clock: FakeClock
+) -> None:
+    """The status and the room reach the cache the way they do in production
+    (the reconciler's write and the report, delivered by the change feed);
+    the second answer comes from the same held record and room."""
+    settings = sidecar_settings(
+        redis_timeout_ms=2000, cache_size=50, cache_max_age_ms=10 * HOUR, policy=policy
     )
-    status = AppStatus("app-1", "acct-1", (overdue,), 3)
-    clock = [T0]
-    checker = Checker(Reader(status), cfg, clock=lambda: clock[0], cache=cache)
-    cache.put("app-1", status, 1)
-    cache.put_room("app-1", "room-1", Room(T0 - 2 * HOUR, T0 + HOUR), 0)
-    enter = CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1")
-    first = checker.check_cached(enter)
-    assert first is not None and first.reason is Reason.IN_PROGRESS_PROTECTED
-    clock[0] = T0 + 3 * HOUR  # past the scheduled end and the overrun: same record, same room
-    later = checker.check_cached(enter)
-    assert later is not None and not later.allowed and later.reason is Reason.ACCOUNT_OVERDUE
+    sidecar = await build_sidecar(settings, store, clock=clock)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}")
+    stub = pb_grpc.EnforcementServiceStub(channel)
+    try:
+        await eventually(lambda: sidecar.checker.cache.feed_healthy)
+        # The package expires at T0 + 1 h, after the class started.
+        await reconciler.ingest(deliveries(events.app("acct-1", "app-1", expires=T0 + HOUR)))
+        report = pb.ReportClassroomStartedRequest(
+            app_id="app-1", room_id="room-1", started_at=ts(T0 - 10 * MINUTE)
+        )
+        report.scheduled_end_time.CopyFrom(ts(T0 + HOUR))
+        await stub.ReportClassroomStarted(report, timeout=5)
+        enter = pb.CanEnterClassroomRequest(app_id="app-1", room_id="room-1")
+        await eventually(lambda: sidecar.checker.cache.held_version("app-1") is not None)
+
+        clock.now = T0 + 90 * MINUTE
+        await stub.CanEnterClassroom(enter, timeout=5)  # may read the room from Redis
+        hits = sidecar.checker.cache.hits
+        first = (await stub.CanEnterClassroom(enter, timeout=5)).decision
+        assert first.allowed and first.reason == pb.DECISION_REASON_IN_PROGRESS_PROTECTED
+        assert sidecar.checker.cache.hits == hits + 1, "answered from the cache, memoized"
+        # Past the scheduled end and the overrun: same record, same room.
+        clock.now = T0 + 3 * HOUR
+        later = (await stub.CanEnterClassroom(enter, timeout=5)).decision
+        assert not later.allowed and later.reason == pb.DECISION_REASON_PACKAGE_EXPIRED
+        assert sidecar.checker.cache.hits == hits + 2, "answered from the cache"
+    finally:
+        await channel.close()
+        await sidecar.stop(grace=0.2)

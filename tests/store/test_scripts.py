@@ -1,5 +1,6 @@
 """The Lua scripts are files of the package: every one ships in the wheel
-(the package-data rule matches it) and compiles in a real Redis."""
+(the package-data rule matches it), compiles in a real Redis, and has
+behaviour tests of its own in tests/store/test_lua_*.py."""
 
 from __future__ import annotations
 
@@ -31,3 +32,11 @@ def test_every_lua_file_matches_the_package_data_rule() -> None:
 async def test_each_script_compiles_in_redis(store: Store, name: str) -> None:
     sha = await store.redis.script_load(script(name))
     assert (await store.redis.script_exists(sha)) == [True]
+
+
+def test_each_script_has_behaviour_tests_of_its_own() -> None:
+    """Compiling proves little: each script's contract is exercised by a
+    test_lua_*.py file that names it (as lua/NAME.lua in its docstring)."""
+    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_lua_*.py"))
+    untested = [f for f in LUA if f not in tests]
+    assert untested == [], "no behaviour tests in tests/store/test_lua_*.py"
