@@ -15,7 +15,7 @@ from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
 from lcic_guard.sidecar.cache import CircuitBreaker, StatusCache
-from lcic_guard.store.connect import StoreError, store_unreachable
+from lcic_guard.store.connect import StoreError, store_refused, store_unreachable
 from lcic_guard.store.feed import Change, stream_id_order
 from lcic_guard.tasks import stop_task
 
@@ -416,8 +416,12 @@ class ChangeFeedReader:
                 self.cache.feed_healthy = False
                 raise
             except Exception as exc:
-                if self.breaker is not None and store_unreachable(exc):
+                if self.breaker is not None and store_refused(exc):
                     # Before the cache stops being fresh: no check waits then.
+                    # Only a refused or reset connection proves Redis down: a
+                    # read that overran may be this process's own busy loop
+                    # (SPEC R13: never a failure mode because the sidecar is
+                    # busy), and the checks' own reads judge a silent Redis.
                     self.breaker.trip(self.clock())
                 mono = asyncio.get_running_loop().time()
                 if connected or mono - warned >= 30:

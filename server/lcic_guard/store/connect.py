@@ -33,6 +33,14 @@ def store_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, unreachable)
 
 
+def store_refused(exc: BaseException) -> bool:
+    """Redis refused or reset the connection: down for certain. A timeout is
+    not proof, since the caller's own busy event loop can make a read that
+    Redis answered in time look late."""
+    late = (TimeoutError, RedisTimeoutError)
+    return store_unreachable(exc) and not isinstance(exc, late)
+
+
 SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
 SENTINEL_DEFAULT_PORT: Final = 26379
 
