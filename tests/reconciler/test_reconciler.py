@@ -712,6 +712,18 @@ async def leader(
     return rec
 
 
+async def noticed(rec: Reconciler, account: str, at: Millis) -> None:
+    """Give the account's release the notice R10 requires, as made at ``at``
+    (these tests feed a history today as if it had been read live: its first
+    notice would have been made when the suspension became known)."""
+    loaded = await rec.store.load_account_facts(account)
+    statuses = rec._compute(loaded)
+    release_at = next(iter(statuses.values())).at(rec.clock()).release_at
+    assert release_at is not None
+    record = await rec.announcer.evidence_notice(account, loaded, statuses, release_at, 0, at)
+    assert record is not None and record.committed_at == at
+
+
 async def released_facts(store: Store, account: str) -> list[str]:
     raw = await store.redis.hgetall(facts_key(account))
     return [_s(k) for k, v in raw.items() if b"resources_released" in v]
@@ -731,6 +743,7 @@ async def test_release_happens_once_when_due_and_never_before(
         overdue_history(events, "acct-1", ["app-1", "app-2"], alert_at),
         recorded_at=alert_at,
     )
+    await noticed(rec, "acct-1", alert_at + GRACE)
     assert await store.redis.zscore(DEADLINES, "release:acct-1") == release_at
 
     clock.now = release_at - 1
@@ -790,6 +803,8 @@ async def test_release_is_announced_once_by_racing_reconcilers(
         overdue_history(events, "acct-3", ["app-3"], now - 62 * DAY),
         recorded_at=now - 62 * DAY,
     )
+    for account in ("acct-1", "acct-2", "acct-3"):
+        await noticed(r1, account, now - 61 * DAY)
     payload: dict[str, dict[str, Any]] = {}
 
     await asyncio.gather(*(r.try_release("acct-1", now) for r in (r1, r2, r1, r2)))
@@ -951,6 +966,7 @@ async def test_a_leader_with_an_older_token_cannot_release(
         overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY),
         recorded_at=now - 62 * DAY,
     )
+    await noticed(old, "acct-1", now - 61 * DAY)
     old.token = await old.coord.hold_lease("old", 100)
     plan, seq = await old.release_plan("acct-1", now)
     assert plan.eligible  # the old leader decided, then paused past its lease
@@ -996,6 +1012,7 @@ async def test_dry_run_lists_the_release_but_does_not_perform_it(
         overdue_history(events, "acct-2", ["app-3"], now - 30 * DAY),
         recorded_at=now - 30 * DAY,
     )
+    await noticed(rec, "acct-1", now - 61 * DAY)
 
     await rec.run_deadlines(now)
     [planned] = rec.releases_planned
@@ -1022,6 +1039,7 @@ async def test_a_settlement_after_release_restores_nothing(
     await feed(
         rec, src, overdue_history(events, "acct-1", ["app-1"], alert_at), recorded_at=alert_at
     )
+    await noticed(rec, "acct-1", alert_at + GRACE)
     assert (await rec.try_release("acct-1", now)).eligible
     assert (await changes_of(store, "app-1"))[-1] == ("SUSPENDED", "RELEASED")
 

@@ -15,18 +15,25 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from lcic_guard.domain.evidence import override_log
 from lcic_guard.domain.facts import GraceExtended
+from lcic_guard.domain.notices import (
+    RELEASE_SCHEDULED,
+    LedgerRecord,
+    Notice,
+    due_notice,
+    notice_plan,
+)
 from lcic_guard.domain.policy import (
     AppStatus,
     PolicyConfig,
     Segment,
-    format_duration,
     notice_episode,
     overdue_notice,
 )
-from lcic_guard.domain.time import Millis, format_time
+from lcic_guard.domain.time import Millis, format_time, parse_time
 from lcic_guard.domain.warnings import ScheduledSuspension, scheduled_suspensions
 from lcic_guard.reconciler.config import STALE_OUTBOX_MS, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
@@ -48,25 +55,6 @@ NOTICE_FIELD = "notice"
 WARNED_FIELD = "warned"
 
 
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """One ``release_scheduled`` announcement of an overdue episode (R10)."""
-
-    kind: str  # "initial", or how long before release_at, e.g. "7d"
-    at: Millis
-    sent: bool = False
-
-
-def notice_plan(known: Millis, release_at: Millis, reminders: Iterable[int]) -> list[Notice]:
-    """R10: the first notice when the suspension becomes known, then one
-    reminder per lead time, only those after the first notice."""
-    out = [Notice("initial", known)]
-    for lead in sorted(set(reminders), reverse=True):
-        if release_at - lead > known:
-            out.append(Notice(format_duration(lead), release_at - lead))
-    return out
-
-
 def _sent_notices(cursor: str, episode: str) -> set[int]:
     """The notices of ``episode`` already announced, from the account's cursor
     ``EPISODE|i,j,...``."""
@@ -78,6 +66,37 @@ def _sent_notices(cursor: str, episode: str) -> set[int]:
 
 def _state_key(seg: Segment) -> str:
     return json.dumps([seg.state.value, [r.value for r in seg.reasons]], separators=(",", ":"))
+
+
+def _notice_series(announcement_id: str, account_id: str) -> str:
+    """The episode of a ``release_scheduled`` from its id
+    ``notice:ACCOUNT:SERIES:KIND`` (a kind holds no colon)."""
+    rest = announcement_id.removeprefix(f"notice:{account_id}:")
+    return rest.rsplit(":", 1)[0]
+
+
+def ledger_record(event: dict[str, Any], now: Millis, run_ids: str) -> LedgerRecord:
+    """What the ledger keeps of an announcement committed at ``now``."""
+    kind = str(event["type"])
+    account = str(event.get("account_id", ""))
+    aid = str(event["announcement_id"])
+    dates: dict[str, Millis] = {}
+    episode = ""
+    if kind == RELEASE_SCHEDULED:
+        episode = _notice_series(aid, account)
+        dates["release_at"] = parse_time(event["release_at"], "release_at")
+    elif kind == "suspension_scheduled":
+        episode = aid.removeprefix("warn:").rsplit(":", 1)[0]
+        dates["at"] = parse_time(event["at"], "at")
+    elif kind == "override_applied":
+        episode = str(event.get("event_id", ""))
+        if event.get("until"):
+            dates["until"] = parse_time(event["until"], "until")
+    elif kind == "resources_released":
+        episode = ",".join(str(a) for a in event.get("app_ids") or ())
+    return LedgerRecord(
+        aid, kind, account, episode, dates, committed_at=now, run_ids=tuple(run_ids.split(","))
+    )
 
 
 class Announcer:
@@ -94,6 +113,13 @@ class Announcer:
         self.policy = policy
         self.config = config
         self.metrics = metrics
+
+    async def _committed(self, event: dict[str, Any], now: Millis) -> tuple[str, str, str]:
+        """The ledger entry of an account's announcement now on the stream:
+        written with the outbox's clearing, in one step."""
+        ids = ",".join(sorted(await self.store.run_ids()))
+        record = ledger_record(event, now, ids)
+        return record.account_id, record.announcement_id, record.to_json()
 
     async def status_change(self, status: AppStatus, now: Millis) -> Millis | None:
         """Announce the app's state at ``now`` once it differs from the last
@@ -187,7 +213,11 @@ class Announcer:
         event = json.loads(outbox.payload)
         if not await self.coord.on_stream(event["announcement_id"], outbox.at - 1000):
             await self.store.announce(event)
-        await self.coord.finish(key, cursor, outbox.payload)
+        # A release, notice or warning goes to the account's ledger; the time
+        # is when it is known to be on the stream (later than it may have
+        # been: a release waits longer, never shorter).
+        ledger = await self._committed(event, now) if cursor != ANNOUNCED_FIELD else None
+        await self.coord.finish(key, cursor, outbox.payload, ledger)
         return True
 
     async def release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> bool:
@@ -222,7 +252,7 @@ class Announcer:
         new = json.dumps(sorted(done | set(missing)), separators=(",", ":"))
         if await self.coord.claim(key, RELEASE_FIELD, cursor, new, payload, now):
             await self.store.announce(event)
-            await self.coord.finish(key, RELEASE_FIELD, payload)
+            await self.coord.finish(key, RELEASE_FIELD, payload, await self._committed(event, now))
             return True
         return False
 
@@ -275,9 +305,8 @@ class Announcer:
         series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
         sent = _sent_notices(cursor, series)
         last = max(sent, default=-1)
-        due = [i for i, n in enumerate(plan) if n.at + settle <= now and i > last]
-        if due:
-            i = due[-1]
+        i = due_notice(plan, sent, settle, now)
+        if i is not None:
             notice = plan[i]
             event = {
                 "type": "release_scheduled",
@@ -297,7 +326,7 @@ class Announcer:
             if not await self.coord.claim(key, NOTICE_FIELD, cursor, new, payload, now):
                 return  # another replica announces it; the deadline above checks
             await self.store.announce(event)
-            await self.coord.finish(key, NOTICE_FIELD, payload)
+            await self.coord.finish(key, NOTICE_FIELD, payload, await self._committed(event, now))
             log.info(
                 "release of account %s scheduled at %s: notice %s announced",
                 account_id,
@@ -311,6 +340,62 @@ class Announcer:
             await self.coord.schedule(member, ahead[0])
         else:
             await self.coord.unschedule(member)
+
+    async def evidence_notice(
+        self,
+        account_id: str,
+        loaded: AccountFacts,
+        app_ids: Iterable[str],
+        release_at: Millis,
+        basis: Millis,
+        now: Millis,
+    ) -> LedgerRecord | None:
+        """R10: a release found no notice on record that proves the customer
+        was told in time (none made, one made before a store discontinuity,
+        one cut short by a crash): announce one now, naming the earliest
+        time the release can now happen, ``release_at`` or now + the notice
+        period. Once per episode and ``basis`` (the discontinuity it answers,
+        0 for none), claimed in the ledger so racing replicas make it once.
+        Returns its record once it is committed."""
+        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
+        if episode is None:
+            return None
+        alert, _, computed = episode
+        series = notice_episode(alert, computed, self.policy, loaded.recorded_at)
+        named = max(release_at, now + self.policy.release_notice_ms)
+        event: dict[str, Any] = {
+            "type": RELEASE_SCHEDULED,
+            "announcement_id": f"notice:{account_id}:{series}:evidence-{basis}",
+            "occurred_at": format_time(now),
+            "account_id": account_id,
+            "app_ids": sorted(app_ids),
+            "release_at": format_time(named),
+            "notice": "evidence",
+            "overdue_alert_id": alert.event_id,
+            "overdue_since": format_time(alert.occurred_at),
+        }
+        aid = str(event["announcement_id"])
+        claim = json.dumps({"claimed_at": now, "payload": event}, sort_keys=True)
+        got = await self.coord.ledger_claim(account_id, aid, claim, now, STALE_OUTBOX_MS)
+        if got == 0:
+            return None
+        if got == 1 or not await self.coord.on_stream(aid, 0):
+            await self.store.announce(event)
+        _, _, record = await self._committed(event, now)
+        await self.coord.ledger_commit(account_id, aid, record)
+        log.warning(
+            "release of account %s needs a notice on record: announced one now, the release "
+            "waits until %s",
+            account_id,
+            format_time(named),
+            extra={"event": RELEASE_SCHEDULED, "account_id": account_id},
+        )
+        return LedgerRecord.from_json(record)
+
+    async def ledger(self, account_id: str) -> list[LedgerRecord]:
+        """The account's committed announcements."""
+        rows = await self.coord.ledger(account_id)
+        return [r for raw in rows.values() if (r := LedgerRecord.from_json(raw)) is not None]
 
     async def warnings(
         self, account_id: str, loaded: AccountFacts, statuses: dict[str, AppStatus], now: Millis
@@ -387,7 +472,9 @@ class Announcer:
             if not claimed:
                 return  # another replica announces it; the deadline above checks
             await self.store.announce(json.loads(payload))
-            await self.coord.finish(key, WARNED_FIELD, payload)
+            await self.coord.finish(
+                key, WARNED_FIELD, payload, await self._committed(json.loads(payload), now)
+            )
             log.info(
                 "%s announced for account %s",
                 warning.event["type"],

@@ -15,12 +15,15 @@ from lcic_guard.domain.facts import (
 from lcic_guard.domain.time import Millis
 from lcic_guard.store.codec import text
 from lcic_guard.store.keys import (
+    CONTINUITY,
     DEADLINES,
     FENCE,
     GUARD_STREAM,
     HEARTBEAT,
     LEADER,
+    RELEASE_PAUSE,
     facts_key,
+    ledger_key,
     meta_key,
     recorded_key,
     status_key,
@@ -52,6 +55,9 @@ class Coordination:
         self._finish = redis.register_script(script("finish_announcement"))
         self._fence = redis.register_script(script("fence_account"))
         self._take = redis.register_script(script("take_outbox"))
+        self._finish_ledger = redis.register_script(script("finish_ledger"))
+        self._ledger_claim = redis.register_script(script("ledger_claim"))
+        self._discontinuity = redis.register_script(script("note_discontinuity"))
 
     async def hold_lease(self, holder: str, ttl_ms: int) -> int:
         return int(await self._lease(keys=[LEADER, FENCE], args=[holder, ttl_ms]))
@@ -185,8 +191,69 @@ class Coordination:
         )
         return int(code), int(since)
 
-    async def finish(self, key: str, field: str, payload: str) -> None:
-        await self._finish(keys=[key], args=[field, payload])
+    async def finish(
+        self, key: str, field: str, payload: str, ledger: tuple[str, str, str] | None = None
+    ) -> None:
+        """Clear the outbox of an announcement now on the stream; with
+        ``ledger`` (account, announcement id, record), record it in the
+        account's ledger in the same step (``key`` must be the account's)."""
+        if ledger is None:
+            await self._finish(keys=[key], args=[field, payload])
+            return
+        account, announcement_id, record = ledger
+        await self._finish_ledger(
+            keys=[key, ledger_key(account)], args=[field, payload, announcement_id, record]
+        )
+
+    # -- the announcement ledger ------------------------------------------------
+
+    async def ledger(self, account_id: str) -> dict[str, str]:
+        """Every record of the account's ledger, by announcement id."""
+        raw: Any = await self.redis.hgetall(ledger_key(account_id))
+        return {text(k) or "": text(v) or "" for k, v in raw.items()}
+
+    async def ledger_claim(
+        self, account_id: str, announcement_id: str, claim: str, now: Millis, stale_ms: int
+    ) -> int:
+        """Claim an announcement in the ledger (see lua/ledger_claim.lua):
+        1 claimed, 2 taken over from a writer presumed dead, 0 not ours."""
+        return int(
+            await self._ledger_claim(
+                keys=[ledger_key(account_id)], args=[announcement_id, claim, now, stale_ms]
+            )
+        )
+
+    async def ledger_commit(self, account_id: str, announcement_id: str, record: str) -> None:
+        await self.redis.hset(ledger_key(account_id), announcement_id, record)
+
+    # -- store continuity (R10) ---------------------------------------------------
+
+    async def continuity(self) -> dict[str, str]:
+        raw: Any = await self.redis.hgetall(CONTINUITY)
+        return {text(k) or "": text(v) or "" for k, v in raw.items()}
+
+    async def note_continuity(
+        self, expected_run_ids: str, run_ids: str, generation: str, now: Millis, cause: str
+    ) -> bool:
+        """Store what is seen of the store now; with a cause, start a release
+        pause (see lua/note_discontinuity.lua). True if this call started it."""
+        return bool(
+            await self._discontinuity(
+                keys=[CONTINUITY, RELEASE_PAUSE],
+                args=[expected_run_ids, run_ids, generation, now, cause],
+            )
+        )
+
+    async def release_pause(self) -> dict[str, str]:
+        raw: Any = await self.redis.hgetall(RELEASE_PAUSE)
+        return {text(k) or "": text(v) or "" for k, v in raw.items()}
+
+    async def lift_pause(self, since: Millis, snapshot_at: Millis) -> None:
+        """Note that a billing snapshot loaded after the pause began confirmed
+        the facts (only for the pause that began at ``since``)."""
+        cur = text(await self.redis.hget(RELEASE_PAUSE, "since"))
+        if cur == str(since):
+            await self.redis.hset(RELEASE_PAUSE, "snapshot_at", snapshot_at)
 
     async def take_outbox(
         self, key: str, field: str, payload: str, now: Millis, stale_ms: int
