@@ -292,7 +292,13 @@ class Announcer:
         member = notice_deadline(account_id)
         episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
         if episode is None or not statuses:
-            await self.coord.unschedule(member)
+            # A fact dated a little ahead (a clear of a hold, an alert) may
+            # open an episode when its time comes: look again then.
+            ahead = [f.occurred_at for f in loaded.facts if f.occurred_at > now]
+            if ahead and statuses:
+                await self.coord.schedule(member, min(ahead) + settle)
+            else:
+                await self.coord.unschedule(member)
             return
         alert, known, release_at = episode
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
