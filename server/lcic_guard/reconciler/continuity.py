@@ -49,6 +49,7 @@ class StoreContinuity:
         coord: Coordination,
         notice_ms: int,
         metrics: ReconcilerMetrics | None = None,
+        name: str = "",
     ) -> None:
         self.store = store
         self.coord = coord
@@ -57,6 +58,8 @@ class StoreContinuity:
         self.run_ids: str | None = None
         self.generation: str | None = None
         self._tops: dict[str, tuple[int, int]] = {}
+        self.name = name
+        self._mark: str | None = None  # the checked_at this process last stored
 
     async def _top(self, stream: str) -> tuple[int, int]:
         try:
@@ -77,7 +80,7 @@ class StoreContinuity:
         stored_ids = stored.get("run_ids", "")
         cause = ""
         if stored_ids and stored_ids != ids:
-            cause = "run_id"
+            cause = "" if await self._restarted_losing_nothing(stored, tops) else "run_id"
         elif not stored_ids and self.run_ids is not None and self.run_ids != ids:
             cause = "run_id"  # restarted with no data at all
         elif (stored.get("generation") and stored["generation"] != generation) or (
@@ -90,7 +93,16 @@ class StoreContinuity:
             tops[s] < self._tops.get(s, (0, 0)) for s in WATCHED_STREAMS
         ):
             cause = "stream_id"
-        started = await self.coord.note_continuity(stored_ids, ids, generation, now, cause)
+        started = await self.coord.note_continuity(
+            stored_ids, ids, generation, now, cause, self.name
+        )
+        self._mark = str(now)
+        if stored_ids and stored_ids != ids and not cause:
+            log.info(
+                "Redis restarted without losing acknowledged writes (append-only file, "
+                "appendfsync always): no release pause",
+                extra={"event": "store_restarted"},
+            )
         if started:
             log.warning(
                 "the store may have lost acknowledged writes (%s): every release is paused "
@@ -111,6 +123,23 @@ class StoreContinuity:
         else:
             self._tops = {s: max(tops[s], self._tops.get(s, (0, 0))) for s in WATCHED_STREAMS}
         return await self.pause()
+
+    async def _restarted_losing_nothing(
+        self, stored: dict[str, str], tops: dict[str, tuple[int, int]]
+    ) -> bool:
+        """A restart that provably lost no acknowledged write, so that it
+        needs no pause: Redis fsyncs every write before answering (AOF,
+        ``appendfsync always``) and was not a replica promoted, and this
+        process, running across the restart, finds the very last thing it
+        stored there and no stream gone back. A process that was not running
+        cannot tell a restart from a restore of an older file: it pauses."""
+        return (
+            self._mark is not None
+            and stored.get("checked_at") == self._mark
+            and stored.get("checked_by") == self.name
+            and all(tops[s] >= self._tops.get(s, (0, 0)) for s in WATCHED_STREAMS)
+            and await self.coord.writes_survive_restart()
+        )
 
     async def pause(self) -> Pause | None:
         """The last release pause stored, None if there never was one."""

@@ -94,7 +94,9 @@ class Releaser:
         self._watermark = watermark
         self._recorded_clock = recorded_clock
         self.metrics = metrics
-        self.continuity = StoreContinuity(store, coord, policy.release_notice_ms, metrics)
+        self.continuity = StoreContinuity(
+            store, coord, policy.release_notice_ms, metrics, name=name
+        )
         self.token = 0
         # The data set in Redis this replica works on (see the store's
         # generation); after it changes, releases wait until every source

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from lcic_guard.domain.facts import (
     Fact,
     to_json,
@@ -233,15 +235,42 @@ class Coordination:
         return {text(k) or "": text(v) or "" for k, v in raw.items()}
 
     async def note_continuity(
-        self, expected_run_ids: str, run_ids: str, generation: str, now: Millis, cause: str
+        self,
+        expected_run_ids: str,
+        run_ids: str,
+        generation: str,
+        now: Millis,
+        cause: str,
+        checker: str,
     ) -> bool:
-        """Store what is seen of the store now; with a cause, start a release
-        pause (see lua/note_discontinuity.lua). True if this call started it."""
+        """Store what is seen of the store now (and who looked); with a cause,
+        start a release pause (see lua/note_discontinuity.lua). True if this
+        call started it."""
         return bool(
             await self._discontinuity(
                 keys=[CONTINUITY, RELEASE_PAUSE],
-                args=[expected_run_ids, run_ids, generation, now, cause],
+                args=[expected_run_ids, run_ids, generation, now, cause, checker],
             )
+        )
+
+    async def writes_survive_restart(self) -> bool:
+        """Whether a restart of this Redis loses no write it acknowledged:
+        the append-only file on with ``appendfsync always``, and not a replica
+        promoted by a failover (replication is asynchronous: the writes it had
+        not carried are lost). False whenever it cannot tell (a cluster,
+        CONFIG disabled)."""
+        if isinstance(self.redis, RedisCluster):
+            return False
+        try:
+            persistence: Any = await self.redis.info("persistence")
+            replication: Any = await self.redis.info("replication")
+            config: Any = await self.redis.config_get("appendfsync")
+        except Exception:
+            return False
+        return (
+            int(persistence.get("aof_enabled", 0)) == 1
+            and str(config.get("appendfsync", "")) == "always"
+            and int(replication.get("second_repl_offset", -1)) == -1
         )
 
     async def release_pause(self) -> dict[str, str]:
