@@ -67,7 +67,7 @@ async def restart(server: EmbeddedRedis, store: Store) -> None:
 
 def pauses(rec: Reconciler, cause: str) -> float:
     assert rec.metrics is not None
-    return rec.metrics.release_pauses.labels(cause)._value.get()
+    return float(rec.metrics.release_pauses.labels(cause)._value.get())
 
 
 async def test_a_restart_from_rdb_pauses_releases_once_and_the_pause_is_stored(
