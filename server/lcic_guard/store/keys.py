@@ -38,9 +38,9 @@ GENERATION: Final = "lcic:guard:generation"
 STATUS_PATTERN: Final = "lcic:app:{*}:status"
 # What the reconciler last saw of the store (run ids, generation, stream
 # tops), to tell that it went back in time (R10).
-CONTINUITY: Final = "lcic:guard:continuity"
+CONTINUITY: Final = "lcic:guard:{continuity}"
 # Releases paused after a store discontinuity: since when, and why (R10).
-RELEASE_PAUSE: Final = "lcic:guard:release-pause"
+RELEASE_PAUSE: Final = "lcic:guard:{continuity}:release-pause"
 
 
 def status_key(app_id: str) -> str:
