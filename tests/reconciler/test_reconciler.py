@@ -26,6 +26,7 @@ from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig,
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.announce import ledger_record
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.sidecar.wire import timestamp
 from lcic_guard.store.connect import RedisClient, connect
@@ -829,14 +830,15 @@ async def test_release_is_announced_once_by_racing_reconcilers(
             "account_id": account,
             "app_ids": list(plan.app_ids),
         }
-        text = json.dumps(payload[account], sort_keys=True)
-        assert await r1.coord.claim(meta_key(account), "released", "", "1", text, now)
+        claim = json.dumps({"claimed_at": now, "payload": payload[account]}, sort_keys=True)
+        assert await r1.coord.ledger_claim(account, f"release:{account}", claim, now, 10_000) == 1
     # Others come by while the writer of acct-2 is still at work: they leave it be.
     await asyncio.gather(*(r.try_release(a, now) for r in (r2, r1) for a in ("acct-2", "acct-3")))
+    assert await guard_events(store, "resources_released") != []  # acct-1 only
+    assert len(await guard_events(store, "resources_released")) == 1
     await store.announce(payload["acct-2"])
-    await r1.coord.finish(
-        meta_key("acct-2"), "released", json.dumps(payload["acct-2"], sort_keys=True)
-    )
+    record = ledger_record(payload["acct-2"], now, "run").to_json()
+    await r1.coord.ledger_commit("acct-2", "release:acct-2", record)
     # Later, the abandoned announcement of acct-3 is finished, once.
     clock.now = now + 60_000
     await asyncio.gather(r1.run_deadlines(clock.now), r2.run_deadlines(clock.now))

@@ -55,15 +55,6 @@ NOTICE_FIELD = "notice"
 WARNED_FIELD = "warned"
 
 
-def _sent_notices(cursor: str, episode: str) -> set[int]:
-    """The notices of ``episode`` already announced, from the account's cursor
-    ``EPISODE|i,j,...``."""
-    head, _, indices = cursor.rpartition("|")
-    if head != episode or not indices:
-        return set()
-    return {int(i) for i in indices.split(",")}
-
-
 def _state_key(seg: Segment) -> str:
     return json.dumps([seg.state.value, [r.value for r in seg.reasons]], separators=(",", ":"))
 
@@ -213,29 +204,74 @@ class Announcer:
         event = json.loads(outbox.payload)
         if not await self.coord.on_stream(event["announcement_id"], outbox.at - 1000):
             await self.store.announce(event)
-        # A release, notice or warning goes to the account's ledger; the time
-        # is when it is known to be on the stream (later than it may have
-        # been: a release waits longer, never shorter).
-        ledger = await self._committed(event, now) if cursor != ANNOUNCED_FIELD else None
-        await self.coord.finish(key, cursor, outbox.payload, ledger)
+        await self.coord.finish(key, cursor, outbox.payload)
         return True
 
+    # -- the account's ledger: every other announcement, exactly once -------------
+
+    async def _make(
+        self, account_id: str, event: dict[str, Any], now: Millis, since: Millis = 0
+    ) -> LedgerRecord | None:
+        """Make one announcement of the account exactly once: claimed in its
+        ledger, added to the stream, committed (with when, and the Redis run
+        ids). A claim left by a writer presumed dead is taken over, and the
+        stream is checked (from ``since``) before the announcement is added
+        again. None when it is committed already or another writer holds it."""
+        aid = str(event["announcement_id"])
+        claim = json.dumps({"claimed_at": now, "payload": event}, sort_keys=True)
+        got = await self.coord.ledger_claim(account_id, aid, claim, now, STALE_OUTBOX_MS)
+        if got <= 0:
+            return None
+        if got == 1 or not await self.coord.on_stream(aid, since):
+            await self.store.announce(event)
+        # The time is when it is known to be on the stream: later than it may
+        # have been after a take-over, so a release can only wait longer.
+        _, _, record = await self._committed(event, now)
+        await self.coord.ledger_commit(account_id, aid, record)
+        return LedgerRecord.from_json(record)
+
+    async def _made(self, account_id: str, now: Millis) -> tuple[dict[str, LedgerRecord], bool]:
+        """The account's committed announcements by id, once every claim a
+        writer presumed dead left is finished; and whether one is still in
+        flight (claimed by a live writer: left to it)."""
+        done: dict[str, LedgerRecord] = {}
+        busy = False
+        for aid, raw in (await self.coord.ledger(account_id)).items():
+            record = LedgerRecord.from_json(raw)
+            if record is not None:
+                done[aid] = record
+                continue
+            try:
+                claim = json.loads(raw)
+                at, event = int(claim["claimed_at"]), dict(claim["payload"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if now - at < STALE_OUTBOX_MS:
+                busy = True
+                continue
+            finished = await self._make(account_id, event, now, since=at - 1000)
+            if finished is None:
+                busy = True  # another replica took it over
+            else:
+                done[aid] = finished
+        return done, busy
+
     async def release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> bool:
-        """Exactly once per app: claim in the account's meta hash (the cursor
-        lists the apps announced so far), add to the stream, clear the
-        outbox. The release itself is one announcement of every app the
-        account had; an app registered to the account afterwards (released
-        at once) gets one of its own. An outbox left by a writer presumed
-        dead is finished after checking the stream first; a recent one is
-        left to its writer. Returns True once every app is known announced."""
-        key = meta_key(account_id)
-        cursor, outbox = await self.coord.cursor(key, RELEASE_FIELD)
-        if await self._in_flight(key, RELEASE_FIELD, outbox, now):
+        """Exactly once per app, through the account's ledger. The release
+        itself is one announcement of every app the account had; an app
+        registered to the account afterwards (released at once) gets one of
+        its own. Returns True once every app is known announced."""
+        done_records, busy = await self._made(account_id, now)
+        if busy:
             return False
+        legacy = await self.coord.legacy_cursor(meta_key(account_id), RELEASE_FIELD)
         # "1": announced before the cursor listed apps; nothing more is owed.
-        if cursor == "1":
+        if legacy == "1":
             return True
-        done: set[str] = set(json.loads(cursor)) if cursor else set()
+        done: set[str] = set(json.loads(legacy)) if legacy else set()
+        for record in done_records.values():
+            if record.type == "resources_released" and record.episode:
+                done |= set(record.episode.split(","))
         missing = sorted(set(app_ids) - done)
         if not missing:
             return True
@@ -248,13 +284,7 @@ class Announcer:
             "account_id": account_id,
             "app_ids": missing,
         }
-        payload = json.dumps(event, sort_keys=True)
-        new = json.dumps(sorted(done | set(missing)), separators=(",", ":"))
-        if await self.coord.claim(key, RELEASE_FIELD, cursor, new, payload, now):
-            await self.store.announce(event)
-            await self.coord.finish(key, RELEASE_FIELD, payload, await self._committed(event, now))
-            return True
-        return False
+        return await self._make(account_id, event, now) is not None
 
     # -- R10's notices ------------------------------------------------------------
 
@@ -266,11 +296,28 @@ class Announcer:
         if episode is None:
             return ()
         alert, known, release_at = episode
-        cursor, _ = await self.coord.cursor(meta_key(account_id), NOTICE_FIELD)
         series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
-        sent = _sent_notices(cursor, series)
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
+        done = {
+            aid
+            for aid, raw in (await self.coord.ledger(account_id)).items()
+            if LedgerRecord.from_json(raw) is not None
+        }
+        sent = await self._sent_notices(account_id, series, plan, done)
         return tuple(replace(n, sent=i in sent) for i, n in enumerate(plan))
+
+    async def _sent_notices(
+        self, account_id: str, series: str, plan: list[Notice], done: Iterable[str]
+    ) -> set[int]:
+        """The notices of ``plan`` made: in the ledger, or in the cursor an
+        earlier version kept (``EPISODE|i,j,...``, read, never written)."""
+        made = set(done)
+        sent = {i for i, n in enumerate(plan) if f"notice:{account_id}:{series}:{n.kind}" in made}
+        legacy = await self.coord.legacy_cursor(meta_key(account_id), NOTICE_FIELD)
+        head, _, indices = legacy.rpartition("|")
+        if head == series and indices:
+            sent |= {int(i) for i in indices.split(",")}
+        return sent
 
     async def release_notices(
         self, account_id: str, loaded: AccountFacts, statuses: dict[str, AppStatus], now: Millis
@@ -302,15 +349,13 @@ class Announcer:
             return
         alert, known, release_at = episode
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
-        key = meta_key(account_id)
-        cursor, outbox = await self.coord.cursor(key, NOTICE_FIELD)
-        if await self._in_flight(key, NOTICE_FIELD, outbox, now):
+        done, busy = await self._made(account_id, now)
+        if busy:
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
         # An override that moves release_at starts a new series of notices.
         series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
-        sent = _sent_notices(cursor, series)
-        last = max(sent, default=-1)
+        sent = await self._sent_notices(account_id, series, plan, done)
         i = due_notice(plan, sent, settle, now)
         if i is not None:
             notice = plan[i]
@@ -325,14 +370,10 @@ class Announcer:
                 "overdue_alert_id": alert.event_id,
                 "overdue_since": format_time(alert.occurred_at),
             }
-            payload = json.dumps(event, sort_keys=True)
-            new = f"{series}|{','.join(str(k) for k in sorted(sent | {i}))}"
-            # A writer that dies after its claim leaves the outbox; come back for it.
+            # A writer that dies after its claim leaves it; come back for it.
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
-            if not await self.coord.claim(key, NOTICE_FIELD, cursor, new, payload, now):
+            if await self._make(account_id, event, now) is None:
                 return  # another replica announces it; the deadline above checks
-            await self.store.announce(event)
-            await self.coord.finish(key, NOTICE_FIELD, payload, await self._committed(event, now))
             log.info(
                 "release of account %s scheduled at %s: notice %s announced",
                 account_id,
@@ -340,7 +381,8 @@ class Announcer:
                 notice.kind,
                 extra={"event": "release_scheduled", "account_id": account_id},
             )
-            last = i
+            sent.add(i)
+        last = max(sent, default=-1)
         ahead = [n.at + settle for i, n in enumerate(plan) if i > last and n.at + settle > now]
         if ahead:
             await self.coord.schedule(member, ahead[0])
@@ -380,15 +422,9 @@ class Announcer:
             "overdue_alert_id": alert.event_id,
             "overdue_since": format_time(alert.occurred_at),
         }
-        aid = str(event["announcement_id"])
-        claim = json.dumps({"claimed_at": now, "payload": event}, sort_keys=True)
-        got = await self.coord.ledger_claim(account_id, aid, claim, now, STALE_OUTBOX_MS)
-        if got == 0:
+        record = await self._make(account_id, event, now)
+        if record is None:
             return None
-        if got == 1 or not await self.coord.on_stream(aid, 0):
-            await self.store.announce(event)
-        _, _, record = await self._committed(event, now)
-        await self.coord.ledger_commit(account_id, aid, record)
         log.warning(
             "release of account %s needs a notice on record: announced one now, the release "
             "waits until %s",
@@ -396,7 +432,7 @@ class Announcer:
             format_time(named),
             extra={"event": RELEASE_SCHEDULED, "account_id": account_id},
         )
-        return LedgerRecord.from_json(record)
+        return record
 
     async def ledger(self, account_id: str) -> list[LedgerRecord]:
         """The account's committed announcements."""
@@ -411,9 +447,8 @@ class Announcer:
         and once at each reminder (``--suspension-reminders``) still ahead of
         that, then keep the next one scheduled.
 
-        Exactly once across replicas: the account's cursor lists what was
-        announced, and each announcement is claimed with it (outbox), as a
-        release notice is. A suspension is first noted, and warned of only
+        Exactly once across replicas: each is claimed in the account's
+        ledger, as a release notice is. A suspension is first noted, and warned of only
         once it has stayed ahead for the settle time, so a burst of facts
         read in any order warns of nothing the complete facts do not say;
         like R10's notices, only the latest warning due is sent (a reminder
@@ -421,15 +456,15 @@ class Announcer:
         settle = self.config.announce_settle_ms
         member = warning_deadline(account_id)
         key = meta_key(account_id)
-        cursor, outbox = await self.coord.cursor(key, WARNED_FIELD)
-        if await self._in_flight(key, WARNED_FIELD, outbox, now):
+        made, busy = await self._made(account_id, now)
+        if busy:
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
-        if outbox is not None:
-            cursor, _ = await self.coord.cursor(key, WARNED_FIELD)
         ahead = scheduled_suspensions(statuses, now) if statuses else ()
         seen = await self.coord.first_seen(key, [w.key for w in ahead], now)
-        done: set[str] = set(json.loads(cursor)) if cursor else set()
+        # The ids an earlier version kept in its cursor count as made too.
+        legacy = await self.coord.legacy_cursor(key, WARNED_FIELD)
+        done: set[str] = set(made) | (set(json.loads(legacy)) if legacy else set())
         due: list[Pending] = []
         later: list[Millis] = []
         for entry in override_log(loaded.facts, self.policy, loaded.recorded_at):
@@ -465,29 +500,18 @@ class Announcer:
                 due.append(series[ready[-1]])
             last = ready[-1] if ready else max(sent, default=-1)
             later += [w.due + settle for i, w in enumerate(series) if i > last]
-        # Ids of suspensions now behind us are never due again: forgotten.
-        keep = {i for i in done if not i.startswith("warn:") or int(i.rsplit(":", 2)[-2]) > now}
         for warning in due:
-            new = sorted(keep | {warning.announcement_id})
-            payload = json.dumps(warning.event | {"occurred_at": format_time(now)}, sort_keys=True)
-            # A writer that dies after its claim leaves the outbox; come back for it.
+            event = warning.event | {"occurred_at": format_time(now)}
+            # A writer that dies after its claim leaves it; come back for it.
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
-            claimed = await self.coord.claim(
-                key, WARNED_FIELD, cursor, json.dumps(new, separators=(",", ":")), payload, now
-            )
-            if not claimed:
+            if await self._make(account_id, event, now) is None:
                 return  # another replica announces it; the deadline above checks
-            await self.store.announce(json.loads(payload))
-            await self.coord.finish(
-                key, WARNED_FIELD, payload, await self._committed(json.loads(payload), now)
-            )
             log.info(
                 "%s announced for account %s",
                 warning.event["type"],
                 account_id,
                 extra={"event": warning.event["type"], "account_id": account_id},
             )
-            cursor, keep = json.dumps(new, separators=(",", ":")), set(new)
         if later:
             await self.coord.schedule(member, min(later))
         else:

@@ -52,12 +52,10 @@ class Coordination:
         self._lease = redis.register_script(script("lease"))
         self._resign = redis.register_script(script("resign"))
         self._release = redis.register_script(script("now_or_arg") + script("release"))
-        self._claim = redis.register_script(script("claim_announcement"))
         self._settle_status = redis.register_script(script("settle_status_announcement"))
         self._finish = redis.register_script(script("finish_announcement"))
         self._fence = redis.register_script(script("fence_account"))
         self._take = redis.register_script(script("take_outbox"))
-        self._finish_ledger = redis.register_script(script("finish_ledger"))
         self._ledger_claim = redis.register_script(script("ledger_claim"))
         self._discontinuity = redis.register_script(script("note_discontinuity"))
 
@@ -159,10 +157,11 @@ class Coordination:
         outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
         return text(cur) or "", outbox
 
-    async def claim(
-        self, key: str, field: str, expected: str, new: str, payload: str, now: Millis
-    ) -> bool:
-        return bool(await self._claim(keys=[key], args=[field, expected, new, payload, now]))
+    async def legacy_cursor(self, key: str, field: str) -> str:
+        """An announcement cursor an earlier version kept in the account's
+        meta hash (now the ledger's): read so that nothing it announced is
+        announced again, never written."""
+        return text(await self.redis.hget(key, field)) or ""
 
     async def status_cursor(self, app_id: str, field: str) -> tuple[str, Outbox | None, str | None]:
         """The state last announced for an application, the announcement in
@@ -193,19 +192,8 @@ class Coordination:
         )
         return int(code), int(since)
 
-    async def finish(
-        self, key: str, field: str, payload: str, ledger: tuple[str, str, str] | None = None
-    ) -> None:
-        """Clear the outbox of an announcement now on the stream; with
-        ``ledger`` (account, announcement id, record), record it in the
-        account's ledger in the same step (``key`` must be the account's)."""
-        if ledger is None:
-            await self._finish(keys=[key], args=[field, payload])
-            return
-        account, announcement_id, record = ledger
-        await self._finish_ledger(
-            keys=[key, ledger_key(account)], args=[field, payload, announcement_id, record]
-        )
+    async def finish(self, key: str, field: str, payload: str) -> None:
+        await self._finish(keys=[key], args=[field, payload])
 
     # -- the announcement ledger ------------------------------------------------
 
@@ -218,7 +206,8 @@ class Coordination:
         self, account_id: str, announcement_id: str, claim: str, now: Millis, stale_ms: int
     ) -> int:
         """Claim an announcement in the ledger (see lua/ledger_claim.lua):
-        1 claimed, 2 taken over from a writer presumed dead, 0 not ours."""
+        1 claimed, 2 taken over from a writer presumed dead, 0 committed
+        already, -1 claimed by a live writer."""
         return int(
             await self._ledger_claim(
                 keys=[ledger_key(account_id)], args=[announcement_id, claim, now, stale_ms]
