@@ -150,13 +150,6 @@ class Coordination:
         values = res[-2]
         return {n: int(v if v is not None else now) for n, v in zip(names, values, strict=True)}
 
-    async def cursor(self, key: str, field: str) -> tuple[str, Outbox | None]:
-        cur, payload, at = await self.redis.hmget(
-            key, [field, f"{field}:outbox", f"{field}:outbox_at"]
-        )
-        outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
-        return text(cur) or "", outbox
-
     async def legacy_cursor(self, key: str, field: str) -> str:
         """An announcement cursor an earlier version kept in the account's
         meta hash (now the ledger's): read so that nothing it announced is
