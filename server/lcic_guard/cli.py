@@ -507,10 +507,12 @@ async def _release_plan(settings: Settings) -> int:
         await runner.require_redis(store, url)
         rec = runner.build_reconciler(settings, store, None, clock=wall_clock)
         plans = await rec.plan_releases()
+        continuity = await rec.check_continuity()
     finally:
         await store.close()
     if not plans:
         print("no release scheduled")
+        print(continuity)  # R10: a store discontinuity pauses every release
         return 0
     rows = [
         (
@@ -533,6 +535,12 @@ async def _release_plan(settings: Settings) -> int:
         print()
         print("Release notices (release_scheduled announcements, R10):")
         print(_table(("ACCOUNT", "NOTICE", "AT", "STATE"), notices))
+    evidence = [(plan.account_id, plan.evidence) for plan in plans if plan.evidence]
+    if evidence:  # R10: the notice on record a release rests on, or what is missing
+        print()
+        print(_table(("ACCOUNT", "EVIDENCE"), evidence))
+    print()
+    print(continuity)  # R10: a store discontinuity pauses every release
     return 0
 
 

@@ -140,6 +140,9 @@ class Probes:
 
     alive: Callable[[], bool] = _always
     ready: Callable[[], bool] = _never  # until the process says how it is ready
+    detail: Callable[[], str] | None = None
+    """A line ``/readyz`` adds to its answer (the reconciler: whether
+    releases are paused)."""
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -160,6 +163,11 @@ def _app(registry: CollectorRegistry, probes: Probes) -> Callable[..., Iterable[
             log.exception("probe %s failed", path)
             ok = False
         body = b"ok\n" if ok else (b"not alive\n" if path == "/healthz" else b"not ready\n")
+        if path == "/readyz" and probes.detail is not None:
+            try:
+                body += probes.detail().encode() + b"\n"
+            except Exception:
+                log.exception("probe detail failed")
         start_response(
             "200 OK" if ok else "503 Service Unavailable",
             [

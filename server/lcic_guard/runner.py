@@ -462,6 +462,8 @@ async def serve(
                         reconciler.recorded_clock = _stopped_at(sample_recorded_at(sample_at))
                     await reconciler.drain(reconciler.sources[0])
                     reconciler.recorded_clock = live
+                    if settings.events is None:
+                        await reconciler.notices_of_history()
                 if settings.events is None:
                     await _report_sample_rooms(store, settings, wall_clock())
                 reconciler_task = asyncio.create_task(reconciler.run(stop))
@@ -536,6 +538,7 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
                 metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
                 # Ready once its loops run; stopping, it says so first.
                 metrics_server.probes.ready = lambda: not stop.is_set()
+                metrics_server.probes.detail = lambda: reconciler.continuity_detail
                 poller = asyncio.create_task(metrics.poll_forever(reconciler, stop, wall_clock))
             log.info("reconciler %s started", reconciler.name)
             await reconciler.run(stop)

@@ -27,6 +27,7 @@ from tests.reconciler.test_reconciler import (
     feed,
     guard_events,
     leader,
+    noticed,
     overdue_history,
     released_facts,
     status_of,
@@ -366,6 +367,7 @@ async def test_an_app_registered_after_the_release_is_announced_released_once(
     await feed(
         rec, src, overdue_history(events, "acct-1", ["app-1"], alert_at), recorded_at=alert_at
     )
+    await noticed(rec, "acct-1", alert_at + GRACE)  # read live: noticed then
     assert (await rec.try_release("acct-1", now)).eligible
 
     other = Reconciler(store, policy, ReconcilerConfig(), clock=clock, name="r2")
@@ -390,6 +392,7 @@ async def test_after_a_release_release_at_shows_r10s_time_not_the_commits(
     await feed(
         rec, src, overdue_history(events, "acct-1", ["app-1"], alert_at), recorded_at=alert_at
     )
+    await noticed(rec, "acct-1", alert_at + GRACE)  # read live: noticed then
     assert (await rec.try_release("acct-1", now)).eligible
     release_at = alert_at + GRACE + policy.release_after_ms  # a day before the commit
     assert (await status_of(store, "app-1")).at(now).release_at == release_at

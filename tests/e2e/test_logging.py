@@ -198,6 +198,7 @@ async def test_a_release_is_one_warning_line(
     )
     rec.token = await rec.coord.hold_lease(rec.name, 60_000)  # releases: leader only
     await rec.drain(source)
+    await rec.notices_of_history()  # read live: noticed when the suspension became known
     await rec.run_deadlines()
     [line] = captured.events("resources_released")
     assert line["level"] == "WARNING" and line["account_id"] == "acct-1"

@@ -258,6 +258,7 @@ async def test_reconciler_metrics_count_ingest_changes_deadlines_and_releases(
         )
         rec.token = await rec.coord.hold_lease(rec.name, 60_000)  # releases: leader only
         await rec.drain(source)
+        await rec.notices_of_history()  # read live: noticed when the suspension became known
         assert await rec.run_deadlines() >= 1
         assert rec.releases_done == ["acct-1"]
         samples = await scrape(server.port)

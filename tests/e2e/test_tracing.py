@@ -241,6 +241,7 @@ async def test_reconciler_traces_batches_recomputations_and_releases(
     stats = await rec.ingest_source(src)
     assert stats.received == len(history)
     rec.token = await rec.coord.hold_lease(rec.name, 60_000)
+    await rec.notices_of_history()  # read live: noticed when the suspension became known
     plan = await rec.try_release("acct-1", clock.now)
     assert plan.eligible and rec.releases_done == ["acct-1"]
     assert traced.flush()

@@ -22,6 +22,7 @@ from tests.reconciler.test_reconciler import (
     feed,
     guard_events,
     leader,
+    noticed,
     overdue_history,
     released_facts,
     status_of,
@@ -144,7 +145,10 @@ async def test_a_hold_stops_a_due_release_and_clearing_it_waits_the_notice(
     plan = await rec.try_release(ACCT, now)
     assert plan.release_at == cleared_at + NOTICE
     assert not plan.eligible and "due at" in plan.why
-    assert await store.redis.zscore(DEADLINES, f"release:{ACCT}") == cleared_at + NOTICE
+    # The notice of the new date is made now (the clear is read today): the
+    # release waits the notice period from it, not from the clear (R10).
+    assert plan.ready_at == now + NOTICE
+    assert await store.redis.zscore(DEADLINES, f"release:{ACCT}") == now + NOTICE
     await rec.run_deadlines(now)
     assert await released_facts(store, ACCT) == []
     # The customer is told the new date.
@@ -167,6 +171,7 @@ async def test_a_hold_cleared_long_enough_ago_lets_the_release_happen(
     await feed(
         rec, src, [override(events, "release_hold_cleared", cleared_at)], recorded_at=cleared_at
     )
+    await noticed(rec, ACCT, cleared_at)  # as a live reconciler would have, then
     plan = await rec.try_release(ACCT, now)
     assert plan.eligible, plan.why
     assert plan.release_at == cleared_at + NOTICE

@@ -26,6 +26,7 @@ from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig,
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
+from lcic_guard.reconciler.announce import ledger_record
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.sidecar.wire import timestamp
 from lcic_guard.store.connect import RedisClient, connect
@@ -719,6 +720,18 @@ async def leader(
     return rec
 
 
+async def noticed(rec: Reconciler, account: str, at: Millis) -> None:
+    """Give the account's release the notice R10 requires, as made at ``at``
+    (these tests feed a history today as if it had been read live: its first
+    notice would have been made when the suspension became known)."""
+    loaded = await rec.store.load_account_facts(account)
+    statuses = rec._compute(loaded)
+    release_at = next(iter(statuses.values())).at(rec.clock()).release_at
+    assert release_at is not None
+    record = await rec.announcer.evidence_notice(account, loaded, statuses, release_at, 0, at)
+    assert record is not None and record.committed_at == at
+
+
 async def released_facts(store: Store, account: str) -> list[str]:
     raw = await store.redis.hgetall(facts_key(account))
     return [_s(k) for k, v in raw.items() if b"resources_released" in v]
@@ -738,6 +751,7 @@ async def test_release_happens_once_when_due_and_never_before(
         overdue_history(events, "acct-1", ["app-1", "app-2"], alert_at),
         recorded_at=alert_at,
     )
+    await noticed(rec, "acct-1", alert_at + GRACE)
     assert await store.redis.zscore(DEADLINES, "release:acct-1") == release_at
 
     clock.now = release_at - 1
@@ -797,6 +811,8 @@ async def test_release_is_announced_once_by_racing_reconcilers(
         overdue_history(events, "acct-3", ["app-3"], now - 62 * DAY),
         recorded_at=now - 62 * DAY,
     )
+    for account in ("acct-1", "acct-2", "acct-3"):
+        await noticed(r1, account, now - 61 * DAY)
     payload: dict[str, dict[str, Any]] = {}
 
     await asyncio.gather(*(r.try_release("acct-1", now) for r in (r1, r2, r1, r2)))
@@ -821,14 +837,15 @@ async def test_release_is_announced_once_by_racing_reconcilers(
             "account_id": account,
             "app_ids": list(plan.app_ids),
         }
-        text = json.dumps(payload[account], sort_keys=True)
-        assert await r1.coord.claim(meta_key(account), "released", "", "1", text, now)
+        claim = json.dumps({"claimed_at": now, "payload": payload[account]}, sort_keys=True)
+        assert await r1.coord.ledger_claim(account, f"release:{account}", claim, now, 10_000) == 1
     # Others come by while the writer of acct-2 is still at work: they leave it be.
     await asyncio.gather(*(r.try_release(a, now) for r in (r2, r1) for a in ("acct-2", "acct-3")))
+    assert await guard_events(store, "resources_released") != []  # acct-1 only
+    assert len(await guard_events(store, "resources_released")) == 1
     await store.announce(payload["acct-2"])
-    await r1.coord.finish(
-        meta_key("acct-2"), "released", json.dumps(payload["acct-2"], sort_keys=True)
-    )
+    record = ledger_record(payload["acct-2"], now, "run").to_json()
+    await r1.coord.ledger_commit("acct-2", "release:acct-2", record)
     # Later, the abandoned announcement of acct-3 is finished, once.
     clock.now = now + 60_000
     await asyncio.gather(r1.run_deadlines(clock.now), r2.run_deadlines(clock.now))
@@ -959,6 +976,7 @@ async def test_a_leader_with_an_older_token_cannot_release(
         overdue_history(events, "acct-1", ["app-1"], now - 62 * DAY),
         recorded_at=now - 62 * DAY,
     )
+    await noticed(old, "acct-1", now - 61 * DAY)
     old.token = await old.coord.hold_lease("old", 100)
     plan, seq = await old.release_plan("acct-1", now)
     assert plan.eligible  # the old leader decided, then paused past its lease
@@ -1004,6 +1022,7 @@ async def test_dry_run_lists_the_release_but_does_not_perform_it(
         overdue_history(events, "acct-2", ["app-3"], now - 30 * DAY),
         recorded_at=now - 30 * DAY,
     )
+    await noticed(rec, "acct-1", now - 61 * DAY)
 
     await rec.run_deadlines(now)
     [planned] = rec.releases_planned
@@ -1031,6 +1050,7 @@ async def test_a_settlement_after_release_restores_nothing(
     await feed(
         rec, src, overdue_history(events, "acct-1", ["app-1"], alert_at), recorded_at=alert_at
     )
+    await noticed(rec, "acct-1", alert_at + GRACE)
     assert (await rec.try_release("acct-1", now)).eligible
     assert (await changes_of(store, "app-1"))[-1] == ("SUSPENDED", "RELEASED")
 

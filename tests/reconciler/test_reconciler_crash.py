@@ -268,11 +268,13 @@ def drained(r: redis.Redis) -> bool:
 
 
 def no_outbox(r: redis.Redis) -> bool:
-    """No announcement claimed and not yet on the stream."""
+    """No announcement claimed and not yet on the stream (an app's outbox,
+    or a claim in an account's ledger)."""
     for key in r.scan_iter(match="lcic:*", count=2000):
-        if _s(key).endswith((":status", ":meta")) and any(
-            _s(f).endswith(":outbox") for f in r.hkeys(key)
-        ):
+        name = _s(key)
+        if name.endswith(":status") and any(_s(f).endswith(":outbox") for f in r.hkeys(key)):
+            return False
+        if name.endswith(":ledger") and any(b'"claimed_at"' in v for v in r.hvals(key)):
             return False
     return True
 

@@ -343,6 +343,7 @@ async def test_released_application_is_denied_for_good(
     )
     stats = await rec.drain(source)
     assert stats.applied == 5
+    await rec.notices_of_history()  # read live: noticed when the suspension became known
     plan = await rec.try_release(ACCT, clock())
     assert plan.eligible, plan.why
     assert rec.releases_done == [ACCT]

@@ -288,6 +288,7 @@ async def test_every_lua_script_call_stays_in_one_slot(
     )
     rec.token = await rec.coord.hold_lease(rec.name, 5000)
     assert rec.token > 0
+    await rec.notices_of_history()  # read live: noticed when the suspension became known
     # The due release deadline releases the account (leader, fenced, CAS).
     assert await rec.run_deadlines() > 0
     assert rec.releases_done == [ACCT]
@@ -465,6 +466,7 @@ async def test_release_across_nodes_is_done_and_announced_once(
         assert ms(d.release_at) == T0 - 39 * DAY
 
     rec.token = await rec.coord.hold_lease(rec.name, 5000)
+    await rec.notices_of_history()  # read live: noticed when the suspension became known
     plan = await rec.try_release(ACCT, clock())
     assert plan.eligible, plan.why
     assert plan.app_ids == tuple(apps)

@@ -1,12 +1,6 @@
-"""lua/claim_announcement.lua, lua/finish_announcement.lua,
-lua/take_outbox.lua and lua/settle_status_announcement.lua: announcements
-made exactly once (a cursor advanced with the payload left in an outbox,
-atomically; the outbox cleared once the payload is on the stream; an
-abandoned outbox taken over by exactly one replica), exercised through the
-reconciler's coordination API on a real Redis.
-
-Kept apart from the other script tests: the announcement scripts are being
-rebuilt around a ledger of notices, and this file goes with them."""
+"""lua/settle_status_announcement.lua: a status change is announced exactly
+once, and only once it has held for the settle time, exercised through the
+reconciler's coordination API on a real Redis."""
 
 from __future__ import annotations
 
@@ -30,90 +24,6 @@ SETTLE = 60_000
 async def fields(store: Store, key: str = KEY) -> dict[str, str]:
     raw = await store.redis.hgetall(key)
     return {text(k) or "": text(v) or "" for k, v in raw.items()}
-
-
-# -- claim_announcement / finish_announcement ---------------------------------------
-
-
-async def test_a_claim_advances_the_cursor_and_leaves_the_payload_in_the_outbox(
-    store: Store,
-) -> None:
-    coord = Coordination(store)
-    assert await coord.claim(KEY, F, "", "s|0", "P1", T0)
-    assert await coord.cursor(KEY, F) == ("s|0", Outbox("P1", T0))
-    await coord.finish(KEY, F, "P1")
-    assert await coord.cursor(KEY, F) == ("s|0", None)
-    assert await fields(store) == {F: "s|0"}, "finish clears every outbox field"
-
-
-async def test_a_claim_on_a_stale_cursor_is_refused_and_leaves_the_outbox_alone(
-    store: Store,
-) -> None:
-    coord = Coordination(store)
-    await coord.claim(KEY, F, "", "s|0", "P1", T0)
-    assert not await coord.claim(KEY, F, "", "s|0,1", "P2", T0 + 1)
-    assert not await coord.claim(KEY, F, "other", "s|0,1", "P2", T0 + 1)
-    assert await coord.cursor(KEY, F) == ("s|0", Outbox("P1", T0))
-
-
-async def test_of_racing_claims_from_the_same_cursor_exactly_one_wins(store: Store) -> None:
-    coord = Coordination(store)
-    won = await asyncio.gather(*(coord.claim(KEY, F, "", "s|0", f"P{i}", T0 + i) for i in range(8)))
-    assert won.count(True) == 1
-    cursor, outbox = await coord.cursor(KEY, F)
-    assert cursor == "s|0" and outbox is not None
-    assert outbox.payload == f"P{won.index(True)}"
-
-
-async def test_finishing_another_payload_leaves_the_outbox(store: Store) -> None:
-    # A replica that took over and finished an older outbox must not clear
-    # the newer announcement claimed meanwhile.
-    coord = Coordination(store)
-    await coord.claim(KEY, F, "", "s|0", "P1", T0)
-    await coord.finish(KEY, F, "P1")
-    await coord.claim(KEY, F, "s|0", "s|0,1", "P2", T0 + 1)
-    await coord.finish(KEY, F, "P1")
-    assert await coord.cursor(KEY, F) == ("s|0,1", Outbox("P2", T0 + 1))
-
-
-# -- take_outbox ----------------------------------------------------------------
-
-
-async def test_a_recent_outbox_is_left_to_its_writer(store: Store) -> None:
-    coord = Coordination(store)
-    await coord.claim(KEY, F, "", "s|0", "P1", T0)
-    assert not await coord.take_outbox(KEY, F, "P1", T0 + STALE - 1, STALE)
-    assert "notice:outbox_taken" not in await fields(store)
-
-
-async def test_an_abandoned_outbox_is_taken_over_once_per_stale_period(store: Store) -> None:
-    coord = Coordination(store)
-    await coord.claim(KEY, F, "", "s|0", "P1", T0)
-    assert await coord.take_outbox(KEY, F, "P1", T0 + STALE, STALE)
-    # The taker is now the writer: others wait a stale period from the take.
-    assert not await coord.take_outbox(KEY, F, "P1", T0 + STALE + 1, STALE)
-    assert not await coord.take_outbox(KEY, F, "P1", T0 + 2 * STALE - 1, STALE)
-    assert await coord.take_outbox(KEY, F, "P1", T0 + 2 * STALE, STALE)
-    await coord.finish(KEY, F, "P1")
-    assert await fields(store) == {F: "s|0"}
-
-
-async def test_of_racing_takers_exactly_one_finishes_the_outbox(store: Store) -> None:
-    coord = Coordination(store)
-    await coord.claim(KEY, F, "", "s|0", "P1", T0)
-    taken = await asyncio.gather(
-        *(coord.take_outbox(KEY, F, "P1", T0 + STALE + i, STALE) for i in range(8))
-    )
-    assert taken.count(True) == 1
-
-
-async def test_an_outbox_finished_or_replaced_is_not_taken(store: Store) -> None:
-    coord = Coordination(store)
-    assert not await coord.take_outbox(KEY, F, "P1", T0 + STALE, STALE)
-    await coord.claim(KEY, F, "", "s|0", "P1", T0)
-    assert not await coord.take_outbox(KEY, F, "P0", T0 + STALE, STALE)
-    await coord.finish(KEY, F, "P1")
-    assert not await coord.take_outbox(KEY, F, "P1", T0 + STALE, STALE)
 
 
 # -- settle_status_announcement -----------------------------------------------------

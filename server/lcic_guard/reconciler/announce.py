@@ -15,18 +15,25 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from lcic_guard.domain.evidence import override_log
 from lcic_guard.domain.facts import GraceExtended
+from lcic_guard.domain.notices import (
+    RELEASE_SCHEDULED,
+    LedgerRecord,
+    Notice,
+    due_notice,
+    notice_plan,
+)
 from lcic_guard.domain.policy import (
     AppStatus,
     PolicyConfig,
     Segment,
-    format_duration,
     notice_episode,
     overdue_notice,
 )
-from lcic_guard.domain.time import Millis, format_time
+from lcic_guard.domain.time import Millis, format_time, parse_time
 from lcic_guard.domain.warnings import ScheduledSuspension, scheduled_suspensions
 from lcic_guard.reconciler.config import STALE_OUTBOX_MS, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
@@ -48,36 +55,39 @@ NOTICE_FIELD = "notice"
 WARNED_FIELD = "warned"
 
 
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """One ``release_scheduled`` announcement of an overdue episode (R10)."""
-
-    kind: str  # "initial", or how long before release_at, e.g. "7d"
-    at: Millis
-    sent: bool = False
-
-
-def notice_plan(known: Millis, release_at: Millis, reminders: Iterable[int]) -> list[Notice]:
-    """R10: the first notice when the suspension becomes known, then one
-    reminder per lead time, only those after the first notice."""
-    out = [Notice("initial", known)]
-    for lead in sorted(set(reminders), reverse=True):
-        if release_at - lead > known:
-            out.append(Notice(format_duration(lead), release_at - lead))
-    return out
-
-
-def _sent_notices(cursor: str, episode: str) -> set[int]:
-    """The notices of ``episode`` already announced, from the account's cursor
-    ``EPISODE|i,j,...``."""
-    head, _, indices = cursor.rpartition("|")
-    if head != episode or not indices:
-        return set()
-    return {int(i) for i in indices.split(",")}
-
-
 def _state_key(seg: Segment) -> str:
     return json.dumps([seg.state.value, [r.value for r in seg.reasons]], separators=(",", ":"))
+
+
+def _notice_series(announcement_id: str, account_id: str) -> str:
+    """The episode of a ``release_scheduled`` from its id
+    ``notice:ACCOUNT:SERIES:KIND`` (a kind holds no colon)."""
+    rest = announcement_id.removeprefix(f"notice:{account_id}:")
+    return rest.rsplit(":", 1)[0]
+
+
+def ledger_record(event: dict[str, Any], now: Millis, run_ids: str) -> LedgerRecord:
+    """What the ledger keeps of an announcement committed at ``now``."""
+    kind = str(event["type"])
+    account = str(event.get("account_id", ""))
+    aid = str(event["announcement_id"])
+    dates: dict[str, Millis] = {}
+    episode = ""
+    if kind == RELEASE_SCHEDULED:
+        episode = _notice_series(aid, account)
+        dates["release_at"] = parse_time(event["release_at"], "release_at")
+    elif kind == "suspension_scheduled":
+        episode = aid.removeprefix("warn:").rsplit(":", 1)[0]
+        dates["at"] = parse_time(event["at"], "at")
+    elif kind == "override_applied":
+        episode = str(event.get("event_id", ""))
+        if event.get("until"):
+            dates["until"] = parse_time(event["until"], "until")
+    elif kind == "resources_released":
+        episode = ",".join(str(a) for a in event.get("app_ids") or ())
+    return LedgerRecord(
+        aid, kind, account, episode, dates, committed_at=now, run_ids=tuple(run_ids.split(","))
+    )
 
 
 class Announcer:
@@ -94,6 +104,13 @@ class Announcer:
         self.policy = policy
         self.config = config
         self.metrics = metrics
+
+    async def _committed(self, event: dict[str, Any], now: Millis) -> tuple[str, str, str]:
+        """The ledger entry of an account's announcement now on the stream:
+        written with the outbox's clearing, in one step."""
+        ids = ",".join(sorted(await self.store.run_ids()))
+        record = ledger_record(event, now, ids)
+        return record.account_id, record.announcement_id, record.to_json()
 
     async def status_change(self, status: AppStatus, now: Millis) -> Millis | None:
         """Announce the app's state at ``now`` once it differs from the last
@@ -190,22 +207,71 @@ class Announcer:
         await self.coord.finish(key, cursor, outbox.payload)
         return True
 
+    # -- the account's ledger: every other announcement, exactly once -------------
+
+    async def _make(
+        self, account_id: str, event: dict[str, Any], now: Millis, since: Millis = 0
+    ) -> LedgerRecord | None:
+        """Make one announcement of the account exactly once: claimed in its
+        ledger, added to the stream, committed (with when, and the Redis run
+        ids). A claim left by a writer presumed dead is taken over, and the
+        stream is checked (from ``since``) before the announcement is added
+        again. None when it is committed already or another writer holds it."""
+        aid = str(event["announcement_id"])
+        claim = json.dumps({"claimed_at": now, "payload": event}, sort_keys=True)
+        got = await self.coord.ledger_claim(account_id, aid, claim, now, STALE_OUTBOX_MS)
+        if got <= 0:
+            return None
+        if got == 1 or not await self.coord.on_stream(aid, since):
+            await self.store.announce(event)
+        # The time is when it is known to be on the stream: later than it may
+        # have been after a take-over, so a release can only wait longer.
+        _, _, record = await self._committed(event, now)
+        await self.coord.ledger_commit(account_id, aid, record)
+        return LedgerRecord.from_json(record)
+
+    async def _made(self, account_id: str, now: Millis) -> tuple[dict[str, LedgerRecord], bool]:
+        """The account's committed announcements by id, once every claim a
+        writer presumed dead left is finished; and whether one is still in
+        flight (claimed by a live writer: left to it)."""
+        done: dict[str, LedgerRecord] = {}
+        busy = False
+        for aid, raw in (await self.coord.ledger(account_id)).items():
+            record = LedgerRecord.from_json(raw)
+            if record is not None:
+                done[aid] = record
+                continue
+            try:
+                claim = json.loads(raw)
+                at, event = int(claim["claimed_at"]), dict(claim["payload"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if now - at < STALE_OUTBOX_MS:
+                busy = True
+                continue
+            finished = await self._make(account_id, event, now, since=at - 1000)
+            if finished is None:
+                busy = True  # another replica took it over
+            else:
+                done[aid] = finished
+        return done, busy
+
     async def release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> bool:
-        """Exactly once per app: claim in the account's meta hash (the cursor
-        lists the apps announced so far), add to the stream, clear the
-        outbox. The release itself is one announcement of every app the
-        account had; an app registered to the account afterwards (released
-        at once) gets one of its own. An outbox left by a writer presumed
-        dead is finished after checking the stream first; a recent one is
-        left to its writer. Returns True once every app is known announced."""
-        key = meta_key(account_id)
-        cursor, outbox = await self.coord.cursor(key, RELEASE_FIELD)
-        if await self._in_flight(key, RELEASE_FIELD, outbox, now):
+        """Exactly once per app, through the account's ledger. The release
+        itself is one announcement of every app the account had; an app
+        registered to the account afterwards (released at once) gets one of
+        its own. Returns True once every app is known announced."""
+        done_records, busy = await self._made(account_id, now)
+        if busy:
             return False
+        legacy = await self.coord.legacy_cursor(meta_key(account_id), RELEASE_FIELD)
         # "1": announced before the cursor listed apps; nothing more is owed.
-        if cursor == "1":
+        if legacy == "1":
             return True
-        done: set[str] = set(json.loads(cursor)) if cursor else set()
+        done: set[str] = set(json.loads(legacy)) if legacy else set()
+        for record in done_records.values():
+            if record.type == "resources_released" and record.episode:
+                done |= set(record.episode.split(","))
         missing = sorted(set(app_ids) - done)
         if not missing:
             return True
@@ -218,13 +284,7 @@ class Announcer:
             "account_id": account_id,
             "app_ids": missing,
         }
-        payload = json.dumps(event, sort_keys=True)
-        new = json.dumps(sorted(done | set(missing)), separators=(",", ":"))
-        if await self.coord.claim(key, RELEASE_FIELD, cursor, new, payload, now):
-            await self.store.announce(event)
-            await self.coord.finish(key, RELEASE_FIELD, payload)
-            return True
-        return False
+        return await self._make(account_id, event, now) is not None
 
     # -- R10's notices ------------------------------------------------------------
 
@@ -236,11 +296,28 @@ class Announcer:
         if episode is None:
             return ()
         alert, known, release_at = episode
-        cursor, _ = await self.coord.cursor(meta_key(account_id), NOTICE_FIELD)
         series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
-        sent = _sent_notices(cursor, series)
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
+        done = {
+            aid
+            for aid, raw in (await self.coord.ledger(account_id)).items()
+            if LedgerRecord.from_json(raw) is not None
+        }
+        sent = await self._sent_notices(account_id, series, plan, done)
         return tuple(replace(n, sent=i in sent) for i, n in enumerate(plan))
+
+    async def _sent_notices(
+        self, account_id: str, series: str, plan: list[Notice], done: Iterable[str]
+    ) -> set[int]:
+        """The notices of ``plan`` made: in the ledger, or in the cursor an
+        earlier version kept (``EPISODE|i,j,...``, read, never written)."""
+        made = set(done)
+        sent = {i for i, n in enumerate(plan) if f"notice:{account_id}:{series}:{n.kind}" in made}
+        legacy = await self.coord.legacy_cursor(meta_key(account_id), NOTICE_FIELD)
+        head, _, indices = legacy.rpartition("|")
+        if head == series and indices:
+            sent |= {int(i) for i in indices.split(",")}
+        return sent
 
     async def release_notices(
         self, account_id: str, loaded: AccountFacts, statuses: dict[str, AppStatus], now: Millis
@@ -262,22 +339,25 @@ class Announcer:
         member = notice_deadline(account_id)
         episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
         if episode is None or not statuses:
-            await self.coord.unschedule(member)
+            # A fact dated a little ahead (a clear of a hold, an alert) may
+            # open an episode when its time comes: look again then.
+            ahead = [f.occurred_at for f in loaded.facts if f.occurred_at > now]
+            if ahead and statuses:
+                await self.coord.schedule(member, min(ahead) + settle)
+            else:
+                await self.coord.unschedule(member)
             return
         alert, known, release_at = episode
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
-        key = meta_key(account_id)
-        cursor, outbox = await self.coord.cursor(key, NOTICE_FIELD)
-        if await self._in_flight(key, NOTICE_FIELD, outbox, now):
+        done, busy = await self._made(account_id, now)
+        if busy:
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
         # An override that moves release_at starts a new series of notices.
         series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
-        sent = _sent_notices(cursor, series)
-        last = max(sent, default=-1)
-        due = [i for i, n in enumerate(plan) if n.at + settle <= now and i > last]
-        if due:
-            i = due[-1]
+        sent = await self._sent_notices(account_id, series, plan, done)
+        i = due_notice(plan, sent, settle, now)
+        if i is not None:
             notice = plan[i]
             event = {
                 "type": "release_scheduled",
@@ -290,14 +370,10 @@ class Announcer:
                 "overdue_alert_id": alert.event_id,
                 "overdue_since": format_time(alert.occurred_at),
             }
-            payload = json.dumps(event, sort_keys=True)
-            new = f"{series}|{','.join(str(k) for k in sorted(sent | {i}))}"
-            # A writer that dies after its claim leaves the outbox; come back for it.
+            # A writer that dies after its claim leaves it; come back for it.
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
-            if not await self.coord.claim(key, NOTICE_FIELD, cursor, new, payload, now):
+            if await self._make(account_id, event, now) is None:
                 return  # another replica announces it; the deadline above checks
-            await self.store.announce(event)
-            await self.coord.finish(key, NOTICE_FIELD, payload)
             log.info(
                 "release of account %s scheduled at %s: notice %s announced",
                 account_id,
@@ -305,12 +381,63 @@ class Announcer:
                 notice.kind,
                 extra={"event": "release_scheduled", "account_id": account_id},
             )
-            last = i
+            sent.add(i)
+        last = max(sent, default=-1)
         ahead = [n.at + settle for i, n in enumerate(plan) if i > last and n.at + settle > now]
         if ahead:
             await self.coord.schedule(member, ahead[0])
         else:
             await self.coord.unschedule(member)
+
+    async def evidence_notice(
+        self,
+        account_id: str,
+        loaded: AccountFacts,
+        app_ids: Iterable[str],
+        release_at: Millis,
+        basis: Millis,
+        now: Millis,
+    ) -> LedgerRecord | None:
+        """R10: a release found no notice on record that proves the customer
+        was told in time (none made, one made before a store discontinuity,
+        one cut short by a crash): announce one now, naming the earliest
+        time the release can now happen, ``release_at`` or now + the notice
+        period. Once per episode and ``basis`` (the discontinuity it answers,
+        0 for none), claimed in the ledger so racing replicas make it once.
+        Returns its record once it is committed."""
+        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
+        if episode is None:
+            return None
+        alert, _, computed = episode
+        series = notice_episode(alert, computed, self.policy, loaded.recorded_at)
+        named = max(release_at, now + self.policy.release_notice_ms)
+        event: dict[str, Any] = {
+            "type": RELEASE_SCHEDULED,
+            "announcement_id": f"notice:{account_id}:{series}:evidence-{basis}",
+            "occurred_at": format_time(now),
+            "account_id": account_id,
+            "app_ids": sorted(app_ids),
+            "release_at": format_time(named),
+            "notice": "evidence",
+            "overdue_alert_id": alert.event_id,
+            "overdue_since": format_time(alert.occurred_at),
+        }
+        record = await self._make(account_id, event, now)
+        if record is None:
+            return None
+        log.warning(
+            "release of account %s needs a notice on record: announced one now, the release "
+            "waits until %s",
+            account_id,
+            format_time(named),
+            extra={"event": RELEASE_SCHEDULED, "account_id": account_id},
+        )
+        return record
+
+    async def ledger(self, account_id: str) -> list[LedgerRecord]:
+        """The account's committed announcements."""
+        rows = await self.coord.ledger(account_id)
+        return [r for raw in rows.values() if (r := LedgerRecord.from_json(raw)) is not None]
 
     async def warnings(
         self, account_id: str, loaded: AccountFacts, statuses: dict[str, AppStatus], now: Millis
@@ -320,9 +447,8 @@ class Announcer:
         and once at each reminder (``--suspension-reminders``) still ahead of
         that, then keep the next one scheduled.
 
-        Exactly once across replicas: the account's cursor lists what was
-        announced, and each announcement is claimed with it (outbox), as a
-        release notice is. A suspension is first noted, and warned of only
+        Exactly once across replicas: each is claimed in the account's
+        ledger, as a release notice is. A suspension is first noted, and warned of only
         once it has stayed ahead for the settle time, so a burst of facts
         read in any order warns of nothing the complete facts do not say;
         like R10's notices, only the latest warning due is sent (a reminder
@@ -330,15 +456,15 @@ class Announcer:
         settle = self.config.announce_settle_ms
         member = warning_deadline(account_id)
         key = meta_key(account_id)
-        cursor, outbox = await self.coord.cursor(key, WARNED_FIELD)
-        if await self._in_flight(key, WARNED_FIELD, outbox, now):
+        made, busy = await self._made(account_id, now)
+        if busy:
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
-        if outbox is not None:
-            cursor, _ = await self.coord.cursor(key, WARNED_FIELD)
         ahead = scheduled_suspensions(statuses, now) if statuses else ()
         seen = await self.coord.first_seen(key, [w.key for w in ahead], now)
-        done: set[str] = set(json.loads(cursor)) if cursor else set()
+        # The ids an earlier version kept in its cursor count as made too.
+        legacy = await self.coord.legacy_cursor(key, WARNED_FIELD)
+        done: set[str] = set(made) | (set(json.loads(legacy)) if legacy else set())
         due: list[Pending] = []
         later: list[Millis] = []
         for entry in override_log(loaded.facts, self.policy, loaded.recorded_at):
@@ -374,27 +500,18 @@ class Announcer:
                 due.append(series[ready[-1]])
             last = ready[-1] if ready else max(sent, default=-1)
             later += [w.due + settle for i, w in enumerate(series) if i > last]
-        # Ids of suspensions now behind us are never due again: forgotten.
-        keep = {i for i in done if not i.startswith("warn:") or int(i.rsplit(":", 2)[-2]) > now}
         for warning in due:
-            new = sorted(keep | {warning.announcement_id})
-            payload = json.dumps(warning.event | {"occurred_at": format_time(now)}, sort_keys=True)
-            # A writer that dies after its claim leaves the outbox; come back for it.
+            event = warning.event | {"occurred_at": format_time(now)}
+            # A writer that dies after its claim leaves it; come back for it.
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
-            claimed = await self.coord.claim(
-                key, WARNED_FIELD, cursor, json.dumps(new, separators=(",", ":")), payload, now
-            )
-            if not claimed:
+            if await self._make(account_id, event, now) is None:
                 return  # another replica announces it; the deadline above checks
-            await self.store.announce(json.loads(payload))
-            await self.coord.finish(key, WARNED_FIELD, payload)
             log.info(
                 "%s announced for account %s",
                 warning.event["type"],
                 account_id,
                 extra={"event": warning.event["type"], "account_id": account_id},
             )
-            cursor, keep = json.dumps(new, separators=(",", ":")), set(new)
         if later:
             await self.coord.schedule(member, min(later))
         else:

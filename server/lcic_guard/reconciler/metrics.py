@@ -124,6 +124,16 @@ class ReconcilerMetrics:
             "Times Redis was found holding a new data set (releases wait for a full read).",
             registry=r,
         )
+        self.release_pauses = Counter(
+            "lcic_guard_release_pauses",
+            "Release pauses started on a store discontinuity (R10), by cause: run_id (a "
+            "Redis server restarted or failed over), generation (a new data set), stream_id "
+            "(a stream's last id went backwards).",
+            ("cause",),
+            registry=r,
+        )
+        for cause in ("run_id", "generation", "stream_id"):
+            self.release_pauses.labels(cause)
 
     def on_ingest(self, stats: IngestStats) -> None:
         self.received.inc(stats.received)
@@ -154,6 +164,9 @@ class ReconcilerMetrics:
 
     def on_generation_change(self) -> None:
         self.generation_changes.inc()
+
+    def on_release_pause(self, cause: str) -> None:
+        self.release_pauses.labels(cause).inc()
 
     def on_error(self, loop: str) -> None:
         self.errors.labels(loop).inc()

@@ -30,7 +30,13 @@ from lcic_guard.domain.facts import (
     parse_event_json,
     to_json,
 )
-from lcic_guard.domain.policy import AppStatus, PolicyConfig, Reason, compute_account
+from lcic_guard.domain.policy import (
+    AppStatus,
+    PolicyConfig,
+    Reason,
+    compute_account,
+    overdue_notice,
+)
 from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
 from lcic_guard.reconciler.announce import Announcer
@@ -45,6 +51,7 @@ from lcic_guard.store.keys import (
     OVERSIZED_KEEP,
     app_deadline,
     deadline_of,
+    release_deadline,
 )
 from lcic_guard.store.status import AccountFacts, AppClaim, Store
 from lcic_guard.tasks import stop_tasks, wait_event
@@ -89,6 +96,9 @@ class Reconciler:
         self.clock = clock
         self.name = name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._warn = RateLimitedLog(log)
+        self._snapshot_started: dict[int, Millis] = {}
+        self._snapshot_done: set[int] = set()
+        self.continuity_detail = "store continuity not checked yet"
         self.announcer = Announcer(store, self.coord, policy, self.config, metrics)
         self.releaser = Releaser(
             store,
@@ -497,13 +507,51 @@ class Reconciler:
     async def check_generation(self) -> bool:
         return await self.releaser.check_generation()
 
+    async def notices_of_history(self) -> int:
+        """For a history loaded as if it had been read live all along (the
+        embedded sample, whose facts are stamped recorded long ago): make each
+        overdue episode's first notice as of when its suspension became known,
+        as a reconciler following the feed would have (R10: no release
+        without a notice on record). Returns how many were made."""
+        made = 0
+        for member, _ in await self.coord.scheduled(release_deadline("")):
+            account = deadline_of(member)[1]
+            loaded = await self.store.load_account_facts(account)
+            episode = overdue_notice(loaded.facts, self.policy, self.clock(), loaded.recorded_at)
+            statuses = self._compute(loaded)
+            if episode is None or not statuses:
+                continue
+            _, known, release_at = episode
+            if await self.announcer.evidence_notice(
+                account, loaded, statuses, release_at, 0, known
+            ):
+                made += 1
+        return made
+
+    async def check_continuity(self, now: Millis | None = None) -> str:
+        """Look for a store discontinuity (R10); a line saying whether
+        releases are paused (kept for /readyz)."""
+        now = self.clock() if now is None else now
+        cont = self.releaser.continuity
+        self.continuity_detail = cont.describe(await cont.check(now), now)
+        return self.continuity_detail
+
     # -- loops ----------------------------------------------------------------
 
     async def ingest_source(self, source: BillingSource) -> IngestStats:
         """One fetch-apply-ack round for one source."""
+        if not source.live:
+            self._snapshot_started.setdefault(id(source), self.clock())
         deliveries = await source.fetch(self.config.batch_size, self.config.block_ms)
         if not deliveries:
             self.releaser.source_read_empty(source, self.sources)
+            if not source.live and source.exhausted and id(source) not in self._snapshot_done:
+                # A billing snapshot fully applied: it confirms the facts of
+                # a store discontinuity detected before it began (R10).
+                self._snapshot_done.add(id(source))
+                await self.releaser.continuity.snapshot_loaded(
+                    self._snapshot_started[id(source)], self.clock()
+                )
             return IngestStats()
         stats = await self.ingest(deliveries)
         await source.ack(deliveries)
@@ -544,6 +592,7 @@ class Reconciler:
             try:
                 now = self.clock()
                 await self.check_generation()
+                await self.check_continuity(now)
                 await self.coord.heartbeat(now)
                 token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
                 if token and token != self.token:

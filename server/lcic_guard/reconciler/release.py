@@ -17,10 +17,20 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 
 from lcic_guard.domain.facts import ReleaseHoldSet, ResourcesReleased
-from lcic_guard.domain.policy import DAY, AppStatus, PolicyConfig, Reason, sweep_until
+from lcic_guard.domain.notices import Evidence, Notice, Pause, release_evidence
+from lcic_guard.domain.policy import (
+    DAY,
+    AppStatus,
+    PolicyConfig,
+    Reason,
+    notice_episode,
+    overdue_notice,
+    sweep_until,
+)
 from lcic_guard.domain.time import Millis, format_time
-from lcic_guard.reconciler.announce import Announcer, Notice
+from lcic_guard.reconciler.announce import Announcer
 from lcic_guard.reconciler.config import MAX_ROUNDS, RETRY_MS, STALE_OUTBOX_MS, ReconcilerConfig
+from lcic_guard.reconciler.continuity import StoreContinuity
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.store.coordination import Coordination
 from lcic_guard.store.keys import deadline_of, release_deadline
@@ -33,6 +43,7 @@ RESYNCING = "Redis holds a new data set: waiting until the billing feed is read 
 NOT_LEADER = "not the leader: another reconciler holds the lease"
 FENCED = "fenced off: a newer leader has acted on the account"
 HELD = "release on hold"
+NO_EVIDENCE = "no evidence of a notice in time"
 # A held release stays listed (release-plan) and is looked at again this
 # often; clearing the hold reschedules it at once anyway.
 HELD_RECHECK_MS = DAY
@@ -47,6 +58,10 @@ class ReleasePlan:
     why: str
     notices: tuple[Notice, ...] = ()
     """The notices of the overdue episode: sent, and still due."""
+    evidence: str = ""
+    """The notice on record a release would rest on, or what is missing (R10)."""
+    ready_at: Millis | None = None
+    """When a notice on record will have been made a notice period ago."""
 
 
 class Releaser:
@@ -79,6 +94,9 @@ class Releaser:
         self._watermark = watermark
         self._recorded_clock = recorded_clock
         self.metrics = metrics
+        self.continuity = StoreContinuity(
+            store, coord, policy.release_notice_ms, metrics, name=name
+        )
         self.token = 0
         # The data set in Redis this replica works on (see the store's
         # generation); after it changes, releases wait until every source
@@ -135,14 +153,46 @@ class Releaser:
                 )
         if Reason.ACCOUNT_OVERDUE not in seg.reasons or seg.release_at is None:
             return result(0, False, "not suspended for overdue")
+        evidence = await self.evidence(account_id, loaded, now)
+        shown = evidence.describe() if evidence else "no overdue episode"
+
+        def with_evidence(release_at: Millis, eligible: bool, why: str) -> tuple[ReleasePlan, int]:
+            plan, seq = result(release_at, eligible, why)
+            ready = evidence.ready_at if evidence else None
+            return replace(plan, evidence=shown, ready_at=ready), seq
+
         due = seg.release_at + self.config.release_margin_ms
         if now < due:
-            return result(seg.release_at, False, f"due at {format_time(due)}")
+            return with_evidence(seg.release_at, False, f"due at {format_time(due)}")
         mark = await self._watermark()
         if mark is None or mark < due:
             seen = format_time(mark) if mark is not None else "unknown"
-            return result(seg.release_at, False, f"billing feed confirmed read only up to {seen}")
-        return result(seg.release_at, True, "due")
+            return with_evidence(
+                seg.release_at, False, f"billing feed confirmed read only up to {seen}"
+            )
+        # R10: committed on evidence read now, not on the computed date.
+        if evidence is None or not evidence.complete:
+            return with_evidence(seg.release_at, False, f"{NO_EVIDENCE}: {shown}")
+        return with_evidence(seg.release_at, True, "due")
+
+    async def evidence(self, account_id: str, loaded: AccountFacts, now: Millis) -> Evidence | None:
+        """R10 (a) and (c): the notice on record the release of the account's
+        overdue episode would rest on now (None: no episode leads to one)."""
+        episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
+        if episode is None:
+            return None
+        alert, _, release_at = episode
+        series = notice_episode(alert, release_at, self.policy, loaded.recorded_at)
+        pause = await self.continuity.pause()
+        run_ids = self.continuity.run_ids
+        return release_evidence(
+            await self.announcer.ledger(account_id),
+            series,
+            now,
+            self.policy.release_notice_ms,
+            pause,
+            tuple(run_ids.split(",")) if run_ids else None,
+        )
 
     async def check_generation(self) -> bool:
         """Read the store's generation (creating it on a new store); True if
@@ -196,6 +246,7 @@ class Releaser:
 
     async def _try_release(self, account_id: str, now: Millis) -> ReleasePlan:
         member = release_deadline(account_id)
+        pause = await self.continuity.check(now)
         if self.resyncing:
             plan, _ = await self.plan(account_id, now)
             return replace(plan, eligible=False, why=RESYNCING)
@@ -208,9 +259,11 @@ class Releaser:
                 await self.finish(account_id, plan.app_ids, now)
                 return plan
             if not plan.eligible:
+                if plan.why.startswith(NO_EVIDENCE) and plan.ready_at is None:
+                    plan = await self._announce_evidence(plan, pause, now)
                 if plan.release_at:
                     due = plan.release_at + self.config.release_margin_ms
-                    await self.coord.schedule(member, max(now + RETRY_MS, due))
+                    await self.coord.schedule(member, max(now + RETRY_MS, due, plan.ready_at or 0))
                 elif plan.why.startswith(HELD):
                     await self.coord.schedule(member, now + HELD_RECHECK_MS)
                 else:
@@ -269,6 +322,26 @@ class Releaser:
         await self.coord.schedule(member, now + RETRY_MS)
         return plan
 
+    async def _announce_evidence(
+        self, plan: ReleasePlan, pause: Pause | None, now: Millis
+    ) -> ReleasePlan:
+        """No notice on record proves the customer was told in time: tell
+        them now (not in a dry run), and the release waits a notice period."""
+        if self.config.release_dry_run:
+            return plan
+        loaded = await self.store.load_account_facts(plan.account_id)
+        basis = pause.since if pause is not None and pause.lifted_by_snapshot_at is None else 0
+        record = await self.announcer.evidence_notice(
+            plan.account_id, loaded, plan.app_ids, plan.release_at, basis, now
+        )
+        if record is None or record.committed_at is None:
+            return replace(plan, ready_at=now + STALE_OUTBOX_MS)  # another replica makes it
+        ready = max(
+            record.committed_at + self.policy.release_notice_ms,
+            record.dates.get("release_at", 0),
+        )
+        return replace(plan, ready_at=ready, evidence=f"notice {record.announcement_id} made now")
+
     async def finish(self, account_id: str, app_ids: Iterable[str], now: Millis) -> None:
         """Announce a recorded release; unschedule it once it is on the stream,
         else come back when a claimed announcement counts as abandoned."""
@@ -280,6 +353,7 @@ class Releaser:
 
     async def plan_all(self, now: Millis) -> list[ReleasePlan]:
         """Every scheduled release and whether it could happen now (dry run)."""
+        await self.continuity.check(now)
         out = []
         for member, _ in await self.coord.scheduled(release_deadline("")):
             plan, _ = await self.plan(deadline_of(member)[1], now)

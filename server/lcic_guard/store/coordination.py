@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from lcic_guard.domain.facts import (
     Fact,
     to_json,
@@ -15,12 +17,15 @@ from lcic_guard.domain.facts import (
 from lcic_guard.domain.time import Millis
 from lcic_guard.store.codec import text
 from lcic_guard.store.keys import (
+    CONTINUITY,
     DEADLINES,
     FENCE,
     GUARD_STREAM,
     HEARTBEAT,
     LEADER,
+    RELEASE_PAUSE,
     facts_key,
+    ledger_key,
     meta_key,
     recorded_key,
     status_key,
@@ -47,11 +52,12 @@ class Coordination:
         self._lease = redis.register_script(script("lease"))
         self._resign = redis.register_script(script("resign"))
         self._release = redis.register_script(script("now_or_arg") + script("release"))
-        self._claim = redis.register_script(script("claim_announcement"))
         self._settle_status = redis.register_script(script("settle_status_announcement"))
         self._finish = redis.register_script(script("finish_announcement"))
         self._fence = redis.register_script(script("fence_account"))
         self._take = redis.register_script(script("take_outbox"))
+        self._ledger_claim = redis.register_script(script("ledger_claim"))
+        self._discontinuity = redis.register_script(script("note_discontinuity"))
 
     async def hold_lease(self, holder: str, ttl_ms: int) -> int:
         return int(await self._lease(keys=[LEADER, FENCE], args=[holder, ttl_ms]))
@@ -144,17 +150,11 @@ class Coordination:
         values = res[-2]
         return {n: int(v if v is not None else now) for n, v in zip(names, values, strict=True)}
 
-    async def cursor(self, key: str, field: str) -> tuple[str, Outbox | None]:
-        cur, payload, at = await self.redis.hmget(
-            key, [field, f"{field}:outbox", f"{field}:outbox_at"]
-        )
-        outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
-        return text(cur) or "", outbox
-
-    async def claim(
-        self, key: str, field: str, expected: str, new: str, payload: str, now: Millis
-    ) -> bool:
-        return bool(await self._claim(keys=[key], args=[field, expected, new, payload, now]))
+    async def legacy_cursor(self, key: str, field: str) -> str:
+        """An announcement cursor an earlier version kept in the account's
+        meta hash (now the ledger's): read so that nothing it announced is
+        announced again, never written."""
+        return text(await self.redis.hget(key, field)) or ""
 
     async def status_cursor(self, app_id: str, field: str) -> tuple[str, Outbox | None, str | None]:
         """The state last announced for an application, the announcement in
@@ -187,6 +187,84 @@ class Coordination:
 
     async def finish(self, key: str, field: str, payload: str) -> None:
         await self._finish(keys=[key], args=[field, payload])
+
+    # -- the announcement ledger ------------------------------------------------
+
+    async def ledger(self, account_id: str) -> dict[str, str]:
+        """Every record of the account's ledger, by announcement id."""
+        raw: Any = await self.redis.hgetall(ledger_key(account_id))
+        return {text(k) or "": text(v) or "" for k, v in raw.items()}
+
+    async def ledger_claim(
+        self, account_id: str, announcement_id: str, claim: str, now: Millis, stale_ms: int
+    ) -> int:
+        """Claim an announcement in the ledger (see lua/ledger_claim.lua):
+        1 claimed, 2 taken over from a writer presumed dead, 0 committed
+        already, -1 claimed by a live writer."""
+        return int(
+            await self._ledger_claim(
+                keys=[ledger_key(account_id)], args=[announcement_id, claim, now, stale_ms]
+            )
+        )
+
+    async def ledger_commit(self, account_id: str, announcement_id: str, record: str) -> None:
+        await self.redis.hset(ledger_key(account_id), announcement_id, record)
+
+    # -- store continuity (R10) ---------------------------------------------------
+
+    async def continuity(self) -> dict[str, str]:
+        raw: Any = await self.redis.hgetall(CONTINUITY)
+        return {text(k) or "": text(v) or "" for k, v in raw.items()}
+
+    async def note_continuity(
+        self,
+        expected_run_ids: str,
+        run_ids: str,
+        generation: str,
+        now: Millis,
+        cause: str,
+        checker: str,
+    ) -> bool:
+        """Store what is seen of the store now (and who looked); with a cause,
+        start a release pause (see lua/note_discontinuity.lua). True if this
+        call started it."""
+        return bool(
+            await self._discontinuity(
+                keys=[CONTINUITY, RELEASE_PAUSE],
+                args=[expected_run_ids, run_ids, generation, now, cause, checker],
+            )
+        )
+
+    async def writes_survive_restart(self) -> bool:
+        """Whether a restart of this Redis loses no write it acknowledged:
+        the append-only file on with ``appendfsync always``, and not a replica
+        promoted by a failover (replication is asynchronous: the writes it had
+        not carried are lost). False whenever it cannot tell (a cluster,
+        CONFIG disabled)."""
+        if isinstance(self.redis, RedisCluster):
+            return False
+        try:
+            persistence: Any = await self.redis.info("persistence")
+            replication: Any = await self.redis.info("replication")
+            config: Any = await self.redis.config_get("appendfsync")
+        except Exception:
+            return False
+        return (
+            int(persistence.get("aof_enabled", 0)) == 1
+            and str(config.get("appendfsync", "")) == "always"
+            and int(replication.get("second_repl_offset", -1)) == -1
+        )
+
+    async def release_pause(self) -> dict[str, str]:
+        raw: Any = await self.redis.hgetall(RELEASE_PAUSE)
+        return {text(k) or "": text(v) or "" for k, v in raw.items()}
+
+    async def lift_pause(self, since: Millis, snapshot_at: Millis) -> None:
+        """Note that a billing snapshot loaded after the pause began confirmed
+        the facts (only for the pause that began at ``since``)."""
+        cur = text(await self.redis.hget(RELEASE_PAUSE, "since"))
+        if cur == str(since):
+            await self.redis.hset(RELEASE_PAUSE, "snapshot_at", snapshot_at)
 
     async def take_outbox(
         self, key: str, field: str, payload: str, now: Millis, stale_ms: int

@@ -36,6 +36,11 @@ HEARTBEAT: Final = "lcic:guard:heartbeat"
 # process holds from Redis describes data that is gone.
 GENERATION: Final = "lcic:guard:generation"
 STATUS_PATTERN: Final = "lcic:app:{*}:status"
+# What the reconciler last saw of the store (run ids, generation, stream
+# tops), to tell that it went back in time (R10).
+CONTINUITY: Final = "lcic:guard:{continuity}"
+# Releases paused after a store discontinuity: since when, and why (R10).
+RELEASE_PAUSE: Final = "lcic:guard:{continuity}:release-pause"
 
 
 def status_key(app_id: str) -> str:
@@ -56,6 +61,12 @@ def meta_key(account_id: str) -> str:
 
 def recorded_key(account_id: str) -> str:
     return f"lcic:acct:{{{account_id}}}:recorded"
+
+
+def ledger_key(account_id: str) -> str:
+    """The account's announcement ledger: announcement id -> its record
+    (claimed, then committed once on the stream)."""
+    return f"lcic:acct:{{{account_id}}}:ledger"
 
 
 def event_index_key(event_id: str) -> str:
