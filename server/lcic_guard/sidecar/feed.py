@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Statuses re-read from Redis per pipelined read of the refresh (a few
 # milliseconds of the loop's time each, so checks bridged to it wait little).
 REFRESH_CHUNK = 500
+# An overrun noticed later than this after its deadline was the event loop's
+# delay, not Redis's silence.
+LOOP_ON_TIME_S: Final = 0.1
 
 # Store discontinuities (SPEC R10, R15): why the store may have lost writes
 # it had acknowledged, as sent to watchers (StoreDiscontinuity.cause).
@@ -107,6 +110,7 @@ class ChangeFeedReader:
         self.cache = cache
         self.clock = clock
         self.block_ms = block_ms
+        self._overrun_late: float | None = None
         self.generation_check_ms = generation_check_ms
         self.on_change = on_change
         self.on_sync = on_sync
@@ -360,6 +364,15 @@ class ChangeFeedReader:
         self.cache.confirmed_at = self.clock()
         await self._set_in_sync(True)
 
+    def _silent(self, exc: BaseException) -> bool:
+        """The feed's blocking read overran while this process's event loop
+        kept time: Redis is silent (frozen, partitioned). When the overrun
+        was noticed late, the loop itself was busy (a large batch, a starved
+        CPU) and the reply may be sitting unread: SPEC R13 forbids calling
+        that down, so the checks' own reads judge it instead."""
+        late, self._overrun_late = self._overrun_late, None
+        return isinstance(exc, TimeoutError) and late is not None and late < LOOP_ON_TIME_S
+
     async def _follow(self) -> str | None:
         """One read of the feed; why the table must be loaded again, if it must."""
         assert self.last_id is not None
@@ -368,8 +381,14 @@ class ChangeFeedReader:
         # scope rather than wait_for: Python 3.11's wait_for loses a
         # cancellation that lands as the read completes, and stop() would
         # then wait for this loop forever.
-        async with asyncio.timeout(self.block_ms / 1000 + 0.5):
-            changes = await self.store.read_changes(self.last_id, self.block_ms)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.block_ms / 1000 + 0.5
+        try:
+            async with asyncio.timeout_at(deadline):
+                changes = await self.store.read_changes(self.last_id, self.block_ms)
+        except TimeoutError:
+            self._overrun_late = loop.time() - deadline
+            raise
         now = self.clock()
         for change in changes:
             self.last_id = change.entry_id
@@ -416,12 +435,8 @@ class ChangeFeedReader:
                 self.cache.feed_healthy = False
                 raise
             except Exception as exc:
-                if self.breaker is not None and store_refused(exc):
+                if self.breaker is not None and (store_refused(exc) or self._silent(exc)):
                     # Before the cache stops being fresh: no check waits then.
-                    # Only a refused or reset connection proves Redis down: a
-                    # read that overran may be this process's own busy loop
-                    # (SPEC R13: never a failure mode because the sidecar is
-                    # busy), and the checks' own reads judge a silent Redis.
                     self.breaker.trip(self.clock())
                 mono = asyncio.get_running_loop().time()
                 if connected or mono - warned >= 30:
