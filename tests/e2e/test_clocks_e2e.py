@@ -21,6 +21,7 @@ from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.render import render_status
 from lcic_guard.store.status import Store
+from lcic_guard_client import ApplicationStatus
 
 from tests.reconciler.test_reconciler import (
     changes_of,
@@ -117,7 +118,7 @@ async def test_a_late_alert_does_not_cut_off_a_class_started_while_ok(
     assert ms(st.suspended_at) == T0 - 6 * HOUR
     assert ms(st.suspension_effective_at) == T0
     assert any("R6 in effect since" in rule for rule in st.rules)
-    text = render_status(st, T0)
+    text = render_status(ApplicationStatus.from_proto(st), T0)
     assert f"in effect since {format_time(T0)}" in text and "learned late" in text
     # A class started after the alert was learned is not protected.
     clock.now = T0 + MINUTE

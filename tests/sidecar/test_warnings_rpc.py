@@ -8,6 +8,7 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard import render
 from lcic_guard.domain.policy import DAY, HOUR
 from lcic_guard.reconciler import Reconciler
+from lcic_guard_client import ApplicationStatus, Preview
 
 from tests.sidecar.test_sidecar_rpc import ACCT, APP, status
 from tests.support.clock import T0
@@ -39,7 +40,7 @@ async def test_status_and_preview_show_the_warnings_ahead(
     assert [(w.at.ToMilliseconds(), w.reason, w.scope) for w in st.warnings] == [
         (grace_end, pb.DECISION_REASON_ACCOUNT_OVERDUE, "account")
     ]
-    text = render.render_status(st, T0)
+    text = render.render_status(ApplicationStatus.from_proto(st), T0)
     assert "Warnings ahead" in text and "every application of the account" in text
 
     now = await preview(sidecar, T0)
@@ -48,4 +49,4 @@ async def test_status_and_preview_show_the_warnings_ahead(
     # stops a service that has stopped.
     later = await preview(sidecar, grace_end + HOUR)
     assert list(later.warnings) == []
-    assert "Warnings ahead" in render.render_preview(now, T0)
+    assert "Warnings ahead" in render.render_preview(Preview.from_proto(now), T0)
