@@ -1035,8 +1035,14 @@ async def test_dry_run_lists_the_release_but_does_not_perform_it(
     assert rec.releases_done == []
     assert await guard_events(store, "resources_released") == []
     assert (await status_of(store, "app-1")).at(now).state is State.SUSPENDED
-    # A dry run looks again in a minute (and lists it again then).
+    # A dry run looks again in a minute, and lists it again then: once, however
+    # often it looks.
     assert await store.redis.zscore(DEADLINES, "release:acct-1") == now + MINUTE
+    for minute in range(1, 4):
+        await rec.run_deadlines(now + minute * MINUTE)
+    [again] = rec.releases_planned
+    assert again.account_id == "acct-1" and again.eligible
+    assert await store.redis.zscore(DEADLINES, "release:acct-1") == now + 4 * MINUTE
 
 
 async def test_a_settlement_after_release_restores_nothing(

@@ -140,7 +140,7 @@ class Reconciler:
 
     @property
     def releases_planned(self) -> list[ReleasePlan]:
-        return self.releaser.releases_planned
+        return list(self.releaser.releases_planned.values())
 
     # -- ingest ---------------------------------------------------------------
 

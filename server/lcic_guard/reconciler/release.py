@@ -105,7 +105,9 @@ class Releaser:
         self.resyncing = False
         self._caught_up: set[int] = set()
         self.releases_done: list[str] = []
-        self.releases_planned: list[ReleasePlan] = []
+        # The latest dry-run plan per account: looked at again every minute,
+        # so a list would grow by one entry a minute for each due account.
+        self.releases_planned: dict[str, ReleasePlan] = {}
 
     async def schedule(self, account_id: str, statuses: dict[str, AppStatus], now: Millis) -> None:
         """Keep the account's release deadline at R10's time (plus the margin)
@@ -281,7 +283,7 @@ class Releaser:
                     ",".join(plan.app_ids),
                     format_time(plan.release_at),
                 )
-                self.releases_planned.append(plan)
+                self.releases_planned[account_id] = plan
                 await self.coord.schedule(member, now + 60_000)
                 return plan
             if not self.token or await self.coord.lease_token(self.name) != self.token:
