@@ -1,0 +1,67 @@
+"""docs/design.md's table of Redis keys names every key the store uses, and
+every kind of member of the deadlines set: an operator reading Redis, or a
+newcomer adding a key, finds each one there."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from lcic_guard.store import keys
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def key_table() -> str:
+    text = (ROOT / "docs" / "design.md").read_text()
+    start = text.index("| key | type | slot | what |")
+    end = text.index("\n\n", start)
+    return text[start:end]
+
+
+def table_keys() -> set[str]:
+    return set(re.findall(r"^\| `([^`]+)`", key_table(), flags=re.M))
+
+
+def test_every_constant_key_is_in_the_table() -> None:
+    constants = {
+        value
+        for name, value in vars(keys).items()
+        if name.isupper() and isinstance(value, str) and value.startswith("lcic:")
+    }
+    assert constants, "no key constants found"
+    documented = table_keys()
+    for key in sorted(constants):
+        if "*" in key:  # a SCAN pattern of status_key, not a key
+            continue
+        assert any(row == key or row.startswith(key) for row in documented), key
+
+
+def shape(key: str) -> str:
+    """A key with each hash tag (``{APP}``, ``{NNNN}``, ``{acct-1}``) as ``{X}``."""
+    return re.sub(r"\{[^}]*\}", "{X}", key)
+
+
+def test_every_key_function_is_in_the_table() -> None:
+    makers = [
+        fn
+        for name, fn in vars(keys).items()
+        if name.endswith("_key") and inspect.isfunction(fn) and fn.__module__ == keys.__name__
+    ]
+    assert len(makers) >= 6
+    documented = {shape(row) for row in table_keys()}
+    for fn in makers:
+        assert shape(fn("some-id")) in documented, fn.__name__
+
+
+def test_every_kind_of_deadline_is_in_the_table() -> None:
+    row = next(line for line in key_table().splitlines() if f"`{keys.DEADLINES}`" in line)
+    kinds = [
+        fn("X").split(":")[0]
+        for name, fn in vars(keys).items()
+        if name.endswith("_deadline") and inspect.isfunction(fn)
+    ]
+    assert len(kinds) >= 4
+    for kind in kinds:
+        assert f"`{kind}:" in row, kind
