@@ -11,7 +11,7 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.policy import AppStatus, Check, PolicyConfig, Reason, Segment, decide
 from lcic_guard.sidecar import wire
 from lcic_guard.sidecar.cache import STALE, StatusCache
-from lcic_guard.sidecar.core import CallPool
+from lcic_guard.sidecar.threads import CallPool
 from lcic_guard.sidecar.observe import DecisionObserver
 
 T0 = 1_790_000_000_000
