@@ -262,18 +262,6 @@ def _response_attributes(response: Any, method: str = "") -> dict[str, Any]:
     }
 
 
-class _Carrier(dict[str, str]):
-    """gRPC metadata as the propagator reads it (keys are lower case already)."""
-
-    @classmethod
-    def of(cls, metadata: Sequence[Any] | None) -> _Carrier:
-        out = cls()
-        for key, value in metadata or ():
-            if isinstance(value, str):
-                out[key] = value
-        return out
-
-
 class RpcTracer:
     """A SERVER span around each unary EnforcementService call: a hook of
     the sidecar's serving core (:class:`~lcic_guard.sidecar.calls.Hook`),
@@ -296,6 +284,9 @@ class RpcTracer:
             for service, _, name in [method.lstrip("/").rpartition("/")]
         }
         self._extract = propagate.extract
+        # The metadata keys the propagators read: a call carrying none of
+        # them (most) has no parent to extract.
+        self._fields = frozenset(propagate.get_global_textmap().fields)
         self._attach, self._detach = context.attach, context.detach
         self._in_context = trace.set_span_in_context
         self._server = SpanKind.SERVER
@@ -305,7 +296,11 @@ class RpcTracer:
         return method in self.parsers
 
     def enter(self, method: str, raw: bytes, context: grpc.ServicerContext) -> Any:
-        carrier = _Carrier.of(context.invocation_metadata())
+        fields = self._fields
+        # gRPC metadata keys are lower case already, as the propagators read them.
+        carrier = {
+            k: v for k, v in context.invocation_metadata() if k in fields and isinstance(v, str)
+        }
         name, attributes = self._names[method]
         span = self.tracer.start_span(
             name,
