@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from lcic.guard.v1 import enforcement_pb2 as pb
@@ -147,7 +148,7 @@ def test_the_private_grpc_function_streams_are_recognised_by_is_still_there() ->
     import grpc._server
     from lcic_guard.sidecar import threads
 
-    found = getattr(grpc._server, "_stream_response_in_pool", None)
+    found: Any = getattr(grpc._server, "_stream_response_in_pool", None)
     assert callable(found) and threads.STREAM_IN_POOL is found, WHAT_TO_DO
     assert list(inspect.signature(found).parameters) == [
         "rpc_event",
