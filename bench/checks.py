@@ -34,6 +34,10 @@ A quick A/B of single checks only (``--scenarios`` picks what runs)::
 
     .venv/bin/python bench/checks.py --scenarios create --concurrency 8,32 \\
         --seconds 3 --repeat 2 --rss-apps 0 --changes 0 --out /tmp/ab.md
+
+The production settings of the check path: ``--auth-token TOKEN`` runs the
+sidecar with ``--auth-checks`` and that token (every generator sends it),
+``--trace-ratio 0.01`` with tracing on, sampling 1 % of the calls.
 """
 
 from __future__ import annotations
