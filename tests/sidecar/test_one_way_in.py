@@ -198,3 +198,21 @@ def test_one_mapping_from_errors_to_statuses(
     exc: BaseException, code: grpc.StatusCode, details: str
 ) -> None:
     assert status_of(exc) == (code, details)
+
+
+class _WithoutPreview(EnforcementServicer):
+    PreviewApplication = None  # type: ignore[assignment]  # an RPC this servicer does not serve
+
+
+async def test_an_rpc_the_servicer_lacks_is_unimplemented(
+    store: Store, policy: PolicyConfig, clock: FakeClock
+) -> None:
+    checker = Checker(store, policy, read_timeout=2.0, clock=clock)
+    running = await start_server(_WithoutPreview(checker, store), "127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.EnforcementServiceStub(channel)
+            req = pb.PreviewApplicationRequest(app_id="app-1")
+            assert await code_of(stub.PreviewApplication(req, timeout=5)) == Code.UNIMPLEMENTED
+    finally:
+        await running.stop(grace=0)

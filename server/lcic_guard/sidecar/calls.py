@@ -11,7 +11,7 @@ says. A hook runs once per call, wherever the call is then answered.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
 import grpc
@@ -20,7 +20,7 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard import logs
 from lcic_guard.sidecar.bridge import Bridge
 from lcic_guard.sidecar.checks import BATCH_METHOD, SINGLE, Checks
-from lcic_guard.sidecar.errors import end, status_of
+from lcic_guard.sidecar.errors import Refused, end, status_of
 from lcic_guard.sidecar.service import EnforcementServicer
 
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["EnforcementService"]
@@ -115,6 +115,19 @@ class Entry:
         return served
 
 
+def _unimplemented(name: str, streaming: bool) -> Callable[..., Any]:
+    """An RPC of the service the servicer does not implement (yet)."""
+
+    async def unary(request: Any, context: Any) -> Any:
+        raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"{name}: not served")
+
+    async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"{name}: not served")
+        yield  # pragma: no cover - an async generator
+
+    return stream if streaming else unary
+
+
 def handlers(
     servicer: EnforcementServicer, bridge: Bridge, entry: Entry
 ) -> dict[str, grpc.RpcMethodHandler]:
@@ -133,7 +146,7 @@ def handlers(
             continue
         parse = getattr(pb, method.input_type.name).FromString
         serialize = getattr(pb, method.output_type.name).SerializeToString
-        impl = getattr(servicer, name)
+        impl = getattr(servicer, name, None) or _unimplemented(name, method.server_streaming)
         if method.server_streaming:
             body = bridge.stream(impl, parse, serialize)
             out[name] = grpc.unary_stream_rpc_method_handler(entry.stream(full, body))
