@@ -51,6 +51,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 _REASON_NAME = {v: k.removeprefix("DECISION_REASON_") for k, v in pb.DecisionReason.items()}
 
 
+def call_metadata(cfg: dict[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """What every call sends (a bearer token, when the sidecar wants one)."""
+    return tuple((str(k), str(v)) for k, v in cfg.get("metadata", ())) or None
+
+
 def emit(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -291,6 +296,7 @@ async def load(cfg: dict[str, Any]) -> dict[str, Any]:
 
     async def worker(k: int) -> None:
         call = stubs[k % n_channels]
+        metadata = call_metadata(cfg)
         i = k * 7919
         clock = loop.time
         n_bodies = len(bodies)
@@ -301,7 +307,7 @@ async def load(cfg: dict[str, Any]) -> dict[str, Any]:
             if t0 >= t_end:
                 return
             try:
-                raw = await call(body, timeout=10)
+                raw = await call(body, timeout=10, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if t0 >= t_start:
                     measured.errors[exc.code().name] += 1
@@ -382,7 +388,7 @@ async def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
                         enter = req.checks.add().enter_classroom
                         enter.app_id, enter.room_id = rooms[n]
                 try:
-                    resp = await stub.CheckBatch(req, timeout=30)
+                    resp = await stub.CheckBatch(req, timeout=30, metadata=call_metadata(cfg))
                 except grpc.aio.AioRpcError as exc:
                     tally.errors[exc.code().name] += 1
                     again.append((lo, hi))
@@ -486,7 +492,9 @@ async def propagate(cfg: dict[str, Any]) -> dict[str, Any]:
     expected = {app: ok for app in ban_apps} | {app: quota for app in payg_apps}
 
     async def reason(app: str) -> int:
-        resp = await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id=app), timeout=5)
+        resp = await stub.CanCreateClassroom(
+            pb.CanCreateClassroomRequest(app_id=app), timeout=5, metadata=call_metadata(cfg)
+        )
         return int(resp.decision.reason)
 
     setup_started = time.perf_counter()

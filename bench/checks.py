@@ -34,6 +34,10 @@ A quick A/B of single checks only (``--scenarios`` picks what runs)::
 
     .venv/bin/python bench/checks.py --scenarios create --concurrency 8,32 \\
         --seconds 3 --repeat 2 --rss-apps 0 --changes 0 --out /tmp/ab.md
+
+The production settings of the check path: ``--auth-token TOKEN`` runs the
+sidecar with ``--auth-checks`` and that token (every generator sends it),
+``--trace-ratio 0.01`` with tracing on, sampling 1 % of the calls.
 """
 
 from __future__ import annotations
@@ -176,7 +180,9 @@ class Children:
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
     logs: list[Any] = field(default_factory=list)
 
-    def start(self, args: list[str], logfile: Path | None = None) -> subprocess.Popen[str]:
+    def start(
+        self, args: list[str], logfile: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
         out: Any = subprocess.PIPE
         if logfile is not None:
             out = open(logfile, "w")  # noqa: SIM115 - closed in stop_all
@@ -187,6 +193,7 @@ class Children:
             stderr=subprocess.STDOUT if logfile else None,
             text=True,
             cwd=ROOT,
+            env=None if env is None else {**os.environ, **env},
         )
         self.procs.append(proc)
         return proc
@@ -727,6 +734,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="extra flag for lcic-guard serve (repeatable), e.g. --sidecar-arg=--cache-max-age=10m",
     )
+    p.add_argument(
+        "--auth-token",
+        default=None,
+        help="run the sidecar with --auth-checks and this bearer token (sent by every "
+        "generator, to the no-ops too, so that sending it costs all servers alike)",
+    )
+    p.add_argument(
+        "--trace-ratio",
+        type=float,
+        default=None,
+        help="run the sidecar with tracing on, sampling this fraction of the calls "
+        "(parentbased_traceidratio; spans exported by the console exporter to its log)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--logs", type=Path, default=None, help="directory for logs and raw results")
     return p.parse_args(argv)
@@ -824,6 +844,28 @@ def main(argv: list[str] | None = None) -> int:
             f"127.0.0.1:{free_port()}",
             *args.sidecar_arg,
         ]
+        sidecar_env: dict[str, str] | None = None
+        metadata: list[list[str]] = []
+        if args.auth_token is not None:
+            tokens = logs / "tokens"
+            tokens.write_text(f"bench:check:{args.auth_token}\n")
+            sidecar_cmd += ["--auth-token-file", str(tokens), "--auth-checks"]
+            metadata = [["authorization", f"Bearer {args.auth_token}"]]
+            report.notes.append(
+                "Checks need a bearer token (`--auth-checks`, one token of scope `check`); "
+                "every load generator sends it, to the no-ops too."
+            )
+        if args.trace_ratio is not None:
+            sidecar_env = {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": repr(args.trace_ratio),
+            }
+            report.notes.append(
+                "Tracing on in the sidecar: "
+                + " ".join(f"{k}={v}" for k, v in sidecar_env.items())
+                + " (sampled spans go to its log)."
+            )
         report.notes.append(
             "Sidecar: `"
             + shlex.join([Path(guard).name, *sidecar_cmd[1:]]).replace(url, "URL")
@@ -862,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
                 "apps": args.apps,
                 "batch": args.batch,
                 "seed": rep,
+                "metadata": metadata,
             }
 
         sweeps: list[dict[str, Any]] = []
@@ -875,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
             if sidecar is not None:
                 children.stop(sidecar)
             starts += 1
-            sidecar = children.start(sidecar_cmd, logs / f"sidecar-{starts}.log")
+            sidecar = children.start(sidecar_cmd, logs / f"sidecar-{starts}.log", sidecar_env)
             t0 = time.monotonic()
             wait_port(sidecar_port, sidecar)
             if "empty" not in report.rss:
@@ -886,7 +929,14 @@ def main(argv: list[str] | None = None) -> int:
             sw = {"seconds": 0.0, "degraded_answers_retried": 0, "ready_s": ready_s}
             if "enter" in wanted:
                 sw = sweep(
-                    children, sidecar_port, 0, args.apps, args.sweep_batch, client, rooms=True
+                    children,
+                    sidecar_port,
+                    0,
+                    args.apps,
+                    args.sweep_batch,
+                    client,
+                    rooms=True,
+                    metadata=metadata,
                 )
                 sw["ready_s"] = ready_s
             sweeps.append(sw)
@@ -958,6 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
                     "redis_url": url,
                     "changes": args.changes,
                     "poll_ms": args.poll_ms,
+                    "metadata": metadata,
                 },
             )
             p = report.propagation["all"]
@@ -975,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
             children.stop(sidecar)
             starts += 1
             t0 = time.monotonic()
-            sidecar = children.start(sidecar_cmd, logs / f"sidecar-{starts}.log")
+            sidecar = children.start(sidecar_cmd, logs / f"sidecar-{starts}.log", sidecar_env)
             wait_port(sidecar_port, sidecar)
             wait_serving(sidecar_port, sidecar, timeout=300)
             big_ready_s = time.monotonic() - t0
@@ -1075,6 +1126,7 @@ def sweep(
     client: redis.Redis,
     *,
     rooms: bool = False,
+    metadata: list[list[str]] | None = None,
 ) -> dict[str, Any]:
     """Check apps [first, first+count) through CheckBatch so that the sidecar caches them."""
 
@@ -1092,6 +1144,7 @@ def sweep(
             "count": count,
             "batch": batch,
             "rooms": rooms,
+            "metadata": metadata or [],
         },
     )
     res["redis_reads"] = reads() - reads0

@@ -12,7 +12,7 @@ load generator of ``bench/checks.py``:
     this code, no ``OTEL_*`` variable: tracing off;
 ``on, ratio 0``
     this code, tracing on with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``
-    and argument 0: every call goes through the interceptor, none is sampled;
+    and argument 0: every call goes through the tracing hook, none is sampled;
 ``on, always``
     this code, every call traced and exported over OTLP/gRPC to a receiver
     in its own process that drops what it gets.

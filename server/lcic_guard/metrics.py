@@ -23,6 +23,11 @@ Sidecar metrics:
     ``check="batch"`` times a whole CheckBatch.
 ``lcic_guard_shadow_denials_total{check,reason}``
     Denials that shadow mode turned into allows.
+``lcic_guard_check_paths_total{path}``
+    Check calls (a CheckBatch counts once) by where they were answered:
+    ``thread`` (the serving thread, from memory) or ``loop`` (the event
+    loop: a Redis read or a failure mode). With auth and tracing on, a cache
+    hit is still ``thread``.
 ``lcic_guard_cache_hits_total``, ``lcic_guard_cache_misses_total``
     Checks answered from the cache, and those that were not.
 ``lcic_guard_cache_entries``

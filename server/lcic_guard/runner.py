@@ -235,7 +235,7 @@ async def build_sidecar(
     if settings.auth_token_file and tls is None:
         log.warning("bearer tokens are accepted without TLS: anyone on the path can read them")
     # Tracing outermost, so that calls refused by auth are traced too.
-    interceptors = [*(traced.interceptors() if traced else ()), *auth.interceptors(auth_config)]
+    hooks = [*(traced.hooks() if traced else ()), *auth.hooks(auth_config)]
     # NOT_SERVING until the whole status table is loaded (and the
     # reconciler's heartbeat is fresh, with --max-heartbeat-age).
     try:
@@ -243,7 +243,7 @@ async def build_sidecar(
             servicer,
             settings.listen,
             tls=tls,
-            interceptors=interceptors,
+            hooks=hooks,
             reuse_port=settings.workers > 1,
             serving=False,
             max_streams=settings.max_watch_streams,

@@ -22,9 +22,12 @@ What is traced:
   release) and ``lcic_guard.release`` for each release (R10) it decides, with
   the outcome.
 
-Off, nothing of this is installed: no interceptor on the gRPC server and no
+Off, nothing of this is installed: no hook in the gRPC server's core and no
 wrapper around the reconciler, so the check path runs exactly the code it
-runs without tracing (the A/B is in docs/benchmarks.md).
+runs without tracing (the A/B is in docs/benchmarks.md). On, the span is
+made on the serving thread (:class:`RpcTracer`), so a check the cache
+answers is still answered there; one the sampler drops costs little more
+than the sampler's decision.
 """
 
 from __future__ import annotations
@@ -32,8 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -64,6 +66,8 @@ SERVER_ERRORS = frozenset(
     }
 )
 MAX_IDS = 100  # ids listed on one span; the count is always given
+# The calls whose answer is a Decision in field 1 (a span records it).
+_SINGLE_CHECKS = frozenset({"CanCreateClassroom", "CanEnterClassroom", "CanAccessRecording"})
 
 
 def wanted(environ: Mapping[str, str] = os.environ) -> bool:
@@ -90,7 +94,8 @@ class Tracing:
         """Export what is still buffered and stop."""
         self.provider.shutdown()
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+    def hooks(self) -> list[RpcTracer]:
+        """What the sidecar's serving core runs around each call."""
         return [RpcTracer(self.tracer)]
 
     def instrument(self, reconciler: Reconciler) -> None:
@@ -257,86 +262,72 @@ def _response_attributes(response: Any, method: str = "") -> dict[str, Any]:
     }
 
 
-class _Carrier(dict[str, str]):
-    """gRPC metadata as the propagator reads it (keys are lower case already)."""
-
-    @classmethod
-    def of(cls, metadata: Sequence[Any] | None) -> _Carrier:
-        out = cls()
-        for key, value in metadata or ():
-            if isinstance(value, str):
-                out[key] = value
-        return out
-
-
-class RpcTracer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """A SERVER span around each unary EnforcementService call."""
+class RpcTracer:
+    """A SERVER span around each unary EnforcementService call: a hook of
+    the sidecar's serving core (:class:`~lcic_guard.sidecar.calls.Hook`),
+    run on the serving thread, so that a traced check the cache answers
+    stays on that thread. A call the sampler drops costs its decision and no
+    more: the request and the answer are decoded for a recorded span only."""
 
     def __init__(self, tracer: Tracer) -> None:
-        from opentelemetry import propagate
+        from opentelemetry import context, propagate, trace
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
         self.tracer = tracer
         self.parsers = _request_types()
+        self._names = {
+            method: (
+                f"{service}/{name}",
+                {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            )
+            for method in self.parsers
+            for service, _, name in [method.lstrip("/").rpartition("/")]
+        }
         self._extract = propagate.extract
+        # The metadata keys the propagators read: a call carrying none of
+        # them (most) has no parent to extract.
+        self._fields = frozenset(propagate.get_global_textmap().fields)
+        self._attach, self._detach = context.attach, context.detach
+        self._in_context = trace.set_span_in_context
         self._server = SpanKind.SERVER
         self._status, self._error = Status, StatusCode.ERROR
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        parse = self.parsers.get(details.method)
-        if handler is None or parse is None or handler.unary_unary is None:
-            return handler
-        behavior = handler.unary_unary
-        service, _, method = details.method.lstrip("/").rpartition("/")
-        parent = self._extract(_Carrier.of(details.invocation_metadata))
+    def wants(self, method: str) -> bool:
+        return method in self.parsers
 
-        async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with self._span(service, method, parent) as span:
-                if span.is_recording():
-                    try:  # the raw request: the service parses it itself
-                        message = parse(request) if isinstance(request, bytes) else request
-                        span.set_attributes(_request_attributes(message))
-                    except Exception:
-                        span.set_attribute("lcic.malformed_request", True)
-                try:
-                    response = await behavior(request, context)
-                except BaseException:
-                    self._finish(span, context, failed=True)
-                    raise
-                if span.is_recording():
-                    span.set_attributes(_response_attributes(response, details.method))
-                self._finish(span, context, failed=False)
-                return response
-
-        return grpc.unary_unary_rpc_method_handler(
-            traced,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    @contextmanager
-    def _span(self, service: str, method: str, parent: Any) -> Iterator[Span]:
-        with self.tracer.start_as_current_span(
-            f"{service}/{method}",
-            context=parent,
+    def enter(self, method: str, raw: bytes, context: grpc.ServicerContext) -> Any:
+        fields = self._fields
+        # gRPC metadata keys are lower case already, as the propagators read them.
+        carrier = {
+            k: v for k, v in context.invocation_metadata() if k in fields and isinstance(v, str)
+        }
+        name, attributes = self._names[method]
+        span = self.tracer.start_span(
+            name,
+            context=self._extract(carrier) if carrier else None,
             kind=self._server,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            yield span
+        )
+        if not span.is_recording():
+            return None
+        span.set_attributes(attributes)
+        try:  # the raw request: the service parses it itself
+            span.set_attributes(_request_attributes(self.parsers[method](raw)))
+        except Exception:
+            span.set_attribute("lcic.malformed_request", True)
+        # Current while the call is served (on the event loop too, where the
+        # bridge carries this thread's context).
+        return span, method, self._attach(self._in_context(span))
 
-    def _finish(self, span: Span, context: grpc.aio.ServicerContext, *, failed: bool) -> None:
-        code = context.code() if hasattr(context, "code") else None
-        if code is None:
-            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
-        if isinstance(code, int):
-            code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    def leave(self, state: Any, response: bytes | None, code: grpc.StatusCode) -> None:
+        if state is None:
+            return
+        span, method, token = state
+        self._detach(token)
+        if response is not None and method.rpartition("/")[2] in _SINGLE_CHECKS:
+            span.set_attributes(_response_attributes(response, method))
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code in SERVER_ERRORS:
             span.set_status(self._status(self._error, code.name))
+        span.end()

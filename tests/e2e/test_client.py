@@ -26,7 +26,8 @@ from lcic_guard.domain.policy import HOUR, MINUTE, PolicyConfig
 from lcic_guard.embedded import free_port
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.sidecar.checker import Checker
-from lcic_guard.sidecar.server import TlsFiles, add_service, start_server
+from lcic_guard.sidecar.errors import Refused
+from lcic_guard.sidecar.server import TlsFiles, start_server
 from lcic_guard.sidecar.service import EnforcementServicer
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
@@ -362,35 +363,26 @@ async def test_async_default_and_explicit_deadlines(slow_target: str) -> None:
 
 @dataclass
 class Recorder:
-    """A server interceptor that counts calls by method, keeps their
-    metadata, and answers UNAVAILABLE to the first ``unavailable_first``."""
+    """A hook of the sidecar's serving core that counts calls by method,
+    keeps their metadata, and refuses the first ``unavailable_first`` of
+    each method with UNAVAILABLE."""
 
     unavailable_first: int = 0
     calls: Counter[str] = field(default_factory=Counter)
     metadata: list[dict[str, str]] = field(default_factory=list)
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:
-        recorder = self
+    def wants(self, method: str) -> bool:
+        return True
 
-        class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-            async def intercept_service(self, continuation: Any, details: Any) -> Any:
-                method = details.method.rsplit("/", 1)[-1]
-                recorder.calls[method] += 1
-                recorder.metadata.append({m.key: m.value for m in details.invocation_metadata})
-                handler = await continuation(details)
-                if handler is None or recorder.calls[method] > recorder.unavailable_first:
-                    return handler
+    def enter(self, method: str, raw: bytes, context: Any) -> None:
+        name = method.rsplit("/", 1)[-1]
+        self.calls[name] += 1
+        self.metadata.append(dict(context.invocation_metadata()))
+        if self.calls[name] <= self.unavailable_first:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "starting up")
 
-                async def unavailable(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "starting up")
-
-                return grpc.unary_unary_rpc_method_handler(
-                    unavailable,
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-
-        return _Interceptor()
+    def leave(self, state: Any, response: bytes | None, code: grpc.StatusCode) -> None:
+        pass
 
 
 @dataclass
@@ -404,14 +396,13 @@ async def counted(
     store: Store, policy: PolicyConfig, clock: FakeClock
 ) -> AsyncIterator[CountedServer]:
     recorder = Recorder()
-    server = grpc.aio.server(interceptors=[recorder.interceptor()])
     checker = Checker(store, policy, read_timeout=2.0, clock=clock)
-    # As the sidecar registers it: add_service maps a bad field to INVALID_ARGUMENT.
-    add_service(EnforcementServicer(checker, store), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield CountedServer(f"127.0.0.1:{port}", recorder)
-    await server.stop(grace=0)
+    # The sidecar's own server, with the recorder as its outermost hook.
+    running = await start_server(
+        EnforcementServicer(checker, store), "127.0.0.1:0", hooks=[recorder]
+    )
+    yield CountedServer(f"127.0.0.1:{running.port}", recorder)
+    await running.stop(grace=0)
 
 
 @pytest.mark.parametrize(("failures", "retries"), [(1, 2), (2, 2), (4, 4)])

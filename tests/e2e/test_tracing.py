@@ -28,6 +28,7 @@ from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.keys import BILLING_STREAM, status_key
 from lcic_guard.store.status import Store
 from lcic_guard.tracing import Tracing
+from prometheus_client import CollectorRegistry
 
 from tests.support.clock import FakeClock, recorded_clock
 from tests.support.events import Events, deliveries
@@ -213,6 +214,63 @@ async def test_sampler_comes_from_otel_traces_sampler_and_honours_the_parent(
     [kept] = await asyncio.to_thread(receiver.wait_for, CREATE)
     assert kept.attributes["lcic.app_id"] == "app-3" and kept.parent_span_id == PARENT_ID
     assert len(receiver.spans) == 1
+
+
+async def test_at_one_percent_sampling_a_traced_cache_hit_stays_on_the_serving_thread(
+    store: Store,
+    reconciler: Reconciler,
+    events: Events,
+    clock: FakeClock,
+    otel_env: pytest.MonkeyPatch,
+    receiver: Receiver,
+) -> None:
+    """Production tracing (1 % of the calls sampled): the span is made on the
+    serving thread, so a check the cache answers is still answered there
+    (``lcic_guard_check_paths_total{path="thread"}``; before, tracing sent
+    every check to the event loop), and the sampled spans still arrive."""
+    otel_env.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    otel_env.setenv("OTEL_TRACES_SAMPLER_ARG", "0.01")
+    traced = tracing.setup()
+    assert traced is not None
+    await reconciler.ingest(deliveries(events.app("acct-1", "app-1")))
+    registry = CollectorRegistry()
+    settings = sidecar_settings(redis_timeout_ms=2000)
+    sidecar = await build_sidecar(settings, store, clock=clock, traced=traced, registry=registry)
+    unsampled = 200
+    try:
+        for _ in range(500):  # the whole table loaded: every check a cache hit
+            if registry.get_sample_value("lcic_guard_table_loaded") == 1.0:
+                break
+            await asyncio.sleep(0.01)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+            stub = pb_grpc.EnforcementServiceStub(channel)
+            for n in range(unsampled):
+                req = pb.CanCreateClassroomRequest(app_id="app-1", room_id=f"plain-{n}")
+                assert (await stub.CanCreateClassroom(req, timeout=5)).decision.allowed
+            for n in range(3):  # a sampled caller's trace is always kept
+                req = pb.CanCreateClassroomRequest(app_id="app-1", room_id=f"sampled-{n}")
+                await stub.CanCreateClassroom(req, metadata=traceparent(), timeout=5)
+    finally:
+        await sidecar.stop(grace=0.2)
+        assert traced.flush()
+        await asyncio.to_thread(traced.shutdown)
+    spans = await asyncio.to_thread(receiver.wait_for, CREATE, 3)
+    kept = sorted(
+        (s for s in spans if s.parent_span_id == PARENT_ID),
+        key=lambda s: s.attributes["lcic.room_id"],
+    )
+    assert [s.attributes["lcic.room_id"] for s in kept] == [f"sampled-{n}" for n in range(3)]
+    for span in kept:
+        assert span.trace_id == TRACE_ID and span.kind == SPAN_KIND_SERVER
+        assert span.attributes["lcic.allowed"] is True
+        assert span.attributes["rpc.grpc.status_code"] == 0
+    # Of the calls without trace context about 1 % are sampled (2 expected;
+    # more than 20 of 200 has a probability below 1e-12).
+    assert len(spans) - len(kept) <= 20
+    assert registry.get_sample_value("lcic_guard_check_paths_total", {"path": "thread"}) == (
+        unsampled + 3
+    )
+    assert registry.get_sample_value("lcic_guard_check_paths_total", {"path": "loop"}) == 0
 
 
 async def test_reconciler_traces_batches_recomputations_and_releases(

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -50,6 +50,7 @@ from typing import Any, Final, NoReturn
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 
+from lcic_guard.sidecar.errors import Refused
 from lcic_guard.sidecar.identities import Grant, TokenFile, parse_identity
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ CALLER: ContextVar[str | None] = ContextVar("lcic_guard_caller", default=None)
 or auth is off): the name of a named token; ``token:`` and the first 12 hex
 digits of an unnamed token's SHA-256 (never the token); or the allowed
 certificate name that granted the scope the RPC needs. Set by
-:class:`AuthInterceptor` around the handler; an override records it as its
+:class:`Auth` around the handler; an override records it as its
 actor."""
 
 
@@ -116,7 +117,7 @@ def _values(auth: Any, key: str) -> list[str]:
     ]
 
 
-def peer_identities(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
+def peer_identities(context: grpc.ServicerContext) -> tuple[str, ...]:
     """The names the verified client certificate may be allowed by: its DNS
     subject alternative names, or its common name when it has none. Never
     its URI or e-mail names (see :mod:`lcic_guard.sidecar.identities`)."""
@@ -128,8 +129,13 @@ def peer_identities(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
     return tuple(sorted(set(dns or _values(auth, "x509_common_name"))))
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Enforces :class:`AuthConfig` on EnforcementService."""
+class Auth:
+    """Enforces :class:`AuthConfig` on EnforcementService: a hook of the
+    serving core (:class:`~lcic_guard.sidecar.calls.Hook`), run on the
+    serving thread before a call it :meth:`wants` is answered, so that a
+    protected check the cache answers stays on that thread. A refusal is
+    :class:`~lcic_guard.sidecar.errors.Refused`; the admitted caller is
+    :data:`CALLER` for the rest of the call (on the event loop too)."""
 
     def __init__(self, config: AuthConfig, tokens: TokenFile | None = None) -> None:
         self.config = config
@@ -147,12 +153,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return False  # health, reflection
         return self.config.protect_checks or method not in CHECK_METHODS
 
-    async def _refuse(
-        self,
-        context: grpc.aio.ServicerContext,
-        method: str,
-        code: grpc.StatusCode,
-        why: str,
+    wants = protects
+
+    def enter(self, method: str, raw: bytes, context: grpc.ServicerContext) -> Any:
+        return CALLER.set(self.authorize(method, context))
+
+    def leave(self, state: Any, response: bytes | None, code: grpc.StatusCode) -> None:
+        CALLER.reset(state)
+
+    def _refuse(
+        self, context: grpc.ServicerContext, method: str, code: grpc.StatusCode, why: str
     ) -> NoReturn:
         self.denied += 1
         now = time.monotonic()
@@ -167,8 +177,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 why,
                 self.denied,
             )
-        await context.abort(code, why)
-        raise AssertionError("abort returned")  # pragma: no cover
+        raise Refused(code, why)
 
     def identity_grant(self, names: Sequence[str], needed: str) -> Grant | None:
         """What the allowed ``names`` of one certificate may do together, and
@@ -185,9 +194,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
         return Grant(actor, scopes, named=True)
 
-    async def authorize(self, method: str, context: grpc.aio.ServicerContext) -> str:
+    def authorize(self, method: str, context: grpc.ServicerContext) -> str:
         """The caller's identity (the actor it is recorded as) if it may call
-        ``method``; else the call is aborted."""
+        ``method``; else :class:`~lcic_guard.sidecar.errors.Refused`."""
         name = method.rpartition("/")[2]
         needed = scope_of(method)
         token = bearer_token(context.invocation_metadata())
@@ -196,6 +205,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if token is not None and self.tokens is not None:
             grant = self.tokens.grant_of(token)
             who = f"bearer token {grant.actor}" if grant and grant.named else "bearer token"
+        if grant is not None and (needed in grant.scopes or "admin" in grant.scopes):
+            return grant.actor  # the common case: no certificate to look at
         identities = peer_identities(context)
         if grant is None:
             grant = self.identity_grant(identities, needed)
@@ -203,7 +214,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if grant is not None:
             if needed in grant.scopes or "admin" in grant.scopes:
                 return grant.actor
-            await self._refuse(
+            self._refuse(
                 context,
                 method,
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -211,19 +222,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 f"{','.join(sorted(grant.scopes)) or 'none'}",
             )
         if token is not None:
-            await self._refuse(
+            self._refuse(
                 context, method, grpc.StatusCode.UNAUTHENTICATED, f"{name}: invalid bearer token"
             )
         if identities:
             shown = ",".join(identities)
-            await self._refuse(
+            self._refuse(
                 context,
                 method,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{name}: client identity {shown} is not allowed (a certificate is known by "
                 "its DNS names, or its common name when it has none)",
             )
-        await self._refuse(
+        self._refuse(
             context,
             method,
             grpc.StatusCode.UNAUTHENTICATED,
@@ -231,48 +242,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             "certificate",
         )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not self.protects(method):
-            return handler
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                caller = CALLER.set(await self.authorize(method, context))
-                try:
-                    return await inner(request, context)
-                finally:
-                    CALLER.reset(caller)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await self.authorize(method, context)
-                async for item in inner_stream(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # pragma: no cover - the service has no client streaming
-
-
-def interceptors(config: AuthConfig) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors ``config`` asks for (none when auth is off)."""
+def hooks(config: AuthConfig) -> list[Auth]:
+    """The hooks ``config`` asks for (none when auth is off)."""
     if not config.enabled:
         return []
-    return [AuthInterceptor(config)]
+    return [Auth(config)]

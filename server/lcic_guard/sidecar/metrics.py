@@ -46,6 +46,10 @@ CHECK_BUCKETS: Final = (
     0.25,
 )
 BATCH: Final = "batch"
+# Where a check was answered: on its serving thread from memory, or on the
+# event loop (a Redis read, or a failure mode).
+THREAD: Final = "thread"
+LOOP: Final = "loop"
 
 
 class _CheckerCollector(Collector):
@@ -210,6 +214,7 @@ class _CheckCounts:
         # check -> [count in each bucket (the last: above every bound), sum]
         self.buckets: dict[str, list[int]] = {}
         self.sums: dict[str, float] = {}
+        self.paths: dict[str, int] = {THREAD: 0, LOOP: 0}
 
 
 class _CountsCollector(Collector):
@@ -246,6 +251,16 @@ class _CountsCollector(Collector):
         for labels2, n in list(c.shadowed.items()):
             shadow.add_metric(labels2, n)
         yield shadow
+        paths = CounterMetricFamily(
+            "lcic_guard_check_paths",
+            "Check calls (a CheckBatch counts once) by where they were answered: on the "
+            "serving thread from memory (thread), or on the event loop (loop: a Redis read "
+            "or a failure mode).",
+            labels=("path",),
+        )
+        for path, n in list(c.paths.items()):
+            paths.add_metric((path,), n)
+        yield paths
 
 
 class SidecarMetrics:
@@ -270,8 +285,9 @@ class SidecarMetrics:
         decided = self.counts.decided
         decided[labels] = decided.get(labels, 0) + 1
 
-    def timed(self, check: str, seconds: float) -> None:
+    def timed(self, check: str, seconds: float, path: str = THREAD) -> None:
         c = self.counts
+        c.paths[path] += 1
         row = c.buckets.get(check)
         if row is None:
             row = c.buckets.setdefault(check, [0] * (len(CHECK_BUCKETS) + 1))

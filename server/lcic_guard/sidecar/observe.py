@@ -24,7 +24,7 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.policy import Check, Decision
 from lcic_guard.sidecar import wire
 from lcic_guard.sidecar.checker import Answer, CheckRequest
-from lcic_guard.sidecar.metrics import BATCH, SidecarMetrics
+from lcic_guard.sidecar.metrics import SidecarMetrics
 
 decision_log = logging.getLogger("lcic_guard.decisions")
 
@@ -112,22 +112,6 @@ class DecisionObserver:
         if decision_log.isEnabledFor(logging.DEBUG):
             return True
         return bool(self.shadow) and any(a.shadowed for a in answers)
-
-    def finish(self, req: CheckRequest, a: Answer, seconds: float) -> bytes:
-        """The response to one check, decided in ``seconds``."""
-        if self.metrics is not None:
-            self.metrics.timed(req.check.value, seconds)
-        self.observe(req, a)
-        return a.payload
-
-    def finish_batch(
-        self, reqs: Sequence[CheckRequest], answers: Sequence[Answer], seconds: float
-    ) -> bytes:
-        """The CheckBatchResponse, decided in ``seconds`` altogether."""
-        if self.metrics is not None:
-            self.metrics.timed(BATCH, seconds)
-        self.observe_many(reqs, answers)
-        return b"".join([a.payload for a in answers])
 
     def shadow_pb(self, check: Check, decision: pb.Decision) -> None:
         """Apply shadow mode to an answer computed outside the checks (a

@@ -1,16 +1,18 @@
 """The sidecar's gRPC server: EnforcementService (see
 :mod:`lcic_guard.sidecar.service`), health and reflection, and the connection
-limits, served by the threaded core of :mod:`lcic_guard.sidecar.core`.
-:func:`_aio_handlers` and the core's check handlers are where a BadRequest
-becomes INVALID_ARGUMENT.
+limits, served by gRPC's threaded server over the serving core: the threads
+(:mod:`~lcic_guard.sidecar.threads`), the one way into a call with its hooks
+(:mod:`~lcic_guard.sidecar.calls`), the checks' fast path
+(:mod:`~lcic_guard.sidecar.checks`) and the bridge to the event loop
+(:mod:`~lcic_guard.sidecar.bridge`). How a failed call ends is
+:mod:`lcic_guard.sidecar.errors`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from lcic.guard.v1 import enforcement_pb2 as pb
 
-from lcic_guard import logs
-from lcic_guard.sidecar import core
+from lcic_guard.sidecar import calls
+from lcic_guard.sidecar import threads as threads_
+from lcic_guard.sidecar.bridge import Bridge
 from lcic_guard.sidecar.certs import CertificateFiles, reloading_server_credentials
-from lcic_guard.sidecar.service import EnforcementServicer, abort
-from lcic_guard.sidecar.wire import BadRequest
+from lcic_guard.sidecar.service import EnforcementServicer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class RunningServer:
     health: health.HealthServicer
     certificates: CertificateFiles | None = None  # with TLS: reloaded when they change
     serving: bool = False  # what the health service says (read by the HTTP /readyz)
-    pools: core.Pools | None = None  # the server's threads, ended after it stops
+    pools: threads_.Pools | None = None  # the server's threads, ended after it stops
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -105,121 +107,36 @@ def connection_limits(handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS) -> list[
     ]
 
 
-def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-    """A serializer that sends already serialized messages as they are (a
-    watch message is serialized once for all the streams that carry it)."""
-
-    def out(message: Any) -> bytes:
-        return message if isinstance(message, bytes) else serialize(message)
-
-    return out
-
-
-def _aio_handlers(servicer: EnforcementServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """EnforcementService's handlers as a grpc.aio server runs them: raw
-    bytes in (bytes that do not parse as the request are INVALID_ARGUMENT;
-    grpc.aio alone answers UNKNOWN, naming a Python class), a message or
-    already serialized bytes out."""
-
-    def parsing(
-        impl: Callable[..., Any], parse: Callable[[bytes], Any], streaming: bool
-    ) -> Callable[..., Any]:
-        async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return parse(raw)
-            except Exception as exc:
-                await abort(
-                    context, grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed message: {exc}"
-                )
-
-        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            token = logs.bind_call(context)  # request id: logs and trailing metadata
-            try:
-                try:  # parsed inline: one coroutine less on every check
-                    message = parse(raw)
-                except Exception:
-                    message = await request(raw, context)
-                return await impl(message, context)
-            except grpc.aio.AbortError:
-                raise
-            except BadRequest as exc:  # the one place a bad field becomes INVALID_ARGUMENT
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except Exception as exc:
-                # Logged with the request id; the caller gets INTERNAL, never
-                # grpc's UNKNOWN naming a Python class.
-                log.exception("unexpected error", extra={"event": "rpc_error"})
-                await abort(
-                    context, grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
-                )
-            finally:
-                with contextlib.suppress(ValueError):
-                    logs.request_id.reset(token)
-
-        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            logs.bind_call(context)
-            try:
-                async for item in impl(await request(raw, context), context):
-                    yield item
-            except BadRequest as exc:
-                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-        return stream if streaming else unary
-
-    handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["EnforcementService"].methods:
-        parse = getattr(pb, method.input_type.name).FromString
-        serialize = _passing_bytes(getattr(pb, method.output_type.name).SerializeToString)
-        impl = parsing(getattr(servicer, method.name), parse, method.server_streaming)
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = make(impl, response_serializer=serialize)
-    return handlers
-
-
-def add_service(servicer: EnforcementServicer, server: grpc.aio.Server) -> None:
-    """Register EnforcementService on a grpc.aio server, like the generated
-    ``add_..._to_server`` except for bytes that do not parse (see
-    :func:`_aio_handlers`). The sidecar itself serves it with
-    :func:`start_server`, the threaded core."""
-    handlers = _aio_handlers(servicer)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
 async def start_server(
     servicer: EnforcementServicer,
     listen: str,
     *,
     tls: TlsFiles | None = None,
     options: list[tuple[str, Any]] | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    hooks: Sequence[calls.Hook] = (),
     reuse_port: bool = False,
     serving: bool = True,
     handshake_timeout_ms: int | None = None,
-    threads: int = core.CHECK_THREADS,
+    threads: int = threads_.CHECK_THREADS,
     max_streams: int = 1000,
 ) -> RunningServer:
     """Start EnforcementService, health and reflection on ``listen``, served
-    by the threaded core (:mod:`lcic_guard.sidecar.core`) bridged to the
-    running event loop.
+    by the threaded core bridged to the running event loop.
 
     With ``tls``, each new connection uses the certificate files as they are
     then (changed files are loaded again: see :mod:`lcic_guard.sidecar.certs`).
-    ``interceptors`` (e.g. :mod:`lcic_guard.sidecar.auth`) see every
-    EnforcementService call they ask to. ``reuse_port`` only for the
-    processes of one ``--workers N``: gRPC turns SO_REUSEPORT on by default,
-    and with it a second sidecar on a taken port would silently share it and
-    half the checks would reach the wrong one. With ``serving=False`` health
-    says NOT_SERVING until the caller says otherwise. ``threads`` serve the
-    unary calls; each watch stream (at most ``max_streams``) holds a thread
+    ``hooks`` (auth's scope check, the tracing span; outermost first) run
+    on the serving thread around every EnforcementService call they want.
+    ``reuse_port`` only for the processes of one ``--workers N``: gRPC turns
+    SO_REUSEPORT on by default, and with it a second sidecar on a taken port
+    would silently share it and half the checks would reach the wrong one.
+    With ``serving=False`` health says NOT_SERVING until the caller says
+    otherwise. ``threads`` serve the unary calls; each watch stream (at most
+    ``max_streams``) holds a thread
     of its own pool while it is open.
     """
-    bridge = core.Bridge(asyncio.get_running_loop(), _aio_handlers(servicer), interceptors or ())
-    pools = core.Pools(threads, max_streams + 64)  # + health watches, reflection, refusals
-    bridge.pool = pools.calls
+    pools = threads_.Pools(threads, max_streams + 64)  # + health watches, reflection, refusals
+    bridge = Bridge(asyncio.get_running_loop(), pools.calls)
     server = grpc.server(
         pools,
         options=[
@@ -228,7 +145,7 @@ async def start_server(
             *(options or []),
         ],
     )
-    handlers = core.handlers(servicer, bridge)
+    handlers = calls.handlers(servicer, bridge, calls.Entry(hooks))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_servicer = health.HealthServicer()

@@ -1,27 +1,26 @@
 """The EnforcementService servicer: each RPC validates its request (see
 :mod:`lcic_guard.sidecar.wire`), asks the checker or the store and converts
-the answer. A bad field raises BadRequest; :func:`lcic_guard.sidecar.server.add_service`
-turns it into INVALID_ARGUMENT in one place.
+the answer. A bad field raises BadRequest, which
+:func:`lcic_guard.sidecar.errors.status_of` turns into INVALID_ARGUMENT (as
+it maps every error of every call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Final, NoReturn
 
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
-from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 
 from lcic_guard.domain.evidence import override_log
 from lcic_guard.domain.policy import AppStatus, Room, protected_until
 from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import describe_error
 from lcic_guard.sidecar import auth, overrides, wire
-from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
+from lcic_guard.sidecar.checker import Checker, bounded_room
 from lcic_guard.sidecar.observe import PREVIEW_CHECKS, DecisionObserver
 from lcic_guard.sidecar.watchers import WatchCut, Watchers
 from lcic_guard.sidecar.wire import BadRequest
@@ -38,8 +37,10 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: s
     raise AssertionError("abort returned")  # pragma: no cover
 
 
-class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
-    """EnforcementService over a :class:`Checker` and the :class:`Store`."""
+class EnforcementServicer:
+    """EnforcementService's RPCs other than the checks, as coroutines on the
+    event loop, over a :class:`Checker` and the :class:`Store` (the serving
+    core calls them by the RPC's name)."""
 
     def __init__(
         self,
@@ -75,38 +76,10 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
         )
         return [r[0] for r in rows if not isinstance(r, Exception) and r[0] is not None]
 
-    # The checks answer with the serialized response (see
-    # Checker.answer): the serving core sends the bytes as they are. The
-    # threaded core answers cache hits without these coroutines (see
-    # lcic_guard.sidecar.server); they serve the rest, and any grpc.aio server.
-
-    async def _decide(self, req: CheckRequest) -> bytes:
-        start = time.perf_counter()
-        answer = await self.checker.answer_any(req)
-        return self.observer.finish(req, answer, time.perf_counter() - start)
-
-    async def CanCreateClassroom(  # type: ignore[override]
-        self, request: pb.CanCreateClassroomRequest, context: grpc.aio.ServicerContext
-    ) -> bytes:
-        return await self._decide(wire.create_request(request))
-
-    async def CanEnterClassroom(  # type: ignore[override]
-        self, request: pb.CanEnterClassroomRequest, context: grpc.aio.ServicerContext
-    ) -> bytes:
-        return await self._decide(wire.enter_request(request))
-
-    async def CanAccessRecording(  # type: ignore[override]
-        self, request: pb.CanAccessRecordingRequest, context: grpc.aio.ServicerContext
-    ) -> bytes:
-        return await self._decide(wire.recording_request(request))
-
-    async def CheckBatch(  # type: ignore[override]
-        self, request: pb.CheckBatchRequest, context: grpc.aio.ServicerContext
-    ) -> bytes:
-        reqs = wire.batch_requests(request)
-        start = time.perf_counter()
-        answers = await self.checker.check_many(reqs)
-        return self.observer.finish_batch(reqs, answers, time.perf_counter() - start)
+    # The checks (CanCreateClassroom, CanEnterClassroom, CanAccessRecording,
+    # CheckBatch) are not coroutines of this servicer: they are served by the
+    # serving core's fast path (lcic_guard.sidecar.checks), which reads Redis
+    # through the checker on the loop when the cache cannot answer.
 
     async def _report(
         self,
@@ -264,7 +237,7 @@ class EnforcementServicer(pb_grpc.EnforcementServiceServicer):
             self.observer.shadow_pb(check, getattr(resp, name))
         return resp
 
-    async def WatchApplicationStatus(  # type: ignore[override]
+    async def WatchApplicationStatus(
         self, request: pb.WatchApplicationStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchApplicationStatusResponse | bytes]:
         ids = wire.watch_ids(request)

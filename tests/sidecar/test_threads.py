@@ -1,18 +1,21 @@
-"""The threaded serving core's own parts: the call pool, the cache read
-from serving threads while the feed writes it, and the serialized answers."""
+"""The threaded serving core's own parts: the call pool and the stream
+routing (with the private gRPC function it relies on), the cache read from
+serving threads while the feed writes it, and the serialized answers."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard.domain.policy import AppStatus, Check, PolicyConfig, Reason, Segment, decide
 from lcic_guard.sidecar import wire
 from lcic_guard.sidecar.cache import STALE, StatusCache
-from lcic_guard.sidecar.core import CallPool
 from lcic_guard.sidecar.observe import DecisionObserver
+from lcic_guard.sidecar.threads import CallPool
 
 T0 = 1_790_000_000_000
 
@@ -126,3 +129,75 @@ def test_a_batch_answer_is_its_items_answers_joined() -> None:
     for check, d in items:  # each answer is also any single check's response
         single = pb.CanEnterClassroomResponse.FromString(observer.render(check, d).payload)
         assert single.decision.reason == wire.decision_to_pb(d).reason
+
+
+# -- the private gRPC function the stream routing relies on ------------------------
+
+WHAT_TO_DO = (
+    "grpc changed grpc._server._stream_response_in_pool, by which "
+    "lcic_guard.sidecar.threads.Pools tells a stream from a unary call: without it every watch "
+    "stream would hold one of the few threads the checks need. Find how grpc/_server.py now "
+    "submits a streaming call to the server's executor and recognise that in Pools.submit "
+    "(and here), or keep grpcio at the version the lock pins."
+)
+
+
+def test_the_private_grpc_function_streams_are_recognised_by_is_still_there() -> None:
+    import inspect
+
+    import grpc._server
+    from lcic_guard.sidecar import threads
+
+    found: Any = getattr(grpc._server, "_stream_response_in_pool", None)
+    assert callable(found), WHAT_TO_DO
+    assert list(inspect.signature(found).parameters) == [
+        "rpc_event",
+        "state",
+        "behavior",
+        "argument_thunk",
+        "request_deserializer",
+        "response_serializer",
+    ], WHAT_TO_DO
+    assert threads.STREAM_IN_POOL is found, WHAT_TO_DO
+
+
+def test_streams_run_on_their_own_pool_and_unary_calls_on_the_call_pool() -> None:
+    """The routing as grpc really submits the calls: a server-streaming
+    call must land on the stream pool, a unary call on the call pool."""
+    import grpc
+    from lcic_guard.sidecar.threads import Pools
+
+    seen: dict[str, str] = {}
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        seen["unary"] = threading.current_thread().name
+        return request
+
+    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        seen["stream"] = threading.current_thread().name
+        yield request
+
+    pools = Pools(calls=2, streams=4)
+    server = grpc.server(pools)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "probe.Probe",
+                {
+                    "Unary": grpc.unary_unary_rpc_method_handler(unary),
+                    "Stream": grpc.unary_stream_rpc_method_handler(stream),
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary("/probe.Probe/Unary")(b"u", timeout=5) == b"u"
+            assert list(channel.unary_stream("/probe.Probe/Stream")(b"s", timeout=5)) == [b"s"]
+    finally:
+        server.stop(0).wait(5)
+        pools.shutdown(wait=False)
+    assert seen["unary"].startswith("lcic-guard-rpc"), (seen, WHAT_TO_DO)
+    assert seen["stream"].startswith("lcic-guard-stream"), (seen, WHAT_TO_DO)
