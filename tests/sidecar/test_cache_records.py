@@ -20,7 +20,7 @@ from lcic_guard.domain.policy import (
 )
 from lcic_guard.domain.time import MAX_TIME
 from lcic_guard.sidecar.cache import StatusCache, pack, segment_span, unpack, unpack_segment
-from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
+from lcic_guard.sidecar.checker import Checker, CheckRequest
 
 T0 = 1_790_000_000_000
 CANONICAL = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
@@ -155,7 +155,7 @@ def test_memoized_room_answers_follow_the_clock(
     for off in sorted(offsets) + sorted(offsets):  # again: now from the memo
         clock[0] = T0 + off
         got = checker.check_cached(CheckRequest(Check.ENTER_CLASSROOM, "app-1", "room-1"))
-        want = decide(Check.ENTER_CLASSROOM, status, clock[0], cfg, bounded_room(room, cfg))
+        want = decide(Check.ENTER_CLASSROOM, status, clock[0], cfg, room)
         assert got == want
 
 
