@@ -1,4 +1,4 @@
-"""The billing policy (SPEC §4, rules R1-R13) as pure functions.
+"""The billing policy (SPEC §4, rules R1-R15) as pure functions.
 
 Two steps, no I/O, nothing from gRPC or Redis:
 
@@ -15,7 +15,10 @@ Two steps, no I/O, nothing from gRPC or Redis:
 The fold depends only on the *set* of facts, never on their arrival order:
 facts are swept in time order with a fixed tie-break.
 
-Each rule is implemented once, in the function named after it below.
+Each rule is implemented once, in the function named after it below;
+R6's classroom reports and the bound of a protection are in
+:mod:`lcic_guard.domain.rooms`. ``docs/policy.md`` maps every rule to its
+functions.
 """
 
 from __future__ import annotations
