@@ -46,18 +46,19 @@ def record_of(raw: Any) -> RoomRecord:
 
 
 async def stored_rooms(store: Store) -> dict[str, RoomRecord]:
-    fields: dict[bytes, bytes] = await store.redis.hgetall(status_key(APP))  # type: ignore[misc]
+    fields = await store.redis.hgetall(status_key(APP))
+    names = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
     return {
-        k.decode().removeprefix(ROOM_FIELD_PREFIX): record_of(v)
-        for k, v in fields.items()
-        if k.decode().startswith(ROOM_FIELD_PREFIX)
+        k.removeprefix(ROOM_FIELD_PREFIX): record_of(v)
+        for k, v in names.items()
+        if k.startswith(ROOM_FIELD_PREFIX)
     }
 
 
 async def run(store: Store, sequence: list[Report]) -> None:
     await store.redis.flushall()
     # The script refuses a report for an application the table does not know.
-    await store.redis.hset(status_key(APP), "account", "acct-1")  # type: ignore[misc]
+    await store.redis.hset(status_key(APP), "account", "acct-1")
     model: dict[str, RoomRecord] = {}
     for room, now, started, end, ended in sequence:
         report = report_record(CFG, started_at=started, scheduled_end=end, ended_at=ended)
