@@ -142,7 +142,8 @@ class PolicyConfig:
     overrun_ms: int = 60 * MINUTE
     """R6: protection past a class's scheduled end."""
     max_class_ms: int = 12 * HOUR
-    """R6: protection of a class with no scheduled end, from its start."""
+    """R6: protection of a class with no scheduled end, from its start, and
+    the longest any protection lasts from a class's start."""
     protect_when_banned: bool = False
     """R6: whether classes in progress survive a compliance ban."""
     stale_bound_ms: int = 5 * MINUTE

@@ -221,7 +221,7 @@ class Checker:
         got = rooms.get(req.room_id or "", _NO_ROOM) if rooms is not None else _NO_ROOM
         if got is _NO_ROOM:
             return None  # not known here yet: read it
-        room: Room | None = got  # type: ignore[assignment]
+        room = got if isinstance(got, Room) else None
         if room is None:
             room_key: tuple[Any, ...] = (*key, None)
         else:
