@@ -8,6 +8,7 @@ the rules ("alert at 0, now 24 h").
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -640,7 +641,9 @@ R6_TABLE = [
         [*EXPIRES_AT_2H, alert(10 * HOUR)],
         room(1 * HOUR, sched=34 * HOUR),
         34 * HOUR + 30 * MINUTE,
-        CFG,
+        # A class this long is protected only with a maximum class length
+        # that allows it (R6 never protects past start + the maximum).
+        replace(CFG, max_class_ms=48 * HOUR),
         PROTECTED,
         35 * HOUR,
         id="protection-survives-added-billing-reason",

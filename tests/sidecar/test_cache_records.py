@@ -32,7 +32,7 @@ from lcic_guard.domain.time import MAX_TIME
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.sidecar.cache import StatusCache, pack, segment_span, unpack, unpack_segment
-from lcic_guard.sidecar.checker import Checker, CheckRequest, bounded_room
+from lcic_guard.sidecar.checker import Checker, CheckRequest
 from lcic_guard.store.status import Store
 
 from tests.sidecar.test_sidecar_rpc import ts
@@ -132,7 +132,7 @@ class Written:
     async def room(self, app_id: str, room_id: str, room: Room) -> None:
         """A classroom report as the sidecar records one, and the first check
         of it, which reads the room from Redis into the cache."""
-        until = protected_until(bounded_room(room, PolicyConfig()) or room, PolicyConfig())
+        until = protected_until(room, PolicyConfig())
         assert await self.store.report_room(
             app_id,
             room_id,
@@ -236,7 +236,7 @@ async def test_memoized_room_answers_follow_the_clock(
     for off in sorted(offsets) + sorted(offsets):  # again: now from the memo
         clock.now = T0 + off
         got = cached(fed.checker, enter)
-        want = decide(Check.ENTER_CLASSROOM, status, clock.now, cfg, bounded_room(room, cfg))
+        want = decide(Check.ENTER_CLASSROOM, status, clock.now, cfg, room)
         assert got == want
 
 

@@ -1,4 +1,4 @@
-"""The billing policy (SPEC §4, rules R1-R13) as pure functions.
+"""The billing policy (SPEC §4, rules R1-R15) as pure functions.
 
 Two steps, no I/O, nothing from gRPC or Redis:
 
@@ -15,7 +15,10 @@ Two steps, no I/O, nothing from gRPC or Redis:
 The fold depends only on the *set* of facts, never on their arrival order:
 facts are swept in time order with a fixed tie-break.
 
-Each rule is implemented once, in the function named after it below.
+Each rule is implemented once, in the function named after it below;
+R6's classroom reports and the bound of a protection are in
+:mod:`lcic_guard.domain.rooms`. ``docs/policy.md`` maps every rule to its
+functions.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ from lcic_guard.domain.facts import (
     ReleaseHoldSet,
     ResourcesReleased,
 )
-from lcic_guard.domain.time import Millis, describe_time
+from lcic_guard.domain.rooms import Room as Room
+from lcic_guard.domain.rooms import live_room, protection_ends_at
+from lcic_guard.domain.rooms import protected_until as protected_until
+from lcic_guard.domain.time import Millis, describe_time, format_time
 
 SECOND: Final = 1000
 MINUTE: Final = 60 * SECOND
@@ -136,7 +142,8 @@ class PolicyConfig:
     overrun_ms: int = 60 * MINUTE
     """R6: protection past a class's scheduled end."""
     max_class_ms: int = 12 * HOUR
-    """R6: protection of a class with no scheduled end, from its start."""
+    """R6: protection of a class with no scheduled end, from its start, and
+    the longest any protection lasts from a class's start."""
     protect_when_banned: bool = False
     """R6: whether classes in progress survive a compliance ban."""
     stale_bound_ms: int = 5 * MINUTE
@@ -672,15 +679,6 @@ def notice_episode(
 
 
 @dataclass(frozen=True, slots=True)
-class Room:
-    """What the sidecar was told about a classroom (R6)."""
-
-    started_at: Millis
-    scheduled_end: Millis | None = None
-    ended_at: Millis | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
     """The answer to one check."""
 
@@ -701,13 +699,6 @@ class Decision:
     :func:`valid_until`); None when no change is known ahead."""
 
 
-def protected_until(room: Room, cfg: PolicyConfig) -> Millis:
-    """R6: when the protection of a class in progress ends at the latest."""
-    if room.scheduled_end is not None:
-        return room.scheduled_end + cfg.overrun_ms
-    return room.started_at + cfg.max_class_ms
-
-
 def r6_protection(seg: Segment, room: Room | None, now: Millis, cfg: PolicyConfig) -> Millis | None:
     """R6: the end of the protection of ``room`` against the suspension in
     ``seg`` if it is protected now, else None.
@@ -726,12 +717,23 @@ def r6_protection(seg: Segment, room: Room | None, now: Millis, cfg: PolicyConfi
     if not set(seg.reasons) - {Reason.OVERDUE_GRACE} <= allowed_reasons:
         return None
     took_effect = seg.suspended_at if seg.effective_at is None else seg.effective_at
-    if room.started_at >= took_effect:
-        return None
-    if room.ended_at is not None and room.ended_at <= now:
+    room = live_room(room, now)
+    if room is None or room.started_at >= took_effect:
         return None
     until = protected_until(room, cfg)
     return until if now < until else None
+
+
+def r6_may_protect(status: AppStatus, now: Millis, cfg: PolicyConfig) -> bool:
+    """R6: whether some class, had it been reported started, would be let in
+    at ``now`` although the status denies, so that a room report not read
+    yet decides the answer (and an unread one must not be denied)."""
+    seg = status.at(now)
+    if r4_r5_allowed(seg) or seg.suspended_at is None:
+        return False
+    took_effect = seg.suspended_at if seg.effective_at is None else seg.effective_at
+    # The latest start that is protected, and the longest protection it can have.
+    return r6_protection(seg, Room(took_effect - 1), now, cfg) is not None
 
 
 _ADVICE: Final[dict[Reason, str]] = {
@@ -788,6 +790,21 @@ def message_for(seg: Segment, protected: Millis | None = None) -> str:
         text += (
             f" Unpaid, the account's resources will be released for good at "
             f"{describe_time(seg.release_at)}."
+        )
+    return text
+
+
+def status_message(seg: Segment, now: Millis) -> str:
+    """What the customer can do, for the status record in ``seg`` as
+    ``GetApplicationStatus`` shows it at ``now``: :func:`message_for`, and
+    when an overdue grace runs alongside a suspension (R1 with R7 or R8), the
+    grace too, which the suspension's advice does not mention (R9)."""
+    text = message_for(seg)
+    if seg.suspended and Reason.OVERDUE_GRACE in seg.reasons:
+        text += (
+            " The account also has an overdue payment: top up before "
+            f"{format_time(seg.grace_ends_at or now)} or every application of the account "
+            "will be suspended for it too."
         )
     return text
 
@@ -897,9 +914,7 @@ def valid_until(
     ends: Millis | None = None
     if protected is not None and room is not None:
         # Protection, once lost, never comes back within a segment.
-        ends = protected
-        if room.ended_at is not None and now < room.ended_at < ends:
-            ends = room.ended_at
+        ends = protection_ends_at(room, cfg)
     for nxt in status.segments:
         if nxt.starts_at <= now:
             continue

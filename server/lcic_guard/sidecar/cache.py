@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from lcic_guard.domain.policy import SUSPENSION_PRECEDENCE, AppStatus, Reason, Room, Segment
+from lcic_guard.domain.rooms import live_room
 from lcic_guard.domain.time import Millis
 
 log = logging.getLogger(__name__)
@@ -355,10 +356,7 @@ class StatusCache:
         old = rooms.pop(room_id, _MISSING)
         if old is not _MISSING:
             self.room_count -= 1
-        if room is not None and room.ended_at is not None and room.ended_at <= now:
-            # Ended: no longer protected, so it is answered like no report.
-            room = None
-        rooms[room_id] = room
+        rooms[room_id] = live_room(room, now)
         self.room_count += 1
         if len(rooms) > self.rooms_per_app:
             # Prefer forgetting rooms with nothing reported: re-reading one

@@ -23,10 +23,10 @@ from lcic_guard.domain.policy import (
     Room,
     decide,
     decide_without_store,
-    protected_until,
     r4_r5_allowed,
-    r6_protection,
+    r6_may_protect,
 )
+from lcic_guard.domain.rooms import protection_ends_at
 from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
 from lcic_guard.sidecar.cache import (
@@ -101,29 +101,6 @@ class CheckRequest(NamedTuple):
     check: Check
     app_id: str
     room_id: str | None = None
-
-
-def bounded_room(room: Room | None, cfg: PolicyConfig) -> Room | None:
-    """R6: protection never outlasts started_at + the maximum class length,
-    whatever scheduled end was reported (the room's scheduled end is what
-    protection reads, so it is cut to fit)."""
-    if room is None or room.scheduled_end is None:
-        return room
-    latest = room.started_at + cfg.max_class_ms - cfg.overrun_ms
-    if room.scheduled_end <= latest:
-        return room
-    return Room(room.started_at, max(room.started_at, latest), room.ended_at)
-
-
-def room_may_be_protected(status: AppStatus, now: Millis, cfg: PolicyConfig) -> bool:
-    """R6: whether some class, if one was reported started, would be let in
-    now although the status denies (so an unread room decides)."""
-    seg = status.at(now)
-    if r4_r5_allowed(seg) or seg.suspended_at is None:
-        return False
-    took_effect = seg.suspended_at if seg.effective_at is None else seg.effective_at
-    # The earliest start that is protected, the longest protection it can have.
-    return r6_protection(seg, Room(took_effect - 1), now, cfg) is not None
 
 
 class Checker:
@@ -244,14 +221,13 @@ class Checker:
         got = rooms.get(req.room_id or "", _NO_ROOM) if rooms is not None else _NO_ROOM
         if got is _NO_ROOM:
             return None  # not known here yet: read it
-        room = bounded_room(got, self.cfg)  # type: ignore[arg-type]
+        room = got if isinstance(got, Room) else None
         if room is None:
             room_key: tuple[Any, ...] = (*key, None)
         else:
             # The room's times (plain ints hash faster than the dataclass).
-            end, ended = room.scheduled_end, room.ended_at
-            inside = (ended is None or now < ended) and now < protected_until(room, self.cfg)
-            room_key = (*key, room.started_at, end, ended, inside)
+            inside = now < protection_ends_at(room, self.cfg)
+            room_key = (*key, room.started_at, room.scheduled_end, room.ended_at, inside)
         memo = self._memo.get(room_key)
         if memo is None:
             status = AppStatus("", "", timeline_of(segment), version)
@@ -293,7 +269,7 @@ class Checker:
             if isinstance(row, Exception):
                 raise row
             status, room = row
-            return decide(req.check, status, now, self.cfg, bounded_room(room, self.cfg))
+            return decide(req.check, status, now, self.cfg, room)
         except Exception as exc:
             return self._internal_error(req, exc, now)
 
@@ -448,13 +424,11 @@ class Checker:
             rooms = entry.rooms or {}
             if req.room_id in rooms:
                 room = rooms[req.room_id]
-            elif room_may_be_protected(entry.status, now, self.cfg):
+            elif r6_may_protect(entry.status, now, self.cfg):
                 # Never deny a class whose report was not read (R6).
                 return self._failure_mode(req, now, entry.status)
         try:
-            return decide_without_store(
-                req.check, entry.status, seen_at, now, self.cfg, bounded_room(room, self.cfg)
-            )
+            return decide_without_store(req.check, entry.status, seen_at, now, self.cfg, room)
         except Exception as exc:
             return self._internal_error(req, exc, now)
 

@@ -10,26 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Final, NoReturn
+from typing import NoReturn
 
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard.domain.evidence import override_log
-from lcic_guard.domain.policy import AppStatus, Room, protected_until
+from lcic_guard.domain.policy import AppStatus, Room
+from lcic_guard.domain.rooms import end_report_problem, report_record, start_report_problem
 from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import describe_error
 from lcic_guard.sidecar import auth, overrides, wire
-from lcic_guard.sidecar.checker import Checker, bounded_room
+from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.observe import PREVIEW_CHECKS, DecisionObserver
 from lcic_guard.sidecar.watchers import WatchCut, Watchers
 from lcic_guard.sidecar.wire import BadRequest
 from lcic_guard.store.status import Store
 
 log = logging.getLogger(__name__)
-
-# How far in the future a classroom report's time may be (clock skew).
-REPORT_SKEW_MS: Final = 5 * 60_000
 
 
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str) -> NoReturn:
@@ -86,10 +84,9 @@ class EnforcementServicer:
         context: grpc.aio.ServicerContext,
         app_id: str,
         room_id: str,
-        room: Room,
         **times: Millis | None,
     ) -> None:
-        until = protected_until(bounded_room(room, self.checker.cfg) or room, self.checker.cfg)
+        until = report_record(self.checker.cfg, **times).until
         try:
             known = await asyncio.wait_for(
                 self.store.report_room(app_id, room_id, now=self.clock(), until=until, **times),
@@ -110,20 +107,6 @@ class EnforcementServicer:
             # entry ages out (--cache-max-age).
             log.warning("could not announce classroom report %s/%s: %s", app_id, room_id, exc)
 
-    def _believable(self, at: Millis, field: str) -> None:
-        """R6: a report is believed only about a class that could be running:
-        not earlier than now - the maximum class length, not later than
-        now + 5 min (clock skew)."""
-        now = self.clock()
-        earliest = now - self.checker.cfg.max_class_ms
-        if at < earliest:
-            raise BadRequest(
-                f"{field}: earlier than now minus the maximum class length "
-                f"({self.checker.cfg.max_class_ms // 60_000} min); not believed"
-            )
-        if at > now + REPORT_SKEW_MS:
-            raise BadRequest(f"{field}: more than 5 minutes in the future; not believed")
-
     async def ReportClassroomStarted(
         self, request: pb.ReportClassroomStartedRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportClassroomStartedResponse:
@@ -131,11 +114,10 @@ class EnforcementServicer:
         room_id = wire.require_id(request.room_id, "room_id")
         started = wire.required_millis(request, "started_at", "started_at")
         end = wire.optional_millis(request, "scheduled_end_time", "scheduled_end_time")
-        self._believable(started, "started_at")
-        if end is not None and end <= started:
-            raise BadRequest("scheduled_end_time: must be after started_at")
-        room = Room(started_at=started, scheduled_end=end)
-        await self._report(context, app_id, room_id, room, started_at=started, scheduled_end=end)
+        problem = start_report_problem(started, end, self.clock(), self.checker.cfg)
+        if problem is not None:
+            raise BadRequest(problem)
+        await self._report(context, app_id, room_id, started_at=started, scheduled_end=end)
         return pb.ReportClassroomStartedResponse()
 
     async def ReportClassroomEnded(
@@ -144,10 +126,11 @@ class EnforcementServicer:
         app_id = wire.require_id(request.app_id, "app_id")
         room_id = wire.require_id(request.room_id, "room_id")
         ended = wire.required_millis(request, "ended_at", "ended_at")
-        self._believable(ended, "ended_at")
+        problem = end_report_problem(ended, self.clock(), self.checker.cfg)
+        if problem is not None:
+            raise BadRequest(problem)
         # Only the end is known here; the stored start (if any) is kept.
-        room = Room(started_at=ended, ended_at=ended)
-        await self._report(context, app_id, room_id, room, ended_at=ended)
+        await self._report(context, app_id, room_id, ended_at=ended)
         return pb.ReportClassroomEndedResponse()
 
     async def GetApplicationStatus(
@@ -224,7 +207,7 @@ class EnforcementServicer:
         try:
             resp = wire.preview(
                 status,
-                bounded_room(room, self.checker.cfg),
+                room,
                 max(at, self.clock()),
                 self.checker.cfg,
             )

@@ -27,7 +27,7 @@ from lcic_guard.domain.policy import (
     State,
     decide,
     explain,
-    message_for,
+    status_message,
 )
 from lcic_guard.domain.time import MAX_TIME, MIN_TIME, Millis, format_time
 from lcic_guard.domain.warnings import scheduled_suspensions
@@ -355,14 +355,7 @@ def explained_status(
     if seg.suspended_at is not None:  # R6: when the suspension took effect for classes
         effective = seg.effective_at if seg.effective_at is not None else seg.suspended_at
         out.suspension_effective_at.FromMilliseconds(effective)
-    out.message = message_for(seg)
-    if seg.suspended and Reason.OVERDUE_GRACE in seg.reasons:
-        # The suspension's advice does not mention the grace running meanwhile.
-        out.message += (
-            " The account also has an overdue payment: top up before "
-            f"{format_time(seg.grace_ends_at or now)} or every application of the account "
-            "will be suspended for it too."
-        )
+    out.message = status_message(seg, now)
     out.warnings.extend(warnings_to_pb(status, now))
     if facts is not None:
         out.facts.extend(facts_to_pb(reason_facts(status, facts, now, cfg)))

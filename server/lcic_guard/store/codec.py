@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from lcic_guard.domain.policy import AppStatus, Reason, Room, Segment
+from lcic_guard.domain.rooms import reported_room
 from lcic_guard.domain.time import Millis
 from lcic_guard.store.keys import ROOM_FIELD_PREFIX
 
@@ -85,14 +86,8 @@ def decode_room(raw: str | bytes | None) -> Room | None:
     obj = json.loads(raw)
     if not isinstance(obj, dict):
         raise ValueError("stored room is not an object")
-    started = _stored_millis(obj.get("s"))
-    if started is None:
-        # Only an end was reported: the class cannot be protected.
-        return None
-    return Room(
-        started_at=started,
-        scheduled_end=_stored_millis(obj.get("e")),
-        ended_at=_stored_millis(obj.get("x")),
+    return reported_room(
+        _stored_millis(obj.get("s")), _stored_millis(obj.get("e")), _stored_millis(obj.get("x"))
     )
 
 

@@ -1,8 +1,12 @@
 -- KEYS[1] status. ARGV: field, started_at or '', scheduled_end or '',
 -- ended_at or '', until, now, prune_threshold.
--- Merges a start or end report into the room's record (earliest start,
--- earliest end); refuses unknown applications (returns 0). Prunes rooms whose
--- protection window has passed once the hash holds many of them.
+-- Merges a start or end report into the room's record as
+-- lcic_guard.domain.rooms.merge_report defines it (earliest start, earliest
+-- end, first scheduled end, latest until), atomically; refuses unknown
+-- applications (returns 0). Once the hash holds many rooms, forgets the
+-- others whose protection window has passed (rooms.forgettable). The
+-- domain functions are the rule; a property test checks this script
+-- against them.
 if not redis.call('HGET', KEYS[1], 'account') then return 0 end
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local room = {}

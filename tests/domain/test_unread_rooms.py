@@ -1,4 +1,4 @@
-"""room_may_be_protected, the test a degraded enter check makes before it
+"""r6_may_protect, the test a degraded enter check makes before it
 denies a room it has not read (SPEC R6, R13): it says "a room may matter"
 exactly when some reported class would be let in although the status
 denies. Pure: no Redis, no server (hypothesis over random statuses)."""
@@ -17,9 +17,9 @@ from lcic_guard.domain.policy import (
     Room,
     Segment,
     decide,
+    r6_may_protect,
 )
 from lcic_guard.domain.time import Millis
-from lcic_guard.sidecar.checker import bounded_room, room_may_be_protected
 
 T0: Millis = 1_790_000_000_000
 STEP = 15 * MINUTE
@@ -79,13 +79,12 @@ def test_an_unread_room_matters_exactly_when_some_class_could_be_let_in(
     status: AppStatus, reported: list[Room], now: Millis, cfg: PolicyConfig
 ) -> None:
     without = decide(Check.ENTER_CLASSROOM, status, now, cfg, None)
-    may = room_may_be_protected(status, now, cfg)
+    may = r6_may_protect(status, now, cfg)
     if not may:
-        # Whatever was reported (and believed, as the checker bounds it), the
-        # answer is the one without a room: a denial from what was last seen
-        # cannot cut off a class.
+        # Whatever was reported, the answer is the one without a room: a
+        # denial from what was last seen cannot cut off a class.
         for room in reported:
-            with_room = decide(Check.ENTER_CLASSROOM, status, now, cfg, bounded_room(room, cfg))
+            with_room = decide(Check.ENTER_CLASSROOM, status, now, cfg, room)
             assert with_room.allowed == without.allowed
     else:
         # The status denies, and a class started just before the suspension
