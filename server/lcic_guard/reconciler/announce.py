@@ -397,6 +397,8 @@ class Announcer:
         release_at: Millis,
         basis: Millis,
         now: Millis,
+        *,
+        missing: bool = True,
     ) -> LedgerRecord | None:
         """R10: a release found no notice on record that proves the customer
         was told in time (none made, one made before a store discontinuity,
@@ -404,7 +406,8 @@ class Announcer:
         time the release can now happen, ``release_at`` or now + the notice
         period. Once per episode and ``basis`` (the discontinuity it answers,
         0 for none), claimed in the ledger so racing replicas make it once.
-        Returns its record once it is committed."""
+        Returns its record once it is committed. ``missing=False`` makes a
+        history's first notice, as it would have been made live: no warning."""
         episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
         if episode is None:
             return None
@@ -425,13 +428,21 @@ class Announcer:
         record = await self._make(account_id, event, now)
         if record is None:
             return None
-        log.warning(
-            "release of account %s needs a notice on record: announced one now, the release "
-            "waits until %s",
-            account_id,
-            format_time(named),
-            extra={"event": RELEASE_SCHEDULED, "account_id": account_id},
-        )
+        if missing:
+            log.warning(
+                "release of account %s needs a notice on record: announced one now, the "
+                "release waits until %s",
+                account_id,
+                format_time(named),
+                extra={"event": RELEASE_SCHEDULED, "account_id": account_id},
+            )
+        else:
+            log.info(
+                "release_scheduled for account %s (release at %s)",
+                account_id,
+                format_time(named),
+                extra={"event": RELEASE_SCHEDULED, "account_id": account_id},
+            )
         return record
 
     async def ledger(self, account_id: str) -> list[LedgerRecord]:

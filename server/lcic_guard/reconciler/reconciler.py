@@ -514,16 +514,19 @@ class Reconciler:
         as a reconciler following the feed would have (R10: no release
         without a notice on record). Returns how many were made."""
         made = 0
+        now = self.clock()
         for member, _ in await self.coord.scheduled(release_deadline("")):
             account = deadline_of(member)[1]
             loaded = await self.store.load_account_facts(account)
-            episode = overdue_notice(loaded.facts, self.policy, self.clock(), loaded.recorded_at)
+            episode = overdue_notice(loaded.facts, self.policy, now, loaded.recorded_at)
             statuses = self._compute(loaded)
             if episode is None or not statuses:
                 continue
             _, known, release_at = episode
+            if known > now:  # still in grace: its notice comes when the suspension does
+                continue
             if await self.announcer.evidence_notice(
-                account, loaded, statuses, release_at, 0, known
+                account, loaded, statuses, release_at, 0, known, missing=False
             ):
                 made += 1
         return made
