@@ -112,7 +112,7 @@ async def test_a_record_it_cannot_read_counts_as_committed(store: Store) -> None
     # Conservative: an announcement is never made again over a record that
     # may say it was made.
     coord = Coordination(store)
-    for raw in ("not json", "[1, 2]", '{"type": "release_scheduled"}'):
+    for raw in ("not json", "42", "[1, 2]", '{"type": "release_scheduled"}'):
         await store.redis.hset(ledger_key(ACCT), AID, raw)
         assert await claim_as(coord, "r1", T0 + 1_000 * STALE) == 0
         assert await coord.ledger(ACCT) == {AID: raw}
@@ -140,14 +140,19 @@ async def test_a_check_without_a_cause_stores_what_was_seen_and_starts_no_pause(
     store: Store,
 ) -> None:
     coord = Coordination(store)
-    assert await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1") is False
+    assert (
+        await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1", expected_pause="") is False
+    )
     assert await coord.continuity() == {
         "run_ids": "run-a",
         "generation": "gen-1",
         "checked_at": str(T0),
         "checked_by": "r1",
     }
-    assert await coord.note_continuity("run-a", "run-a", "gen-1", T0 + 1, "", "r2") is False
+    assert (
+        await coord.note_continuity("run-a", "run-a", "gen-1", T0 + 1, "", "r2", expected_pause="")
+        is False
+    )
     assert (await coord.continuity())["checked_at"] == str(T0 + 1)
     assert (await coord.continuity())["checked_by"] == "r2"
     assert await coord.release_pause() == {}
@@ -155,11 +160,13 @@ async def test_a_check_without_a_cause_stores_what_was_seen_and_starts_no_pause(
 
 async def test_a_discontinuity_starts_a_pause_once_across_replicas(store: Store) -> None:
     coord = Coordination(store)
-    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1")
+    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1", expected_pause="")
     # Redis restarted: every replica read "run-a" stored and sees "run-b".
     started = await asyncio.gather(
         *(
-            coord.note_continuity("run-a", "run-b", "gen-1", T0 + 10 + i, "run_id", f"r{i}")
+            coord.note_continuity(
+                "run-a", "run-b", "gen-1", T0 + 10 + i, "run_id", f"r{i}", expected_pause=""
+            )
             for i in range(8)
         )
     )
@@ -174,10 +181,14 @@ async def test_a_later_report_of_the_same_discontinuity_keeps_the_first_detectio
     store: Store,
 ) -> None:
     coord = Coordination(store)
-    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1")
-    assert await coord.note_continuity("run-a", "run-b", "gen-1", T0 + 5, "run_id", "r1")
+    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1", expected_pause="")
+    assert await coord.note_continuity(
+        "run-a", "run-b", "gen-1", T0 + 5, "run_id", "r1", expected_pause=""
+    )
     # A replica that read the store before r1 stored what it saw.
-    assert not await coord.note_continuity("run-a", "run-b", "gen-2", T0 + 60_000, "gen", "r2")
+    assert not await coord.note_continuity(
+        "run-a", "run-b", "gen-2", T0 + 60_000, "gen", "r2", expected_pause=""
+    )
     assert await coord.release_pause() == {"since": str(T0 + 5), "cause": "run_id"}
     assert await coord.continuity() == {
         "run_ids": "run-b",
@@ -191,19 +202,27 @@ async def test_a_stale_view_without_a_cause_does_not_overwrite_a_newer_one(
     store: Store,
 ) -> None:
     coord = Coordination(store)
-    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1")
-    await coord.note_continuity("run-a", "run-b", "gen-1", T0 + 5, "run_id", "r1")
-    assert not await coord.note_continuity("run-a", "run-a", "gen-1", T0 + 9, "", "r2")
+    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1", expected_pause="")
+    await coord.note_continuity(
+        "run-a", "run-b", "gen-1", T0 + 5, "run_id", "r1", expected_pause=""
+    )
+    assert not await coord.note_continuity(
+        "run-a", "run-a", "gen-1", T0 + 9, "", "r2", expected_pause=""
+    )
     assert (await coord.continuity())["run_ids"] == "run-b"
     assert (await coord.continuity())["checked_by"] == "r1"
 
 
 async def test_a_check_without_a_cause_leaves_the_pause_alone(store: Store) -> None:
     coord = Coordination(store)
-    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1")
-    await coord.note_continuity("run-a", "run-b", "gen-1", T0 + 5, "run_id", "r1")
+    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1", expected_pause="")
+    await coord.note_continuity(
+        "run-a", "run-b", "gen-1", T0 + 5, "run_id", "r1", expected_pause=""
+    )
     await coord.lift_pause(T0 + 5, T0 + 100)
-    await coord.note_continuity("run-b", "run-b", "gen-1", T0 + 200, "", "r2")
+    await coord.note_continuity(
+        "run-b", "run-b", "gen-1", T0 + 200, "", "r2", expected_pause=str(T0 + 5)
+    )
     assert await coord.release_pause() == {
         "since": str(T0 + 5),
         "cause": "run_id",
@@ -215,10 +234,34 @@ async def test_a_new_discontinuity_starts_a_new_pause_that_the_old_snapshot_does
     store: Store,
 ) -> None:
     coord = Coordination(store)
-    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1")
-    await coord.note_continuity("run-a", "run-b", "gen-1", T0 + 5, "run_id", "r1")
+    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1", expected_pause="")
+    await coord.note_continuity(
+        "run-a", "run-b", "gen-1", T0 + 5, "run_id", "r1", expected_pause=""
+    )
     await coord.lift_pause(T0 + 5, T0 + 100)
     # Redis goes back again: the snapshot loaded before confirms nothing now.
-    assert await coord.note_continuity("run-b", "run-c", "gen-1", T0 + 500, "run_id", "r2")
+    assert await coord.note_continuity(
+        "run-b", "run-c", "gen-1", T0 + 500, "run_id", "r2", expected_pause=str(T0 + 5)
+    )
     assert await raw(store, RELEASE_PAUSE) == {"since": str(T0 + 500), "cause": "run_id"}
     assert (await raw(store, CONTINUITY))["run_ids"] == "run-c"
+
+
+async def test_a_discontinuity_that_leaves_the_run_ids_is_reported_once_too(
+    store: Store,
+) -> None:
+    # A stream's last id gone back (or a new generation) with the same
+    # Redis servers: the run ids every replica read are still stored.
+    coord = Coordination(store)
+    await coord.note_continuity("", "run-a", "gen-1", T0, "", "r1", expected_pause="")
+    started = await asyncio.gather(
+        *(
+            coord.note_continuity(
+                "run-a", "run-a", "gen-1", T0 + 10 + i, "stream_id", f"r{i}", expected_pause=""
+            )
+            for i in range(8)
+        )
+    )
+    assert sorted(started) == [False] * 7 + [True], "one replica reports it"
+    first = started.index(True)
+    assert await coord.release_pause() == {"since": str(T0 + 10 + first), "cause": "stream_id"}
