@@ -4,6 +4,7 @@ the test's own, killed and restarted; the reconciler in process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,6 +134,25 @@ async def test_a_stream_id_going_back_and_a_new_generation_pause_releases(
     pause = await rec.releaser.continuity.pause()
     assert pause is not None and pause.since == T0 + 2000
     assert pauses(rec, "run_id") + pauses(rec, "generation") == 1
+
+
+async def test_a_stream_going_back_seen_by_racing_replicas_is_reported_once(
+    rdb_only: tuple[EmbeddedRedis, Store],
+) -> None:
+    # The run ids stay what both replicas read: they alone cannot tell the
+    # second replica that the first has just reported it.
+    _, store = rdb_only
+    clock = FakeClock(T0)
+    r1, r2 = reconciler(store, clock, "r1"), reconciler(store, clock, "r2")
+    await store.redis.xadd(GUARD_STREAM, {"event": "{}"}, id="5000-0")
+    await r1.check_continuity()
+    await r2.check_continuity()
+    await store.redis.delete(GUARD_STREAM)
+    await store.redis.xadd(GUARD_STREAM, {"event": "{}"}, id="10-0")
+    clock.advance(1000)
+    lines = await asyncio.gather(r1.check_continuity(), r2.check_continuity())
+    assert all("RELEASES PAUSED" in line for line in lines)
+    assert pauses(r1, "stream_id") + pauses(r2, "stream_id") == 1
 
 
 async def test_a_billing_snapshot_loaded_after_the_detection_lifts_the_pause(

@@ -1,6 +1,8 @@
-"""lua/settle_status_announcement.lua: a status change is announced exactly
-once, and only once it has held for the settle time, exercised through the
-reconciler's coordination API on a real Redis."""
+"""lua/settle_status_announcement.lua, lua/finish_announcement.lua and
+lua/take_outbox.lua: a status change is announced exactly once, and only
+once it has held for the settle time; its outbox is cleared by its writer,
+or taken over by exactly one replica once the writer is presumed dead,
+exercised through the reconciler's coordination API on a real Redis."""
 
 from __future__ import annotations
 
@@ -9,15 +11,16 @@ import asyncio
 from lcic_guard.domain.policy import AppStatus, Segment
 from lcic_guard.store.codec import text
 from lcic_guard.store.coordination import Coordination, Outbox
-from lcic_guard.store.keys import meta_key, status_key
+from lcic_guard.store.keys import status_key
 from lcic_guard.store.status import Store
 
 from tests.support.clock import T0
 
-KEY = meta_key("acct-1")
-F = "notice"
-STALE = 30_000
 APP = "app-1"
+KEY = status_key(APP)
+F = "announced"
+# The takeover period the reconciler passes (STALE_OUTBOX_MS).
+STALE = 10_000
 SETTLE = 60_000
 
 
@@ -120,3 +123,77 @@ async def test_of_racing_evaluations_exactly_one_claims(store: Store) -> None:
         *(settle(coord, "", "GRACE", T0 + i, v, settle=0) for i in range(8))
     )
     assert sorted(c for c, _ in codes) == [1] + [3] * 7
+
+
+# -- finish_announcement / take_outbox ---------------------------------------------
+
+
+async def claimed(coord: Coordination, new: str = "GRACE", now: int = T0) -> str:
+    """Claim ``new`` as the announcer does (settled at once); the payload
+    left in the outbox."""
+    announced = (await coord.status_cursor(APP, F))[0]
+    assert await settle(coord, announced, new, now, await coord.status_version(APP), 0) == (1, now)
+    outbox = (await coord.status_cursor(APP, F))[1]
+    assert outbox == Outbox(f"{new}@{now}", now)
+    return outbox.payload
+
+
+async def test_finishing_clears_the_outbox_and_keeps_the_cursor(store: Store) -> None:
+    coord = Coordination(store)
+    await versioned(store, 1)
+    payload = await claimed(coord)
+    assert await coord.take_outbox(KEY, F, payload, T0 + STALE, STALE)
+    await coord.finish(KEY, F, payload)
+    assert await coord.status_cursor(APP, F) == ("GRACE", None, None)
+    assert not {f"{F}:outbox", f"{F}:outbox_at", f"{F}:outbox_taken"} & set(await fields(store))
+    # The next change can be claimed.
+    await claimed(coord, "SUSPENDED", T0 + 1)
+
+
+async def test_a_stale_finisher_leaves_the_outbox_that_replaced_its_own(store: Store) -> None:
+    coord = Coordination(store)
+    await versioned(store, 1)
+    first = await claimed(coord)
+    await coord.finish(KEY, F, first)
+    second = await claimed(coord, "SUSPENDED", T0 + 1)
+    await coord.finish(KEY, F, first)  # a writer that took the first over, late
+    assert (await coord.status_cursor(APP, F))[1] == Outbox(second, T0 + 1)
+
+
+async def test_an_outbox_is_taken_over_once_its_writer_is_presumed_dead(store: Store) -> None:
+    coord = Coordination(store)
+    await versioned(store, 1)
+    payload = await claimed(coord)
+    assert not await coord.take_outbox(KEY, F, payload, T0 + STALE - 1, STALE), "writer alive"
+    assert await coord.take_outbox(KEY, F, payload, T0 + STALE, STALE)
+    # Taken: nobody else takes it from the taker while it is alive.
+    assert not await coord.take_outbox(KEY, F, payload, T0 + STALE, STALE)
+    assert not await coord.take_outbox(KEY, F, payload, T0 + 2 * STALE - 1, STALE)
+    # Unless the taker dies too; the outbox is the same one throughout.
+    assert await coord.take_outbox(KEY, F, payload, T0 + 2 * STALE, STALE)
+    assert (await coord.status_cursor(APP, F))[1] == Outbox(payload, T0)
+
+
+async def test_of_racing_takers_exactly_one_takes_an_abandoned_outbox(store: Store) -> None:
+    coord = Coordination(store)
+    await versioned(store, 1)
+    payload = await claimed(coord)
+    got = await asyncio.gather(
+        *(coord.take_outbox(KEY, F, payload, T0 + 5 * STALE, STALE) for _ in range(8))
+    )
+    assert sorted(got) == [False] * 7 + [True]
+
+
+async def test_a_finished_or_replaced_outbox_is_not_taken(store: Store) -> None:
+    coord = Coordination(store)
+    await versioned(store, 1)
+    first = await claimed(coord)
+    await coord.finish(KEY, F, first)
+    assert not await coord.take_outbox(KEY, F, first, T0 + 5 * STALE, STALE), "finished"
+    second = await claimed(coord, "SUSPENDED", T0 + 5 * STALE)
+    # A replica that read the first outbox before it was finished.
+    assert not await coord.take_outbox(KEY, F, first, T0 + 10 * STALE, STALE), "replaced"
+    assert f"{F}:outbox_taken" not in await fields(store)
+    # The new one is its writer's until it is presumed dead.
+    assert not await coord.take_outbox(KEY, F, second, T0 + 6 * STALE - 1, STALE)
+    assert await coord.take_outbox(KEY, F, second, T0 + 6 * STALE, STALE)

@@ -73,6 +73,9 @@ class StoreContinuity:
     async def check(self, now: Millis) -> Pause | None:
         """Compare the store with what was seen of it; on a discontinuity
         start a pause (once across replicas). Returns the pause in force."""
+        # Read before the store is looked at, so that a pause another replica
+        # starts meanwhile is taken as this discontinuity's one report.
+        paused = (await self.coord.release_pause()).get("since", "")
         ids = ",".join(sorted(await self.store.run_ids()))
         generation = await self.store.ensure_generation()
         stored = await self.coord.continuity()
@@ -94,7 +97,7 @@ class StoreContinuity:
         ):
             cause = "stream_id"
         started = await self.coord.note_continuity(
-            stored_ids, ids, generation, now, cause, self.name
+            stored_ids, ids, generation, now, cause, self.name, expected_pause=paused
         )
         self._mark = str(now)
         if stored_ids and stored_ids != ids and not cause:

@@ -224,14 +224,17 @@ class Coordination:
         now: Millis,
         cause: str,
         checker: str,
+        *,
+        expected_pause: str,
     ) -> bool:
         """Store what is seen of the store now (and who looked); with a cause,
-        start a release pause (see lua/note_discontinuity.lua). True if this
-        call started it."""
+        start a release pause unless one started since the caller read
+        ``expected_pause`` (its ``since``, '' for none): see
+        lua/note_discontinuity.lua. True if this call started it."""
         return bool(
             await self._discontinuity(
                 keys=[CONTINUITY, RELEASE_PAUSE],
-                args=[expected_run_ids, run_ids, generation, now, cause, checker],
+                args=[expected_run_ids, run_ids, generation, now, cause, checker, expected_pause],
             )
         )
 
