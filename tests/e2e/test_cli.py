@@ -864,6 +864,30 @@ def test_a_refused_token_is_not_told_to_pass_a_token(tmp_path: Path, demo: Serve
         one_line(done, 2, "wants a bearer token", "pass --token-file")
 
 
+def test_each_announcement_is_one_distinct_line_naming_what_it_announces(demo: Served) -> None:
+    """The demo warns of several suspensions of one account: each log line
+    names its application, reason and date, so no two read the same."""
+
+    def announced() -> list[dict[str, Any]]:
+        return [
+            json.loads(line)
+            for line in demo.logs.splitlines()
+            if line.startswith("{") and json.loads(line).get("event") == "suspension_scheduled"
+        ]
+
+    # Announced once each warning has held for the settle time.
+    wait_for(
+        "acct-good's warnings",
+        lambda: len([x for x in announced() if x["account_id"] == "acct-good"]) >= 2,
+        timeout=30,
+    )
+    lines = announced()
+    assert len({x["msg"] for x in lines}) == len(lines), [x["msg"] for x in lines]
+    for x in lines:
+        assert x["reason"] in x["msg"] and x["at"] in x["msg"], x
+        assert all(app in x["msg"] for app in x["app_ids"]), x
+
+
 def test_a_healthy_start_logs_no_warning_and_the_banner_runs_as_printed(demo: Served) -> None:
     warnings = [
         line

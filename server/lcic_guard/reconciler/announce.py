@@ -517,16 +517,39 @@ class Announcer:
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             if await self._make(account_id, event, now) is None:
                 return  # another replica announces it; the deadline above checks
-            log.info(
-                "%s announced for account %s",
-                warning.event["type"],
-                account_id,
-                extra={"event": warning.event["type"], "account_id": account_id},
-            )
+            log.info("%s", announcement_line(warning.event), extra=announcement_fields(event))
         if later:
             await self.coord.schedule(member, min(later))
         else:
             await self.coord.unschedule(member)
+
+
+def announcement_fields(event: dict[str, object]) -> dict[str, object]:
+    """The fields of an announcement a log line carries (``event`` = its type)."""
+    keep = ("account_id", "app_id", "app_ids", "reason", "at", "notice", "effect", "actor")
+    return {"event": event["type"]} | {k: event[k] for k in keep if event.get(k) is not None}
+
+
+def announcement_line(event: dict[str, object]) -> str:
+    """One line saying which announcement this is, so that two differ in the
+    log when they differ on the stream: ``suspension_scheduled for app-1 of
+    account acct-1: PACKAGE_EXPIRED at …, notice 7d``."""
+    who = f"account {event['account_id']}"
+    apps = event.get("app_ids")
+    if event.get("app_id"):
+        who = f"{event['app_id']} of {who}"
+    elif isinstance(apps, list) and apps:
+        who = f"{','.join(map(str, apps))} of {who}"
+    what = " ".join(
+        str(part)
+        for part in (
+            event.get("reason") or event.get("effect"),
+            f"at {event['at']}" if event.get("at") else None,
+            f"(notice {event['notice']})" if event.get("notice") else None,
+        )
+        if part
+    )
+    return f"{event['type']} announced for {who}" + (f": {what}" if what else "")
 
 
 @dataclass(frozen=True, slots=True)
