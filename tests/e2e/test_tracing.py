@@ -228,8 +228,8 @@ async def test_reconciler_traces_batches_recomputations_and_releases(
         [src],
         clock=clock,
         recorded_clock=recorded_clock(alert_at),  # a history read live, not backfilled
+        hooks=traced.reconciler_hooks(),
     )
-    traced.instrument(rec)
     history = [
         *events.app("acct-1", "app-1", at=alert_at - 10 * DAY, expires=alert_at + 400 * DAY),
         *events.app("acct-1", "app-2", at=alert_at - 10 * DAY, expires=alert_at + 400 * DAY),

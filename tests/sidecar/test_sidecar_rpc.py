@@ -309,8 +309,8 @@ def overdue_for_100_days(events: Events) -> list[dict[str, Any]]:
 async def test_release_needs_a_watermark_without_one_it_stays_overdue(
     reconciler: Reconciler, sidecar: SidecarUnderTest, events: Events, clock: FakeClock
 ) -> None:
-    reconciler.recorded_clock = recorded_clock(T0 - 100 * DAY)  # read live
-    await reconciler.ingest(deliveries(overdue_for_100_days(events)))
+    # Read live: recorded when it happened.
+    await reconciler.ingest(deliveries(overdue_for_100_days(events)), recorded_at=T0 - 100 * DAY)
     plan = await reconciler.try_release(ACCT, clock())
     assert not plan.eligible
     assert "confirmed read" in plan.why
@@ -506,9 +506,9 @@ async def test_class_started_exactly_at_suspension_is_not_protected(
     reconciler: Reconciler, sidecar: SidecarUnderTest, events: Events
 ) -> None:
     # The alert was read when it was sent: the suspension took effect on time.
-    reconciler.recorded_clock = recorded_clock(T0 - 25 * HOUR)
     await reconciler.ingest(
-        deliveries(suspension_events(events, R.DECISION_REASON_ACCOUNT_OVERDUE))
+        deliveries(suspension_events(events, R.DECISION_REASON_ACCOUNT_OVERDUE)),
+        recorded_at=T0 - 25 * HOUR,
     )
     await report_started(sidecar, "room-1", T0 - HOUR, T0 + HOUR)
     assert not (await enter(sidecar, "room-1")).allowed
