@@ -220,24 +220,8 @@ async def build_sidecar(
     metrics: SidecarMetrics | None = None
     metrics_server: MetricsServer | None = None
     watchers = Watchers(max_streams=settings.max_watch_streams)
-    readiness_box: list[Readiness] = []
-
-    async def on_sync(_in_sync: bool) -> None:
-        if readiness_box:
-            await readiness_box[0].check_once()
-
-    feed = ChangeFeedReader(
-        store,
-        cache,
-        clock,
-        on_change=watchers.publish,
-        on_sync=on_sync,
-        on_discontinuity=watchers.discontinuity,
-        breaker=checker.breaker,
-    )
     if registry is not None or settings.metrics_listen:
         metrics = SidecarMetrics(registry)
-        metrics.watch(checker, feed, watchers)
     observer = DecisionObserver(metrics, settings.shadow)
     servicer = EnforcementServicer(checker, store, watchers=watchers, observer=observer)
     tls = (
@@ -265,12 +249,21 @@ async def build_sidecar(
             max_streams=settings.max_watch_streams,
         )
     except (RuntimeError, OSError) as exc:  # grpc says only "Failed to bind"
-        await feed.stop()
         raise bind_error(settings.listen, exc if isinstance(exc, OSError) else None) from exc
-    readiness = Readiness(
-        store, server, settings.max_heartbeat_age_ms, clock, synced=lambda: feed.in_sync
+    # Built in the order they depend on each other: the feed tells readiness
+    # when it holds the whole table, so readiness comes first.
+    readiness = Readiness(store, server, settings.max_heartbeat_age_ms, clock, follows_feed=True)
+    feed = ChangeFeedReader(
+        store,
+        cache,
+        clock,
+        on_change=watchers.publish,
+        on_sync=readiness.feed_synced,
+        on_discontinuity=watchers.discontinuity,
+        breaker=checker.breaker,
     )
-    readiness_box.append(readiness)
+    if metrics is not None:
+        metrics.watch(checker, feed, watchers)
     feed.start()
     await readiness.check_once()
     readiness.start()
