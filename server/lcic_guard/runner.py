@@ -46,7 +46,13 @@ from lcic_guard.sidecar.metrics import SidecarMetrics
 from lcic_guard.sidecar.observe import DecisionObserver
 from lcic_guard.sidecar.readiness import Readiness
 from lcic_guard.sidecar.server import RunningServer, TlsFiles, start_server
-from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.sidecar.service import (
+    STORE_TIMEOUT_S,
+    EnforcementServicer,
+    StatusRefresh,
+    WatchRenderer,
+    render_discontinuity,
+)
 from lcic_guard.sidecar.watchers import Watchers
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import BILLING_STREAM
@@ -217,12 +223,20 @@ async def build_sidecar(
         clock=clock,
         cache=cache,
     )
-    metrics: SidecarMetrics | None = None
     metrics_server: MetricsServer | None = None
-    watchers = Watchers(max_streams=settings.max_watch_streams)
-    if registry is not None or settings.metrics_listen:
-        metrics = SidecarMetrics(registry)
+    wants_metrics = registry is not None or settings.metrics_listen
+    metrics = SidecarMetrics(registry) if wants_metrics else None
     observer = DecisionObserver(metrics, settings.shadow)
+    # The checker's answers are made by the observer's renderer (shadow mode,
+    # the bytes on the wire), before any check is served.
+    checker.use_renderer(observer.render)
+    watchers = Watchers(
+        max_streams=settings.max_watch_streams,
+        render=WatchRenderer(settings.policy, observer),
+        render_discontinuity=render_discontinuity,
+        clock=clock,
+        refresh=StatusRefresh(store, STORE_TIMEOUT_S),
+    )
     servicer = EnforcementServicer(checker, store, watchers=watchers, observer=observer)
     tls = (
         TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)

@@ -27,7 +27,6 @@ from lcic_guard.embedded import free_port
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.server import TlsFiles, add_service, start_server
-from lcic_guard.sidecar.service import EnforcementServicer
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 from lcic_guard_client import (
@@ -48,7 +47,7 @@ from lcic_guard_client import (
 
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries
-from tests.support.fixtures import SidecarUnderTest
+from tests.support.fixtures import SidecarUnderTest, servicer
 from tests.support.pki import Pki
 
 T = TypeVar("T")
@@ -299,9 +298,7 @@ async def slow_target(
     """A sidecar whose every store call hangs for a minute."""
     store = Store(connect(f"redis://127.0.0.1:{black_hole}/0", timeout=60.0))
     checker = Checker(store, policy, read_timeout=60.0, clock=clock)
-    running = await start_server(
-        EnforcementServicer(checker, store, store_timeout=60.0), "127.0.0.1:0"
-    )
+    running = await start_server(servicer(checker, store, store_timeout=60.0), "127.0.0.1:0")
     yield f"127.0.0.1:{running.port}"
     await running.stop(grace=0)
     with contextlib.suppress(Exception):
@@ -407,7 +404,7 @@ async def counted(
     server = grpc.aio.server(interceptors=[recorder.interceptor()])
     checker = Checker(store, policy, read_timeout=2.0, clock=clock)
     # As the sidecar registers it: add_service maps a bad field to INVALID_ARGUMENT.
-    add_service(EnforcementServicer(checker, store), server)
+    add_service(servicer(checker, store), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield CountedServer(f"127.0.0.1:{port}", recorder)
@@ -505,7 +502,7 @@ async def test_a_sidecar_started_just_after_the_call_answers_it(
 
     async def start_later() -> None:
         await asyncio.sleep(delay)
-        servers.append(await start_server(EnforcementServicer(checker, store), f"127.0.0.1:{port}"))
+        servers.append(await start_server(servicer(checker, store), f"127.0.0.1:{port}"))
 
     starter = asyncio.create_task(start_later())
     try:
@@ -526,14 +523,14 @@ async def test_sync_client_rides_out_a_restart(
 ) -> None:
     port = free_port()
     checker = Checker(store, policy, read_timeout=2.0, clock=clock)
-    first = await start_server(EnforcementServicer(checker, store), f"127.0.0.1:{port}")
+    first = await start_server(servicer(checker, store), f"127.0.0.1:{port}")
     guard = GuardClient(f"127.0.0.1:{port}", timeout=2.0)
     try:
         assert not (await blocking(lambda: guard.can_create_classroom("nobody"))).allowed
         await first.stop(grace=0)
         call = asyncio.create_task(blocking(lambda: guard.can_create_classroom("nobody")))
         await asyncio.sleep(0.1)
-        second = await start_server(EnforcementServicer(checker, store), f"127.0.0.1:{port}")
+        second = await start_server(servicer(checker, store), f"127.0.0.1:{port}")
         try:
             d = await call
             assert d.reason == Reason.UNKNOWN_APPLICATION
@@ -572,7 +569,7 @@ async def tls_sidecar(
         key=str(pki.server.key),
         client_ca=str(pki.ca.ca) if mutual else None,
     )
-    running = await start_server(EnforcementServicer(checker, store), "127.0.0.1:0", tls=files)
+    running = await start_server(servicer(checker, store), "127.0.0.1:0", tls=files)
     try:
         yield running.port
     finally:

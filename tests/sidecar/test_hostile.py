@@ -697,8 +697,12 @@ async def test_reconciler_refuses_releases_after_flushall_until_the_feed_is_read
 
 
 async def test_a_watcher_gets_each_app_once_latest_wins_and_a_slow_one_is_cut() -> None:
-    watchers = Watchers(log_size=100, queue_size=50, flush_s=0.001)
-    watchers.render = lambda status, now: f"{status.app_id}@{status.version}".encode()
+    watchers = Watchers(
+        log_size=100,
+        queue_size=50,
+        flush_s=0.001,
+        render=lambda status, now: f"{status.app_id}@{status.version}".encode(),
+    )
     sub = watchers.subscribe([])
     for version in (1, 2, 3):
         watchers.publish("app-a", active("app-a", version))

@@ -27,13 +27,12 @@ from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.server import SERVICE_NAME, start_server
-from lcic_guard.sidecar.service import EnforcementServicer
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 
 from tests.support.clock import T0, FakeClock, recorded_clock
 from tests.support.events import Events, deliveries
-from tests.support.fixtures import SidecarUnderTest
+from tests.support.fixtures import SidecarUnderTest, servicer
 
 R = pb.DecisionReason
 APP = "app-1"
@@ -736,8 +735,8 @@ async def sidecar_on(
 ) -> AsyncIterator[SlowSidecar]:
     store = Store(connect(f"redis://127.0.0.1:{port}/0", timeout=60.0))
     checker = Checker(store, policy, read_timeout=read_timeout, clock=clock)
-    servicer = EnforcementServicer(checker, store, store_timeout=store_timeout)
-    running = await start_server(servicer, "127.0.0.1:0")
+    service = servicer(checker, store, store_timeout=store_timeout)
+    running = await start_server(service, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
         yield SlowSidecar(pb_grpc.EnforcementServiceStub(channel), channel)
