@@ -689,7 +689,7 @@ async def test_reconciler_refuses_releases_after_flushall_until_the_feed_is_read
     assert rec.releases_done == []
     # The snapshot is loaded again and read to its end: releases may go on.
     source2 = FileSource(snapshot, clock_ms=rstore.server_time)
-    rec.sources = [source2]
+    rec.sources[:] = [source2]  # the list the releaser reads too
     await rec.drain(source2)
     assert not rec.resyncing
     plan = await rec.try_release("acct-r", wall_clock())

@@ -116,7 +116,7 @@ class Reconciler:
         self.coord = Coordination(store)
         self.policy = policy
         self.config = config or ReconcilerConfig()
-        self.sources = list(sources)
+        self._sources = list(sources)
         self.clock = clock
         self.name = name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._warn = RateLimitedLog(log)
@@ -132,11 +132,17 @@ class Reconciler:
             self.config,
             self.announcer,
             name=self.name,
-            sources=self.sources,
+            sources=self._sources,
             clock=clock,
             recorded_clock=recorded_clock,
             metrics=metrics,
         )
+
+    @property
+    def sources(self) -> list[BillingSource]:
+        """The billing sources, one list shared with the releaser (whose
+        releases wait for their watermark): changed in place, never rebound."""
+        return self._sources
 
     @property
     def recorded_clock(self) -> Callable[[], Awaitable[Millis]]:
