@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -31,6 +31,7 @@ from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.errors import CommandError, bind_error, check_readable
 from lcic_guard.metrics import MetricsServer, serve_metrics, worker_listen
+from lcic_guard.reconciler.hooks import NO_HOOKS
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.reconciler.sources import BillingSource, FileSource, StreamSource
@@ -45,7 +46,13 @@ from lcic_guard.sidecar.metrics import SidecarMetrics
 from lcic_guard.sidecar.observe import DecisionObserver
 from lcic_guard.sidecar.readiness import Readiness
 from lcic_guard.sidecar.server import RunningServer, TlsFiles, start_server
-from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.sidecar.service import (
+    STORE_TIMEOUT_S,
+    EnforcementServicer,
+    StatusRefresh,
+    WatchRenderer,
+    render_discontinuity,
+)
 from lcic_guard.sidecar.watchers import Watchers
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import BILLING_STREAM
@@ -138,15 +145,30 @@ def build_reconciler(
     *,
     clock: Callable[[], Millis],
     metrics: ReconcilerMetrics | None = None,
+    traced: Tracing | None = None,
 ) -> Reconciler:
+    """The reconciler over ``events`` (a file, if any) and, with
+    ``--consume-stream``, the billing stream; traced by hooks given at its
+    construction when tracing is on."""
     sources: list[BillingSource] = []
     if events is not None:
         sources.append(FileSource(events, clock_ms=store.server_time))
     if settings.consume_stream:
         claim_idle_ms = settings.reconciler.claim_idle_ms
         sources.append(StreamSource(store.redis, claim_idle_ms=claim_idle_ms))
+    hooks = (
+        traced.reconciler_hooks(dry_run=settings.reconciler.release_dry_run)
+        if traced is not None
+        else NO_HOOKS
+    )
     return Reconciler(
-        store, settings.policy, settings.reconciler, sources, clock=clock, metrics=metrics
+        store,
+        settings.policy,
+        settings.reconciler,
+        sources,
+        clock=clock,
+        metrics=metrics,
+        hooks=hooks,
     )
 
 
@@ -201,28 +223,20 @@ async def build_sidecar(
         clock=clock,
         cache=cache,
     )
-    metrics: SidecarMetrics | None = None
     metrics_server: MetricsServer | None = None
-    watchers = Watchers(max_streams=settings.max_watch_streams)
-    readiness_box: list[Readiness] = []
-
-    async def on_sync(_in_sync: bool) -> None:
-        if readiness_box:
-            await readiness_box[0].check_once()
-
-    feed = ChangeFeedReader(
-        store,
-        cache,
-        clock,
-        on_change=watchers.publish,
-        on_sync=on_sync,
-        on_discontinuity=watchers.discontinuity,
-        breaker=checker.breaker,
-    )
-    if registry is not None or settings.metrics_listen:
-        metrics = SidecarMetrics(registry)
-        metrics.watch(checker, feed, watchers)
+    wants_metrics = registry is not None or settings.metrics_listen
+    metrics = SidecarMetrics(registry) if wants_metrics else None
     observer = DecisionObserver(metrics, settings.shadow)
+    # The checker's answers are made by the observer's renderer (shadow mode,
+    # the bytes on the wire), before any check is served.
+    checker.use_renderer(observer.render)
+    watchers = Watchers(
+        max_streams=settings.max_watch_streams,
+        render=WatchRenderer(settings.policy, observer),
+        render_discontinuity=render_discontinuity,
+        clock=clock,
+        refresh=StatusRefresh(store, STORE_TIMEOUT_S),
+    )
     servicer = EnforcementServicer(checker, store, watchers=watchers, observer=observer)
     tls = (
         TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
@@ -249,12 +263,21 @@ async def build_sidecar(
             max_streams=settings.max_watch_streams,
         )
     except (RuntimeError, OSError) as exc:  # grpc says only "Failed to bind"
-        await feed.stop()
         raise bind_error(settings.listen, exc if isinstance(exc, OSError) else None) from exc
-    readiness = Readiness(
-        store, server, settings.max_heartbeat_age_ms, clock, synced=lambda: feed.in_sync
+    # Built in the order they depend on each other: the feed tells readiness
+    # when it holds the whole table, so readiness comes first.
+    readiness = Readiness(store, server, settings.max_heartbeat_age_ms, clock, follows_feed=True)
+    feed = ChangeFeedReader(
+        store,
+        cache,
+        clock,
+        on_change=watchers.publish,
+        on_sync=readiness.feed_synced,
+        on_discontinuity=watchers.discontinuity,
+        breaker=checker.breaker,
     )
-    readiness_box.append(readiness)
+    if metrics is not None:
+        metrics.watch(checker, feed, watchers)
     feed.start()
     await readiness.check_once()
     readiness.start()
@@ -330,13 +353,6 @@ async def _wait_listening(port: int, timeout: float = 15.0) -> None:
         except OSError:
             await asyncio.sleep(0.05)
     raise RuntimeError(f"workers did not listen on port {port} within {timeout}s")
-
-
-def _stopped_at(at: Millis) -> Callable[[], Awaitable[Millis]]:
-    async def read() -> Millis:
-        return at
-
-    return read
 
 
 async def _report_sample_rooms(store: Store, settings: Settings, now: Millis) -> None:
@@ -438,71 +454,91 @@ async def serve(
     traced = tracing.setup("lcic-guard")
     async with redis_for(settings) as (url, embedded):
         store = Store(connect(url))
-        reconciler_task = None
-        poller = None
+        background: list[asyncio.Task[None]] = []
         try:
             # The sidecar still starts without Redis (it answers by R13), but
             # says so plainly instead of printing the usual banner alone.
             redis_down = await redis_trouble(store) if embedded is None else None
             if embedded is not None:
-                with tempfile.TemporaryDirectory(prefix="lcic-sample-") as tmp:
-                    events = settings.events
-                    sample_at = wall_clock()
-                    if events is None:
-                        events = Path(tmp) / "sample-events.jsonl"
-                        await asyncio.to_thread(events.write_text, sample_jsonl(sample_at))
-                    rec_metrics = ReconcilerMetrics(registry) if registry else None
-                    reconciler = build_reconciler(
-                        settings, store, events, clock=wall_clock, metrics=rec_metrics
-                    )
-                    if traced is not None:
-                        traced.instrument(reconciler)
-                    live = reconciler.recorded_clock
-                    if settings.events is None:
-                        reconciler.recorded_clock = _stopped_at(sample_recorded_at(sample_at))
-                    await reconciler.drain(reconciler.sources[0])
-                    reconciler.recorded_clock = live
-                    if settings.events is None:
-                        await reconciler.notices_of_history()
-                if settings.events is None:
-                    await _report_sample_rooms(store, settings, wall_clock())
-                reconciler_task = asyncio.create_task(reconciler.run(stop))
-                if rec_metrics is not None:
-                    poller = asyncio.create_task(
-                        rec_metrics.poll_forever(reconciler, stop, wall_clock)
-                    )
+                background = await _embedded_reconciler(settings, store, stop, registry, traced)
+
+            def started(port: int) -> None:
+                _print_howto(settings.listen, port, embedded, redis_down)
+                if ready:
+                    ready(port)
+
             if settings.workers > 1:
-                procs, port = _start_workers(settings, url)
-                try:
-                    await _wait_listening(port)
-                    if metrics_server is not None:
-                        metrics_server.probes.ready = lambda: all(p.is_alive() for p in procs)
-                    _print_howto(settings.listen, port, embedded, redis_down)
-                    if ready:
-                        ready(port)
-                    await stop.wait()
-                finally:
-                    for proc in procs:
-                        proc.terminate()  # SIGTERM: each drains like a single process
-                    for proc in procs:
-                        await asyncio.to_thread(proc.join, 10)
+                await _serve_workers(settings, url, stop, metrics_server, started)
             else:
                 sidecar = await build_sidecar(settings, store, registry=registry, traced=traced)
                 if metrics_server is not None:
                     metrics_server.probes.ready = lambda: sidecar.server.serving
-                _print_howto(settings.listen, sidecar.port, embedded, redis_down)
-                if ready:
-                    ready(sidecar.port)
+                started(sidecar.port)
                 await stop.wait()
                 log.info("stopping: health NOT_SERVING, finishing in-flight calls")
                 await sidecar.stop(**_stopping(settings))
         finally:
             stop.set()
-            if reconciler_task is not None:
-                await reconciler_task
-            if poller is not None:
-                await poller
+            for task in background:
+                await task
             await _close(store, metrics_server, traced)
+
+
+async def _embedded_reconciler(
+    settings: Settings,
+    store: Store,
+    stop: asyncio.Event,
+    registry: CollectorRegistry | None,
+    traced: Tracing | None,
+) -> list[asyncio.Task[None]]:
+    """The embedded default's reconciler: the sample (or ``--events``)
+    applied before the sidecar starts, then its loops (and its metrics
+    poller) running until ``stop``."""
+    metrics = ReconcilerMetrics(registry) if registry else None
+    with tempfile.TemporaryDirectory(prefix="lcic-sample-") as tmp:
+        events = settings.events
+        recorded_at: Millis | None = None
+        if events is None:
+            sample_at = wall_clock()
+            events = Path(tmp) / "sample-events.jsonl"
+            await asyncio.to_thread(events.write_text, sample_jsonl(sample_at))
+            # A history as if read live all along: its facts are stamped
+            # recorded long ago, not today (R6, R10 read when a fact became known).
+            recorded_at = sample_recorded_at(sample_at)
+        reconciler = build_reconciler(
+            settings, store, events, clock=wall_clock, metrics=metrics, traced=traced
+        )
+        await reconciler.drain(reconciler.sources[0], recorded_at=recorded_at)
+        if settings.events is None:
+            await reconciler.notices_of_history()
+    if settings.events is None:
+        await _report_sample_rooms(store, settings, wall_clock())
+    tasks = [asyncio.create_task(reconciler.run(stop))]
+    if metrics is not None:
+        tasks.append(asyncio.create_task(metrics.poll_forever(reconciler, stop, wall_clock)))
+    return tasks
+
+
+async def _serve_workers(
+    settings: Settings,
+    url: str,
+    stop: asyncio.Event,
+    metrics_server: MetricsServer | None,
+    started: Callable[[int], None],
+) -> None:
+    """``--workers N``: N serving processes on one port until ``stop``."""
+    procs, port = _start_workers(settings, url)
+    try:
+        await _wait_listening(port)
+        if metrics_server is not None:
+            metrics_server.probes.ready = lambda: all(p.is_alive() for p in procs)
+        started(port)
+        await stop.wait()
+    finally:
+        for proc in procs:
+            proc.terminate()  # SIGTERM: each drains like a single process
+        for proc in procs:
+            await asyncio.to_thread(proc.join, 10)
 
 
 async def _close(
@@ -530,10 +566,8 @@ async def reconcile(settings: Settings, *, stop: asyncio.Event | None = None) ->
         try:
             await require_redis(store, url)
             reconciler = build_reconciler(
-                settings, store, settings.events, clock=wall_clock, metrics=metrics
+                settings, store, settings.events, clock=wall_clock, metrics=metrics, traced=traced
             )
-            if traced is not None:
-                traced.instrument(reconciler)
             if metrics is not None:
                 metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
                 # Ready once its loops run; stopping, it says so first.

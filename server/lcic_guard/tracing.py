@@ -22,12 +22,14 @@ What is traced:
   release) and ``lcic_guard.release`` for each release (R10) it decides, with
   the outcome.
 
-Off, nothing of this is installed: no hook in the gRPC server's core and no
-wrapper around the reconciler, so the check path runs exactly the code it
-runs without tracing (the A/B is in docs/benchmarks.md). On, the span is
-made on the serving thread (:class:`RpcTracer`), so a check the cache
-answers is still answered there; one the sampler drops costs little more
-than the sampler's decision.
+Off, nothing of this is installed: no hook in the gRPC server's core, and
+the reconciler runs with hooks that add nothing, so the check path runs
+exactly the code it runs without tracing (the A/B is in docs/benchmarks.md).
+On, the span is made on the serving thread (:class:`RpcTracer`), so a check
+the cache answers is still answered there (one the sampler drops costs
+little more than the sampler's decision); and the runner builds the
+reconciler's hooks (:class:`ReconcilerTracer`) and hands them over at
+construction.
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 
+from lcic_guard.reconciler.hooks import ReconcilerHooks
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-    from lcic_guard.reconciler.reconciler import Reconciler
     from lcic_guard.reconciler.release import ReleasePlan
     from lcic_guard.reconciler.sources import Delivery
     from lcic_guard.reconciler.stats import IngestStats
@@ -98,63 +101,63 @@ class Tracing:
         """What the sidecar's serving core runs around each call."""
         return [RpcTracer(self.tracer)]
 
-    def instrument(self, reconciler: Reconciler) -> None:
-        """Trace the reconciler's batches, recomputations and releases.
+    def reconciler_hooks(self, *, dry_run: bool = False) -> ReconcilerTracer:
+        """Hooks for a reconciler (given at its construction) that trace its
+        batches, recomputations and releases; ``dry_run`` is its
+        ``--release-dry-run``, recorded on each release span."""
+        return ReconcilerTracer(self.tracer, dry_run=dry_run)
 
-        Wraps the methods on this one instance, so that the reconciler's
-        code knows nothing of tracing and an untraced reconciler runs
-        exactly the code it always did."""
-        tracer = self.tracer
-        ingest = reconciler.ingest
-        recompute = reconciler.recompute
-        try_release = reconciler.try_release
 
-        async def traced_ingest(deliveries: Sequence[Delivery]) -> IngestStats:
-            with tracer.start_as_current_span("lcic_guard.ingest") as span:
-                # What the batch names is known before it is applied: a batch
-                # cut short (by a stop) is still traced with it.
-                span.set_attribute("lcic.events", len(deliveries))
-                _ids(span, "lcic.app_ids", _app_ids(deliveries))
-                stats = await ingest(deliveries)
-                _ids(span, "lcic.account_ids", stats.accounts)
-                span.set_attributes(
-                    {
-                        "lcic.applied": stats.applied,
-                        "lcic.duplicates": stats.duplicates,
-                        "lcic.dead_lettered": stats.dead_lettered,
-                        "lcic.parked": stats.parked,
-                    }
-                )
-                return stats
+class ReconcilerTracer(ReconcilerHooks):
+    """A span around each batch, recomputation and release of one
+    reconciler. The reconciler's code knows nothing of tracing; an untraced
+    one runs the base hooks, which add nothing."""
 
-        async def traced_recompute(account_id: str) -> bool:
-            with tracer.start_as_current_span(
-                "lcic_guard.recompute", attributes={"lcic.account_id": account_id}
-            ):
-                return await recompute(account_id)
+    def __init__(self, tracer: Tracer, *, dry_run: bool = False) -> None:
+        self.tracer = tracer
+        self.dry_run = dry_run
 
-        async def traced_release(account_id: str, now: int) -> ReleasePlan:
-            with tracer.start_as_current_span(
-                "lcic_guard.release", attributes={"lcic.account_id": account_id}
-            ) as span:
-                before = len(reconciler.releases_done)
-                plan = await try_release(account_id, now)
-                _ids(span, "lcic.app_ids", plan.app_ids)
-                span.set_attributes(
-                    {
-                        "lcic.release.eligible": plan.eligible,
-                        "lcic.release.why": plan.why,
-                        "lcic.released": len(reconciler.releases_done) > before,
-                        "lcic.release.dry_run": reconciler.config.release_dry_run,
-                    }
-                )
-                return plan
+    async def ingest(
+        self, deliveries: Sequence[Delivery], work: Awaitable[IngestStats]
+    ) -> IngestStats:
+        with self.tracer.start_as_current_span("lcic_guard.ingest") as span:
+            # What the batch names is known before it is applied: a batch
+            # cut short (by a stop) is still traced with it.
+            span.set_attribute("lcic.events", len(deliveries))
+            _ids(span, "lcic.app_ids", _app_ids(deliveries))
+            stats = await work
+            _ids(span, "lcic.account_ids", stats.accounts)
+            span.set_attributes(
+                {
+                    "lcic.applied": stats.applied,
+                    "lcic.duplicates": stats.duplicates,
+                    "lcic.dead_lettered": stats.dead_lettered,
+                    "lcic.parked": stats.parked,
+                }
+            )
+            return stats
 
-        # Instance attributes shadow the methods for the calls the reconciler
-        # makes on itself (self.ingest, self.recompute, self.try_release).
-        setattr(reconciler, "ingest", traced_ingest)  # noqa: B010
-        setattr(reconciler, "recompute", traced_recompute)  # noqa: B010
-        setattr(reconciler, "try_release", traced_release)  # noqa: B010
+    async def recompute(self, account_id: str, work: Awaitable[bool]) -> bool:
+        with self.tracer.start_as_current_span(
+            "lcic_guard.recompute", attributes={"lcic.account_id": account_id}
+        ):
+            return await work
+
+    async def release(self, account_id: str, work: Awaitable[ReleasePlan]) -> ReleasePlan:
+        with self.tracer.start_as_current_span(
+            "lcic_guard.release", attributes={"lcic.account_id": account_id}
+        ) as span:
+            plan = await work
+            _ids(span, "lcic.app_ids", plan.app_ids)
+            span.set_attributes(
+                {
+                    "lcic.release.eligible": plan.eligible,
+                    "lcic.release.why": plan.why,
+                    "lcic.released": plan.released,
+                    "lcic.release.dry_run": self.dry_run,
+                }
+            )
+            return plan
 
 
 def _ids(span: Span, name: str, ids: Any) -> None:

@@ -28,7 +28,6 @@ from lcic_guard.reconciler import Reconciler
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.errors import Refused
 from lcic_guard.sidecar.server import TlsFiles, start_server
-from lcic_guard.sidecar.service import EnforcementServicer
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 from lcic_guard_client import (
@@ -49,7 +48,7 @@ from lcic_guard_client import (
 
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries
-from tests.support.fixtures import SidecarUnderTest
+from tests.support.fixtures import SidecarUnderTest, servicer
 from tests.support.pki import Pki
 
 T = TypeVar("T")
@@ -300,9 +299,7 @@ async def slow_target(
     """A sidecar whose every store call hangs for a minute."""
     store = Store(connect(f"redis://127.0.0.1:{black_hole}/0", timeout=60.0))
     checker = Checker(store, policy, read_timeout=60.0, clock=clock)
-    running = await start_server(
-        EnforcementServicer(checker, store, store_timeout=60.0), "127.0.0.1:0"
-    )
+    running = await start_server(servicer(checker, store, store_timeout=60.0), "127.0.0.1:0")
     yield f"127.0.0.1:{running.port}"
     await running.stop(grace=0)
     with contextlib.suppress(Exception):
@@ -399,7 +396,7 @@ async def counted(
     checker = Checker(store, policy, read_timeout=2.0, clock=clock)
     # The sidecar's own server, with the recorder as its outermost hook.
     running = await start_server(
-        EnforcementServicer(checker, store), "127.0.0.1:0", hooks=[recorder]
+        servicer(checker, store), "127.0.0.1:0", hooks=[recorder]
     )
     yield CountedServer(f"127.0.0.1:{running.port}", recorder)
     await running.stop(grace=0)
@@ -496,7 +493,7 @@ async def test_a_sidecar_started_just_after_the_call_answers_it(
 
     async def start_later() -> None:
         await asyncio.sleep(delay)
-        servers.append(await start_server(EnforcementServicer(checker, store), f"127.0.0.1:{port}"))
+        servers.append(await start_server(servicer(checker, store), f"127.0.0.1:{port}"))
 
     starter = asyncio.create_task(start_later())
     try:
@@ -517,14 +514,14 @@ async def test_sync_client_rides_out_a_restart(
 ) -> None:
     port = free_port()
     checker = Checker(store, policy, read_timeout=2.0, clock=clock)
-    first = await start_server(EnforcementServicer(checker, store), f"127.0.0.1:{port}")
+    first = await start_server(servicer(checker, store), f"127.0.0.1:{port}")
     guard = GuardClient(f"127.0.0.1:{port}", timeout=2.0)
     try:
         assert not (await blocking(lambda: guard.can_create_classroom("nobody"))).allowed
         await first.stop(grace=0)
         call = asyncio.create_task(blocking(lambda: guard.can_create_classroom("nobody")))
         await asyncio.sleep(0.1)
-        second = await start_server(EnforcementServicer(checker, store), f"127.0.0.1:{port}")
+        second = await start_server(servicer(checker, store), f"127.0.0.1:{port}")
         try:
             d = await call
             assert d.reason == Reason.UNKNOWN_APPLICATION
@@ -563,7 +560,7 @@ async def tls_sidecar(
         key=str(pki.server.key),
         client_ca=str(pki.ca.ca) if mutual else None,
     )
-    running = await start_server(EnforcementServicer(checker, store), "127.0.0.1:0", tls=files)
+    running = await start_server(servicer(checker, store), "127.0.0.1:0", tls=files)
     try:
         yield running.port
     finally:

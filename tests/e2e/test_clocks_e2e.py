@@ -129,14 +129,14 @@ async def test_a_late_alert_does_not_cut_off_a_class_started_while_ok(
 async def test_status_shows_the_effective_time_equal_to_suspended_at_when_learned_on_time(
     reconciler: Reconciler, sidecar: SidecarUnderTest, events: Events
 ) -> None:
-    reconciler.recorded_clock = recorded_clock(T0 - 30 * HOUR)
     await reconciler.ingest(
         deliveries(
             [
                 *events.app("acct-1", "app-1"),
                 events("overdue_alert", T0 - 30 * HOUR, account_id="acct-1"),
             ]
-        )
+        ),
+        recorded_at=T0 - 30 * HOUR,
     )
     st = await status(sidecar)
     assert ms(st.suspension_effective_at) == ms(st.suspended_at) == T0 - 6 * HOUR
@@ -411,10 +411,10 @@ async def test_a_fact_keeps_the_time_it_was_first_recorded(
 ) -> None:
     batch = events.app("acct-1", "app-1")
     rec = Reconciler(store, policy, ReconcilerConfig(), clock=clock)
-    rec.recorded_clock = recorded_clock(T0 - HOUR)
-    await rec.ingest(deliveries(batch))
-    rec.recorded_clock = recorded_clock(T0)  # redelivered later: still first recorded then
-    await rec.ingest(deliveries(batch))
+    await rec.ingest(deliveries(batch), recorded_at=T0 - HOUR)
+    await rec.ingest(
+        deliveries(batch), recorded_at=T0
+    )  # redelivered later: still first recorded then
     loaded = await store.load_account_facts("acct-1")
     assert loaded.recorded_at == {e["event_id"]: T0 - HOUR for e in batch}
 

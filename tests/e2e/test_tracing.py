@@ -19,12 +19,13 @@ import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import tracing
+from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import wall_clock
 from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
-from lcic_guard.runner import RunningSidecar, build_sidecar
+from lcic_guard.runner import RunningSidecar, build_reconciler, build_sidecar
 from lcic_guard.store.keys import BILLING_STREAM, status_key
 from lcic_guard.store.status import Store
 from lcic_guard.tracing import Tracing
@@ -286,8 +287,8 @@ async def test_reconciler_traces_batches_recomputations_and_releases(
         [src],
         clock=clock,
         recorded_clock=recorded_clock(alert_at),  # a history read live, not backfilled
+        hooks=traced.reconciler_hooks(),
     )
-    traced.instrument(rec)
     history = [
         *events.app("acct-1", "app-1", at=alert_at - 10 * DAY, expires=alert_at + 400 * DAY),
         *events.app("acct-1", "app-2", at=alert_at - 10 * DAY, expires=alert_at + 400 * DAY),
@@ -325,6 +326,33 @@ async def test_reconciler_traces_batches_recomputations_and_releases(
     assert parents[ingest.span_id].trace_id == ingest.trace_id
     assert parents[release.span_id].trace_id == release.trace_id
     assert {s.attributes["lcic.account_id"] for s in recomputes} == {"acct-1"}
+
+
+async def test_the_runner_wires_tracing_in_at_construction_and_patches_nothing(
+    store: Store, events: Events, traced: Tracing, receiver: Receiver
+) -> None:
+    """The runner's wiring (issue 22): tracing is given to the reconciler
+    when it is built; no method is replaced on the live object, the
+    recording clock cannot be swapped, and the releaser holds nothing that
+    calls back into the reconciler. The spans still arrive."""
+    rec = build_reconciler(Settings(), store, None, clock=wall_clock, traced=traced)
+    assert [n for n in vars(rec) if callable(getattr(Reconciler, n, None))] == []
+
+    def calls_back(value: object) -> bool:
+        cells = getattr(value, "__closure__", None) or ()
+        return getattr(value, "__self__", None) is rec or any(c.cell_contents is rec for c in cells)
+
+    assert [n for n, v in vars(rec.releaser).items() if calls_back(v)] == []
+    with pytest.raises(AttributeError):
+        setattr(rec, "recorded_clock", recorded_clock(0))  # noqa: B010 (mypy refuses it plainly)
+    for e in events.app("acct-9", "app-9"):
+        await store.redis.xadd(BILLING_STREAM, {"event": json.dumps(e)})
+    assert (await rec.ingest_source(rec.sources[0])).applied > 0
+    assert traced.flush()
+    [ingest] = await asyncio.to_thread(receiver.wait_for, "lcic_guard.ingest")
+    assert ingest.attributes["lcic.app_ids"] == ["app-9"]
+    [recompute] = await asyncio.to_thread(receiver.wait_for, "lcic_guard.recompute")
+    assert recompute.parent_span_id == ingest.span_id
 
 
 def test_the_reconcile_command_traces_and_flushes_on_sigterm(

@@ -141,18 +141,8 @@ async def feed(
     with ``recorded_at``, as if the reconciler had stored the facts then (a
     history read live rather than backfilled today)."""
     await publish(rec.store.redis, evs)
-    live = rec.recorded_clock
-    if recorded_at is not None:
-
-        async def then() -> Millis:
-            return recorded_at
-
-        rec.recorded_clock = then
-    try:
-        while (await rec.ingest_source(src)).received:
-            pass
-    finally:
-        rec.recorded_clock = live
+    while (await rec.ingest_source(src, recorded_at=recorded_at)).received:
+        pass
 
 
 class FlakyStore(Store):

@@ -689,7 +689,7 @@ async def test_reconciler_refuses_releases_after_flushall_until_the_feed_is_read
     assert rec.releases_done == []
     # The snapshot is loaded again and read to its end: releases may go on.
     source2 = FileSource(snapshot, clock_ms=rstore.server_time)
-    rec.sources = [source2]
+    rec.sources[:] = [source2]  # the list the releaser reads too
     await rec.drain(source2)
     assert not rec.resyncing
     plan = await rec.try_release("acct-r", wall_clock())
@@ -697,8 +697,12 @@ async def test_reconciler_refuses_releases_after_flushall_until_the_feed_is_read
 
 
 async def test_a_watcher_gets_each_app_once_latest_wins_and_a_slow_one_is_cut() -> None:
-    watchers = Watchers(log_size=100, queue_size=50, flush_s=0.001)
-    watchers.render = lambda status, now: f"{status.app_id}@{status.version}".encode()
+    watchers = Watchers(
+        log_size=100,
+        queue_size=50,
+        flush_s=0.001,
+        render=lambda status, now: f"{status.app_id}@{status.version}".encode(),
+    )
     sub = watchers.subscribe([])
     for version in (1, 2, 3):
         watchers.publish("app-a", active("app-a", version))

@@ -27,13 +27,12 @@ from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.server import SERVICE_NAME, start_server
-from lcic_guard.sidecar.service import EnforcementServicer
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 
 from tests.support.clock import T0, FakeClock, recorded_clock
 from tests.support.events import Events, deliveries
-from tests.support.fixtures import SidecarUnderTest
+from tests.support.fixtures import SidecarUnderTest, servicer
 
 R = pb.DecisionReason
 APP = "app-1"
@@ -309,8 +308,8 @@ def overdue_for_100_days(events: Events) -> list[dict[str, Any]]:
 async def test_release_needs_a_watermark_without_one_it_stays_overdue(
     reconciler: Reconciler, sidecar: SidecarUnderTest, events: Events, clock: FakeClock
 ) -> None:
-    reconciler.recorded_clock = recorded_clock(T0 - 100 * DAY)  # read live
-    await reconciler.ingest(deliveries(overdue_for_100_days(events)))
+    # Read live: recorded when it happened.
+    await reconciler.ingest(deliveries(overdue_for_100_days(events)), recorded_at=T0 - 100 * DAY)
     plan = await reconciler.try_release(ACCT, clock())
     assert not plan.eligible
     assert "confirmed read" in plan.why
@@ -506,9 +505,9 @@ async def test_class_started_exactly_at_suspension_is_not_protected(
     reconciler: Reconciler, sidecar: SidecarUnderTest, events: Events
 ) -> None:
     # The alert was read when it was sent: the suspension took effect on time.
-    reconciler.recorded_clock = recorded_clock(T0 - 25 * HOUR)
     await reconciler.ingest(
-        deliveries(suspension_events(events, R.DECISION_REASON_ACCOUNT_OVERDUE))
+        deliveries(suspension_events(events, R.DECISION_REASON_ACCOUNT_OVERDUE)),
+        recorded_at=T0 - 25 * HOUR,
     )
     await report_started(sidecar, "room-1", T0 - HOUR, T0 + HOUR)
     assert not (await enter(sidecar, "room-1")).allowed
@@ -736,8 +735,8 @@ async def sidecar_on(
 ) -> AsyncIterator[SlowSidecar]:
     store = Store(connect(f"redis://127.0.0.1:{port}/0", timeout=60.0))
     checker = Checker(store, policy, read_timeout=read_timeout, clock=clock)
-    servicer = EnforcementServicer(checker, store, store_timeout=store_timeout)
-    running = await start_server(servicer, "127.0.0.1:0")
+    service = servicer(checker, store, store_timeout=store_timeout)
+    running = await start_server(service, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
         yield SlowSidecar(pb_grpc.EnforcementServiceStub(channel), channel)

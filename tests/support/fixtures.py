@@ -15,6 +15,7 @@ from lcic_guard.domain.policy import PolicyConfig
 from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.sidecar.checker import Checker
+from lcic_guard.sidecar.observe import DecisionObserver
 from lcic_guard.sidecar.server import RunningServer, start_server
 from lcic_guard.sidecar.service import EnforcementServicer
 from lcic_guard.store.connect import connect
@@ -57,13 +58,21 @@ class SidecarUnderTest:
         return f"127.0.0.1:{self.running.port}"
 
 
+def servicer(checker: Checker, store: Store, *, store_timeout: float = 1.0) -> EnforcementServicer:
+    """The servicer over ``checker`` as the runner wires it, without watchers:
+    its answers rendered by a plain observer."""
+    observer = DecisionObserver()
+    checker.use_renderer(observer.render)
+    return EnforcementServicer(checker, store, store_timeout=store_timeout, observer=observer)
+
+
 @pytest_asyncio.fixture
 async def sidecar(
     store: Store, policy: PolicyConfig, clock: FakeClock
 ) -> AsyncIterator[SidecarUnderTest]:
     # Generous sub-deadline: these tests are about answers, not store faults.
     checker = Checker(store, policy, read_timeout=2.0, clock=clock)
-    running = await start_server(EnforcementServicer(checker, store), "127.0.0.1:0")
+    running = await start_server(servicer(checker, store), "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     yield SidecarUnderTest(running, channel, pb_grpc.EnforcementServiceStub(channel), checker)
     await channel.close()

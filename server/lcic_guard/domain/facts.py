@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Final
@@ -235,55 +236,89 @@ def text_problem(value: object, limit: int) -> str | None:
     return None
 
 
+def _event_id(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= _MAX_EVENT_ID:
+        raise InvalidEvent(f"event_id: expected a string of 1-{_MAX_EVENT_ID} characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        raise InvalidEvent("event_id: not valid Unicode") from None
+    return value
+
+
+def _an_id(name: str, value: Any) -> str:
+    if not valid_id(value):
+        raise InvalidEvent(f"{name}: expected 1-64 characters from [A-Za-z0-9._:-]")
+    return str(value)
+
+
+def _a_time(name: str, value: Any) -> Millis:
+    return parse_time(value, name)
+
+
+def _minutes(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+        raise InvalidEvent(f"{name}: expected a non-negative integer")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidEvent(f"{name}: expected true or false")
+    return value
+
+
+def _amount(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{name}: expected a decimal string")
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise InvalidEvent(f"{name}: not a decimal number") from None
+    if not amount.is_finite():
+        raise InvalidEvent(f"{name}: not a finite decimal number")
+    return value
+
+
+def _note(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{name}: expected a string")
+    return value[:_MAX_NOTE]
+
+
+def _text(name: str, value: Any) -> str:
+    problem = text_problem(value, MAX_ACTOR if name == "actor" else MAX_OVERRIDE_REASON)
+    if problem is not None:
+        raise InvalidEvent(f"{name}: {problem}")
+    return str(value)
+
+
+# How each field of an event is checked, by name (ids and times by their sets).
+_FIELD_CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
+    "event_id": _event_id,
+    **dict.fromkeys(_ID_FIELDS - {"event_id"}, _an_id),
+    **dict.fromkeys(_TIME_FIELDS, _a_time),
+    "quota_minutes": _minutes,
+    "used_minutes": _minutes,
+    "enabled": _flag,
+    "amount_due": _amount,
+    "note": _note,
+    "actor": _text,
+    "reason": _text,
+}
+# Optional fields and what an absent one reads as.
+_ABSENT: Final[dict[str, Any]] = {"amount_due": None, "note": "", "release_at": None}
+
+
 def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
-    optional = name in ("amount_due", "note", "release_at")
     if name not in raw or raw[name] is None:
-        if optional:
-            return "" if name == "note" else None
+        if name in _ABSENT:
+            return _ABSENT[name]
         raise InvalidEvent(f"{name}: missing")
-    value = raw[name]
-    if name == "event_id":
-        if not isinstance(value, str) or not 1 <= len(value) <= _MAX_EVENT_ID:
-            raise InvalidEvent(f"event_id: expected a string of 1-{_MAX_EVENT_ID} characters")
-        try:
-            value.encode()
-        except UnicodeEncodeError:  # a lone surrogate from a JSON escape
-            raise InvalidEvent("event_id: not valid Unicode") from None
-        return value
-    if name in _ID_FIELDS:
-        if not valid_id(value):
-            raise InvalidEvent(f"{name}: expected 1-64 characters from [A-Za-z0-9._:-]")
-        return value
-    if name in _TIME_FIELDS:
-        return parse_time(value, name)
-    if name in ("quota_minutes", "used_minutes"):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
-            raise InvalidEvent(f"{name}: expected a non-negative integer")
-        return value
-    if name == "enabled":
-        if not isinstance(value, bool):
-            raise InvalidEvent("enabled: expected true or false")
-        return value
-    if name == "amount_due":
-        if not isinstance(value, str):
-            raise InvalidEvent("amount_due: expected a decimal string")
-        try:
-            amount = Decimal(value)
-        except InvalidOperation:
-            raise InvalidEvent("amount_due: not a decimal number") from None
-        if not amount.is_finite():
-            raise InvalidEvent("amount_due: not a finite decimal number")
-        return value
-    if name == "note":
-        if not isinstance(value, str):
-            raise InvalidEvent("note: expected a string")
-        return value[:_MAX_NOTE]
-    if name in ("actor", "reason"):
-        problem = text_problem(value, MAX_ACTOR if name == "actor" else MAX_OVERRIDE_REASON)
-        if problem is not None:
-            raise InvalidEvent(f"{name}: {problem}")
-        return value
-    raise AssertionError(f"unhandled field {cls.__name__}.{name}")  # pragma: no cover
+    check = _FIELD_CHECKS.get(name)
+    if check is None:  # pragma: no cover
+        raise AssertionError(f"unhandled field {cls.__name__}.{name}")
+    return check(name, raw[name])
 
 
 def parse_event(raw: object, *, allow_internal: bool = False, now: Millis | None = None) -> Fact:

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 class Polled(Protocol):
     """What :meth:`ReconcilerMetrics.poll` reads of the reconciler."""
 
-    sources: list[BillingSource]
+    @property
+    def sources(self) -> list[BillingSource]: ...
 
     async def dead_letter_length(self) -> int: ...
 

@@ -17,7 +17,8 @@ import os
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TypeVar
 
 from lcic_guard.domain.facts import (
@@ -41,9 +42,10 @@ from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.ratelimit import RateLimitedLog, describe_error
 from lcic_guard.reconciler.announce import Announcer
 from lcic_guard.reconciler.config import CONCURRENCY, MAX_ROUNDS, ReconcilerConfig
+from lcic_guard.reconciler.hooks import NO_HOOKS, ReconcilerHooks
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.release import ReleasePlan, Releaser
-from lcic_guard.reconciler.sources import BillingSource, Delivery
+from lcic_guard.reconciler.sources import BillingSource, Delivery, applied_until
 from lcic_guard.reconciler.stats import IngestStats
 from lcic_guard.store.coordination import Coordination
 from lcic_guard.store.keys import (
@@ -67,7 +69,26 @@ def _lifted(clock: Callable[[], Millis]) -> Callable[[], Awaitable[Millis]]:
     return read
 
 
+@dataclass
+class _Routed:
+    """A batch's accepted facts by the account they go to, and what routing
+    them left to tidy once they are added."""
+
+    by_account: dict[str, dict[str, Fact]] = field(default_factory=partial(defaultdict, dict))
+    parked_moved: dict[str, list[str]] = field(default_factory=partial(defaultdict, list))
+    """Parked facts a registration took along, by app: dropped once added."""
+    cleanups: set[tuple[str, str]] = field(default_factory=set)
+    """(app, account): the app's facts leave that account, which does not own it."""
+
+
 class Reconciler:
+    """Owns the sequence of the reconciler's work: a batch is validated,
+    claimed, routed, added and cleaned, and each account it touched is
+    recomputed; a recomputation writes the statuses, then has the releaser
+    schedule the account's release; a release the releaser commits is
+    followed by the account's recomputation and the release's announcement.
+    The parts it calls (announcer, releaser) never call back into it."""
+
     def __init__(
         self,
         store: Store,
@@ -79,26 +100,30 @@ class Reconciler:
         recorded_clock: Callable[[], Awaitable[Millis]] | None = None,
         name: str | None = None,
         metrics: ReconcilerMetrics | None = None,
+        hooks: ReconcilerHooks = NO_HOOKS,
     ) -> None:
         """``recorded_clock`` stamps when facts are first stored (the second
-        clock of every fact): Redis's clock by default, so that every replica
-        stamps on one clock; a reconciler run on a clock of its own (a
-        simulation) stamps on that one."""
+        clock of every fact), and a release: Redis's clock by default, so that
+        every replica stamps on one clock; a reconciler run on a clock of its
+        own (a simulation) stamps on that one. ``hooks`` are put around each
+        batch, recomputation and release (tracing)."""
         self.store = store
         if recorded_clock is None:
             recorded_clock = store.server_time if clock is wall_clock else _lifted(clock)
-        self.recorded_clock = recorded_clock
+        self._recorded_clock = recorded_clock
         self.metrics = metrics
+        self.hooks = hooks
         self.coord = Coordination(store)
         self.policy = policy
         self.config = config or ReconcilerConfig()
-        self.sources = list(sources)
+        self._sources = list(sources)
         self.clock = clock
         self.name = name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._warn = RateLimitedLog(log)
         self._snapshot_started: dict[int, Millis] = {}
         self._snapshot_done: set[int] = set()
         self.continuity_detail = "store continuity not checked yet"
+        self.releases_done: list[str] = []
         self.announcer = Announcer(store, self.coord, policy, self.config, metrics)
         self.releaser = Releaser(
             store,
@@ -107,14 +132,24 @@ class Reconciler:
             self.config,
             self.announcer,
             name=self.name,
-            compute=self._compute,
-            # Through the instance, so that a wrapper set on it (tracing) sees
-            # the calls a release makes.
-            recompute=lambda account_id: self.recompute(account_id),
-            watermark=self.watermark,
+            sources=self._sources,
+            clock=clock,
             recorded_clock=recorded_clock,
             metrics=metrics,
         )
+
+    @property
+    def sources(self) -> list[BillingSource]:
+        """The billing sources, one list shared with the releaser (whose
+        releases wait for their watermark): changed in place, never rebound."""
+        return self._sources
+
+    @property
+    def recorded_clock(self) -> Callable[[], Awaitable[Millis]]:
+        """The one recording clock, shared with the releaser (fixed at
+        construction; a batch recorded at another time says so to
+        :meth:`ingest`)."""
+        return self._recorded_clock
 
     # The lease and the release state live with the releaser; these are the
     # reconciler's view of them.
@@ -135,25 +170,48 @@ class Reconciler:
         return self.releaser.generation
 
     @property
-    def releases_done(self) -> list[str]:
-        return self.releaser.releases_done
-
-    @property
     def releases_planned(self) -> list[ReleasePlan]:
         return list(self.releaser.releases_planned.values())
 
     # -- ingest ---------------------------------------------------------------
 
-    async def ingest(self, deliveries: Sequence[Delivery]) -> IngestStats:
+    async def ingest(
+        self, deliveries: Sequence[Delivery], *, recorded_at: Millis | None = None
+    ) -> IngestStats:
         """Apply a batch of raw events. Durable in Redis when it returns; the
         caller then acknowledges the deliveries.
 
-        Each event is validated, then its id is claimed in the feed-wide
-        event-id index, and only then routed: an event dead-lettered at
-        either step has no effect at all. A crash anywhere leaves the
-        deliveries unacknowledged; redelivered, they find their ids claimed
-        with the same content and are applied again, which is idempotent."""
+        Its phases, in order: :meth:`_validate`, :meth:`_claim`,
+        :meth:`_route`, :meth:`_add`, :meth:`_clean`, then
+        :meth:`_recompute_touched`. An event dead-lettered at validation or
+        claim has no effect at all. A crash anywhere leaves the deliveries
+        unacknowledged; redelivered, they find their ids claimed with the
+        same content and are applied again, which is idempotent.
+
+        ``recorded_at`` stores the batch's new facts as first recorded then
+        (a history loaded as if read live: the embedded sample) instead of
+        by :attr:`recorded_clock`."""
+        return await self.hooks.ingest(deliveries, self._ingest(deliveries, recorded_at))
+
+    async def _ingest(
+        self, deliveries: Sequence[Delivery], recorded_at: Millis | None
+    ) -> IngestStats:
         stats = IngestStats(received=len(deliveries))
+        by_id = await self._validate(deliveries, stats)
+        accepted = await self._claim(by_id, stats)
+        routed = await self._route(accepted, stats)
+        await self._add(routed, by_id, stats, recorded_at)
+        await self._clean(routed, stats)
+        await self._recompute_touched(routed, stats)
+        if self.metrics is not None:
+            self.metrics.on_ingest(stats)
+        return stats
+
+    async def _validate(
+        self, deliveries: Sequence[Delivery], stats: IngestStats
+    ) -> dict[str, list[tuple[Delivery, Fact]]]:
+        """Parse each delivery into a fact, dead-lettering what is too large
+        or invalid; the facts by event id, in delivery order."""
         by_id: dict[str, list[tuple[Delivery, Fact]]] = {}
         # SPEC §2: nothing dated past the reconciler's own "now" (plus skew)
         # is recorded, so that no fact outranks what is done in the meantime.
@@ -177,6 +235,14 @@ class Reconciler:
                 await self._dead_letter(stats, d.raw, exc.reason, d.source, kind)
                 continue
             by_id.setdefault(fact.event_id, []).append((d, fact))
+        return by_id
+
+    async def _claim(
+        self, by_id: dict[str, list[tuple[Delivery, Fact]]], stats: IngestStats
+    ) -> list[tuple[Delivery, Fact]]:
+        """Claim each event id in the feed-wide event-id index: an id reused
+        with other content is dead-lettered, a repeat is a duplicate. The
+        facts to route, one per id."""
         # Claimed in delivery order: of one id's deliveries in this batch with
         # different content, the first claims it and the others conflict.
         distinct = list(dict.fromkeys(f for items in by_id.values() for _, f in items))
@@ -199,33 +265,20 @@ class Reconciler:
                 else:
                     accepted.append((d, fact))
                     taken = True
+        return accepted
+
+    async def _route(self, accepted: list[tuple[Delivery, Fact]], stats: IngestStats) -> _Routed:
+        """Find each fact's account: a registration claims its app (the
+        earliest one owns it), a fact naming only an app follows the app's
+        owner or is parked until the app is registered."""
         # Each event's routing is a one-key script: independent, so they run
         # concurrently; the results are used in delivery order.
-        routes = await self._bounded([self._route(fact) for _, fact in accepted])
-        by_account: dict[str, dict[str, Fact]] = defaultdict(dict)
-        parked_moved: dict[str, list[str]] = defaultdict(list)
-        cleanups: set[tuple[str, str]] = set()
+        routes = await self._bounded([self._route_one(fact) for _, fact in accepted])
+        routed = _Routed()
         for (d, fact), route in zip(accepted, routes, strict=True):
             if isinstance(fact, ApplicationRegistered):
                 assert isinstance(route, AppClaim)
-                cleanups.update((fact.app_id, a) for a in route.moved_from)
-                if route.verdict == "later":
-                    await self._dead_letter(
-                        stats,
-                        d.raw,
-                        f"app_id: {fact.app_id} is registered to account {route.owner} by an "
-                        "earlier registration (the earliest one owns the application)",
-                        d.source,
-                        "registration",
-                    )
-                    # A crash may have left it in its account's facts (added
-                    # before the app moved): make sure it is gone.
-                    cleanups.add((fact.app_id, fact.account_id))
-                    continue
-                facts = by_account[route.owner]
-                for f in (fact, *route.parked):
-                    facts[f.event_id] = f
-                parked_moved[fact.app_id] += [p.event_id for p in route.parked]
+                await self._route_registration(routed, stats, d, fact, route)
                 continue
             assert not isinstance(route, AppClaim)
             if route is None:
@@ -233,15 +286,56 @@ class Reconciler:
                 # events may come in any order.
                 stats.parked += 1
                 continue
-            by_account[route][fact.event_id] = fact
-        recorded = await self.recorded_clock() if by_account else 0
+            routed.by_account[route][fact.event_id] = fact
+        return routed
+
+    async def _route_registration(
+        self,
+        routed: _Routed,
+        stats: IngestStats,
+        d: Delivery,
+        fact: ApplicationRegistered,
+        claim: AppClaim,
+    ) -> None:
+        routed.cleanups.update((fact.app_id, a) for a in claim.moved_from)
+        if claim.verdict == "later":
+            await self._dead_letter(
+                stats,
+                d.raw,
+                f"app_id: {fact.app_id} is registered to account {claim.owner} by an "
+                "earlier registration (the earliest one owns the application)",
+                d.source,
+                "registration",
+            )
+            # A crash may have left it in its account's facts (added
+            # before the app moved): make sure it is gone.
+            routed.cleanups.add((fact.app_id, fact.account_id))
+            return
+        facts = routed.by_account[claim.owner]
+        for f in (fact, *claim.parked):
+            facts[f.event_id] = f
+        routed.parked_moved[fact.app_id] += [p.event_id for p in claim.parked]
+
+    async def _add(
+        self,
+        routed: _Routed,
+        by_id: dict[str, list[tuple[Delivery, Fact]]],
+        stats: IngestStats,
+        recorded_at: Millis | None,
+    ) -> None:
+        """Add each account's facts, stamped with when they were first
+        recorded; a fact whose id the account holds with other content is
+        dead-lettered."""
+        if not routed.by_account:
+            return
+        recorded = recorded_at if recorded_at is not None else await self._recorded_clock()
         added = await self._bounded(
             [
                 self.store.add_facts(account, facts.values(), recorded_at=recorded)
-                for account, facts in by_account.items()
+                for account, facts in routed.by_account.items()
             ]
         )
-        for (account, facts), res in zip(by_account.items(), added, strict=True):
+        for (account, facts), res in zip(routed.by_account.items(), added, strict=True):
             stats.applied += res.added
             stats.duplicates += len(facts) - res.added - len(res.conflicts)
             for event_id in res.conflicts:
@@ -261,39 +355,46 @@ class Reconciler:
                     "conflict",
                 )
             stats.accounts.add(account)
-        for app_id, ids in parked_moved.items():
+
+    async def _clean(self, routed: _Routed, stats: IngestStats) -> None:
+        """Drop the parked facts a registration took along, and take each
+        application's facts out of the accounts that do not own it."""
+        for app_id, ids in routed.parked_moved.items():
             await self.store.drop_parked(app_id, ids)
         # An application may have moved to another account while its facts
         # were being added to the one that owned it: look again.
         touched = sorted(
             {
                 (account, app)
-                for account, facts in by_account.items()
+                for account, facts in routed.by_account.items()
                 for f in facts.values()
                 if (app := app_of(f)) is not None
             }
         )
         owners = await self.store.app_owners([app for _, app in touched])
-        cleanups.update(
+        routed.cleanups.update(
             (app, account)
             for (account, app), owner in zip(touched, owners, strict=True)
             if owner != account
         )
         moved = await self._bounded(
-            [self._clean_app(stats, app, account) for app, account in sorted(cleanups)]
+            [self._clean_app(stats, app, account) for app, account in sorted(routed.cleanups)]
         )
         for changed in moved:
             stats.accounts.update(changed)
+
+    async def _recompute_touched(self, routed: _Routed, stats: IngestStats) -> None:
+        """Recompute every account the batch changed; then the app moves it
+        made are finished."""
         accounts = sorted(stats.accounts)
         unknown = await self._bounded([self.recompute(a) for a in accounts])
         for account, none_registered in zip(accounts, unknown, strict=True):
             if none_registered:
-                stats.parked += len(by_account.get(account, ()))
+                stats.parked += len(routed.by_account.get(account, ()))
         # Only now, with both accounts recomputed, is a move finished.
-        await self._bounded([self.store.move_done(app, account) for app, account in cleanups])
-        if self.metrics is not None:
-            self.metrics.on_ingest(stats)
-        return stats
+        await self._bounded(
+            [self.store.move_done(app, account) for app, account in routed.cleanups]
+        )
 
     async def _dead_letter(
         self, stats: IngestStats, raw: str, reason: str, source: str, kind: str
@@ -351,7 +452,7 @@ class Reconciler:
         await self.store.remove_facts(account_id, [f.event_id for f in mine])
         return changed
 
-    async def _route(self, fact: Fact) -> AppClaim | str | None:
+    async def _route_one(self, fact: Fact) -> AppClaim | str | None:
         """Where a fact goes: for a registration, what its claim of the app
         found; otherwise the account it belongs to (None: parked)."""
         if isinstance(fact, ApplicationRegistered):
@@ -375,7 +476,13 @@ class Reconciler:
 
     async def recompute(self, account_id: str) -> bool:
         """Recompute and write every status of the account. Returns True if
-        the account has no registered application yet.
+        the account has no registered application yet."""
+        return await self.hooks.recompute(account_id, self._recompute(account_id))
+
+    async def _recompute(self, account_id: str) -> bool:
+        """Its statuses written, the account's release is scheduled (or
+        unscheduled), its notices and warnings made, and a release already
+        recorded is announced (an app registered after it is released too).
 
         A replica that read the facts and was overtaken by another that added
         more cannot undo the newer status: its write is refused (versions),
@@ -480,15 +587,7 @@ class Reconciler:
 
     async def watermark(self) -> Millis | None:
         """The time before which every source's events are applied."""
-        # A fully applied file vouches only for the moment it was loaded; once
-        # a live feed exists, that feed alone bounds what may still arrive.
-        if any(not s.live and not s.exhausted for s in self.sources):
-            return None  # a file is still being applied
-        live = [s for s in self.sources if s.live]
-        marks = [await s.watermark() for s in (live or self.sources)]
-        if not marks or any(m is None for m in marks):
-            return None
-        return min(m for m in marks if m is not None)
+        return await applied_until(self.sources)
 
     # -- release (R10): see lcic_guard.reconciler.release -----------------------
 
@@ -498,7 +597,20 @@ class Reconciler:
         return await self.releaser.plan(account_id, now)
 
     async def try_release(self, account_id: str, now: Millis) -> ReleasePlan:
-        return await self.releaser.try_release(account_id, now)
+        """R10: release the account if it is due; the release sequence in one
+        place. The releaser decides and commits under the lease; a committed
+        release is then written into the account's statuses and announced,
+        still under the lease."""
+        return await self.hooks.release(account_id, self._release(account_id, now))
+
+    async def _release(self, account_id: str, now: Millis) -> ReleasePlan:
+        async with self.releaser.lease_for_the_call():
+            plan = await self.releaser.release_if_due(account_id, now)
+            if plan.released:
+                await self.recompute(account_id)
+                await self.releaser.finish(account_id, plan.app_ids, now)
+                self.releases_done.append(account_id)
+        return plan
 
     async def plan_releases(self, now: Millis | None = None) -> list[ReleasePlan]:
         """Every scheduled release and whether it could happen now (dry run)."""
@@ -541,13 +653,16 @@ class Reconciler:
 
     # -- loops ----------------------------------------------------------------
 
-    async def ingest_source(self, source: BillingSource) -> IngestStats:
-        """One fetch-apply-ack round for one source."""
+    async def ingest_source(
+        self, source: BillingSource, *, recorded_at: Millis | None = None
+    ) -> IngestStats:
+        """One fetch-apply-ack round for one source (``recorded_at``: see
+        :meth:`ingest`)."""
         if not source.live:
             self._snapshot_started.setdefault(id(source), self.clock())
         deliveries = await source.fetch(self.config.batch_size, self.config.block_ms)
         if not deliveries:
-            self.releaser.source_read_empty(source, self.sources)
+            self.releaser.source_read_empty(source)
             if not source.live and source.exhausted and id(source) not in self._snapshot_done:
                 # A billing snapshot fully applied: it confirms the facts of
                 # a store discontinuity detected before it began (R10).
@@ -556,15 +671,18 @@ class Reconciler:
                     self._snapshot_started[id(source)], self.clock()
                 )
             return IngestStats()
-        stats = await self.ingest(deliveries)
+        stats = await self.ingest(deliveries, recorded_at=recorded_at)
         await source.ack(deliveries)
         return stats
 
-    async def drain(self, source: BillingSource) -> IngestStats:
-        """Apply everything a finite source holds (a snapshot file)."""
+    async def drain(
+        self, source: BillingSource, *, recorded_at: Millis | None = None
+    ) -> IngestStats:
+        """Apply everything a finite source holds (a snapshot file;
+        ``recorded_at``: see :meth:`ingest`)."""
         total = IngestStats()
         while True:
-            stats = await self.ingest_source(source)
+            stats = await self.ingest_source(source, recorded_at=recorded_at)
             if stats.received == 0:
                 return total
             total.received += stats.received

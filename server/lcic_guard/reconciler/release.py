@@ -13,7 +13,8 @@ decision and the commit makes it decide again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 from lcic_guard.domain.facts import ReleaseHoldSet, ResourcesReleased
@@ -23,6 +24,7 @@ from lcic_guard.domain.policy import (
     AppStatus,
     PolicyConfig,
     Reason,
+    compute_account,
     notice_episode,
     overdue_notice,
     sweep_until,
@@ -32,6 +34,7 @@ from lcic_guard.reconciler.announce import Announcer
 from lcic_guard.reconciler.config import MAX_ROUNDS, RETRY_MS, STALE_OUTBOX_MS, ReconcilerConfig
 from lcic_guard.reconciler.continuity import StoreContinuity
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
+from lcic_guard.reconciler.sources import BillingSource, applied_until
 from lcic_guard.store.coordination import Coordination
 from lcic_guard.store.keys import deadline_of, release_deadline
 from lcic_guard.store.status import AccountFacts, Store
@@ -62,11 +65,17 @@ class ReleasePlan:
     """The notice on record a release would rest on, or what is missing (R10)."""
     ready_at: Millis | None = None
     """When a notice on record will have been made a notice period ago."""
+    released: bool = False
+    """Committed by this decision: the account is released now."""
 
 
 class Releaser:
     """Decides and commits releases; holds what they depend on: the lease
-    token, and whether the data set in Redis has been read into again."""
+    token, and whether the data set in Redis has been read into again.
+
+    It never calls back into the reconciler: what follows a committed
+    release (the account recomputed, the release announced) is the
+    reconciler's to do (:meth:`Reconciler.try_release`)."""
 
     def __init__(
         self,
@@ -77,21 +86,22 @@ class Releaser:
         announcer: Announcer,
         *,
         name: str,
-        compute: Callable[[AccountFacts], dict[str, AppStatus]],
-        recompute: Callable[[str], Awaitable[bool]],
-        watermark: Callable[[], Awaitable[Millis | None]],
+        sources: Sequence[BillingSource],
+        clock: Callable[[], Millis],
         recorded_clock: Callable[[], Awaitable[Millis]],
         metrics: ReconcilerMetrics | None = None,
     ) -> None:
+        """``sources`` are the billing sources whose watermark a release
+        waits for; ``recorded_clock`` stamps the release fact (the
+        reconciler's, so both stamp on one clock)."""
         self.store = store
         self.coord = coord
         self.policy = policy
         self.config = config
         self.announcer = announcer
         self.name = name
-        self._compute = compute
-        self._recompute = recompute
-        self._watermark = watermark
+        self.sources = sources
+        self.clock = clock
         self._recorded_clock = recorded_clock
         self.metrics = metrics
         self.continuity = StoreContinuity(
@@ -104,10 +114,14 @@ class Releaser:
         self.generation: str | None = None
         self.resyncing = False
         self._caught_up: set[int] = set()
-        self.releases_done: list[str] = []
         # The latest dry-run plan per account: looked at again every minute,
         # so a list would grow by one entry a minute for each due account.
         self.releases_planned: dict[str, ReleasePlan] = {}
+
+    def _compute(self, loaded: AccountFacts) -> dict[str, AppStatus]:
+        return compute_account(
+            loaded.facts, self.policy, now=self.clock(), recorded_at=loaded.recorded_at
+        )
 
     async def schedule(self, account_id: str, statuses: dict[str, AppStatus], now: Millis) -> None:
         """Keep the account's release deadline at R10's time (plus the margin)
@@ -166,7 +180,7 @@ class Releaser:
         due = seg.release_at + self.config.release_margin_ms
         if now < due:
             return with_evidence(seg.release_at, False, f"due at {format_time(due)}")
-        mark = await self._watermark()
+        mark = await applied_until(self.sources)
         if mark is None or mark < due:
             seen = format_time(mark) if mark is not None else "unknown"
             return with_evidence(
@@ -217,36 +231,41 @@ class Releaser:
             self.metrics.on_generation_change()
         return True
 
-    def source_read_empty(self, source: object, sources: Iterable[object]) -> None:
-        """Note that ``source`` was read to its end; once every one of
-        ``sources`` was since the data set changed, releases are allowed."""
+    def source_read_empty(self, source: BillingSource) -> None:
+        """Note that ``source`` was read to its end; once every source was
+        since the data set changed, releases are allowed."""
         if not self.resyncing:
             return
         self._caught_up.add(id(source))
-        if all(id(s) in self._caught_up for s in sources):
+        if all(id(s) in self._caught_up for s in self.sources):
             self.resyncing = False
             log.info("billing feed read again after the new data set: releases allowed")
 
-    async def try_release(self, account_id: str, now: Millis) -> ReleasePlan:
-        """R10: release the account if, on the facts as they are now in Redis
-        and with the feed confirmed read past ``release_at``, it is due.
-
-        Only the holder of the leader lease commits a release, and only if no
-        newer leader has fenced the account and the account's facts are still
-        exactly those the decision rests on (otherwise it decides again). A
+    @asynccontextmanager
+    async def lease_for_the_call(self) -> AsyncIterator[None]:
+        """Only the holder of the leader lease commits a release. A
         reconciler that is not running as the leader takes the lease for the
         call if no one holds it, and gives it back afterwards."""
         if self.token:
-            return await self._try_release(account_id, now)
+            yield
+            return
         self.token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
         try:
-            return await self._try_release(account_id, now)
+            yield
         finally:
             if self.token:
                 await self.coord.resign(self.name)
             self.token = 0
 
-    async def _try_release(self, account_id: str, now: Millis) -> ReleasePlan:
+    async def release_if_due(self, account_id: str, now: Millis) -> ReleasePlan:
+        """R10: commit the account's release if, on the facts as they are now
+        in Redis and with the feed confirmed read past ``release_at``, it is
+        due (the plan then says ``released``).
+
+        Committed only under the lease (:meth:`lease_for_the_call`), only if
+        no newer leader has fenced the account and the account's facts are
+        still exactly those the decision rests on (otherwise it decides
+        again)."""
         member = release_deadline(account_id)
         pause = await self.continuity.check(now)
         if self.resyncing:
@@ -317,10 +336,7 @@ class Releaser:
             )
             if self.metrics is not None:
                 self.metrics.on_release()
-            await self._recompute(account_id)
-            await self.finish(account_id, plan.app_ids, now)
-            self.releases_done.append(account_id)
-            return plan
+            return replace(plan, released=True)
         await self.coord.schedule(member, now + RETRY_MS)
         return plan
 

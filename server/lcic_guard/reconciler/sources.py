@@ -200,3 +200,17 @@ class StreamSource:
     async def stats(self) -> GroupStats | None:
         await self.ensure_group()
         return await self._feed.stats()
+
+
+async def applied_until(sources: Sequence[BillingSource]) -> Millis | None:
+    """The time before which every source's events are applied (None: not
+    known yet)."""
+    # A fully applied file vouches only for the moment it was loaded; once
+    # a live feed exists, that feed alone bounds what may still arrive.
+    if any(not s.live and not s.exhausted for s in sources):
+        return None  # a file is still being applied
+    live = [s for s in sources if s.live]
+    marks = [await s.watermark() for s in (live or sources)]
+    if not marks or any(m is None for m in marks):
+        return None
+    return min(m for m in marks if m is not None)

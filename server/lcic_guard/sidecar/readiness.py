@@ -12,10 +12,10 @@ or an orchestrator acts on.
 While Redis cannot be read the last heartbeat seen keeps ageing, so a Redis
 outage longer than the bound also turns health NOT_SERVING.
 
-With ``synced`` (the change-feed reader's state), health is also NOT_SERVING
-until the sidecar holds the whole status table, and again whenever it loads
-it anew (Redis lost its data or went backwards); ``max_age_ms = 0`` then
-means "the table only, no heartbeat".
+With ``follows_feed``, health is also NOT_SERVING until the sidecar holds
+the whole status table, and again whenever it loads it anew (Redis lost its
+data or went backwards): the change-feed reader tells :meth:`Readiness.feed_synced`.
+``max_age_ms = 0`` then means "the table only, no heartbeat".
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ class Readiness:
         *,
         interval_s: float | None = None,
         read_timeout_s: float = 1.0,
-        synced: Callable[[], bool] | None = None,
+        follows_feed: bool = False,
     ) -> None:
-        if max_age_ms <= 0 and synced is None:
+        if max_age_ms <= 0 and not follows_feed:
             raise ValueError("max_age_ms must be positive (0 disables: do not build one)")
-        self.synced = synced
+        self.follows_feed = follows_feed
+        self.feed_in_sync = False
         self.coord = Coordination(store)
         self.server = server
         self.max_age_ms = max_age_ms
@@ -66,6 +67,12 @@ class Readiness:
         self.read_errors = 0
         self.stopped = False
         self._task: asyncio.Task[None] | None = None
+
+    async def feed_synced(self, in_sync: bool) -> None:
+        """The change-feed reader's word: it holds the whole status table
+        (or no longer does). Health follows at once."""
+        self.feed_in_sync = in_sync
+        await self.check_once()
 
     def age_ms(self, now: Millis) -> Millis | None:
         return None if self.last_heartbeat is None else now - self.last_heartbeat
@@ -89,7 +96,7 @@ class Readiness:
         return await self._set(age is not None and age <= self.max_age_ms, age)
 
     async def _set(self, fresh: bool, age: Millis | None) -> bool:
-        if self.synced is not None and not self.synced():
+        if self.follows_feed and not self.feed_in_sync:
             if self.serving is not False:
                 await self.server.set_serving(False)
                 if self.serving is None:  # every start: loading is normal, not a warning

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Final, NoReturn
 
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 
 from lcic_guard.domain.evidence import override_log
-from lcic_guard.domain.policy import AppStatus, Room
+from lcic_guard.domain.policy import AppStatus, PolicyConfig, Room
 from lcic_guard.domain.rooms import end_report_problem, report_record, start_report_problem
 from lcic_guard.domain.time import Millis
 from lcic_guard.ratelimit import describe_error
@@ -28,6 +29,10 @@ from lcic_guard.sidecar.wire import BadRequest
 from lcic_guard.store.status import Store
 
 log = logging.getLogger(__name__)
+
+# Bounds every store call the RPCs other than the checks make (reads for
+# GetApplicationStatus and watches, writes for classroom reports).
+STORE_TIMEOUT_S: Final = 1.0
 
 
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str) -> NoReturn:
@@ -45,9 +50,7 @@ class EnforcementServicer:
         checker: Checker,
         store: Store,
         *,
-        # Bounds every store call the RPCs other than the checks make (reads
-        # for GetApplicationStatus and watches, writes for classroom reports).
-        store_timeout: float = 1.0,
+        store_timeout: float = STORE_TIMEOUT_S,
         watchers: Watchers | None = None,
         observer: DecisionObserver | None = None,
     ) -> None:
@@ -55,14 +58,10 @@ class EnforcementServicer:
         self.store = store
         self.store_timeout = store_timeout
         self.watchers = watchers
-        # Metrics, debug logs and shadow mode, after each decision.
+        # Metrics, debug logs and shadow mode, after each decision; the
+        # checker's answers are rendered by it too (the runner wires both:
+        # lcic_guard.runner.servicer_for).
         self.observer = observer if observer is not None else DecisionObserver()
-        checker.use_renderer(self.observer.render)
-        if watchers is not None:
-            watchers.render = self.render_watched
-            watchers.render_discontinuity = render_discontinuity
-            watchers.clock = checker.clock
-            watchers.refresh = self._refresh
 
     @property
     def clock(self) -> Callable[[], Millis]:
@@ -265,15 +264,38 @@ class EnforcementServicer:
         finally:
             watchers.unsubscribe(sub)
 
-    def render_watched(self, status: AppStatus, now: Millis) -> bytes:
-        """A watch message, serialized once for every stream that gets it."""
-        resp = wire.watch_response(status, now, self.checker.cfg)
-        self.observer.shadow_schedule(resp)
-        return resp.SerializeToString()
-
 
 def render_discontinuity(cause: str, detected_at: Millis) -> bytes:
     """The watch message that tells a client to drop every answer it kept."""
     return pb.WatchApplicationStatusResponse(
         discontinuity=pb.StoreDiscontinuity(cause=cause, detected_at=wire.timestamp(detected_at))
     ).SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class WatchRenderer:
+    """The watchers' renderer: a watch message, shadow mode applied,
+    serialized once for every stream that gets it."""
+
+    cfg: PolicyConfig
+    observer: DecisionObserver
+
+    def __call__(self, status: AppStatus, now: Millis) -> bytes:
+        resp = wire.watch_response(status, now, self.cfg)
+        self.observer.shadow_schedule(resp)
+        return resp.SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRefresh:
+    """The watchers' re-read of statuses at a time-driven transition,
+    bounded like every store call of the RPCs other than the checks."""
+
+    store: Store
+    timeout: float
+
+    async def __call__(self, app_ids: list[str]) -> list[AppStatus]:
+        rows = await asyncio.wait_for(
+            self.store.read_rows([(a, None) for a in app_ids]), self.timeout
+        )
+        return [r[0] for r in rows if not isinstance(r, Exception) and r[0] is not None]

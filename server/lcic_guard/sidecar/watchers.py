@@ -99,6 +99,10 @@ class Subscription:
                 return None
 
 
+def _wall_clock() -> Millis:
+    return time.time_ns() // 1_000_000
+
+
 class Watchers:
     """Fans the change feed out to WatchApplicationStatus streams.
 
@@ -133,7 +137,16 @@ class Watchers:
         flush_s: float = 0.02,
         horizon_ms: int = 10 * 60_000,
         send_rate: float = SEND_RATE,
+        render: Callable[[AppStatus, Millis], bytes] | None = None,
+        render_discontinuity: Callable[[str, Millis], bytes] | None = None,
+        clock: Callable[[], Millis] | None = None,
+        refresh: Callable[[list[str]], Awaitable[list[AppStatus]]] | None = None,
     ) -> None:
+        """``render`` makes a watch message of a status, ``render_discontinuity``
+        the message of a store discontinuity (without them nothing is sent);
+        ``refresh`` reads statuses again for a time-driven transition (without
+        it none is pushed); ``clock`` is the sidecar's (the wall clock by
+        default)."""
         self.max_pending = queue_size
         self.send_rate = send_rate
         self._tokens = send_rate / 10
@@ -156,15 +169,15 @@ class Watchers:
         self.refused = 0
         self.slow_cuts = 0
         self.render_errors = 0
-        self.render: Callable[[AppStatus, Millis], bytes] | None = None
-        self.render_discontinuity: Callable[[str, Millis], bytes] | None = None
+        self.render = render
+        self.render_discontinuity = render_discontinuity
         self.discontinuities_sent = 0  # streams told of a store discontinuity
-        self.clock: Callable[[], Millis] = lambda: time.time_ns() // 1_000_000
+        self.clock: Callable[[], Millis] = clock if clock is not None else _wall_clock
         # Time-driven transitions: (instant, app id), and the same as a set.
         self._due: list[tuple[Millis, str]] = []
         self._due_set: set[tuple[Millis, str]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self.refresh: Callable[[list[str]], Awaitable[list[AppStatus]]] | None = None
+        self.refresh = refresh
         self.transitions_pushed = 0
         self._first_watcher = asyncio.Event()
 

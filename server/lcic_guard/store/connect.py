@@ -70,15 +70,31 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
-    if not at:
-        hosts = netloc
+    master = _credentials(userinfo) if at else {}
+    sentinels = _sentinel_hosts(hosts if at else netloc)
+    service, db = _service_and_db(path)
+    sentinel: dict[str, Any] = {}
+    for key, value in parse_qsl(query):
+        if key in ("sentinel_username", "sentinel_password"):
+            sentinel[key.removeprefix("sentinel_")] = value
+    if scheme.lower() == "rediss+sentinel":
+        master["ssl"] = True
+    return SentinelTarget(sentinels, service, db, master, sentinel)
+
+
+def _credentials(userinfo: str) -> dict[str, Any]:
+    """``user:password`` (either may be absent) as the master's options."""
     master: dict[str, Any] = {}
-    if userinfo:
-        user, colon, password = userinfo.partition(":")
-        if colon:
-            master["password"] = unquote(password)
-        if user:
-            master["username"] = unquote(user)
+    user, colon, password = userinfo.partition(":")
+    if colon:
+        master["password"] = unquote(password)
+    if user:
+        master["username"] = unquote(user)
+    return master
+
+
+def _sentinel_hosts(hosts: str) -> tuple[tuple[str, int], ...]:
+    """``host:port[,host2:port2]``, IPv6 in brackets, 26379 by default."""
     sentinels: list[tuple[str, int]] = []
     for item in hosts.split(","):
         item = item.strip()
@@ -98,6 +114,11 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         sentinels.append((host, port))
     if not sentinels:
         raise ValueError("redis_url: a sentinel URL names at least one sentinel host:port")
+    return tuple(sentinels)
+
+
+def _service_and_db(path: str) -> tuple[str, int]:
+    """``service_name[/db]``."""
     parts = [unquote(p) for p in path.split("/") if p]
     if not parts or len(parts) > 2:
         raise ValueError("redis_url: a sentinel URL ends with /service_name[/db]")
@@ -105,13 +126,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         db = int(parts[1]) if len(parts) == 2 else 0
     except ValueError:
         raise ValueError(f"redis_url: invalid database number {parts[1]!r}") from None
-    sentinel: dict[str, Any] = {}
-    for key, value in parse_qsl(query):
-        if key in ("sentinel_username", "sentinel_password"):
-            sentinel[key.removeprefix("sentinel_")] = value
-    if scheme.lower() == "rediss+sentinel":
-        master["ssl"] = True
-    return SentinelTarget(tuple(sentinels), parts[0], db, master, sentinel)
+    return parts[0], db
 
 
 def connect(url: str, *, timeout: float = 2.0) -> RedisClient:
