@@ -19,9 +19,9 @@ import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import tracing
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import RunningSidecar, build_sidecar

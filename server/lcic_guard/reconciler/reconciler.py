@@ -38,7 +38,7 @@ from lcic_guard.domain.policy import (
     overdue_notice,
 )
 from lcic_guard.domain.time import Millis, wall_clock
-from lcic_guard.ratelimit import RateLimitedLog, describe_error
+from lcic_guard.logs import RateLimitedLog, describe_error
 from lcic_guard.reconciler.announce import Announcer
 from lcic_guard.reconciler.config import CONCURRENCY, MAX_ROUNDS, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics

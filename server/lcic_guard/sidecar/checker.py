@@ -28,7 +28,7 @@ from lcic_guard.domain.policy import (
 )
 from lcic_guard.domain.rooms import protection_ends_at
 from lcic_guard.domain.time import Millis, wall_clock
-from lcic_guard.ratelimit import RateLimitedLog, describe_error
+from lcic_guard.logs import RateLimitedLog, describe_error
 from lcic_guard.sidecar.cache import (
     STALE,
     UNKNOWN_HELD,

@@ -19,7 +19,7 @@ from lcic_guard.domain.evidence import override_log
 from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.rooms import end_report_problem, report_record, start_report_problem
 from lcic_guard.domain.time import Millis
-from lcic_guard.ratelimit import describe_error
+from lcic_guard.logs import describe_error
 from lcic_guard.sidecar import auth, overrides, wire
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.observe import PREVIEW_CHECKS, DecisionObserver
