@@ -46,7 +46,7 @@ from lcic_guard.sidecar import auth
 from lcic_guard.sidecar.auth import AuthConfig
 from lcic_guard.sidecar.cache import StatusCache
 from lcic_guard.sidecar.checker import Checker
-from lcic_guard.sidecar.feed import ChangeFeedReader
+from lcic_guard.sidecar.follower import ChangeFeedReader
 from lcic_guard.sidecar.metrics import SidecarMetrics
 from lcic_guard.sidecar.observe import DecisionObserver
 from lcic_guard.sidecar.readiness import Readiness
