@@ -15,8 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Final
 
 from lcic_guard.domain.text import unshowable_field
-from lcic_guard.domain.time import InvalidEvent as InvalidEvent  # raised for a bad time too
-from lcic_guard.domain.time import Millis, format_time, parse_time
+from lcic_guard.domain.time import InvalidTime, Millis, format_time, parse_time
 
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 RESERVED_PREFIX: Final = "lcic-guard:"
@@ -24,6 +23,14 @@ RESERVED_PREFIX: Final = "lcic-guard:"
 RESERVED_REASON: Final = (
     f"event_id: ids starting with {RESERVED_PREFIX!r} are reserved for lcic-guard"
 )
+
+
+class InvalidEvent(ValueError):
+    """A billing event that cannot be applied; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 MAX_AHEAD_MS: Final = 5 * 60_000
@@ -255,7 +262,10 @@ def _field_value(cls: type[Fact], name: str, raw: dict[str, Any]) -> Any:
             raise InvalidEvent(f"{name}: expected 1-64 characters from [A-Za-z0-9._:-]")
         return value
     if name in _TIME_FIELDS:
-        return parse_time(value, name)
+        try:
+            return parse_time(value, name)
+        except InvalidTime as exc:
+            raise InvalidEvent(exc.reason) from None
     if name in ("quota_minutes", "used_minutes"):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
             raise InvalidEvent(f"{name}: expected a non-negative integer")
