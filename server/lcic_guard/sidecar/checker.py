@@ -154,7 +154,9 @@ class Checker:
         # renderer applies it, so it needs no place in the key.
         self._memo: dict[tuple[Any, ...], Answer | _NeedsRoom] = {}
         self.render: Render = plain_answer
-        self._warn = RateLimitedLog(log)
+        # Throttled warnings about the store; the servicer's own status reads
+        # warn here too, so that one outage is one throttled series.
+        self.warn = RateLimitedLog(log)
 
     def use_renderer(self, render: Render) -> None:
         """Make answers with ``render`` from now on (the server's encoding)."""
@@ -275,7 +277,7 @@ class Checker:
 
     def _internal_error(self, req: CheckRequest, exc: BaseException, now: Millis) -> Decision:
         self.internal_errors += 1
-        self._warn.warning(
+        self.warn.warning(
             f"internal:{req.app_id}",
             "cannot decide %s for %s (%s: %s); answered by the failure mode",
             req.check.value,
@@ -384,7 +386,7 @@ class Checker:
         if exc is not None:
             # The check may have given up on this read already (a timeout):
             # say what Redis actually answered, e.g. a refused password.
-            self._warn.warning("read-failed", "status store read failed: %s", describe_error(exc))
+            self.warn.warning("read-failed", "status store read failed: %s", describe_error(exc))
             return
         result = read.result()
         self._keep(keys, result if isinstance(result, list) else [result])
@@ -439,7 +441,7 @@ class Checker:
     def _note_error(self, exc: BaseException, now: Millis) -> None:
         self.store_errors += 1
         self.breaker.failure(now)
-        self._warn.warning(
+        self.warn.warning(
             "store",
             "status store unavailable (%s); answering per R13 (errors so far: %d)",
             describe_error(exc),

@@ -179,7 +179,7 @@ class EnforcementServicer:
                 self.store.read_rows([(app_id, room_id)]), self.store_timeout
             )
         except Exception as exc:
-            self.checker._warn.warning(
+            self.checker.warn.warning(
                 "rpc-read", "status store unavailable for a status read (%s)", describe_error(exc)
             )
             await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
@@ -248,7 +248,7 @@ class EnforcementServicer:
                     if isinstance(row, Exception) or row[0] is None:
                         continue
                     watchers.schedule(row[0], now)
-                    payload = watchers._render(row[0], now)
+                    payload = watchers.payload_for(row[0], now)
                     if payload is not None:
                         yield payload
             while True:

@@ -45,8 +45,8 @@ from lcic_guard.domain.facts import (
 from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.time import Millis
 from lcic_guard.store.codec import (
-    _status_fields,
-    _status_row,
+    check_fields,
+    decode_check_fields,
     decode_segments,
     encode_segments,
     text,
@@ -143,8 +143,8 @@ class Store(Feeds):
         self, app_id: str, room_id: str | None = None
     ) -> tuple[AppStatus | None, Room | None]:
         """One application's status and, if named, one room: one key, one call."""
-        values = await self.redis.hmget(status_key(app_id), _status_fields(room_id))
-        return _status_row(app_id, room_id, values)
+        values = await self.redis.hmget(status_key(app_id), check_fields(room_id))
+        return decode_check_fields(app_id, room_id, values)
 
     async def read_statuses(
         self, requests: Sequence[tuple[str, str | None]]
@@ -152,10 +152,10 @@ class Store(Feeds):
         """Many (app, room) reads in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for app_id, room_id in requests:
-                pipe.hmget(status_key(app_id), _status_fields(room_id))
+                pipe.hmget(status_key(app_id), check_fields(room_id))
             rows = await pipe.execute()
         return [
-            _status_row(app_id, room_id, values)
+            decode_check_fields(app_id, room_id, values)
             for (app_id, room_id), values in zip(requests, rows, strict=True)
         ]
 
@@ -167,12 +167,12 @@ class Store(Feeds):
         not take the other answers with it."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for app_id, room_id in requests:
-                pipe.hmget(status_key(app_id), _status_fields(room_id))
+                pipe.hmget(status_key(app_id), check_fields(room_id))
             rows = await pipe.execute()
         out: list[tuple[AppStatus | None, Room | None] | Exception] = []
         for (app_id, room_id), values in zip(requests, rows, strict=True):
             try:
-                out.append(_status_row(app_id, room_id, values))
+                out.append(decode_check_fields(app_id, room_id, values))
             except Exception as exc:
                 out.append(exc)
         return out
