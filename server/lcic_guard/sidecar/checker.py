@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
@@ -70,11 +71,14 @@ def plain_answer(check: Check, decision: Decision) -> Answer:
     return Answer(decision, labels=labels)
 
 
-class _NeedsRoom:
-    """Memoized for an enter check of a suspended app: the room decides."""
+class _NeedsRoom(Enum):
+    """Memoized for an enter check of a suspended app: the room decides (an
+    enum of one member, so that ``memo is _NEEDS_ROOM`` narrows the type)."""
+
+    NEEDS_ROOM = "needs_room"
 
 
-_NEEDS_ROOM: Final = _NeedsRoom()
+_NEEDS_ROOM: Final = _NeedsRoom.NEEDS_ROOM
 _NO_ROOM: Final = object()
 
 
@@ -190,7 +194,7 @@ class Checker:
             held = UNKNOWN_HELD  # R12, from a whole and current replica or a fresh "absent"
         elif held is STALE:
             return None
-        version, segment = held  # type: ignore[misc]
+        version, segment = held
         key = (req.check, version, segment)
         memo = self._memo.get(key)
         if memo is None:
@@ -198,7 +202,7 @@ class Checker:
         if memo is _NEEDS_ROOM:
             return self._with_room(req, key, version, segment, now)
         cache.hits += 1
-        return memo  # type: ignore[return-value]
+        return memo
 
     def _remember(self, key: tuple[Any, ...], memo: Answer | _NeedsRoom) -> Answer | _NeedsRoom:
         if len(self._memo) >= MEMO_SIZE:
@@ -231,13 +235,13 @@ class Checker:
             inside = now < protection_ends_at(room, self.cfg)
             room_key = (*key, room.started_at, room.scheduled_end, room.ended_at, inside)
         memo = self._memo.get(room_key)
-        if memo is None:
+        if memo is None or memo is _NEEDS_ROOM:  # with its room, a key only holds answers
             status = AppStatus("", "", timeline_of(segment), version)
-            memo = self._remember(
-                room_key, self.render(req.check, decide(req.check, status, now, self.cfg, room))
-            )
+            answer = self.render(req.check, decide(req.check, status, now, self.cfg, room))
+            self._remember(room_key, answer)
+            memo = answer
         self.cache.hits += 1
-        return memo  # type: ignore[return-value]
+        return memo
 
     def _room_key(self, req: CheckRequest) -> str | None:
         return req.room_id if req.check is Check.ENTER_CLASSROOM else None
