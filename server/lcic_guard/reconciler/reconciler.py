@@ -53,7 +53,7 @@ from lcic_guard.store.keys import (
     deadline_of,
     release_deadline,
 )
-from lcic_guard.store.status import AccountFacts, AppClaim, Store
+from lcic_guard.store.status import AccountFacts, Ownership, Store
 from lcic_guard.tasks import stop_tasks, wait_event
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class Reconciler:
         # Claimed in delivery order: of one id's deliveries in this batch with
         # different content, the first claims it and the others conflict.
         distinct = list(dict.fromkeys(f for items in by_id.values() for _, f in items))
-        verdict = dict(zip(distinct, await self.store.claim_events(distinct), strict=True))
+        verdict = dict(zip(distinct, await self.store.index_events(distinct), strict=True))
         accepted: list[tuple[Delivery, Fact]] = []
         for items in by_id.values():
             taken = False
@@ -207,7 +207,7 @@ class Reconciler:
         cleanups: set[tuple[str, str]] = set()
         for (d, fact), route in zip(accepted, routes, strict=True):
             if isinstance(fact, ApplicationRegistered):
-                assert isinstance(route, AppClaim)
+                assert isinstance(route, Ownership)
                 cleanups.update((fact.app_id, a) for a in route.moved_from)
                 if route.verdict == "later":
                     await self._dead_letter(
@@ -227,7 +227,7 @@ class Reconciler:
                     facts[f.event_id] = f
                 parked_moved[fact.app_id] += [p.event_id for p in route.parked]
                 continue
-            assert not isinstance(route, AppClaim)
+            assert not isinstance(route, Ownership)
             if route is None:
                 # Kept, and applied when the app's registration arrives:
                 # events may come in any order.
@@ -351,11 +351,11 @@ class Reconciler:
         await self.store.remove_facts(account_id, [f.event_id for f in mine])
         return changed
 
-    async def _route(self, fact: Fact) -> AppClaim | str | None:
+    async def _route(self, fact: Fact) -> Ownership | str | None:
         """Where a fact goes: for a registration, what its claim of the app
         found; otherwise the account it belongs to (None: parked)."""
         if isinstance(fact, ApplicationRegistered):
-            return await self.store.claim_app(fact)
+            return await self.store.register_owner(fact)
         account = account_of(fact)
         if account is not None:
             return account
