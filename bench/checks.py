@@ -62,8 +62,8 @@ from typing import Any
 
 import grpc
 import redis
+from lcic_guard.demo import EmbeddedRedis, free_port
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.flags import parse_duration
 
 BENCH = Path(__file__).resolve().parent
@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         load_s = time.perf_counter() - t0
         log(f"loaded {args.apps:,} app statuses into Redis in {load_s:.2f} s")
         report.notes.append(
-            f"Redis: a private redis-server (lcic_guard.embedded.EmbeddedRedis, persistence "
+            f"Redis: a private redis-server (lcic_guard.demo.EmbeddedRedis, persistence "
             f"off). Statuses of {args.apps:,} apps (app-0000000...) were written in "
             f"{load_s:.2f} s as raw HSETs streamed over one socket (Redis mass insertion) "
             "with the fields Store.write_status writes (version, data = "

@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lcic_guard.demo import EmbeddedRedis, find_redis_server
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.domain.time import Millis, format_time, wall_clock
-from lcic_guard.embedded import EmbeddedRedis, find_redis_server
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.store.connect import connect

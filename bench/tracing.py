@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from lcic_guard.demo import EmbeddedRedis, free_port
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis, free_port
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -32,9 +32,9 @@ from typing import Any
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.demo import EmbeddedRedis, free_port
 from lcic_guard.domain.policy import DAY, AppStatus, Segment
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 

@@ -39,7 +39,7 @@ from typing import Any
 from lcic_guard import metrics
 from lcic_guard.config import Settings
 from lcic_guard.domain.policy import DURATION_UNITS, Check, format_duration
-from lcic_guard.redact import redact_url
+from lcic_guard.logs import redact_url
 from lcic_guard.sidecar.identities import parse_identity, read_token_file
 
 ENV_PREFIX = "LCIC_GUARD_"

@@ -22,6 +22,11 @@ Request ids: the sidecar reads ``x-request-id`` from the call's metadata
 (or makes one), keeps it in :data:`request_id` while the call is handled, so
 that every line logged meanwhile carries it, and returns it to the caller in
 the trailing metadata under the same key.
+
+What logs may show: a Redis error in words an operator acts on
+(:func:`describe_error`), a repeated warning at most once per interval with a
+count of the rest (:class:`RateLimitedLog`), and no secret (:func:`redact_url`,
+also for help texts and error messages).
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ import os
 import re
 import secrets
 import sys
+import time
 import traceback
 from collections.abc import Iterable
 from typing import Any, Final, TextIO
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from lcic_guard.domain.time import format_time
 
@@ -155,3 +162,82 @@ def bind_call(context: Any) -> contextvars.Token[str | None]:
     rid = pick_request_id(context.invocation_metadata())
     context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
     return request_id.set(rid)
+
+
+# Warnings an operator can act on.
+
+WARN_EVERY_S: Final = 10.0
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong with Redis, in words an operator acts on: a refused
+    password says so (redis-py may surface it only as the cause of a timeout
+    or connection error)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        name = type(cur).__name__
+        text = str(cur)
+        if name == "AuthenticationError" or "WRONGPASS" in text or "NOAUTH" in text:
+            return f"Redis refused the credentials: {name}: {text}"
+        cur = cur.__cause__ or cur.__context__
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError: no answer from Redis in time"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class RateLimitedLog:
+    """A warning repeated at most once per ``every`` seconds per key, with the
+    number of times it was suppressed meanwhile."""
+
+    def __init__(self, logger: logging.Logger, every: float = WARN_EVERY_S) -> None:
+        self.logger = logger
+        self.every = every
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-1e18, 0))
+        if now - last < self.every:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        if suppressed:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, suppressed)
+        self.logger.warning(msg, *args)
+
+
+# Keeping secrets out of logs, help texts and reprs.
+
+MASK = "***"
+# Query parameters of a Redis URL that carry secrets.
+_SECRET_PARAMS = frozenset({"password", "sentinel_password", "ssl_password"})
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` with any password replaced by ``***`` (user and host kept)."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{hosts}" if colon else f"{user}@{hosts}"
+        if user and not colon:
+            # redis://secret@host: a lone userinfo is taken as the password.
+            netloc = f"{MASK}@{hosts}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, MASK if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*/"
+        )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

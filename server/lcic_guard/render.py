@@ -26,8 +26,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from lcic_guard.domain.facts import InvalidEvent
-from lcic_guard.domain.time import Millis, format_time, parse_time
+from lcic_guard.domain.time import InvalidTime, Millis, format_time, parse_time
 from lcic_guard.flags import parse_duration
 
 if TYPE_CHECKING:
@@ -111,7 +110,7 @@ def parse_at(text: str, now: Millis, flag: str = "--at", *, future: bool = False
     else:
         try:
             at = parse_time(text, flag)
-        except InvalidEvent as exc:
+        except InvalidTime as exc:
             raise argparse.ArgumentTypeError(
                 f"{exc.reason}; use an RFC 3339 time such as {example}"
             ) from None

@@ -26,22 +26,28 @@ from prometheus_client import CollectorRegistry
 
 from lcic_guard import logs, tracing
 from lcic_guard.config import Settings
+from lcic_guard.demo import (
+    SAMPLE_APPS,
+    SAMPLE_ROOMS,
+    EmbeddedRedis,
+    free_port,
+    sample_jsonl,
+    sample_recorded_at,
+)
 from lcic_guard.domain.policy import Room, protected_until
 from lcic_guard.domain.time import Millis, wall_clock
-from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.errors import CommandError, bind_error, check_readable
+from lcic_guard.logs import redact_url
 from lcic_guard.metrics import MetricsServer, serve_metrics, worker_listen
 from lcic_guard.reconciler.hooks import NO_HOOKS
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.reconciler import Reconciler
 from lcic_guard.reconciler.sources import BillingSource, FileSource, StreamSource
-from lcic_guard.redact import redact_url
-from lcic_guard.sample import SAMPLE_APPS, SAMPLE_ROOMS, sample_jsonl, sample_recorded_at
 from lcic_guard.sidecar import auth
 from lcic_guard.sidecar.auth import AuthConfig
 from lcic_guard.sidecar.cache import StatusCache
 from lcic_guard.sidecar.checker import Checker
-from lcic_guard.sidecar.feed import ChangeFeedReader
+from lcic_guard.sidecar.follower import ChangeFeedReader
 from lcic_guard.sidecar.metrics import SidecarMetrics
 from lcic_guard.sidecar.observe import DecisionObserver
 from lcic_guard.sidecar.readiness import Readiness

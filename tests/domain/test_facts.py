@@ -31,7 +31,7 @@ from lcic_guard.domain.facts import (
     to_record,
     valid_id,
 )
-from lcic_guard.domain.time import MAX_TIME, format_time, parse_time
+from lcic_guard.domain.time import MAX_TIME, InvalidTime, format_time, parse_time
 
 T0 = 1_790_000_000_000  # 2026-09-21T14:13:20Z
 T0_TEXT = "2026-09-21T14:13:20.000Z"
@@ -534,7 +534,7 @@ def test_format_parse_round_trip(ms: int) -> None:
 
 
 def test_parse_time_names_the_field() -> None:
-    with pytest.raises(InvalidEvent, match=r"^starts_at: "):
+    with pytest.raises(InvalidTime, match=r"^starts_at: "):
         parse_time("nope", "starts_at")
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lcic_guard.demo import free_port
 from lcic_guard.domain.time import format_time, parse_time
-from lcic_guard.embedded import free_port
 
 from tests.support.pki import Authority
 

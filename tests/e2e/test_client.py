@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from lcic.guard.v1 import enforcement_pb2 as pb
+from lcic_guard.demo import free_port
 from lcic_guard.domain.policy import HOUR, MINUTE, PolicyConfig
-from lcic_guard.embedded import free_port
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.errors import Refused

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from lcic.guard.v1 import enforcement_pb2 as pb
+from lcic_guard.demo import free_port
 from lcic_guard.domain.policy import DAY, HOUR
-from lcic_guard.embedded import free_port
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import RunningSidecar

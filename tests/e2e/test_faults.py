@@ -22,9 +22,9 @@ import pytest
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, Check, Decision, PolicyConfig
 from lcic_guard.domain.time import format_time, wall_clock
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.sidecar.checker import Answer, CheckRequest

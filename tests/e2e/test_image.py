@@ -19,9 +19,9 @@ import pytest
 import redis as redis_sync
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.demo import EmbeddedRedis, free_port
 from lcic_guard.domain.policy import DAY
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis, free_port
 
 from tests.support.docker import (
     ROOT,

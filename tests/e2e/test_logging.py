@@ -16,8 +16,8 @@ import pytest
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic_guard import logs
 from lcic_guard.cli import build_parser
+from lcic_guard.demo import free_port
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
-from lcic_guard.embedded import free_port
 from lcic_guard.flags import settings_from
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource

@@ -15,9 +15,9 @@ import pytest
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.demo import free_port
 from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import Millis
-from lcic_guard.embedded import free_port
 from lcic_guard.metrics import parse_listen, serve_metrics, worker_listen
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics

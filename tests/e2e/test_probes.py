@@ -19,8 +19,8 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2
 from lcic_guard import cli, runner
 from lcic_guard.config import Settings
+from lcic_guard.demo import EmbeddedRedis, free_port
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.sidecar.server import LIVENESS_SERVICE
 from lcic_guard.store.keys import HEARTBEAT

@@ -20,9 +20,9 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import tracing
 from lcic_guard.config import Settings
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, PolicyConfig
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.runner import RunningSidecar, build_reconciler, build_sidecar

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
-from lcic_guard.embedded import EmbeddedRedis, free_port
+from lcic_guard.demo import EmbeddedRedis, free_port
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.store.status import Store
 

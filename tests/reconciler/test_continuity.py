@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest_asyncio
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import PolicyConfig
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.sources import FileSource

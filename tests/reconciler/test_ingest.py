@@ -1,7 +1,7 @@
 """Ingest of billing events on a real redis-server (issue 9, findings 3-7;
 issue 10, the ingest limits).
 
-Event ids are unique across the whole feed (an index of every id claimed,
+Event ids are unique across the whole feed (an index of every id entered,
 before any other effect); a dead-lettered event has no effect at all; the
 earliest registration owns an application whatever the arrival order (the
 application moves when an earlier one arrives late); ids of the
@@ -130,7 +130,7 @@ async def test_in_one_batch_the_first_content_of_an_id_wins_and_repeats_are_no_o
 # Finding 4: a dead-lettered event has no effect at all.
 
 
-async def test_a_dead_lettered_registration_claims_no_application(
+async def test_a_dead_lettered_registration_owns_no_application(
     reconciler: Reconciler, store: Store, events: Events
 ) -> None:
     [reg, pkg] = events.app("acct-1", "app-1")
@@ -140,7 +140,7 @@ async def test_a_dead_lettered_registration_claims_no_application(
     stats = await reconciler.ingest(deliveries([forged]))
     assert stats.dead_lettered == 1
     assert await store.redis.exists(status_key("app-2")) == 0
-    # Nothing claimed app-2: a classroom report for it is refused.
+    # Nothing owns app-2: a classroom report for it is refused.
     assert not await store.report_room("app-2", "room-1", now=T0, until=T0 + HOUR, started_at=T0)
 
     # app-2's own registration, to another account, is applied.
@@ -446,7 +446,7 @@ async def test_an_event_over_64_kib_is_dead_lettered_unparsed_with_a_truncated_c
     )
     assert dl["event"] == raw[:4096]
     assert big["event_id"] not in await facts_of(store, "acct-1")
-    # Not parsed, so not claimed either: a corrected event may reuse its id.
+    # Not parsed, so not indexed either: a corrected event may reuse its id.
     fixed = {k: v for k, v in big.items() if k != "padding"}
     assert (await rec.ingest(deliveries([fixed]))).applied == 1
     assert metrics.dead_letters.labels("too_large")._value.get() == 1
@@ -693,7 +693,7 @@ async def test_the_store_assigns_versions_and_accepts_writes_only_from_the_owner
 
     late = ApplicationRegistered("r-late", T0, "acct-b", "app-v")
     early = ApplicationRegistered("r-early", T0 - DAY, "acct-a", "app-v")
-    assert (await store.claim_app(late)).verdict == "own"
+    assert (await store.register_owner(late)).verdict == "own"
     res = await store.write_status(status("acct-b", 40))
     assert res.written and res.version == 40  # the account's seq while it owns the app
     again = await store.write_status(status("acct-b", 40))  # same facts: already stored
@@ -702,8 +702,8 @@ async def test_the_store_assigns_versions_and_accepts_writes_only_from_the_owner
     assert not stale.written and stale.version == 0
     assert (await store.write_status(status("acct-a", 3))).version == 0  # not the owner
 
-    claim = await store.claim_app(early)
-    assert (claim.verdict, claim.owner, claim.moved_from) == ("moved", "acct-a", ("acct-b",))
+    got = await store.register_owner(early)
+    assert (got.verdict, got.owner, got.moved_from) == ("moved", "acct-a", ("acct-b",))
     assert (await store.write_status(status("acct-b", 41))).version == 0  # no longer the owner
     moved = await store.write_status(status("acct-a", 3))
     assert moved.written and moved.version == 41  # past acct-b's, although seq 3 is lower
@@ -711,6 +711,6 @@ async def test_the_store_assigns_versions_and_accepts_writes_only_from_the_owner
     stored, _ = await store.read_status("app-v")
     assert stored is not None and (stored.account_id, stored.version) == ("acct-a", 42)
     # A registration of acct-b later than acct-a's changes nothing.
-    assert (await store.claim_app(late)).verdict == "later"
+    assert (await store.register_owner(late)).verdict == "later"
     await store.move_done("app-v", "acct-b")
     assert await store.redis.hget(status_key("app-v"), "moved_from") is None

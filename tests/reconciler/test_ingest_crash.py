@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.domain.time import Millis, format_time, wall_clock
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import BILLING_STREAM, DEAD_LETTER_STREAM, GUARD_STREAM

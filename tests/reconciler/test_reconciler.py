@@ -21,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lcic.guard.v1 import enforcement_pb2 as pb
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.facts import ResourcesReleased
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Reason, State
 from lcic_guard.domain.time import Millis, format_time, wall_clock
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.announce import ledger_record
 from lcic_guard.reconciler.sources import FileSource, StreamSource

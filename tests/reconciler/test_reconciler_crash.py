@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 import redis
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, Reason
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.domain.warnings import scheduled_suspensions
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.store.codec import decode_segments, encode_segments
 from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM
 

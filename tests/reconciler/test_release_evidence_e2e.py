@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from lcic_guard.demo import EmbeddedRedis, free_port
 from lcic_guard.domain.policy import DAY, HOUR, SECOND
 from lcic_guard.domain.time import Millis, wall_clock
-from lcic_guard.embedded import EmbeddedRedis, free_port
 from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM
 
 from tests.support.events import Events

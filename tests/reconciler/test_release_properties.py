@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.notices import RELEASE_SCHEDULED, LedgerRecord
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, PolicyConfig, Reason
 from lcic_guard.domain.time import Millis, parse_time
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.store.connect import connect

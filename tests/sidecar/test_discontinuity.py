@@ -15,9 +15,9 @@ import grpc
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, AppStatus, Reason, Segment
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import CHANGES_STREAM, status_key

@@ -24,9 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.config import Settings
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, Reason, Segment
 from lcic_guard.domain.time import Millis, format_time, wall_clock
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.release import RESYNCING
 from lcic_guard.reconciler.sources import FileSource

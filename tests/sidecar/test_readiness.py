@@ -11,9 +11,9 @@ import grpc
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lcic_guard.config import Settings
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import PolicyConfig
 from lcic_guard.domain.time import wall_clock
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect

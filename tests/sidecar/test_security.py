@@ -29,12 +29,12 @@ from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.cli import build_parser
 from lcic_guard.config import Settings
+from lcic_guard.demo import EmbeddedRedis, find_redis_server, free_port
 from lcic_guard.domain.facts import valid_id
 from lcic_guard.domain.policy import PolicyConfig
-from lcic_guard.embedded import EmbeddedRedis, find_redis_server, free_port
 from lcic_guard.flags import settings_from
+from lcic_guard.logs import redact_url
 from lcic_guard.reconciler import Reconciler
-from lcic_guard.redact import redact_url
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import BILLING_STREAM, facts_key, meta_key, parked_key, status_key

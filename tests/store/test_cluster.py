@@ -305,7 +305,7 @@ async def test_every_lua_script_call_stays_in_one_slot(
     assert multi >= {
         "Store._add_facts",
         "Store._load_account",
-        "Store._claim_app",
+        "Store._register_owner",
         "Store._route_app_fact",
         "Coordination._lease",
         "Coordination._release",

@@ -78,7 +78,7 @@ async def test_the_same_seq_again_is_not_a_write_but_reports_the_stored_version(
 async def test_a_write_from_an_account_that_does_not_own_the_app_is_refused(
     store: Store,
 ) -> None:
-    await store.claim_app(registration("acct-1", T0 - HOUR, "ev-1"))
+    await store.register_owner(registration("acct-1", T0 - HOUR, "ev-1"))
     res = await store.write_status(status("acct-2", 50, Reason.ACCOUNT_BANNED))
     assert not res.written and res.version == 0
     assert await store.read_status(APP) == (None, None)
@@ -90,10 +90,10 @@ async def test_a_write_from_an_account_that_does_not_own_the_app_is_refused(
 async def test_the_version_keeps_rising_when_the_app_moves_to_an_account_with_a_lower_seq(
     store: Store,
 ) -> None:
-    await store.claim_app(registration("acct-1", T0 - HOUR, "ev-1"))
+    await store.register_owner(registration("acct-1", T0 - HOUR, "ev-1"))
     await store.write_status(status("acct-1", 10))
-    claim = await store.claim_app(registration("acct-2", T0 - 2 * HOUR, "ev-2"))
-    assert claim.verdict == "moved"
+    owner = await store.register_owner(registration("acct-2", T0 - 2 * HOUR, "ev-2"))
+    assert owner.verdict == "moved"
     res = await store.write_status(status("acct-2", 3, Reason.PACKAGE_EXPIRED))
     # max(stored + 1, seq): a cache holding version 10 must see a newer one.
     assert res.written and res.version == 11
@@ -130,7 +130,7 @@ async def test_whatever_the_order_the_stored_status_is_the_newest_seq_written(
 
 
 async def registered(store: Store) -> None:
-    await store.claim_app(registration("acct-1", T0 - HOUR, "ev-1"))
+    await store.register_owner(registration("acct-1", T0 - HOUR, "ev-1"))
 
 
 async def room_fields(store: Store) -> set[str]:

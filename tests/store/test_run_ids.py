@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lcic_guard.embedded import EmbeddedRedis
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from lcic_guard.embedded import EmbeddedRedis, find_redis_server, free_port
+from lcic_guard.demo import EmbeddedRedis, find_redis_server, free_port
 
 
 def _port_free(port: int) -> bool:

@@ -11,8 +11,8 @@ import grpc
 import pytest
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import PolicyConfig
-from lcic_guard.embedded import EmbeddedRedis
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.observe import DecisionObserver

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from lcic_guard import render
 from lcic_guard.config import Settings
+from lcic_guard.demo import RedisServerMissing
 from lcic_guard.domain.time import Millis
-from lcic_guard.embedded import RedisServerMissing
 from lcic_guard.errors import CommandError, readable_text_file
 from lcic_guard.flags import add_client_flags, add_debug_flag, retired_tls_variable, settings_from
-from lcic_guard.redact import redact_url
+from lcic_guard.logs import redact_url
 from lcic_guard.sidecar.identities import token_to_send
 from lcic_guard.store.connect import StoreError
 

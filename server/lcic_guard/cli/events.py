@@ -14,11 +14,11 @@ from typing import Any
 
 from lcic_guard.cli._common import needs_redis, settings, time_flag
 from lcic_guard.config import Settings
+from lcic_guard.demo import sample_jsonl
 from lcic_guard.domain.facts import InvalidEvent, parse_event_json
 from lcic_guard.domain.time import format_time, wall_clock
 from lcic_guard.errors import CommandError, readable_text_file
 from lcic_guard.flags import add_debug_flag, add_store_flags
-from lcic_guard.sample import sample_jsonl
 from lcic_guard.store.billing_stream import publish_events
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import BILLING_STREAM

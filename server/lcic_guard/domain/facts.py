@@ -16,8 +16,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Final
 
 from lcic_guard.domain.text import unshowable_field
-from lcic_guard.domain.time import InvalidEvent as InvalidEvent  # raised for a bad time too
-from lcic_guard.domain.time import Millis, format_time, parse_time
+from lcic_guard.domain.time import InvalidTime, Millis, format_time, parse_time
 
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 RESERVED_PREFIX: Final = "lcic-guard:"
@@ -25,6 +24,14 @@ RESERVED_PREFIX: Final = "lcic-guard:"
 RESERVED_REASON: Final = (
     f"event_id: ids starting with {RESERVED_PREFIX!r} are reserved for lcic-guard"
 )
+
+
+class InvalidEvent(ValueError):
+    """A billing event that cannot be applied; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 MAX_AHEAD_MS: Final = 5 * 60_000
@@ -253,7 +260,10 @@ def _an_id(name: str, value: Any) -> str:
 
 
 def _a_time(name: str, value: Any) -> Millis:
-    return parse_time(value, name)
+    try:
+        return parse_time(value, name)
+    except InvalidTime as exc:
+        raise InvalidEvent(exc.reason) from None
 
 
 def _minutes(name: str, value: Any) -> int:

@@ -32,8 +32,9 @@ _RFC3339: Final = re.compile(
 )
 
 
-class InvalidEvent(ValueError):
-    """A billing event that cannot be applied; ``reason`` says why."""
+class InvalidTime(ValueError):
+    """A timestamp that is not RFC 3339 in the years 1970-9998; ``reason``
+    names the field (a billing event refuses it as an ``InvalidEvent``)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -53,31 +54,31 @@ def parse_time(value: object, field: str) -> Millis:
     Other ISO 8601 forms (week dates, basic format, no seconds) are refused.
     """
     if not isinstance(value, str):
-        raise InvalidEvent(f"{field}: expected an RFC 3339 timestamp string")
+        raise InvalidTime(f"{field}: expected an RFC 3339 timestamp string")
     m = _RFC3339.fullmatch(value)
     if m is None:
-        raise InvalidEvent(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
+        raise InvalidTime(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     frac, zulu, sign, off_h, off_m = m.group(7, 8, 9, 10, 11)
     if zulu is None and sign is None:
-        raise InvalidEvent(f"{field}: timestamp has no time zone (use Z for UTC)")
+        raise InvalidTime(f"{field}: timestamp has no time zone (use Z for UTC)")
     try:
         day_number = date(year, month, day).toordinal() - _EPOCH_DAY
     except ValueError:
-        raise InvalidEvent(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}") from None
+        raise InvalidTime(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}") from None
     offset = 0
     if sign is not None:
         if int(off_h) > 23 or int(off_m) > 59:
-            raise InvalidEvent(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
+            raise InvalidTime(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
         offset = (int(off_h) * 60 + int(off_m)) * (1 if sign == "+" else -1)
     if hour > 23 or minute > 59 or second > 60:
-        raise InvalidEvent(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
+        raise InvalidTime(f"{field}: not an RFC 3339 timestamp: {value[:40]!r}")
     millis = int((frac or "0")[:3].ljust(3, "0"))
     if second == 60:
         second, millis = 59, 999
     ms = ((day_number * 24 + hour) * 60 + minute - offset) * 60_000 + second * 1000 + millis
     if not MIN_TIME <= ms <= MAX_TIME:
-        raise InvalidEvent(f"{field}: timestamp out of range (years 1970-9998, UTC)")
+        raise InvalidTime(f"{field}: timestamp out of range (years 1970-9998, UTC)")
     return ms
 
 

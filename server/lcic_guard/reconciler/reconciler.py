@@ -39,7 +39,7 @@ from lcic_guard.domain.policy import (
     overdue_notice,
 )
 from lcic_guard.domain.time import Millis, wall_clock
-from lcic_guard.ratelimit import RateLimitedLog, describe_error
+from lcic_guard.logs import RateLimitedLog, describe_error
 from lcic_guard.reconciler.announce import Announcer
 from lcic_guard.reconciler.config import CONCURRENCY, MAX_ROUNDS, ReconcilerConfig
 from lcic_guard.reconciler.hooks import NO_HOOKS, ReconcilerHooks
@@ -55,7 +55,7 @@ from lcic_guard.store.keys import (
     deadline_of,
     release_deadline,
 )
-from lcic_guard.store.status import AccountFacts, AppClaim, Store
+from lcic_guard.store.status import AccountFacts, Ownership, Store
 from lcic_guard.tasks import stop_tasks, wait_event
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class Reconciler:
         # Claimed in delivery order: of one id's deliveries in this batch with
         # different content, the first claims it and the others conflict.
         distinct = list(dict.fromkeys(f for items in by_id.values() for _, f in items))
-        verdict = dict(zip(distinct, await self.store.claim_events(distinct), strict=True))
+        verdict = dict(zip(distinct, await self.store.index_events(distinct), strict=True))
         accepted: list[tuple[Delivery, Fact]] = []
         for items in by_id.values():
             taken = False
@@ -277,10 +277,10 @@ class Reconciler:
         routed = _Routed()
         for (d, fact), route in zip(accepted, routes, strict=True):
             if isinstance(fact, ApplicationRegistered):
-                assert isinstance(route, AppClaim)
+                assert isinstance(route, Ownership)
                 await self._route_registration(routed, stats, d, fact, route)
                 continue
-            assert not isinstance(route, AppClaim)
+            assert not isinstance(route, Ownership)
             if route is None:
                 # Kept, and applied when the app's registration arrives:
                 # events may come in any order.
@@ -295,14 +295,14 @@ class Reconciler:
         stats: IngestStats,
         d: Delivery,
         fact: ApplicationRegistered,
-        claim: AppClaim,
+        owner: Ownership,
     ) -> None:
-        routed.cleanups.update((fact.app_id, a) for a in claim.moved_from)
-        if claim.verdict == "later":
+        routed.cleanups.update((fact.app_id, a) for a in owner.moved_from)
+        if owner.verdict == "later":
             await self._dead_letter(
                 stats,
                 d.raw,
-                f"app_id: {fact.app_id} is registered to account {claim.owner} by an "
+                f"app_id: {fact.app_id} is registered to account {owner.owner} by an "
                 "earlier registration (the earliest one owns the application)",
                 d.source,
                 "registration",
@@ -311,10 +311,10 @@ class Reconciler:
             # before the app moved): make sure it is gone.
             routed.cleanups.add((fact.app_id, fact.account_id))
             return
-        facts = routed.by_account[claim.owner]
-        for f in (fact, *claim.parked):
+        facts = routed.by_account[owner.owner]
+        for f in (fact, *owner.parked):
             facts[f.event_id] = f
-        routed.parked_moved[fact.app_id] += [p.event_id for p in claim.parked]
+        routed.parked_moved[fact.app_id] += [p.event_id for p in owner.parked]
 
     async def _add(
         self,
@@ -452,11 +452,11 @@ class Reconciler:
         await self.store.remove_facts(account_id, [f.event_id for f in mine])
         return changed
 
-    async def _route_one(self, fact: Fact) -> AppClaim | str | None:
+    async def _route_one(self, fact: Fact) -> Ownership | str | None:
         """Where a fact goes: for a registration, what its claim of the app
         found; otherwise the account it belongs to (None: parked)."""
         if isinstance(fact, ApplicationRegistered):
-            return await self.store.claim_app(fact)
+            return await self.store.register_owner(fact)
         account = account_of(fact)
         if account is not None:
             return account

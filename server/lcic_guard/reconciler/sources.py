@@ -123,7 +123,8 @@ class StreamSource:
 
     At-least-once: an entry is acknowledged only after :meth:`ack`, which the
     reconciler calls once the entry's effect is durable. Entries left pending
-    by a consumer that died are claimed with XAUTOCLAIM after ``claim_idle_ms``.
+    by a consumer that died are taken over (XAUTOCLAIM) after ``claim_idle_ms``
+    (``--claim-idle``, named after that command).
     The Redis commands are in :mod:`lcic_guard.store.billing_stream`.
     """
 
@@ -134,7 +135,7 @@ class StreamSource:
     claim_idle_ms: int = 30_000
     name: str = "stream"
     live: bool = True
-    _claim_cursor: str = "0-0"
+    _reclaim_cursor: str = "0-0"
     _ready: bool = False
     _feed: BillingStream = field(init=False)
 
@@ -171,14 +172,14 @@ class StreamSource:
     async def fetch(self, max_count: int, block_ms: int) -> list[Delivery]:
         await self.ensure_group()
         try:
-            self._claim_cursor, claimed = await self._feed.claim(
-                self.claim_idle_ms, self._claim_cursor, max_count
+            self._reclaim_cursor, reclaimed = await self._feed.reclaim_idle(
+                self.claim_idle_ms, self._reclaim_cursor, max_count
             )
         except GroupMissing:
             self._ready = False
             return []
-        if claimed:
-            return self._deliveries(claimed)
+        if reclaimed:
+            return self._deliveries(reclaimed)
         # Our own pending entries (a restart under the same name) come first.
         for start in ("0", ">"):
             entries = await self._feed.read(start, max_count, None if start == "0" else block_ms)

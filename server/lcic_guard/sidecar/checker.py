@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
@@ -28,7 +29,7 @@ from lcic_guard.domain.policy import (
 )
 from lcic_guard.domain.rooms import protection_ends_at
 from lcic_guard.domain.time import Millis, wall_clock
-from lcic_guard.ratelimit import RateLimitedLog, describe_error
+from lcic_guard.logs import RateLimitedLog, describe_error
 from lcic_guard.sidecar.cache import (
     STALE,
     UNKNOWN_HELD,
@@ -70,11 +71,14 @@ def plain_answer(check: Check, decision: Decision) -> Answer:
     return Answer(decision, labels=labels)
 
 
-class _NeedsRoom:
-    """Memoized for an enter check of a suspended app: the room decides."""
+class _NeedsRoom(Enum):
+    """Memoized for an enter check of a suspended app: the room decides (an
+    enum of one member, so that ``memo is _NEEDS_ROOM`` narrows the type)."""
+
+    NEEDS_ROOM = "needs_room"
 
 
-_NEEDS_ROOM: Final = _NeedsRoom()
+_NEEDS_ROOM: Final = _NeedsRoom.NEEDS_ROOM
 _NO_ROOM: Final = object()
 
 
@@ -154,7 +158,9 @@ class Checker:
         # renderer applies it, so it needs no place in the key.
         self._memo: dict[tuple[Any, ...], Answer | _NeedsRoom] = {}
         self.render: Render = plain_answer
-        self._warn = RateLimitedLog(log)
+        # Throttled warnings about the store; the servicer's own status reads
+        # warn here too, so that one outage is one throttled series.
+        self.warn = RateLimitedLog(log)
 
     def use_renderer(self, render: Render) -> None:
         """Make answers with ``render`` from now on (the server's encoding)."""
@@ -188,7 +194,7 @@ class Checker:
             held = UNKNOWN_HELD  # R12, from a whole and current replica or a fresh "absent"
         elif held is STALE:
             return None
-        version, segment = held  # type: ignore[misc]
+        version, segment = held
         key = (req.check, version, segment)
         memo = self._memo.get(key)
         if memo is None:
@@ -196,7 +202,7 @@ class Checker:
         if memo is _NEEDS_ROOM:
             return self._with_room(req, key, version, segment, now)
         cache.hits += 1
-        return memo  # type: ignore[return-value]
+        return memo
 
     def _remember(self, key: tuple[Any, ...], memo: Answer | _NeedsRoom) -> Answer | _NeedsRoom:
         if len(self._memo) >= MEMO_SIZE:
@@ -229,13 +235,13 @@ class Checker:
             inside = now < protection_ends_at(room, self.cfg)
             room_key = (*key, room.started_at, room.scheduled_end, room.ended_at, inside)
         memo = self._memo.get(room_key)
-        if memo is None:
+        if memo is None or memo is _NEEDS_ROOM:  # with its room, a key only holds answers
             status = AppStatus("", "", timeline_of(segment), version)
-            memo = self._remember(
-                room_key, self.render(req.check, decide(req.check, status, now, self.cfg, room))
-            )
+            answer = self.render(req.check, decide(req.check, status, now, self.cfg, room))
+            self._remember(room_key, answer)
+            memo = answer
         self.cache.hits += 1
-        return memo  # type: ignore[return-value]
+        return memo
 
     def _room_key(self, req: CheckRequest) -> str | None:
         return req.room_id if req.check is Check.ENTER_CLASSROOM else None
@@ -275,7 +281,7 @@ class Checker:
 
     def _internal_error(self, req: CheckRequest, exc: BaseException, now: Millis) -> Decision:
         self.internal_errors += 1
-        self._warn.warning(
+        self.warn.warning(
             f"internal:{req.app_id}",
             "cannot decide %s for %s (%s: %s); answered by the failure mode",
             req.check.value,
@@ -384,7 +390,7 @@ class Checker:
         if exc is not None:
             # The check may have given up on this read already (a timeout):
             # say what Redis actually answered, e.g. a refused password.
-            self._warn.warning("read-failed", "status store read failed: %s", describe_error(exc))
+            self.warn.warning("read-failed", "status store read failed: %s", describe_error(exc))
             return
         result = read.result()
         self._keep(keys, result if isinstance(result, list) else [result])
@@ -439,7 +445,7 @@ class Checker:
     def _note_error(self, exc: BaseException, now: Millis) -> None:
         self.store_errors += 1
         self.breaker.failure(now)
-        self._warn.warning(
+        self.warn.warning(
             "store",
             "status store unavailable (%s); answering per R13 (errors so far: %d)",
             describe_error(exc),

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from lcic_guard.domain.policy import Check, Reason
 from lcic_guard.sidecar.checker import Checker
-from lcic_guard.sidecar.feed import DISCONTINUITIES, ChangeFeedReader
+from lcic_guard.sidecar.follower import DISCONTINUITIES, ChangeFeedReader
 from lcic_guard.sidecar.watchers import Watchers
 
 log = logging.getLogger(__name__)

@@ -84,7 +84,7 @@ class Readiness:
         if self.max_age_ms <= 0:
             return await self._set(True, None)
         try:
-            async with asyncio.timeout(self.read_timeout_s):  # not wait_for: see feed.py
+            async with asyncio.timeout(self.read_timeout_s):  # not wait_for: see follower.py
                 beat = await self.coord.last_heartbeat()
             if beat is not None:
                 self.last_heartbeat = max(beat, self.last_heartbeat or beat)

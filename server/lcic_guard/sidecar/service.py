@@ -20,7 +20,7 @@ from lcic_guard.domain.evidence import override_log
 from lcic_guard.domain.policy import AppStatus, PolicyConfig, Room
 from lcic_guard.domain.rooms import end_report_problem, report_record, start_report_problem
 from lcic_guard.domain.time import Millis
-from lcic_guard.ratelimit import describe_error
+from lcic_guard.logs import describe_error
 from lcic_guard.sidecar import auth, overrides, wire
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.observe import PREVIEW_CHECKS, DecisionObserver
@@ -178,7 +178,7 @@ class EnforcementServicer:
                 self.store.read_rows([(app_id, room_id)]), self.store_timeout
             )
         except Exception as exc:
-            self.checker._warn.warning(
+            self.checker.warn.warning(
                 "rpc-read", "status store unavailable for a status read (%s)", describe_error(exc)
             )
             await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
@@ -247,7 +247,7 @@ class EnforcementServicer:
                     if isinstance(row, Exception) or row[0] is None:
                         continue
                     watchers.schedule(row[0], now)
-                    payload = watchers._render(row[0], now)
+                    payload = watchers.payload_for(row[0], now)
                     if payload is not None:
                         yield payload
             while True:

@@ -244,7 +244,9 @@ class Watchers:
         else:
             self._wake_due = None
 
-    def _render(self, status: AppStatus, now: Millis) -> bytes | None:
+    def payload_for(self, status: AppStatus, now: Millis) -> bytes | None:
+        """What watchers are sent for ``status``; None without a renderer or
+        when it cannot be rendered (counted and logged)."""
         if self.render is None:
             return None
         try:
@@ -270,7 +272,7 @@ class Watchers:
         self.schedule(status, now)
         if not self._subs:
             return
-        payload = self._render(status, now)
+        payload = self.payload_for(status, now)
         if payload is None:
             return
         self.log.append((app_id, payload))

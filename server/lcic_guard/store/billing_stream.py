@@ -60,18 +60,18 @@ class BillingStream:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def claim(self, idle_ms: int, start: str, count: int) -> tuple[str, Any]:
-        """Entries pending longer than ``idle_ms`` to any consumer, from
-        ``start``: the next cursor and the entries."""
+    async def reclaim_idle(self, idle_ms: int, start: str, count: int) -> tuple[str, Any]:
+        """Take over entries pending longer than ``idle_ms`` to any consumer
+        (XAUTOCLAIM), from ``start``: the next cursor and the entries."""
         try:
-            claimed = await self.redis.xautoclaim(
+            taken = await self.redis.xautoclaim(
                 self.stream, self.group, self.consumer, idle_ms, start_id=start, count=count
             )
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
                 raise GroupMissing from exc
             raise
-        return text(claimed[0]) or "0-0", claimed[1]
+        return text(taken[0]) or "0-0", taken[1]
 
     async def read(self, start: str, count: int, block_ms: int | None) -> Any:
         """Our own pending entries (``start="0"``) or new ones (``">"``)."""

@@ -94,14 +94,16 @@ def decode_room(raw: str | bytes | None) -> Room | None:
 _STATUS_FIELDS: Final = ("version", "data", "account", "updated_at")
 
 
-def _status_fields(room_id: str | None) -> list[str]:
+def check_fields(room_id: str | None) -> list[str]:
     """The status hash fields a check reads (what decode_status expects)."""
     return [*_STATUS_FIELDS, ROOM_FIELD_PREFIX + room_id] if room_id else list(_STATUS_FIELDS)
 
 
-def _status_row(
+def decode_check_fields(
     app_id: str, room_id: str | None, values: Sequence[Any]
 ) -> tuple[AppStatus | None, Room | None]:
+    """The status and, when ``room_id`` was asked, its reported room, from
+    the values of :func:`check_fields` in that order."""
     status = decode_status(app_id, values)
     room = decode_room(values[4]) if room_id and status is not None else None
     return status, room

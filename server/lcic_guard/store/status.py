@@ -45,8 +45,8 @@ from lcic_guard.domain.facts import (
 from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.time import Millis
 from lcic_guard.store.codec import (
-    _status_fields,
-    _status_row,
+    check_fields,
+    decode_check_fields,
     decode_segments,
     encode_segments,
     text,
@@ -99,8 +99,8 @@ class WriteResult:
 
 
 @dataclass(frozen=True, slots=True)
-class AppClaim:
-    """What a registration found in its application's slot (see lua/claim_app.lua)."""
+class Ownership:
+    """What a registration found in its application's slot (see lua/register_owner.lua)."""
 
     verdict: str  # 'own', 'later' or 'moved'
     owner: str
@@ -119,7 +119,7 @@ class Store(Feeds):
         self._write_status = redis.register_script(script("write_status"))
         self._add_facts = redis.register_script(script("now_or_arg") + script("add_facts"))
         self._load_account = redis.register_script(script("load_account"))
-        self._claim_app = redis.register_script(script("claim_app"))
+        self._register_owner = redis.register_script(script("register_owner"))
         self._route_app_fact = redis.register_script(script("route_app_fact"))
         self._report_room = redis.register_script(script("report_room"))
         self._move_done = redis.register_script(script("move_done"))
@@ -143,8 +143,8 @@ class Store(Feeds):
         self, app_id: str, room_id: str | None = None
     ) -> tuple[AppStatus | None, Room | None]:
         """One application's status and, if named, one room: one key, one call."""
-        values = await self.redis.hmget(status_key(app_id), _status_fields(room_id))
-        return _status_row(app_id, room_id, values)
+        values = await self.redis.hmget(status_key(app_id), check_fields(room_id))
+        return decode_check_fields(app_id, room_id, values)
 
     async def read_statuses(
         self, requests: Sequence[tuple[str, str | None]]
@@ -152,10 +152,10 @@ class Store(Feeds):
         """Many (app, room) reads in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for app_id, room_id in requests:
-                pipe.hmget(status_key(app_id), _status_fields(room_id))
+                pipe.hmget(status_key(app_id), check_fields(room_id))
             rows = await pipe.execute()
         return [
-            _status_row(app_id, room_id, values)
+            decode_check_fields(app_id, room_id, values)
             for (app_id, room_id), values in zip(requests, rows, strict=True)
         ]
 
@@ -167,12 +167,12 @@ class Store(Feeds):
         not take the other answers with it."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for app_id, room_id in requests:
-                pipe.hmget(status_key(app_id), _status_fields(room_id))
+                pipe.hmget(status_key(app_id), check_fields(room_id))
             rows = await pipe.execute()
         out: list[tuple[AppStatus | None, Room | None] | Exception] = []
         for (app_id, room_id), values in zip(requests, rows, strict=True):
             try:
-                out.append(_status_row(app_id, room_id, values))
+                out.append(decode_check_fields(app_id, room_id, values))
             except Exception as exc:
                 out.append(exc)
         return out
@@ -310,13 +310,13 @@ class Store(Feeds):
         recorded = {text(times[i]) or "": int(times[i + 1]) for i in range(0, len(times), 2)}
         return AccountFacts(int(res[0]), facts, recorded)
 
-    async def claim_events(self, facts: Sequence[Fact]) -> list[int]:
-        """Claim the facts' event ids in the feed-wide index, in order: for
-        each, 0 new (claimed now), 1 claimed before with the same content, 2
-        claimed with other content.
+    async def index_events(self, facts: Sequence[Fact]) -> list[int]:
+        """Enter the facts' event ids in the feed-wide index, in order: for
+        each, 0 new (entered now), 1 entered before with the same content, 2
+        entered with other content.
 
         An index entry is written once and never changed, so HSETNX (atomic)
-        followed by HGET on the same key is the whole claim: plain commands,
+        followed by HGET on the same key is the whole step: plain commands,
         one pipelined round trip for a batch, in order per key on a cluster
         too (one id, one bucket, one node)."""
         if not facts:
@@ -333,13 +333,13 @@ class Store(Feeds):
             for i, digest in enumerate(digests)
         ]
 
-    async def claim_app(self, fact: ApplicationRegistered) -> AppClaim:
+    async def register_owner(self, fact: ApplicationRegistered) -> Ownership:
         """Bind an application to the account of its earliest registration."""
-        res = await self._claim_app(
+        res = await self._register_owner(
             keys=[status_key(fact.app_id), parked_key(fact.app_id)],
             args=[fact.account_id, fact.occurred_at, fact.event_id, fact.event_id.encode().hex()],
         )
-        return AppClaim(
+        return Ownership(
             verdict=text(res[0]) or "",
             owner=text(res[1]) or "",
             moved_from=tuple((text(res[2]) or "").split()),
@@ -360,7 +360,7 @@ class Store(Feeds):
         return [text(x) for x in res]
 
     async def move_done(self, app_id: str, account_id: str) -> None:
-        """The app's facts are cleaned out of ``account_id`` (see lua/claim_app.lua)."""
+        """The app's facts are cleaned out of ``account_id`` (see lua/register_owner.lua)."""
         await self._move_done(keys=[status_key(app_id)], args=[account_id])
 
     async def remove_facts(self, account_id: str, event_ids: Sequence[str]) -> int:

@@ -3,7 +3,7 @@
 -- the application moves to another account (whose fact sequence may be
 -- lower): it is max(stored + 1, seq), which is the account's seq while one
 -- account owns the app. A write is accepted only from the owning account (or
--- for an application no registration has claimed) and only if its seq is
+-- for an application no registration owns yet) and only if its seq is
 -- newer than the last one accepted from that account (``wseq:ACCOUNT``).
 -- Returns {code, previous data or false, previous version, stored version}:
 -- code 1 written, 2 already stored from this very seq, 0 refused.

@@ -13,7 +13,7 @@ from typing import Final, Protocol
 
 from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.time import Millis
-from lcic_guard.ratelimit import RateLimitedLog, describe_error
+from lcic_guard.logs import RateLimitedLog, describe_error
 from lcic_guard.sidecar.cache import CircuitBreaker, StatusCache
 from lcic_guard.store.connect import StoreError, store_refused, store_unreachable
 from lcic_guard.store.feed import Change, stream_id_order
