@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 import grpc.aio
@@ -142,7 +142,7 @@ def _override(
         raise InvalidRequest(f"until: only for EXTEND_GRACE, not {kind}", field="until")
     return pb.ApplyOverrideRequest(
         account_id=account_id,
-        kind=int(kind),  # type: ignore[arg-type]
+        kind=cast("pb.OverrideKind.ValueType", int(kind)),
         reason=reason,
         until=None if until is None else timestamp(until, "until"),
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -113,10 +113,10 @@ def _reasons(values: Any) -> tuple[Reason, ...]:
     return tuple(Reason(v) for v in values)
 
 
-def _fill(msg: Any, obj: object) -> None:
+def _fill(msg: Any, obj: Any) -> None:
     # Every dataclass here names its fields as the message does, so one
     # generic walk writes any of them back.
-    for f in fields(obj):  # type: ignore[arg-type]
+    for f in fields(obj):  # obj: any of this module's dataclasses (Any: fields() is typed for one)
         value = getattr(obj, f.name)
         if value is None:
             continue
@@ -501,7 +501,7 @@ def enter_request(c: EnterClassroomCheck) -> pb.CanEnterClassroomRequest:
         app_id=c.app_id,
         room_id=c.room_id,
         user_id=c.user_id,
-        role=int(c.role),  # type: ignore[arg-type]
+        role=cast("pb.ClassroomRole.ValueType", int(c.role)),
     )
 
 

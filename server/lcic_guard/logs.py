@@ -140,17 +140,20 @@ def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
+class _OurHandler(logging.StreamHandler[TextIO]):
+    """The handler :func:`configure` installs, told apart from others'."""
+
+
 def configure(level: str, fmt: str = "auto", stream: TextIO | None = None) -> str:
     """Set up the root logger: ``level`` and the format. Returns the format used."""
     stream = stream if stream is not None else sys.stderr
     used = resolve_format(fmt, stream)
-    handler = logging.StreamHandler(stream)
+    handler = _OurHandler(stream)
     handler.setFormatter(formatter(used))
     root = logging.getLogger()
     for old in list(root.handlers):
-        if getattr(old, "_lcic_guard", False):
+        if isinstance(old, _OurHandler):  # configured again: replace ours, keep others'
             root.removeHandler(old)
-    handler._lcic_guard = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     return used

@@ -104,7 +104,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -161,7 +161,8 @@ def _app(registry: CollectorRegistry, probes: Probes) -> Callable[..., Iterable[
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path not in ("/healthz", "/readyz"):
-            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            # prometheus_client's WSGI app is untyped: it returns the body.
+            return cast("Iterable[bytes]", metrics_app(environ, start_response))
         try:
             ok = probes.alive() if path == "/healthz" else probes.ready()
         except Exception:  # a probe that cannot tell says no

@@ -82,6 +82,8 @@ class _Parser(argparse.ArgumentParser):
             USAGE, f"{self.prog}: {message}{_did_you_mean(message)} (see `{self.prog} --help`)\n"
         )
 
+    # Justified: argparse's stubs overload parse_known_args by namespace
+    # type; this override keeps the one form the command calls.
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:

@@ -8,9 +8,10 @@ servicer turns it into INVALID_ARGUMENT.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from lcic.guard.v1 import enforcement_pb2 as pb
 
@@ -75,13 +76,13 @@ def to_millis(ts: Timestamp, field: str) -> Millis:
     return ms
 
 
-def optional_millis(msg: object, name: str, field: str) -> Millis | None:
-    if not msg.HasField(name):  # type: ignore[attr-defined]
+def optional_millis(msg: Message, name: str, field: str) -> Millis | None:
+    if not msg.HasField(name):
         return None
     return to_millis(getattr(msg, name), field)
 
 
-def required_millis(msg: object, name: str, field: str) -> Millis:
+def required_millis(msg: Message, name: str, field: str) -> Millis:
     value = optional_millis(msg, name, field)
     if value is None:
         raise BadRequest(f"{field}: required")
@@ -175,7 +176,7 @@ def recording_request(req: pb.CanAccessRecordingRequest, prefix: str = "") -> Ch
     raise AssertionError("a request both valid and not")  # pragma: no cover
 
 
-_BATCH_KINDS: Final = {
+_BATCH_KINDS: Final[dict[str, Callable[..., CheckRequest]]] = {
     "create_classroom": create_request,
     "enter_classroom": enter_request,
     "access_recording": recording_request,
@@ -203,13 +204,12 @@ def batch_requests(req: pb.CheckBatchRequest) -> list[CheckRequest]:
             ):
                 append(CheckRequest(create, app_id, room_id or None))
                 continue
-        validate = kinds.get(kind)  # type: ignore[arg-type]
-        if validate is None:
+        if kind is None or (validate := kinds.get(kind)) is None:
             raise BadRequest(f"checks[{i}]: exactly one kind of check must be set")
         try:
-            append(validate(getattr(check, kind)))  # type: ignore[operator, arg-type]
+            append(validate(getattr(check, kind)))
         except BadRequest:
-            validate(getattr(check, kind), f"checks[{i}].{kind}.")  # type: ignore[operator, arg-type]
+            validate(getattr(check, kind), f"checks[{i}].{kind}.")
             raise
     return out
 
