@@ -167,11 +167,6 @@ class Checker:
         self.render = render
         self._memo.clear()
 
-    def check_cached(self, req: CheckRequest) -> Decision | None:
-        """The decision from a fresh cache entry, or None (then :meth:`check`)."""
-        answer = self.answer(req)
-        return answer.decision if answer is not None else None
-
     def answer(self, req: CheckRequest, now: Millis | None = None) -> Answer | None:
         """The answer from a fresh cache entry, or None (then
         :meth:`check_uncached`). Synchronous and safe from any thread: a cache
@@ -246,9 +241,6 @@ class Checker:
     def _room_key(self, req: CheckRequest) -> str | None:
         return req.room_id if req.check is Check.ENTER_CLASSROOM else None
 
-    async def check(self, req: CheckRequest) -> Decision:
-        return self.check_cached(req) or await self.check_uncached(req)
-
     async def answer_any(self, req: CheckRequest) -> Answer:
         """The answer from the cache, else from Redis or R13 (not memoized)."""
         return self.answer(req) or self.render(req.check, await self.check_uncached(req))
@@ -290,11 +282,6 @@ class Checker:
             exc,
         )
         return self._failure_mode(req, now, None)
-
-    async def check_many(self, reqs: Sequence[CheckRequest]) -> list[Answer]:
-        """One pass over the cache; the misses in one pipelined read."""
-        now = self.clock()
-        return await self.complete_many(reqs, [self.answer(r, now) for r in reqs])
 
     async def complete_many(
         self, reqs: Sequence[CheckRequest], out: list[Answer | None]

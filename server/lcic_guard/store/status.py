@@ -146,25 +146,12 @@ class Store(Feeds):
         values = await self.redis.hmget(status_key(app_id), check_fields(room_id))
         return decode_check_fields(app_id, room_id, values)
 
-    async def read_statuses(
-        self, requests: Sequence[tuple[str, str | None]]
-    ) -> list[tuple[AppStatus | None, Room | None]]:
-        """Many (app, room) reads in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for app_id, room_id in requests:
-                pipe.hmget(status_key(app_id), check_fields(room_id))
-            rows = await pipe.execute()
-        return [
-            decode_check_fields(app_id, room_id, values)
-            for (app_id, room_id), values in zip(requests, rows, strict=True)
-        ]
-
     async def read_rows(
         self, requests: Sequence[tuple[str, str | None]]
     ) -> list[tuple[AppStatus | None, Room | None] | Exception]:
-        """Like :meth:`read_statuses`, but a record that does not decode is
-        its row's exception, not the whole read's: one corrupt record must
-        not take the other answers with it."""
+        """Many (app, room) reads in one round trip. A record that does not
+        decode is its row's exception, not the whole read's: one corrupt
+        record must not take the other answers with it."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for app_id, room_id in requests:
                 pipe.hmget(status_key(app_id), check_fields(room_id))
