@@ -221,6 +221,12 @@ async def build_sidecar(
     ``--metrics-listen``, to a registry of its own served on that address.
     """
     cache = StatusCache(settings.cache_size, settings.cache_max_age_ms)
+    metrics_server: MetricsServer | None = None
+    wants_metrics = registry is not None or settings.metrics_listen
+    metrics = SidecarMetrics(registry) if wants_metrics else None
+    observer = DecisionObserver(metrics, settings.shadow)
+    # The checker's answers are made by the observer's renderer (shadow mode,
+    # the bytes on the wire).
     checker = Checker(
         store,
         settings.policy,
@@ -228,14 +234,8 @@ async def build_sidecar(
         store_down_timeout=settings.store_down_ms / 1000,
         clock=clock,
         cache=cache,
+        render=observer.render,
     )
-    metrics_server: MetricsServer | None = None
-    wants_metrics = registry is not None or settings.metrics_listen
-    metrics = SidecarMetrics(registry) if wants_metrics else None
-    observer = DecisionObserver(metrics, settings.shadow)
-    # The checker's answers are made by the observer's renderer (shadow mode,
-    # the bytes on the wire), before any check is served.
-    checker.use_renderer(observer.render)
     watchers = Watchers(
         max_streams=settings.max_watch_streams,
         render=WatchRenderer(settings.policy, observer),

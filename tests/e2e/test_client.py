@@ -48,7 +48,7 @@ from lcic_guard_client import (
 
 from tests.support.clock import T0, FakeClock
 from tests.support.events import Events, deliveries
-from tests.support.fixtures import SidecarUnderTest, servicer
+from tests.support.fixtures import RENDER, SidecarUnderTest, servicer
 from tests.support.pki import Pki
 
 T = TypeVar("T")
@@ -298,7 +298,7 @@ async def slow_target(
 ) -> AsyncIterator[str]:
     """A sidecar whose every store call hangs for a minute."""
     store = Store(connect(f"redis://127.0.0.1:{black_hole}/0", timeout=60.0))
-    checker = Checker(store, policy, read_timeout=60.0, clock=clock)
+    checker = Checker(store, policy, render=RENDER, read_timeout=60.0, clock=clock)
     running = await start_server(servicer(checker, store, store_timeout=60.0), "127.0.0.1:0")
     yield f"127.0.0.1:{running.port}"
     await running.stop(grace=0)
@@ -393,7 +393,7 @@ async def counted(
     store: Store, policy: PolicyConfig, clock: FakeClock
 ) -> AsyncIterator[CountedServer]:
     recorder = Recorder()
-    checker = Checker(store, policy, read_timeout=2.0, clock=clock)
+    checker = Checker(store, policy, render=RENDER, read_timeout=2.0, clock=clock)
     # The sidecar's own server, with the recorder as its outermost hook.
     running = await start_server(
         servicer(checker, store), "127.0.0.1:0", hooks=[recorder]
@@ -488,7 +488,7 @@ async def test_a_sidecar_started_just_after_the_call_answers_it(
     store: Store, policy: PolicyConfig, clock: FakeClock, delay: float
 ) -> None:
     port = free_port()
-    checker = Checker(store, policy, read_timeout=2.0, clock=clock)
+    checker = Checker(store, policy, render=RENDER, read_timeout=2.0, clock=clock)
     servers = []
 
     async def start_later() -> None:
@@ -513,7 +513,7 @@ async def test_sync_client_rides_out_a_restart(
     store: Store, policy: PolicyConfig, clock: FakeClock
 ) -> None:
     port = free_port()
-    checker = Checker(store, policy, read_timeout=2.0, clock=clock)
+    checker = Checker(store, policy, render=RENDER, read_timeout=2.0, clock=clock)
     first = await start_server(servicer(checker, store), f"127.0.0.1:{port}")
     guard = GuardClient(f"127.0.0.1:{port}", timeout=2.0)
     try:
@@ -554,7 +554,7 @@ async def test_a_sidecar_that_never_comes_fails_in_time(store: Store) -> None:
 async def tls_sidecar(
     pki: Pki, store: Store, policy: PolicyConfig, clock: FakeClock, *, mutual: bool
 ) -> AsyncIterator[int]:
-    checker = Checker(store, policy, read_timeout=2.0, clock=clock)
+    checker = Checker(store, policy, render=RENDER, read_timeout=2.0, clock=clock)
     files = TlsFiles(
         cert=str(pki.server.cert),
         key=str(pki.server.key),

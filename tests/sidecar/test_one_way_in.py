@@ -147,8 +147,9 @@ async def test_a_check_the_loop_answers_runs_each_hook_once(
     Redis on the loop, and the hooks still run once, on the serving thread."""
     hook = Hook()
     metrics = SidecarMetrics()
-    checker = Checker(store, policy, read_timeout=2.0, clock=clock)
-    servicer = EnforcementServicer(checker, store, observer=DecisionObserver(metrics))
+    observer = DecisionObserver(metrics)
+    checker = Checker(store, policy, read_timeout=2.0, clock=clock, render=observer.render)
+    servicer = EnforcementServicer(checker, store, observer=observer)
     running = await start_server(servicer, "127.0.0.1:0", hooks=[hook])
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -32,7 +32,7 @@ from lcic_guard.store.status import Store
 
 from tests.support.clock import T0, FakeClock, recorded_clock
 from tests.support.events import Events, deliveries
-from tests.support.fixtures import SidecarUnderTest, servicer
+from tests.support.fixtures import RENDER, SidecarUnderTest, servicer
 
 R = pb.DecisionReason
 APP = "app-1"
@@ -734,7 +734,7 @@ async def sidecar_on(
     port: int, policy: PolicyConfig, clock: FakeClock, *, read_timeout: float, store_timeout: float
 ) -> AsyncIterator[SlowSidecar]:
     store = Store(connect(f"redis://127.0.0.1:{port}/0", timeout=60.0))
-    checker = Checker(store, policy, read_timeout=read_timeout, clock=clock)
+    checker = Checker(store, policy, render=RENDER, read_timeout=read_timeout, clock=clock)
     service = servicer(checker, store, store_timeout=store_timeout)
     running = await start_server(service, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")

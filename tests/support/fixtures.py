@@ -59,11 +59,15 @@ class SidecarUnderTest:
 
 
 def servicer(checker: Checker, store: Store, *, store_timeout: float = 1.0) -> EnforcementServicer:
-    """The servicer over ``checker`` as the runner wires it, without watchers:
-    its answers rendered by a plain observer."""
-    observer = DecisionObserver()
-    checker.use_renderer(observer.render)
-    return EnforcementServicer(checker, store, store_timeout=store_timeout, observer=observer)
+    """The servicer over ``checker`` as the runner wires it, without watchers
+    (build the checker with ``render=RENDER``, as the runner does)."""
+    return EnforcementServicer(checker, store, store_timeout=store_timeout, observer=OBSERVER)
+
+
+# The plain observer of servers tests build by hand, and its renderer for
+# their checkers: answers serialized as the runner's are.
+OBSERVER = DecisionObserver()
+RENDER = OBSERVER.render
 
 
 @pytest_asyncio.fixture
@@ -71,7 +75,7 @@ async def sidecar(
     store: Store, policy: PolicyConfig, clock: FakeClock
 ) -> AsyncIterator[SidecarUnderTest]:
     # Generous sub-deadline: these tests are about answers, not store faults.
-    checker = Checker(store, policy, read_timeout=2.0, clock=clock)
+    checker = Checker(store, policy, read_timeout=2.0, clock=clock, render=RENDER)
     running = await start_server(servicer(checker, store), "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     yield SidecarUnderTest(running, channel, pb_grpc.EnforcementServiceStub(channel), checker)

@@ -131,9 +131,11 @@ class Checker:
         clock: Callable[[], Millis] = wall_clock,
         cache: StatusCache | None = None,
         breaker: CircuitBreaker | None = None,
+        render: Render = plain_answer,
     ) -> None:
         """``read_timeout`` is the older name of a lower bound of
-        ``store_down_timeout`` (the larger of the two is used)."""
+        ``store_down_timeout`` (the larger of the two is used). ``render``
+        makes the answers (the server's encoding: the observer's renderer)."""
         self.reader = reader
         self.cfg = cfg
         self.store_down_timeout = max(store_down_timeout, read_timeout)
@@ -157,15 +159,10 @@ class Checker:
         # it depends on to this key. Shadow mode is fixed per process, and the
         # renderer applies it, so it needs no place in the key.
         self._memo: dict[tuple[Any, ...], Answer | _NeedsRoom] = {}
-        self.render: Render = plain_answer
+        self.render = render
         # Throttled warnings about the store; the servicer's own status reads
         # warn here too, so that one outage is one throttled series.
         self.warn = RateLimitedLog(log)
-
-    def use_renderer(self, render: Render) -> None:
-        """Make answers with ``render`` from now on (the server's encoding)."""
-        self.render = render
-        self._memo.clear()
 
     def answer(self, req: CheckRequest, now: Millis | None = None) -> Answer | None:
         """The answer from a fresh cache entry, or None (then
