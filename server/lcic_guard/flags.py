@@ -474,7 +474,8 @@ SETTINGS: tuple[Setting, ...] = (
             "last one parked (0 keeps them for ever)"),
     Setting(RECONCILE, "--ledger-retention", "reconciler.ledger_retention_ms", duration(off=True),
             "how long after its last date a release notice or suspension warning of an "
-            "episode that is over stays in the account's ledger (0 keeps them for ever)"),
+            "episode that is over stays in the account's ledger, and about how long an "
+            "announcement stays on lcic:guard:events (0 keeps them for ever)"),
     Setting(CLIENT, "--target", None, TEXT,
             "sidecar address",
             default=_DEFAULT.listen),

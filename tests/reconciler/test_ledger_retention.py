@@ -191,3 +191,19 @@ async def test_a_claim_in_flight_is_not_forgotten(
     await live(rec, clock, now)
     got: Any = await store.redis.hget(ledger_key(ACCT), aid)
     assert got.decode() == claim
+
+
+async def test_the_announcement_stream_keeps_about_the_retention(
+    store: Store, policy: PolicyConfig, clock: FakeClock, events: Events
+) -> None:
+    sec, usec = await store.redis.time()
+    long_ago = int(sec) * 1000 + int(usec) // 1000 - RETAIN - DAY
+    for i in range(250):
+        await store.redis.xadd(GUARD_STREAM, {"event": "{}"}, id=f"{long_ago}-{i}")
+    clock.now = wall_clock()
+    src = stream_source(store, "c1")
+    rec = await leader(store, policy, clock, "r1", [src], **QUIET)
+    await feed(rec, src, events.app(ACCT, APP, at=clock.now - DAY), recorded_at=clock.now)
+    left = await announced(store)
+    assert len(left) - sum(1 for e in left if e == {}) >= 1  # what was announced now
+    assert sum(1 for e in left if e == {}) < 100, "whole nodes of old entries went"

@@ -107,6 +107,12 @@ class Announcer:
         self.config = config
         self.metrics = metrics
 
+    async def _announce(self, event: dict[str, Any]) -> None:
+        """Add an announcement to the stream, which keeps about the last
+        ``ledger_retention_ms`` of them (ADR 0031): what reads it back here
+        (a takeover's check) looks only seconds back."""
+        await self.store.announce(event, keep_ms=self.config.ledger_retention_ms)
+
     async def _committed(self, event: dict[str, Any], now: Millis) -> tuple[str, str, str]:
         """The ledger entry of an account's announcement now on the stream:
         written with the outbox's clearing, in one step."""
@@ -170,7 +176,7 @@ class Announcer:
             return since + settle
         if code == 3:
             return now + STALE_OUTBOX_MS
-        await self.store.announce(event)
+        await self._announce(event)
         await self.coord.finish(key, ANNOUNCED_FIELD, payload)
         log.info(
             "%s: %s -> %s (%s)",
@@ -205,7 +211,7 @@ class Announcer:
             return False
         event = json.loads(outbox.payload)
         if not await self.coord.on_stream(event["announcement_id"], outbox.at - 1000):
-            await self.store.announce(event)
+            await self._announce(event)
         await self.coord.finish(key, cursor, outbox.payload)
         return True
 
@@ -225,7 +231,7 @@ class Announcer:
         if got <= 0:
             return None
         if got == 1 or not await self.coord.on_stream(aid, since):
-            await self.store.announce(event)
+            await self._announce(event)
         # The time is when it is known to be on the stream: later than it may
         # have been after a take-over, so a release can only wait longer.
         _, _, record = await self._committed(event, now)

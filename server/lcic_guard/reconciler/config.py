@@ -51,5 +51,5 @@ class ReconcilerConfig:
     """How long facts of an application never registered are kept (0: forever)."""
     ledger_retention_ms: int = 400 * DAY
     """How long after its last date a notice or warning stays in the
-    account's ledger once nothing can read or make it again (0: forever;
-    ADR 0031)."""
+    account's ledger once nothing can read or make it again, and about how
+    long an announcement stays on the stream (0: forever; ADR 0031)."""
