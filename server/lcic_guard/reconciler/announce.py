@@ -286,6 +286,9 @@ class Announcer:
         records = {
             aid: r for aid, raw in rows.items() if (r := LedgerRecord.from_json(raw)) is not None
         }
+        # Whatever the open episode, nothing could go: spare the fold.
+        if not expired_records(records, None, now, retention, 1):
+            return
         alert = open_overdue_alert(loaded.facts, self.policy, now, loaded.recorded_at)
         expired = expired_records(
             records, alert.event_id if alert else None, now, retention, LEDGER_TRIM_BATCH
