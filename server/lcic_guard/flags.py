@@ -472,6 +472,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(RECONCILE, "--parked-ttl", "reconciler.parked_ttl_ms", duration(off=True),
             "how long facts about an application never registered are kept, from the "
             "last one parked (0 keeps them for ever)"),
+    Setting(RECONCILE, "--ledger-retention", "reconciler.ledger_retention_ms", duration(off=True),
+            "how long after its last date a release notice or suspension warning of an "
+            "episode that is over stays in the account's ledger, and about how long an "
+            "announcement stays on lcic:guard:events (0 keeps them for ever)"),
     Setting(CLIENT, "--target", None, TEXT,
             "sidecar address",
             default=_DEFAULT.listen),

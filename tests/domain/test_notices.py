@@ -6,10 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lcic_guard.domain.notices import (
     RELEASE_SCHEDULED,
+    SUSPENSION_SCHEDULED,
     LedgerRecord,
     Notice,
     Pause,
     due_notice,
+    expired_records,
     notice_plan,
     release_evidence,
 )
@@ -156,3 +158,104 @@ def test_evidence_is_never_complete_without_a_notice_a_full_period_old(
         assert pause.lifted_by_snapshot_at is not None
     else:
         assert r.run_ids == IDS
+
+
+# -- which ledger records may be forgotten (ADR 0031) ----------------------------
+
+RETAIN = 400 * DAY
+NOW = T0 + 1000 * DAY
+LONG_AGO = NOW - RETAIN - 1
+
+
+def warning(at: int, committed: int | None, n: int = 0) -> LedgerRecord:
+    return LedgerRecord(
+        f"warn:app:app-{n}:PACKAGE_EXPIRED:{at}:initial",
+        SUSPENSION_SCHEDULED,
+        "acct",
+        f"app:app-{n}:PACKAGE_EXPIRED:{at}",
+        {"at": at},
+        committed_at=committed,
+    )
+
+
+def other(kind: str, committed: int) -> LedgerRecord:
+    return LedgerRecord(f"{kind}:x", kind, "acct", "x", {}, committed_at=committed)
+
+
+def by_id(*records: LedgerRecord) -> dict[str, LedgerRecord]:
+    return {r.announcement_id: r for r in records}
+
+
+def test_old_notices_of_past_episodes_and_old_warnings_are_forgotten() -> None:
+    past = notice(LONG_AGO - DAY, LONG_AGO, episode="alert-0")
+    moved = notice(LONG_AGO - DAY, LONG_AGO, episode="alert-0@123", n=1)
+    warned = warning(LONG_AGO, LONG_AGO - DAY)
+    records = by_id(past, moved, warned)
+    assert sorted(expired_records(records, "alert-1", NOW, RETAIN, 100)) == sorted(records)
+    assert sorted(expired_records(records, None, NOW, RETAIN, 100)) == sorted(records)
+
+
+def test_the_open_episode_overrides_releases_claims_and_recent_records_stay() -> None:
+    keep = by_id(
+        notice(LONG_AGO - DAY, LONG_AGO, episode="alert-1"),  # the open episode
+        notice(LONG_AGO - DAY, LONG_AGO, episode="alert-1@99", n=1),  # moved, still open
+        notice(LONG_AGO - DAY, NOW - DAY, episode="alert-0", n=2),  # release_at recent
+        notice(NOW - DAY, LONG_AGO, episode="alert-0", n=3),  # committed recently
+        notice(None, LONG_AGO, episode="alert-0", n=4),  # only claimed
+        warning(NOW + DAY, LONG_AGO),  # still ahead
+        warning(LONG_AGO, None, n=1),
+        other("override_applied", LONG_AGO),
+        other("resources_released", LONG_AGO),
+    )
+    assert expired_records(keep, "alert-1", NOW, RETAIN, 100) == []
+    assert (
+        expired_records(keep | by_id(warning(LONG_AGO, LONG_AGO, n=9)), "alert-1", NOW, 0, 9) == []
+    )
+
+
+def test_at_most_the_limit_is_forgotten_per_call() -> None:
+    records = by_id(*(warning(LONG_AGO, LONG_AGO, n=i) for i in range(30)))
+    first = expired_records(records, None, NOW, RETAIN, 10)
+    assert len(first) == 10 and set(first) <= set(records)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([RELEASE_SCHEDULED, SUSPENSION_SCHEDULED, "override_applied"]),
+            st.sampled_from(["alert-0", "alert-1", "alert-1@5", "alert-10", ""]),
+            st.one_of(st.none(), st.integers(NOW - 2 * RETAIN, NOW + DAY)),
+            st.integers(NOW - 2 * RETAIN, NOW + 2 * RETAIN),
+        ),
+        max_size=20,
+    ),
+    st.sampled_from([None, "alert-1"]),
+)
+def test_nothing_readable_or_plannable_is_ever_forgotten(
+    rows: list[tuple[str, str, int | None, int]], open_alert: str | None
+) -> None:
+    records = {
+        f"{kind}:{i}": LedgerRecord(
+            f"{kind}:{i}", kind, "acct", episode, {"release_at": date}, committed_at=committed
+        )
+        for i, (kind, episode, committed, date) in enumerate(rows)
+    }
+    gone = expired_records(records, open_alert, NOW, RETAIN, 100)
+    for aid in gone:
+        r = records[aid]
+        assert r.type in (RELEASE_SCHEDULED, SUSPENSION_SCHEDULED)
+        assert r.committed_at is not None and r.committed_at < NOW - RETAIN
+        assert all(d < NOW - RETAIN for d in r.dates.values())
+        if r.type == RELEASE_SCHEDULED:
+            assert r.episode and (open_alert is None or r.episode.split("@")[0] != open_alert)
+    # Everything else that qualifies is forgotten (the limit is not reached).
+    assert len(gone) == sum(
+        1
+        for r in records.values()
+        if r.type in (RELEASE_SCHEDULED, SUSPENSION_SCHEDULED)
+        and r.committed_at is not None
+        and max(r.committed_at, *r.dates.values()) < NOW - RETAIN
+        and not (
+            r.type == RELEASE_SCHEDULED and (not r.episode or r.episode.split("@")[0] == open_alert)
+        )
+    )

@@ -1,8 +1,10 @@
-"""lua/ledger_claim.lua and lua/note_discontinuity.lua: an account's
-announcement is claimed in its ledger once (a claim left by a writer
-presumed dead is taken over once, a committed one never again), and a store
+"""lua/ledger_claim.lua, lua/ledger_trim.lua and lua/note_discontinuity.lua:
+an account's announcement is claimed in its ledger once (a claim left by a
+writer presumed dead is taken over once, a committed one never again), an
+expired record is forgotten only while it is still the one read, and a store
 discontinuity starts one release pause across replicas (SPEC R10, ADR 0021,
-0022), exercised through the reconciler's coordination API on a real Redis."""
+0022, 0031), exercised through the reconciler's coordination API on a real
+Redis."""
 
 from __future__ import annotations
 
@@ -265,3 +267,45 @@ async def test_a_discontinuity_that_leaves_the_run_ids_is_reported_once_too(
     assert sorted(started) == [False] * 7 + [True], "one replica reports it"
     first = started.index(True)
     assert await coord.release_pause() == {"since": str(T0 + 10 + first), "cause": "stream_id"}
+
+
+# -- ledger_trim --------------------------------------------------------------------
+
+
+async def test_trim_forgets_exactly_the_records_given(store: Store) -> None:
+    coord = Coordination(store)
+    old, kept = f"notice:{ACCT}:old:initial", f"notice:{ACCT}:new:initial"
+    await coord.ledger_commit(ACCT, old, committed(T0, old))
+    await coord.ledger_commit(ACCT, kept, committed(T0, kept))
+    assert await coord.ledger_trim(ACCT, {old: committed(T0, old)}) == 1
+    assert await coord.ledger(ACCT) == {kept: committed(T0, kept)}
+    # Gone already, or never there: nothing more is forgotten.
+    assert await coord.ledger_trim(ACCT, {old: committed(T0, old), "x": "y"}) == 0
+    assert await coord.ledger(ACCT) == {kept: committed(T0, kept)}
+
+
+async def test_trim_leaves_a_record_replaced_since_it_was_read(store: Store) -> None:
+    """A claimer that wrote its claim between the trimmer's read and its
+    delete keeps the claim: only the exact record read is forgotten."""
+    coord = Coordination(store)
+    aid = f"notice:{ACCT}:old:initial"
+    await coord.ledger_commit(ACCT, aid, committed(T0, aid))
+    read = (await coord.ledger(ACCT))[aid]
+    await store.redis.hset(ledger_key(ACCT), aid, claim(T0 + 5, "r2", aid))
+    assert await coord.ledger_trim(ACCT, {aid: read}) == 0
+    assert await coord.ledger(ACCT) == {aid: claim(T0 + 5, "r2", aid)}
+    # And the claim is still the live writer's: nobody else takes it.
+    assert await claim_as(coord, "r3", T0 + 6, aid) == -1
+
+
+async def test_trim_of_many_records_is_one_step_for_other_clients(store: Store) -> None:
+    coord = Coordination(store)
+    aids = [f"warn:app:app-{i}:PACKAGE_EXPIRED:{T0}:initial" for i in range(50)]
+    for aid in aids:
+        await coord.ledger_commit(ACCT, aid, committed(T0, aid))
+    results = await asyncio.gather(
+        coord.ledger_trim(ACCT, {aid: committed(T0, aid) for aid in aids}),
+        coord.ledger_trim(ACCT, {aid: committed(T0, aid) for aid in aids}),
+    )
+    assert sorted(results) == [0, 50]
+    assert await coord.ledger(ACCT) == {}

@@ -18,6 +18,7 @@ from lcic_guard.domain.policy import format_duration
 from lcic_guard.domain.time import Millis, format_time
 
 RELEASE_SCHEDULED = "release_scheduled"
+SUSPENSION_SCHEDULED = "suspension_scheduled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,3 +209,67 @@ def release_evidence(
             f"every notice on record predates a store discontinuity{since}: a new one is needed",
         )
     return Evidence(None, None, None, "no release_scheduled on record for this episode")
+
+
+def expired_records(
+    records: Mapping[str, LedgerRecord],
+    open_alert: str | None,
+    now: Millis,
+    retention_ms: int,
+    limit: int,
+) -> list[str]:
+    """The ids of at most ``limit`` ledger records that no release can read
+    and no planner make again, so the ledger may forget them (ADR 0031):
+    a committed ``release_scheduled`` or ``suspension_scheduled`` whose
+    every named date and ``committed_at`` lie more than ``retention_ms``
+    before ``now`` and, for a notice, of an overdue episode other than the
+    one open now (``open_alert``, its alert's event id). ``retention_ms``
+    0 keeps every record.
+
+    Why such an id is never planned again (exactly once):
+
+    * ``suspension_scheduled``: its id ``warn:SCOPE:WHO:REASON:AT:KIND``
+      names the suspension's time ``at`` (the record's ``at``), and only
+      suspensions still ahead of now are planned
+      (``scheduled_suspensions`` reads ``upcoming(now)``, segments starting
+      after now); an ``at`` in the past is never ahead again.
+    * ``release_scheduled``: its id names its episode (the alert at A, and
+      the moved release time), and the planners (``release_notices``,
+      ``evidence_notice``, ``notices_of_history``) and the release's
+      evidence check only take the episode :func:`overdue_notice` finds
+      now, which is the one open now or none. An episode that ended
+      (settled) never opens again: facts are only added, and the settlement
+      stays after its alert in the sweep. The retention is a further
+      margin, and keeps recent notices for audit.
+
+    ``override_applied`` and ``resources_released`` are never forgotten:
+    their planners take every override among the facts and every app of
+    the account, whatever their age, so one forgotten would be announced
+    again; they grow with the account's facts and apps, not with time.
+    A claim in flight (``committed_at`` None) is never forgotten."""
+    if retention_ms <= 0:
+        return []
+    horizon = now - retention_ms
+    out: list[str] = []
+    for aid, r in sorted(records.items()):
+        if len(out) >= limit:
+            break
+        if r.committed_at is None or r.committed_at >= horizon:
+            continue
+        if r.type not in (RELEASE_SCHEDULED, SUSPENSION_SCHEDULED) or not r.dates:
+            continue
+        if any(at >= horizon for at in r.dates.values()):
+            continue
+        if r.type == RELEASE_SCHEDULED and (
+            not r.episode or (open_alert is not None and _of_episode(r.episode, open_alert))
+        ):
+            continue
+        out.append(aid)
+    return out
+
+
+def _of_episode(series: str, alert_id: str) -> bool:
+    """Whether a notice series (the alert's id, or ``ALERT@RELEASE_AT``
+    once an override moved the release) belongs to the alert's episode;
+    any doubt counts as belonging."""
+    return series == alert_id or series.startswith(f"{alert_id}@")

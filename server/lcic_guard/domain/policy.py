@@ -635,6 +635,32 @@ def overdue_notice(
     release: the alert at A, when the suspension became (or becomes) known,
     and ``release_at``. None when the account is not overdue, its
     resources are already released, or a release hold is set."""
+    sweep = _r10_sweep(facts, cfg, now, recorded_at)
+    known, release_at = sweep.r10_known_at(), sweep.r10_release_at()
+    if sweep.released is not None or sweep.overdue_alert is None or release_at is None:
+        return None  # not overdue, released, or the release is held
+    assert known is not None
+    return sweep.overdue_alert, known, release_at
+
+
+def open_overdue_alert(
+    facts: Iterable[Fact],
+    cfg: PolicyConfig,
+    now: Millis,
+    recorded_at: Mapping[str, Millis] | None = None,
+) -> OverdueAlert | None:
+    """R10: the alert at A of the account's overdue episode open at ``now``,
+    held, released or not: the only episode whose notices a release can
+    still read or a planner make (:func:`overdue_notice` finds no other)."""
+    return _r10_sweep(facts, cfg, now, recorded_at).overdue_alert
+
+
+def _r10_sweep(
+    facts: Iterable[Fact],
+    cfg: PolicyConfig,
+    now: Millis,
+    recorded_at: Mapping[str, Millis] | None,
+) -> Sweep:
     sweep = Sweep(cfg, recorded_at or {})
     for fact in sorted({f.event_id: f for f in facts}.values(), key=_order):
         if fact.occurred_at > now:
@@ -649,11 +675,7 @@ def overdue_notice(
             | ReleaseHoldCleared,
         ):
             sweep.apply(fact)
-    known, release_at = sweep.r10_known_at(), sweep.r10_release_at()
-    if sweep.released is not None or sweep.overdue_alert is None or release_at is None:
-        return None  # not overdue, released, or the release is held
-    assert known is not None
-    return sweep.overdue_alert, known, release_at
+    return sweep
 
 
 def notice_episode(

@@ -24,6 +24,7 @@ from lcic_guard.domain.notices import (
     LedgerRecord,
     Notice,
     due_notice,
+    expired_records,
     notice_plan,
 )
 from lcic_guard.domain.policy import (
@@ -31,11 +32,12 @@ from lcic_guard.domain.policy import (
     PolicyConfig,
     Segment,
     notice_episode,
+    open_overdue_alert,
     overdue_notice,
 )
 from lcic_guard.domain.time import Millis, format_time, parse_time
 from lcic_guard.domain.warnings import ScheduledSuspension, scheduled_suspensions
-from lcic_guard.reconciler.config import STALE_OUTBOX_MS, ReconcilerConfig
+from lcic_guard.reconciler.config import LEDGER_TRIM_BATCH, STALE_OUTBOX_MS, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.store.coordination import Coordination, Outbox
 from lcic_guard.store.keys import (
@@ -105,6 +107,12 @@ class Announcer:
         self.config = config
         self.metrics = metrics
 
+    async def _announce(self, event: dict[str, Any]) -> None:
+        """Add an announcement to the stream, which keeps about the last
+        ``ledger_retention_ms`` of them (ADR 0031): what reads it back here
+        (a takeover's check) looks only seconds back."""
+        await self.store.announce(event, keep_ms=self.config.ledger_retention_ms)
+
     async def _committed(self, event: dict[str, Any], now: Millis) -> tuple[str, str, str]:
         """The ledger entry of an account's announcement now on the stream:
         written with the outbox's clearing, in one step."""
@@ -168,7 +176,7 @@ class Announcer:
             return since + settle
         if code == 3:
             return now + STALE_OUTBOX_MS
-        await self.store.announce(event)
+        await self._announce(event)
         await self.coord.finish(key, ANNOUNCED_FIELD, payload)
         log.info(
             "%s: %s -> %s (%s)",
@@ -203,7 +211,7 @@ class Announcer:
             return False
         event = json.loads(outbox.payload)
         if not await self.coord.on_stream(event["announcement_id"], outbox.at - 1000):
-            await self.store.announce(event)
+            await self._announce(event)
         await self.coord.finish(key, cursor, outbox.payload)
         return True
 
@@ -223,20 +231,29 @@ class Announcer:
         if got <= 0:
             return None
         if got == 1 or not await self.coord.on_stream(aid, since):
-            await self.store.announce(event)
+            await self._announce(event)
         # The time is when it is known to be on the stream: later than it may
         # have been after a take-over, so a release can only wait longer.
         _, _, record = await self._committed(event, now)
         await self.coord.ledger_commit(account_id, aid, record)
         return LedgerRecord.from_json(record)
 
-    async def _made(self, account_id: str, now: Millis) -> tuple[dict[str, LedgerRecord], bool]:
+    async def _made(
+        self, account_id: str, now: Millis, loaded: AccountFacts | None = None
+    ) -> tuple[dict[str, LedgerRecord], bool]:
         """The account's committed announcements by id, once every claim a
         writer presumed dead left is finished; and whether one is still in
-        flight (claimed by a live writer: left to it)."""
+        flight (claimed by a live writer: left to it). With the account's
+        facts, the records nothing can read or make again are forgotten
+        first (:meth:`_trim`)."""
         done: dict[str, LedgerRecord] = {}
         busy = False
-        for aid, raw in (await self.coord.ledger(account_id)).items():
+        rows = await self.coord.ledger(account_id)
+        if loaded is not None:
+            await self._trim(account_id, loaded, rows, now)
+        # The records just forgotten still count as made in this call: the
+        # conservative side, should the judgement of one ever be wrong.
+        for aid, raw in rows.items():
             record = LedgerRecord.from_json(raw)
             if record is not None:
                 done[aid] = record
@@ -255,6 +272,36 @@ class Announcer:
             else:
                 done[aid] = finished
         return done, busy
+
+    async def _trim(
+        self, account_id: str, loaded: AccountFacts, rows: dict[str, str], now: Millis
+    ) -> None:
+        """Forget the ledger records of ``rows`` that no release can read and
+        no planner make again (:func:`expired_records` says why), at most
+        LEDGER_TRIM_BATCH a call; each is deleted only if it is still
+        exactly the record read, so a concurrent claimer loses nothing."""
+        retention = self.config.ledger_retention_ms
+        if retention <= 0:
+            return
+        records = {
+            aid: r for aid, raw in rows.items() if (r := LedgerRecord.from_json(raw)) is not None
+        }
+        # Whatever the open episode, nothing could go: spare the fold.
+        if not expired_records(records, None, now, retention, 1):
+            return
+        alert = open_overdue_alert(loaded.facts, self.policy, now, loaded.recorded_at)
+        expired = expired_records(
+            records, alert.event_id if alert else None, now, retention, LEDGER_TRIM_BATCH
+        )
+        if not expired:
+            return
+        forgotten = await self.coord.ledger_trim(account_id, {aid: rows[aid] for aid in expired})
+        log.info(
+            "ledger of account %s: forgot %d expired records",
+            account_id,
+            forgotten,
+            extra={"account_id": account_id},
+        )
 
     async def release(self, account_id: str, app_ids: Iterable[str], now: Millis) -> bool:
         """Exactly once per app, through the account's ledger. The release
@@ -349,7 +396,7 @@ class Announcer:
             return
         alert, known, release_at = episode
         plan = notice_plan(known, release_at, self.config.release_reminders_ms)
-        done, busy = await self._made(account_id, now)
+        done, busy = await self._made(account_id, now, loaded)
         if busy:
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return
@@ -467,7 +514,7 @@ class Announcer:
         settle = self.config.announce_settle_ms
         member = warning_deadline(account_id)
         key = meta_key(account_id)
-        made, busy = await self._made(account_id, now)
+        made, busy = await self._made(account_id, now, loaded)
         if busy:
             await self.coord.schedule(member, now + STALE_OUTBOX_MS)
             return

@@ -18,6 +18,9 @@ MAX_ROUNDS = 20
 # Independent store calls in flight at once during ingest (well under the
 # connection pool's size).
 CONCURRENCY = 32
+# Ledger records forgotten per read of an account's ledger at most, so that
+# a backlog (the first run after an upgrade) is worked off in small steps.
+LEDGER_TRIM_BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +49,7 @@ class ReconcilerConfig:
     """About how many dead letters the dead-letter stream keeps (0: all)."""
     parked_ttl_ms: int = 30 * DAY
     """How long facts of an application never registered are kept (0: forever)."""
+    ledger_retention_ms: int = 400 * DAY
+    """How long after its last date a notice or warning stays in the
+    account's ledger once nothing can read or make it again, and about how
+    long an announcement stays on the stream (0: forever; ADR 0031)."""

@@ -57,6 +57,7 @@ class Coordination:
         self._fence = redis.register_script(script("fence_account"))
         self._take = redis.register_script(script("take_outbox"))
         self._ledger_claim = redis.register_script(script("ledger_claim"))
+        self._ledger_trim = redis.register_script(script("ledger_trim"))
         self._discontinuity = redis.register_script(script("note_discontinuity"))
 
     async def hold_lease(self, holder: str, ttl_ms: int) -> int:
@@ -209,6 +210,14 @@ class Coordination:
 
     async def ledger_commit(self, account_id: str, announcement_id: str, record: str) -> None:
         await self.redis.hset(ledger_key(account_id), announcement_id, record)
+
+    async def ledger_trim(self, account_id: str, records: dict[str, str]) -> int:
+        """Forget expired records of the account's ledger, each only if it is
+        still exactly the one read (see lua/ledger_trim.lua); how many were."""
+        if not records:
+            return 0
+        args = [part for aid, raw in records.items() for part in (aid, raw)]
+        return int(await self._ledger_trim(keys=[ledger_key(account_id)], args=args))
 
     # -- store continuity (R10) ---------------------------------------------------
 

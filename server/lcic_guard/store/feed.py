@@ -118,9 +118,19 @@ class Feeds:
         rolled_back = stream_id_order(last) < stream_id_order(after)
         return trimmed or rolled_back or stream_id_order(deleted) > stream_id_order(after)
 
-    async def announce(self, event: dict[str, Any], stream: str = GUARD_STREAM) -> str:
-        entry_id = await self.redis.xadd(stream, {"event": json.dumps(event, sort_keys=True)})
-        return text(entry_id) or ""
+    async def announce(
+        self, event: dict[str, Any], stream: str = GUARD_STREAM, *, keep_ms: int = 0
+    ) -> str:
+        """Add an announcement; with ``keep_ms``, entries more than that
+        older than it go (a whole node of the stream at a time), counted on
+        Redis's clock, which gave the new entry its id."""
+        entry_id = (
+            text(await self.redis.xadd(stream, {"event": json.dumps(event, sort_keys=True)})) or ""
+        )
+        if keep_ms > 0 and entry_id:
+            added = stream_id_order(entry_id)[0]
+            await self.redis.xtrim(stream, minid=f"{added - keep_ms}-0", approximate=True)
+        return entry_id
 
     async def dead_letter(
         self, raw: str, reason: str, source: str, maxlen: int = DEADLETTER_MAXLEN
