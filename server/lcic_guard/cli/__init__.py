@@ -158,6 +158,13 @@ def _name(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere, building the parser too: quiet, 130
+        return INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     # gRPC's own log lines (a failed TLS handshake at INFO) would come before
     # the one line that explains the failure; its errors still show. Read
     # when grpc is first imported: this package imports it only lazily.
