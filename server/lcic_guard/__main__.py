@@ -28,7 +28,29 @@ def main() -> int:
         # From here on the command handles Ctrl-C itself (KeyboardInterrupt,
         # or the servers' own signal handlers): exit status 130 too.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    return run()
+    code = run()
+    if code == INTERRUPTED:
+        _leave(code)
+    return code
+
+
+INTERRUPTED = 130
+
+
+def _leave(code: int) -> None:
+    """Exit at once after Ctrl-C. The command has stopped its servers and its
+    private Redis on the way out, but a Ctrl-C that lands while they start
+    can leave a worker thread (gRPC's, an executor's) waiting for work that
+    never comes, and Python's exit would wait for it for ever."""
+    import contextlib
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
