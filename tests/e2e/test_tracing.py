@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard import tracing
@@ -400,3 +402,36 @@ def test_the_reconcile_command_traces_and_flushes_on_sigterm(
     assert ingest.attributes["lcic.app_ids"] == ["app-7"]
     assert ingest.resource["service.name"] == "lcic-guard-reconciler"
     assert ingest.resource["deployment.environment"] == "test"
+
+
+@given(trace_id=st.integers(min_value=1, max_value=(1 << 128) - 1), rate=st.floats(0.0, 1.0))
+def test_root_spans_are_drawn_exactly_as_the_ratio_sampler_decides(
+    trace_id: int, rate: float
+) -> None:
+    """The serving core decides a root span before OpenTelemetry is called;
+    the decision must be the sampler's own for that trace id, and the span it
+    starts must get that very id, so that the sampler keeps it."""
+    from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+
+    roots = tracing.RootSampling.from_environ(
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(rate)}
+    )
+    roots._bits = lambda _bits: trace_id  # the one id this example draws
+    decided = TraceIdRatioBased(rate).should_sample(None, trace_id, "x").decision
+    expected = decided is Decision.RECORD_AND_SAMPLE
+    assert roots.draw() is expected
+    if expected:
+        assert roots.generate_trace_id() == trace_id
+    assert roots.generate_trace_id() != trace_id  # handed over once, then random ids again
+
+
+def test_root_sampling_applies_only_to_trace_id_ratio_samplers() -> None:
+    for environ in (
+        {},
+        {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "lots"},
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+    ):
+        assert tracing.RootSampling.from_environ(environ).bound is None, environ
+    ratio = {"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
+    assert tracing.RootSampling.from_environ(ratio).bound == 1 << 63
