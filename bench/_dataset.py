@@ -6,16 +6,18 @@ grace, quota exhausted, overdue, expired) is folded with
 gets the timeline of one of these templates under its own application and
 account id. The hashes are written with the exact fields
 :meth:`lcic_guard.store.status.Store.write_status` writes (``version``, ``data`` from
-:func:`lcic_guard.store.status.encode_segments`, ``account``, ``updated_at``), as raw
-``HSET`` commands streamed in the Redis protocol over one socket (Redis
-"mass insertion"): about a second per million applications on this kind of
-machine, against tens of seconds through a Python client.
+:func:`lcic_guard.store.status.encode_segments`, ``account``, ``updated_at``), and
+each app's packed snapshot entry, as raw ``HSET`` commands streamed in the
+Redis protocol over one socket (Redis "mass insertion"): a few seconds per
+million applications on this kind of machine, against minutes through a
+Python client.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,8 +30,9 @@ from lcic_guard.domain.facts import (
 )
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, compute_account
 from lcic_guard.domain.time import Millis
-from lcic_guard.store.codec import encode_segments
-from lcic_guard.store.keys import status_key
+from lcic_guard.store.codec import decode_segments, encode_segments
+from lcic_guard.store.keys import FEED_SHARDS, SNAPSHOT_CHUNKS, status_key
+from lcic_guard.store.packed import pack
 
 # Every TEMPLATE_CYCLE consecutive applications: mostly in good standing, one
 # of each other situation (the decisions a sidecar really gives).
@@ -87,43 +90,57 @@ def templates(now: Millis, policy: PolicyConfig | None = None) -> list[Template]
 def _resp(*parts: bytes) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     for p in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(p), p.replace(b"%", b"%%")))
+        out.append(b"$%d\r\n%s\r\n" % (len(p), p))
     return b"".join(out)
 
 
-def _hset_format(t: Template, updated: bytes) -> bytes:
-    """The RESP of one HSET with ``%s`` holes for the key and the account."""
-    key, account = app_id(0), account_id(0)
-    raw = _resp(
-        b"HSET",
-        status_key(key).encode(),
-        b"version",
-        b"%d" % t.version,
-        b"data",
-        t.data,
-        b"account",
-        account.encode(),
-        b"updated_at",
-        updated,
-    )
-    # Ids have a fixed width, so the length prefixes stay right.
-    return raw.replace(key.encode(), b"%s", 1).replace(account.encode(), b"%s", 1)
+def _packed(t: Template, shard: int) -> bytes:
+    """The packed record the snapshot holds for an app of this template."""
+    status = AppStatus("", "", decode_segments(t.data), t.version)
+    return pack(status, 0, shard)
 
 
 def hset_commands(first: int, count: int, now: Millis) -> Iterator[tuple[int, bytes]]:
-    """(number of commands, RESP bytes) chunks writing apps [first, first+count)."""
+    """(number of commands, RESP bytes) chunks writing apps [first, first+count):
+    each app's status hash and its entry in its feed shard's packed snapshot
+    (the fields and keys lua/write_status.lua writes; the feed itself starts
+    empty, at number 0, as a table carried over from an earlier layout)."""
     updated = str(now).encode()
-    formats = [_hset_format(t, updated) for t in templates(now)]
+    cycle = templates(now)
+    packed = [[_packed(t, shard) for shard in range(FEED_SHARDS)] for t in cycle]
     chunk = 10_000
     for start in range(first, first + count, chunk):
         end = min(start + chunk, first + count)
-        yield (
-            end - start,
-            b"".join(
-                formats[n % TEMPLATE_CYCLE] % (b"app-%07d" % n, b"acct-%07d" % n)
-                for n in range(start, end)
-            ),
-        )
+        parts = []
+        for n in range(start, end):
+            app = b"app-%07d" % n
+            crc = zlib.crc32(app)
+            shard = crc % FEED_SHARDS
+            t = n % TEMPLATE_CYCLE
+            template = cycle[t]
+            parts.append(
+                _resp(
+                    b"HSET",
+                    b"lcic:app:{f%02d}:%s:status" % (shard, app),
+                    b"version",
+                    b"%d" % template.version,
+                    b"data",
+                    template.data,
+                    b"account",
+                    b"acct-%07d" % n,
+                    b"updated_at",
+                    updated,
+                )
+            )
+            parts.append(
+                _resp(
+                    b"HSET",
+                    b"lcic:snap:{f%02d}:%02d" % (shard, (crc // FEED_SHARDS) % SNAPSHOT_CHUNKS),
+                    app,
+                    packed[t][shard],
+                )
+            )
+        yield 2 * (end - start), b"".join(parts)
 
 
 def load_apps(host: str, port: int, first: int, count: int, now: Millis) -> None:
@@ -134,6 +151,7 @@ def load_apps(host: str, port: int, first: int, count: int, now: Millis) -> None
     """
     if count >= 10**7 or first + count > 10**7:
         raise ValueError("application numbers have 7 digits")
+    commands = 2 * count
     with socket.create_connection((host, port)) as sock:
         failure: list[BaseException] = []
 
@@ -149,7 +167,7 @@ def load_apps(host: str, port: int, first: int, count: int, now: Millis) -> None
         sender.start()
         seen = 0
         tail = b""
-        while seen < count:
+        while seen < commands:
             data = sock.recv(1 << 20)
             if not data:
                 raise RuntimeError(f"redis closed the connection: {failure}")

@@ -44,7 +44,7 @@ from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.sources import FileSource, StreamSource
 from lcic_guard.store.connect import connect
-from lcic_guard.store.keys import BILLING_STREAM
+from lcic_guard.store.keys import BILLING_STREAM, STATUS_PATTERN
 from lcic_guard.store.status import Store
 
 GROUP = "lcic-guard"
@@ -213,7 +213,7 @@ async def bench_snapshot(url: str, apps: int, per_account: int, batch_size: int)
             if total.received != 2 * apps or total.dead_lettered:
                 raise RuntimeError(f"snapshot not applied cleanly: {total}")
             written = 0
-            async for _key in store.redis.scan_iter(match="lcic:app:{*}:status", count=5000):
+            async for _key in store.redis.scan_iter(match=STATUS_PATTERN, count=5000):
                 written += 1
             if written != apps:
                 raise RuntimeError(f"{written} statuses written for {apps} applications")

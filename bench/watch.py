@@ -74,7 +74,6 @@ async def churn(url: str, apps: int, rate: float, seconds: float) -> None:
         version += 1
         st = status(random.randrange(apps), version, wall_clock())
         await store.write_status(st)
-        await store.publish_change(st)
         await asyncio.sleep(1 / rate)
     await store.close()
 

@@ -409,9 +409,8 @@ SETTINGS: tuple[Setting, ...] = (
             "applications kept in each process's status cache (LRU)",
             at_least=1),
     Setting(SERVE, "--cache-max-age", "cache_max_age_ms", duration("s"),
-            "longest a cached status is used before it is read again, even with the "
-            "change feed healthy (held statuses are re-read in the background within half of "
-            "it, so checks need not)"),
+            "longest a feed shard is trusted without a progress mark (the reconcilers write "
+            "one each second): past it, checks of its applications read Redis"),
     Setting(SERVE, "--workers", "workers", INT,
             "serving processes sharing the listen port (SO_REUSEPORT among them only: "
             "a port another program holds is refused)",

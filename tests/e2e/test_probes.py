@@ -148,6 +148,7 @@ async def test_probe_finds_the_sidecar_from_its_listen_variable(
     """The image's health check runs ``lcic-guard probe`` with no flags."""
     sidecar = await build_sidecar(sidecar_settings(listen="0.0.0.0:0"), store)
     try:
+        await asyncio.wait_for(sidecar.feed.synced.wait(), 10)
         monkeypatch.setenv("LCIC_GUARD_LISTEN", f"0.0.0.0:{sidecar.port}")
         assert await asyncio.to_thread(probe) == 0
     finally:

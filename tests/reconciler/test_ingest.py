@@ -32,12 +32,15 @@ from lcic_guard.reconciler.sources import StreamSource
 from lcic_guard.store.connect import RedisClient
 from lcic_guard.store.keys import (
     BILLING_STREAM,
-    CHANGES_STREAM,
     DEAD_LETTER_STREAM,
     GUARD_STREAM,
+    STATUS_PATTERN,
     facts_key,
+    feed_key,
+    feed_shard,
     parked_key,
     status_key,
+    status_key_app,
 )
 from lcic_guard.store.status import AddResult, Store
 
@@ -231,9 +234,9 @@ async def test_earliest_registration_owns_the_app_in_either_arrival_order(
         # is lower than acct-b's: the sidecars' caches take it.
         status, _ = await store.read_status("app-x")
         assert status is not None and status.version > version_before
-        rows: Any = await store.redis.xrevrange(CHANGES_STREAM, count=50)
-        feed = [f for _id, f in rows if f.get(b"app") == b"app-x" and b"data" in f]
-        assert feed[0][b"account"] == b"acct-a" and int(feed[0][b"v"]) == status.version
+        rows: Any = await store.redis.xrevrange(feed_key(feed_shard("app-x")), count=50)
+        feed = [f for _id, f in rows if f.get(b"a") == b"app-x" and b"d" in f]
+        assert feed[0][b"acct"] == b"acct-a" and int(feed[0][b"v"]) == status.version
     else:
         await rec.ingest(deliveries(late_first))
     await assert_owned_by_a(store, c)
@@ -578,7 +581,7 @@ def fact_sets(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[tuple[int, in
 async def run_table(store: Store, rec: Reconciler) -> tuple[dict[str, Any], list[str], Any]:
     """Per app: owner and status timeline; the dead-lettered ids; the facts."""
     table: dict[str, Any] = {}
-    async for key in store.redis.scan_iter(match="lcic:app:{*}:status", count=1000):
+    async for key in store.redis.scan_iter(match=STATUS_PATTERN, count=1000):
         account, data, moved = await store.redis.hmget(key, ["account", "data", "moved_from"])
         assert moved is None, "a move was left unfinished"
         table[_s(key)] = (_s(account), _s(data) if data is not None else None)
@@ -638,7 +641,7 @@ async def test_any_arrival_order_and_batching_gives_the_ordered_runs_table_and_d
     expected_announced = await settled_announcements(store, first, clock)
     expected = await run_table(store, Reconciler(store, policy, quick(), clock=clock))
     registered = {e["app_id"] for e in made if e["type"] == "application_registered"}
-    assert {k.split("{")[1].split("}")[0] for k in expected[0]} <= registered
+    assert {status_key_app(k) for k in expected[0]} <= registered
 
     # Permuted (each reuse still after its original), with repeats, in
     # random batches, through a fresh replica.

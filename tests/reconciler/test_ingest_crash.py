@@ -31,7 +31,13 @@ from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.store.connect import connect
-from lcic_guard.store.keys import BILLING_STREAM, DEAD_LETTER_STREAM, GUARD_STREAM
+from lcic_guard.store.keys import (
+    BILLING_STREAM,
+    DEAD_LETTER_STREAM,
+    GUARD_STREAM,
+    STATUS_PATTERN,
+    status_key_app,
+)
 from lcic_guard.store.status import Store
 
 from tests.reconciler.test_reconciler_crash import (
@@ -144,8 +150,8 @@ def _s(value: Any) -> str:
 
 def outcome(r: redis.Redis) -> Outcome:
     got = Outcome({}, set(), {}, [], 0)
-    for key in r.scan_iter(match="lcic:app:{*}:status", count=2000):
-        app = _s(key).split("{", 1)[1].split("}", 1)[0]
+    for key in r.scan_iter(match=STATUS_PATTERN, count=2000):
+        app = status_key_app(key) or ""
         account, data, moved = r.hmget(key, ["account", "data", "moved_from"])
         if data is not None:
             got.table[app] = (_s(account), _s(data))

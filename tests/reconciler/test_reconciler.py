@@ -35,10 +35,12 @@ from lcic_guard.store.keys import (
     DEAD_LETTER_STREAM,
     DEADLINES,
     GUARD_STREAM,
+    STATUS_PATTERN,
     facts_key,
     meta_key,
     parked_key,
     status_key,
+    status_key_app,
 )
 from lcic_guard.store.status import AccountFacts, Store, WriteResult
 from lcic_guard.tasks import stop_task, stop_tasks
@@ -91,9 +93,9 @@ async def status_of(store: Store, app_id: str) -> AppStatus:
 
 
 async def status_table(redis: RedisClient) -> dict[str, str]:
-    """The ``data`` field of every lcic:app:{*}:status hash."""
+    """The ``data`` field of every status hash."""
     out: dict[str, str] = {}
-    async for key in redis.scan_iter(match="lcic:app:{*}:status", count=1000):
+    async for key in redis.scan_iter(match=STATUS_PATTERN, count=1000):
         data = await redis.hget(key, "data")
         if data is not None:
             out[_s(key)] = _s(data)
@@ -543,7 +545,7 @@ async def test_any_delivery_order_gives_the_same_status_table(
     expected = await status_table(store.redis)
     expected_facts = await fact_table(store.redis)
     registered = {e["app_id"] for e in history if e["type"] == "application_registered"}
-    assert {k.split("{")[1].split("}")[0] for k in expected} == registered
+    assert {status_key_app(k) for k in expected} == registered
 
     # Permuted, with duplicates, in random batches, through a fresh replica.
     shuffled = [*raws, *rnd.choices(raws, k=rnd.randint(0, len(raws)))]

@@ -34,7 +34,7 @@ from lcic_guard.domain.policy import DAY, HOUR, AppStatus, Reason
 from lcic_guard.domain.time import Millis, format_time, wall_clock
 from lcic_guard.domain.warnings import scheduled_suspensions
 from lcic_guard.store.codec import decode_segments, encode_segments
-from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM
+from lcic_guard.store.keys import BILLING_STREAM, GUARD_STREAM, STATUS_PATTERN, status_key_app
 
 LCIC_GUARD = str(Path(sys.executable).with_name("lcic-guard"))
 GROUP = "lcic-guard"
@@ -299,8 +299,8 @@ class Snapshot:
 
 def snapshot(r: redis.Redis) -> Snapshot:
     snap = Snapshot({}, {}, {})
-    for key in r.scan_iter(match="lcic:app:{*}:status", count=2000):
-        app = _s(key).split("{", 1)[1].split("}", 1)[0]
+    for key in r.scan_iter(match=STATUS_PATTERN, count=2000):
+        app = status_key_app(key) or ""
         data, cursor = r.hmget(key, ["data", "announced"])
         if data is not None:
             snap.table[app] = _s(data)
@@ -387,8 +387,8 @@ def assert_announced_once(r: redis.Redis, snap: Snapshot, data: DataSet) -> None
     warned = Counter(e["announcement_id"] for e in announcements(r, "suspension_scheduled"))
     assert warned and [i for i, n in warned.items() if n > 1] == []
     by_account: dict[str, dict[str, AppStatus]] = defaultdict(dict)
-    for key in r.scan_iter(match="lcic:app:{*}:status", count=2000):
-        app = _s(key).split("{", 1)[1].split("}", 1)[0]
+    for key in r.scan_iter(match=STATUS_PATTERN, count=2000):
+        app = status_key_app(key) or ""
         raw, account = r.hmget(key, ["data", "account"])
         if raw is not None:
             by_account[_s(account)][app] = AppStatus(app, _s(account), decode_segments(_s(raw)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import pytest_asyncio
@@ -14,7 +15,7 @@ from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
-from lcic_guard.store.keys import CHANGES_STREAM
+from lcic_guard.store.keys import feed_key, feed_shard
 from lcic_guard.store.status import Store
 from lcic_guard_client import CachedGuardClient, Decision, Reason
 
@@ -126,7 +127,7 @@ async def test_the_cache_is_bounded(
     assert len(cached_sidecar.checker.cache) == 50  # the configured size
 
 
-async def test_feed_loss_is_resumed_and_a_trimmed_feed_resyncs(
+async def test_feed_loss_is_resumed_and_a_trimmed_feed_is_repaired(
     cached_sidecar: RunningSidecar, reconciler: Reconciler, store: Store, events: Events
 ) -> None:
     await reconciler.ingest(deliveries(events.app("acct", "app-1")))
@@ -134,20 +135,25 @@ async def test_feed_loss_is_resumed_and_a_trimmed_feed_resyncs(
     async with channel:
         await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id="app-1"))
         feed = cached_sidecar.feed
-        resyncs = feed.resyncs
-        # Drop the reader's connection and trim the feed past its position
-        # while a change happens: the reader must notice the gap and re-read.
+        resyncs, gaps = feed.resyncs, feed.gaps
+        # Drop the reader's connection and trim the app's feed shard past its
+        # position while a change happens: the numbers jump when it is back.
         await feed.stop()
         assert not cached_sidecar.checker.cache.feed_healthy
         await reconciler.ingest(deliveries([events("compliance_ban", T0, account_id="acct")]))
-        await store.redis.xtrim(CHANGES_STREAM, maxlen=0)
-        await store.redis.xadd(CHANGES_STREAM, {"app": "other", "room": "r"})
+        await store.redis.xtrim(feed_key(feed_shard("app-1")), maxlen=0)
+        await store.mark_progress()
         # Meanwhile checks are answered from Redis, not from the stale entry.
         d = (await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id="app-1"))).decision
         assert d.reason == pb.DECISION_REASON_ACCOUNT_BANNED and not d.degraded
         feed.start()
-        await eventually(lambda: _healthy(cached_sidecar))
-        assert feed.resyncs == resyncs + 1
+
+        async def repaired() -> bool:
+            return feed.gaps == gaps + 1 and feed.applied[feed_shard("app-1")] is not None
+
+        await eventually(repaired)
+        # One shard loaded again, not the table.
+        assert feed.resyncs == resyncs
         entry = cached_sidecar.checker.cache.get("app-1")
         assert entry is not None and entry.status is not None
         assert entry.status.at(T0).state.value == "BANNED"
@@ -208,58 +214,79 @@ async def test_cached_client_answers_locally_and_asks_when_it_must(
     assert decisions[-1].reason == Reason.UNKNOWN_APPLICATION
 
 
-async def test_held_statuses_are_refreshed_before_they_age_out(
+async def test_progress_marks_keep_the_replica_fresh_with_no_reads(
     store: Store, policy: PolicyConfig, clock: FakeClock, reconciler: Reconciler, events: Events
 ) -> None:
-    """With the feed healthy, every held status is read again within half of
-    --cache-max-age, in the background: checks keep answering from memory
-    past the bound, never reading Redis themselves and never degraded."""
+    """Nothing is read again in the background: a held status stays fresh as
+    long as progress marks confirm its shard within --cache-max-age. Without
+    one, a check reads Redis (never an old answer as if current)."""
     await reconciler.ingest(
         deliveries([*events.app("acct", "app-1"), *events.app("acct", "app-2")])
     )
-    settings = sidecar_settings(cache_max_age_ms=400, policy=policy)
+    settings = sidecar_settings(cache_max_age_ms=3000, policy=policy)
     sidecar = await build_sidecar(settings, store, clock=clock)
+    cache = sidecar.checker.cache
+    shard = feed_shard("app-1")
     try:
-        await eventually(lambda: _healthy(sidecar))
         await asyncio.wait_for(sidecar.feed.synced.wait(), 5)
         channel, stub = stub_for(sidecar)
         async with channel:
+
+            async def check() -> Any:
+                req = pb.CanCreateClassroomRequest(app_id="app-1")
+                return (await stub.CanCreateClassroom(req)).decision
+
             for _ in range(3):
-                # Past the bound on the sidecar's clock, while the refresh
-                # (every 0.2 s here) runs.
-                clock.advance(450)
-                await asyncio.sleep(0.45)
-                for app in ("app-1", "app-2"):
-                    d = (
-                        await stub.CanCreateClassroom(pb.CanCreateClassroomRequest(app_id=app))
-                    ).decision
-                    assert d.allowed and not d.degraded
-        assert sidecar.checker.store_reads == 0
-        assert sidecar.feed.refreshed >= 4
+                clock.advance(2000)
+                await store.mark_progress()
+                confirmed_after = clock()
+
+                async def confirmed(at: int = confirmed_after) -> bool:
+                    return cache.shard_state(shard)[1] >= at
+
+                await eventually(confirmed)
+                d = await check()
+                assert d.allowed and not d.degraded
+            assert sidecar.checker.store_reads == 0
+            # No mark for longer than the bound: the check reads Redis.
+            clock.advance(3500)
+            d = await check()
+            assert d.allowed and not d.degraded
+            assert sidecar.checker.store_reads == 1
     finally:
         await sidecar.stop(grace=0.2)
 
 
-async def test_the_refresh_finds_a_change_that_never_reached_the_feed(
+async def test_a_change_whose_feed_entry_was_lost_is_found_by_the_next_mark(
     store: Store, policy: PolicyConfig, clock: FakeClock, reconciler: Reconciler, events: Events
 ) -> None:
-    """The bound's reason to exist: a status written to Redis without its
-    notice on the feed is still picked up, by the refresh, within the bound."""
+    """A write whose feed entry is gone (deleted, or trimmed before it was
+    read) leaves a gap in the shard's numbers: the next progress mark shows
+    it, and that shard alone is loaded again from its snapshot."""
     await reconciler.ingest(deliveries(events.app("acct", "app-1")))
-    settings = sidecar_settings(cache_max_age_ms=400, policy=policy)
+    settings = sidecar_settings(policy=policy)
     sidecar = await build_sidecar(settings, store, clock=clock)
     try:
         await asyncio.wait_for(sidecar.feed.synced.wait(), 5)
         status, _ = await store.read_status("app-1")
         assert status is not None
         assert sidecar.checker.cache.held_version("app-1") == status.version
-        # Written as the reconciler would from newer facts, but not announced.
+        await sidecar.feed.stop()
         written = await store.write_status(replace(status, version=status.version + 1))
         assert written.version > status.version
+        stream = feed_key(feed_shard("app-1"))
+        last: Any = await store.redis.xrevrange(stream, count=1)
+        await store.redis.xdel(stream, last[0][0])
+        sidecar.feed.start()
+        await asyncio.sleep(0.3)
+        # Nothing on the feed says so yet: the entry is simply not there.
+        assert sidecar.checker.cache.held_version("app-1") == status.version
+        await store.mark_progress()
 
         async def caught_up() -> bool:
             return sidecar.checker.cache.held_version("app-1") == written.version
 
         await eventually(caught_up, timeout=3.0)
+        assert sidecar.feed.gaps == 1
     finally:
         await sidecar.stop(grace=0.2)

@@ -31,8 +31,9 @@ from lcic_guard.domain.policy import (
 from lcic_guard.domain.time import MAX_TIME
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
-from lcic_guard.sidecar.cache import StatusCache, pack, segment_span, unpack, unpack_segment
+from lcic_guard.sidecar.cache import StatusCache
 from lcic_guard.sidecar.checker import Checker, CheckRequest
+from lcic_guard.store.packed import pack, segment_span, unpack, unpack_segment
 from lcic_guard.store.status import Store
 
 from tests.sidecar.test_sidecar_rpc import ts
@@ -82,7 +83,7 @@ def statuses(draw: st.DrawFn) -> AppStatus:
     now=st.integers(T0 - 200 * HOUR, T0 + 200 * HOUR),
 )
 def test_a_packed_record_is_the_status_it_packs(status: AppStatus, fetched: int, now: int) -> None:
-    rec = pack(status, fetched)
+    rec = pack(status, fetched, 3)
     back, fetched_at = unpack("app-1", rec)
     assert back == status and fetched_at == fetched
     start, _end = segment_span(rec, len(status.segments), now)
@@ -90,7 +91,7 @@ def test_a_packed_record_is_the_status_it_packs(status: AppStatus, fetched: int,
 
 
 def test_unknown_apps_pack_too() -> None:
-    assert unpack("x", pack(None, 42)) == (None, 42)
+    assert unpack("x", pack(None, 42, 0)) == (None, 42)
 
 
 @pytest_asyncio.fixture
@@ -105,7 +106,7 @@ async def fed(
     )
     clock.now = T0 - 200 * HOUR  # before every time the tests step to
     sidecar = await build_sidecar(settings, store, clock=clock)
-    await eventually(lambda: sidecar.checker.cache.replica_answers_absent())
+    await eventually(lambda: sidecar.checker.cache.whole)
     yield sidecar
     await sidecar.stop(grace=0.2)
 
@@ -124,7 +125,6 @@ class Written:
         res = await self.store.write_status(status)
         assert res.written
         status = replace(status, version=res.version)  # the store's own version
-        await self.store.publish_change(status)
         cache = self.sidecar.checker.cache
         await eventually(lambda: cache.held_version(status.app_id) == status.version)
         return status
@@ -142,7 +142,6 @@ class Written:
             scheduled_end=room.scheduled_end,
             ended_at=room.ended_at,
         )
-        await self.store.publish_room(app_id, room_id)
         checker = self.sidecar.checker
         await checker.check_uncached(CheckRequest(Check.ENTER_CLASSROOM, app_id, room_id))
         rooms = checker.cache.rooms_of(app_id)

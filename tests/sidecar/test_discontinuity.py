@@ -20,7 +20,7 @@ from lcic_guard.domain.policy import DAY, AppStatus, Reason, Segment
 from lcic_guard.domain.time import wall_clock
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect
-from lcic_guard.store.keys import CHANGES_STREAM, status_key
+from lcic_guard.store.keys import feed_seq_key, feed_shard, status_key
 from lcic_guard.store.status import Store
 from prometheus_client import CollectorRegistry
 
@@ -112,7 +112,6 @@ async def watched(
 
 async def write(store: Store, st: AppStatus) -> None:
     await store.write_status(st)
-    await store.publish_change(st)
 
 
 def counted(sidecar: RunningSidecar, cause: str) -> float | None:
@@ -181,25 +180,31 @@ async def test_flushall_and_reload_is_a_new_generation_told_to_watch_streams(
         assert await version_of(stub, "app-g") == (1, False)
 
 
-async def test_a_version_or_the_change_feed_going_back_is_told_to_watch_streams(
+async def test_a_feed_sequence_going_back_is_told_to_watch_streams_and_served_through(
     redis: EmbeddedRedis,
 ) -> None:
     seed = Store(connect(redis.url))
     await seed.write_status(status("app-b", 9, suspended=False))
     await seed.close()
     async with watched(redis) as (sidecar, stub, watch, writer):
+        serving = sidecar.server.serving
         # The same data set, restored older for one app (no restart).
         await writer.redis.delete(status_key("app-b"))
         await write(writer, status("app-b", 4, suspended=True))
         await eventually(lambda: _true("version_went_back" in watch.causes()))
-        await eventually(lambda: _true(sidecar.feed.in_sync))
+        await eventually(lambda: _true(sidecar.checker.cache.synced))
         assert await version_of(stub, "app-b") == (4, False)
-        # The change feed replaced by one that ends before what was read.
-        await writer.redis.delete(CHANGES_STREAM)
-        await writer.redis.xadd(CHANGES_STREAM, {"app": "app-b", "room": "r"}, id="1-1")
+        # Restored older for one feed shard: its sequence went back.
+        shard = feed_shard("app-b")
+        await writer.redis.set(feed_seq_key(shard), 0)
+        await write(writer, status("app-b", 5, suspended=True))
         await eventually(lambda: _true("stream_id_went_back" in watch.causes()))
+        await eventually(lambda: _true(sidecar.checker.cache.synced))
+        assert await version_of(stub, "app-b") == (5, False)
         assert watch.causes() == ["version_went_back", "stream_id_went_back"]
         assert sidecar.feed.discontinuities == {"version_went_back": 1, "stream_id_went_back": 1}
+        # Served throughout: a reload keeps what is held and reads Redis for it.
+        assert serving and sidecar.server.serving
 
 
 async def _true(value: bool) -> bool:

@@ -207,7 +207,6 @@ async def test_a_new_app_on_the_feed_is_inserted_into_the_replica(
         await eventually(lambda: _true(sidecar.feed.in_sync))
         status = suspended("app-new", version=3)
         await rstore.write_status(status)
-        await rstore.publish_change(status)
         await eventually(lambda: _true(sidecar.checker.cache.lookup("app-new") is not None))
         reads = sidecar.checker.store_reads
         resp = await stub.CheckBatch(recordings(["app-new"]), timeout=5)
@@ -232,7 +231,6 @@ async def test_flushall_and_snapshot_reload_detected_within_2s(
         await rstore.redis.flushall()
         reloaded = suspended("app-g", version=1)
         await rstore.write_status(reloaded)
-        await rstore.publish_change(reloaded)
         t0 = time.monotonic()
 
         async def answered_right() -> bool:
@@ -263,7 +261,6 @@ async def test_restored_older_data_is_noticed_by_the_version_going_back(
         await rstore.redis.delete(status_key("app-b"))
         older = suspended("app-b", version=4)
         await rstore.write_status(older)
-        await rstore.publish_change(older)
 
         async def answered_right() -> bool:
             r = await stub.CheckBatch(recordings(["app-b"]), timeout=5)
@@ -526,8 +523,7 @@ async def test_a_status_dated_9999_is_served_and_watched(
         watch = stub.WatchApplicationStatus(pb.WatchApplicationStatusRequest(), timeout=10)
         await eventually(lambda: _true(len(sidecar.watchers or ()) == 1))
         await rstore.write_status(status)
-        await rstore.publish_change(status)
-        await rstore.publish_change(active("app-after", 1))
+        await rstore.write_status(active("app-after", 1))
         got: list[str] = []
         async for msg in watch:
             if msg.HasField("status"):

@@ -37,7 +37,16 @@ from lcic_guard.logs import redact_url
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect
-from lcic_guard.store.keys import BILLING_STREAM, facts_key, meta_key, parked_key, status_key
+from lcic_guard.store.keys import (
+    BILLING_STREAM,
+    facts_key,
+    feed_key,
+    feed_shard,
+    meta_key,
+    parked_key,
+    status_key,
+    status_key_app,
+)
 from lcic_guard.store.status import Store
 from redis.asyncio import Redis
 from redis.crc import key_slot
@@ -702,9 +711,13 @@ KEYS = (status_key, parked_key, facts_key, meta_key)
 @given(a=ID_ALPHABET, b=ID_ALPHABET)
 def test_keys_of_different_ids_never_collide(a: str, b: str) -> None:
     assert valid_id(a) and valid_id(b)
-    for make in KEYS:
-        # The hash tag is exactly the id: one id, one slot, whatever it holds.
-        assert key_slot(make(a).encode()) == key_slot(a.encode())
+    # The hash tag of an account's keys is exactly the id: one id, one slot.
+    assert key_slot(facts_key(a).encode()) == key_slot(a.encode())
+    assert key_slot(meta_key(a).encode()) == key_slot(a.encode())
+    # An app's keys are in its feed shard's slot, the id spelled out after it.
+    shard_slot = key_slot(feed_key(feed_shard(a)).encode())
+    assert key_slot(status_key(a).encode()) == key_slot(parked_key(a).encode()) == shard_slot
+    assert status_key_app(status_key(a)) == a
     keys_a = {make(a) for make in KEYS}
     keys_b = {make(b) for make in KEYS}
     assert len(keys_a) == len(KEYS)

@@ -16,6 +16,7 @@ from lcic_guard.sidecar import wire
 from lcic_guard.sidecar.cache import STALE, StatusCache
 from lcic_guard.sidecar.observe import DecisionObserver
 from lcic_guard.sidecar.threads import CallPool
+from lcic_guard.store.keys import FEED_SHARDS
 
 T0 = 1_790_000_000_000
 
@@ -78,7 +79,9 @@ def test_a_held_record_is_never_missed_while_the_feed_replaces_it(complete: bool
     complete replica answers UNKNOWN_APPLICATION (and a partial one reads
     from Redis for nothing)."""
     cache = StatusCache(100, max_age_ms=10**12)
-    cache.feed_healthy, cache.synced_since, cache.complete = True, 0, complete
+    cache.feed_healthy, cache.complete = True, complete
+    for shard in range(FEED_SHARDS):
+        cache.shard_loaded(shard, T0)
     apps = [f"app-{n}" for n in range(4)]
     for app in apps:
         cache.apply(app, _status(1), T0)

@@ -31,15 +31,19 @@ from lcic_guard.runner import RunningSidecar, build_sidecar
 from lcic_guard.store.connect import connect, parse_sentinel_url
 from lcic_guard.store.keys import (
     BILLING_STREAM,
-    CHANGES_STREAM,
     DEADLINES,
     FENCE,
     GUARD_STREAM,
     HEARTBEAT,
     LEADER,
     facts_key,
+    feed_key,
+    feed_seq_key,
+    feed_shard,
+    legacy_app_key,
     meta_key,
     parked_key,
+    snapshot_key_of,
     status_key,
 )
 from lcic_guard.store.status import Store
@@ -167,10 +171,13 @@ async def announcements(store: Store) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("ident", ["a", "app-1", "acct.9:x_Y", "Z" * 64, "lcic:app:x"])
 def test_keys_a_script_uses_together_share_a_hash_slot(ident: str) -> None:
     slot = key_slot(status_key(ident).encode())
-    assert key_slot(parked_key(ident).encode()) == slot
-    assert slot == key_slot(ident.encode())  # the hash tag is the id itself
+    shard = feed_shard(ident)
+    # An app's keys share its feed shard's slot: one script writes the
+    # status, the shard's feed and sequence, and its snapshot entry.
+    for key in (parked_key(ident), feed_key(shard), feed_seq_key(shard), snapshot_key_of(ident)):
+        assert key_slot(key.encode()) == slot, key
     account = key_slot(facts_key(ident).encode())
-    assert key_slot(meta_key(ident).encode()) == account == slot
+    assert key_slot(meta_key(ident).encode()) == account == key_slot(ident.encode())
     assert key_slot(LEADER.encode()) == key_slot(FENCE.encode()) == key_slot(b"leader")
 
 
@@ -185,8 +192,8 @@ async def test_the_servers_own_keyslot_agrees_with_the_tags(
     ]:
         slot_a = int(command(port, "CLUSTER", "KEYSLOT", a))
         assert slot_a == int(command(port, "CLUSTER", "KEYSLOT", b)) == key_slot(a.encode())
-    # and the tags do spread data: these land on different slots
-    assert len({key_slot(status_key(f"app-{n}").encode()) for n in range(10)}) == 10
+    # and the tags do spread data: the feed shards land on different slots
+    assert len({key_slot(status_key(f"app-{n}").encode()) for n in range(200)}) == 16
 
 
 async def test_cluster_flag_is_taken_out_of_the_url_query(
@@ -286,6 +293,15 @@ async def test_every_lua_script_call_stays_in_one_slot(
         ),
         timeout=5,
     )
+    # Progress marks, a reader's starting point, and a status carried over
+    # from the layout before feed shards (its keys tagged by the app).
+    await cstore.mark_progress()
+    assert (await cstore.feed_head(feed_shard("app-3")))[0] > 0
+    held: Any = await cstore.redis.hgetall(status_key("app-1"))
+    await cstore.redis.hset(legacy_app_key("app-9", "status"), mapping=held)
+    assert await cstore.migrate_legacy_layout() == 1
+    carried, _ = await cstore.read_status("app-9")
+    assert carried is not None and carried.version == int(held[b"version"])
     rec.token = await rec.coord.hold_lease(rec.name, 5000)
     assert rec.token > 0
     await rec.notices_of_history()  # read live: noticed when the suspension became known
@@ -307,6 +323,11 @@ async def test_every_lua_script_call_stays_in_one_slot(
         "Store._load_account",
         "Store._register_owner",
         "Store._route_app_fact",
+        "Store._write_status",
+        "Store._publish_status",
+        "Store._report_room",
+        "Store._feed_mark",
+        "Store._feed_head",
         "Coordination._lease",
         "Coordination._release",
     }
@@ -436,7 +457,7 @@ async def test_release_across_nodes_is_done_and_announced_once(
     clock: FakeClock,
     tmp_path: Path,
 ) -> None:
-    apps = ["app-1", "app-2", "app-3"]
+    apps = ["app-1", "app-2", "app-4"]
     # The apps' statuses live on all three masters (the account on one).
     assert len(nodes_of(cstore, [status_key(a) for a in apps])) == 3
     evs = [*(e for a in apps for e in events.app(ACCT, a, at=T0 - 200 * DAY))]
@@ -528,10 +549,13 @@ async def test_a_change_reaches_the_cache_through_the_feed(
 ) -> None:
     await crec.ingest(deliveries(events.app(ACCT, "app-2")))
     assert (await csidecar.create("app-2")).reason == pb.DECISION_REASON_OK
-    # The feed stream and the app's status are on different masters.
-    assert len(nodes_of(cstore, [CHANGES_STREAM, status_key("app-2")])) == 2
+    # The app's status and its feed shard share a slot; the shards span the masters.
+    shard = feed_shard("app-2")
+    assert len(nodes_of(cstore, [feed_key(shard), status_key("app-2")])) == 1
+    assert len(nodes_of(cstore, [feed_key(s) for s in range(16)])) == 3
     misses = csidecar.sidecar.checker.cache.misses
-    applied = csidecar.sidecar.feed.applied
+    applied = csidecar.sidecar.feed.applied_changes
+    seq = csidecar.sidecar.feed.applied[shard]
     await crec.ingest(deliveries([events("compliance_ban", T0 - HOUR, account_id=ACCT)]))
 
     async def banned() -> bool:
@@ -539,8 +563,8 @@ async def test_a_change_reaches_the_cache_through_the_feed(
 
     await eventually(banned)
     assert csidecar.sidecar.checker.cache.misses == misses  # no Redis read
-    assert csidecar.sidecar.feed.applied == applied + 1
-    assert await cstore.feed_gap(csidecar.sidecar.feed.last_id or "0-0") is False  # XINFO
+    assert csidecar.sidecar.feed.applied_changes == applied + 1
+    assert csidecar.sidecar.feed.applied[shard] == (seq or 0) + 1  # no gap
 
 
 async def test_cold_batch_reads_statuses_from_every_master_in_one_call(

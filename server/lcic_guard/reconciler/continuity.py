@@ -22,15 +22,15 @@ from lcic_guard.domain.time import Millis, format_time
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.store.codec import text
 from lcic_guard.store.coordination import Coordination
-from lcic_guard.store.keys import CHANGES_STREAM, GUARD_STREAM
+from lcic_guard.store.keys import FEED_SHARDS, GUARD_STREAM, feed_key
 from lcic_guard.store.status import Store
 
 log = logging.getLogger(__name__)
 
 # The streams whose last id must never go back: the announcements, and the
-# change feed every status write is published on (a status version going
+# feed shards every status write is published on (a status version going
 # back shows there too).
-WATCHED_STREAMS = (GUARD_STREAM, CHANGES_STREAM)
+WATCHED_STREAMS = (GUARD_STREAM, *(feed_key(s) for s in range(FEED_SHARDS)))
 
 
 def _stream_id(raw: str | None) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from lcic_guard.domain.facts import (
     RESERVED_REASON,
@@ -58,6 +58,8 @@ from lcic_guard.store.keys import (
 from lcic_guard.store.status import AccountFacts, Ownership, Store
 from lcic_guard.tasks import stop_tasks, wait_event
 
+# How often every replica writes a progress mark on each feed shard.
+MARK_INTERVAL_S: Final = 1.0
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -527,12 +529,9 @@ class Reconciler:
             # Refused: newer facts of the account were written already, or the
             # app belongs to another account now; that writer publishes.
             return
-        # The store assigns the version (monotonic per app across moves).
+        # The store assigns the version (monotonic per app across moves); the
+        # write put it on the feed in the same step.
         status = replace(status, version=res.version)
-        # Published even when the write was a no-op from the same facts: a
-        # replica that died between its write and this notice is covered by
-        # the redelivery.
-        await self.store.publish_change(status)
         await self._announce_and_schedule(status, now)
 
     async def _announce_and_schedule(self, status: AppStatus, now: Millis) -> None:
@@ -735,9 +734,40 @@ class Reconciler:
                     self.metrics.on_error("deadlines")
             await wait_event(stop, self.config.tick_ms / 1000)
 
+    async def _progress_loop(self, stop: asyncio.Event) -> None:
+        """A progress mark on every feed shard each second, by every replica:
+        what lets a sidecar prove its replica current when nothing changes
+        (see sidecar/follower.py). Marks need no lease: a mark only repeats
+        a shard's current number, atomically."""
+        while not stop.is_set():
+            try:
+                await self.store.mark_progress()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._warn.warning(
+                    "progress", "cannot write progress marks (%s); retrying", describe_error(exc)
+                )
+            await wait_event(stop, MARK_INTERVAL_S)
+
+    async def _carry_over_layout(self) -> None:
+        moved = await self.store.migrate_legacy_layout()
+        if moved:
+            log.info(
+                "carried %d keys over to the feed-shard layout; the old ones expire in a day",
+                moved,
+            )
+
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._carry_over_layout()
+        except Exception as exc:
+            # Retried at the next start; statuses are rewritten as accounts
+            # are recomputed meanwhile.
+            log.warning("cannot carry keys over to the feed-shard layout (%s)", exc)
         tasks = [asyncio.create_task(self._source_loop(s, stop)) for s in self.sources]
         tasks.append(asyncio.create_task(self._leader_loop(stop)))
+        tasks.append(asyncio.create_task(self._progress_loop(stop)))
         try:
             await stop.wait()
         finally:

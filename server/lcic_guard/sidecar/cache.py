@@ -1,26 +1,26 @@
-"""The sidecar's in-process status cache, kept current by the change feed.
+"""The sidecar's in-process status cache, a replica of the status table
+kept current by the change feed.
 
-In steady state a check is answered from here with no Redis call: entries
-are filled on first use and then replaced by the records the reconciler
-publishes on the change feed. An entry is *fresh* while the feed is being
-read without a gap and the entry is younger than ``max_age``; otherwise the
-checker reads Redis again. When the feed breaks, the reader resubscribes
-from where it stopped (or, if the feed was trimmed past that point, re-reads
-every cached entry) and until then answers are marked degraded.
+In steady state a check is answered from here with no Redis call: the table
+is loaded from the feed shards' snapshots, then every change the reconciler
+writes arrives on the feed. An entry is *fresh* while its feed shard is
+vouched for (read with no gap, confirmed by a progress mark within
+``max_age``); otherwise the checker reads Redis for it.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final, Literal, TypeAlias
 
-from lcic_guard.domain.policy import SUSPENSION_PRECEDENCE, AppStatus, Reason, Room, Segment
+from lcic_guard.domain.policy import AppStatus, Room
 from lcic_guard.domain.rooms import live_room
 from lcic_guard.domain.time import Millis
+from lcic_guard.store.keys import FEED_SHARDS, feed_shard
+from lcic_guard.store.packed import HEAD, pack, segment_span, segment_starts, unpack
 
 log = logging.getLogger(__name__)
 
@@ -32,109 +32,6 @@ class Entry:
     status: AppStatus | None  # None: the status table does not know it (R12)
     fetched_at: Millis  # when it was read from Redis or applied from the feed
     rooms: dict[str, Room | None] | None = None  # room id -> report (None: none)
-
-
-# One packed record per application, so a million cached apps cost a few
-# hundred bytes each and nothing for the garbage collector to walk:
-# header (version, fetched_at, known, segment count), then per segment its
-# start, reasons as bits, which optional times follow, and those times
-# (grace end, suspension start, release, and the suspension's effective time
-# only where it differs from its start).
-_HEAD: Final = struct.Struct("<qqBB")
-_SEG: Final = struct.Struct("<qHB")  # starts_at, reason bits, optional-time flags
-_TIME: Final = struct.Struct("<q")
-_REASON_BITS: Final = {r: 1 << i for i, r in enumerate(Reason)}
-# Segments list reasons in R9 order with OVERDUE_GRACE last.
-_CANONICAL: Final = (*SUSPENSION_PRECEDENCE, Reason.OVERDUE_GRACE)
-_reasons_of_bits: dict[int, tuple[Reason, ...]] = {}
-_SIZE_OF_FLAGS: Final = tuple(_SEG.size + _TIME.size * bin(f).count("1") for f in range(16))
-
-
-def _bits(reasons: tuple[Reason, ...]) -> int:
-    out = 0
-    for r in reasons:
-        out |= _REASON_BITS[r]
-    return out
-
-
-def _reasons(bits: int) -> tuple[Reason, ...]:
-    reasons = _reasons_of_bits.get(bits)
-    if reasons is None:
-        reasons = tuple(r for r in _CANONICAL if bits & _REASON_BITS[r])
-        _reasons_of_bits[bits] = reasons
-    return reasons
-
-
-def pack(status: AppStatus | None, fetched_at: Millis) -> bytes:
-    if status is None:
-        return _HEAD.pack(0, fetched_at, 0, 0)
-    parts = [_HEAD.pack(status.version, fetched_at, 1, len(status.segments))]
-    for seg in status.segments:
-        effective = seg.effective_at if seg.effective_at != seg.suspended_at else None
-        times = (seg.grace_ends_at, seg.suspended_at, seg.release_at, effective)
-        flags = sum(1 << i for i, t in enumerate(times) if t is not None)
-        parts.append(_SEG.pack(seg.starts_at, _bits(seg.reasons), flags))
-        parts += [_TIME.pack(t) for t in times if t is not None]
-    return b"".join(parts)
-
-
-def unpack_segment(rec: bytes, offset: int) -> Segment:
-    start, bits, flags = _SEG.unpack_from(rec, offset)
-    pos = offset + _SEG.size
-    times: list[Millis | None] = []
-    for i in range(4):
-        if flags & (1 << i):
-            times.append(_TIME.unpack_from(rec, pos)[0])
-            pos += _TIME.size
-        else:
-            times.append(None)
-    effective = times[1] if times[3] is None else times[3]
-    return Segment(start, _reasons(bits), times[0], times[1], times[2], effective)
-
-
-def segment_span(rec: bytes, count: int, now: Millis) -> tuple[int, int]:
-    """Where the segment in force at ``now`` lies in a packed record."""
-    offset = _HEAD.size
-    span = (offset, offset + _SIZE_OF_FLAGS[rec[offset + 10]])
-    for _ in range(1, count):
-        offset = span[1]
-        if _TIME.unpack_from(rec, offset)[0] > now:
-            break
-        span = (offset, offset + _SIZE_OF_FLAGS[rec[offset + 10]])
-    return span
-
-
-def _spans(rec: bytes, count: int) -> list[int]:
-    offsets, offset = [], _HEAD.size
-    for _ in range(count):
-        offsets.append(offset)
-        offset += _SIZE_OF_FLAGS[rec[offset + 10]]
-    return offsets
-
-
-def unpack(app_id: str, rec: bytes) -> tuple[AppStatus | None, Millis]:
-    version, fetched_at, known, count = _HEAD.unpack_from(rec)
-    if not known:
-        return None, fetched_at
-    segments = tuple(unpack_segment(rec, offset) for offset in _spans(rec, count))
-    # The account is not kept in the cache: no decision depends on it.
-    return AppStatus(app_id, "", segments, version), fetched_at
-
-
-def segment_of(data: bytes) -> Segment:
-    """Decode the segment in force from what :meth:`StatusCache.in_force`
-    returned."""
-    return unpack_segment(data, 0)
-
-
-def timeline_of(data: bytes) -> tuple[Segment, ...]:
-    """Decode what :meth:`StatusCache.in_force` returned: the segment in
-    force and every one after it."""
-    out, offset = [], 0
-    while offset < len(data):
-        out.append(unpack_segment(data, offset))
-        offset += _SIZE_OF_FLAGS[data[offset + 10]]
-    return tuple(out)
 
 
 class Stale(Enum):
@@ -161,9 +58,18 @@ NEGATIVE_CAPACITY: Final = 100_000  # ids remembered as absent from the table (L
 class StatusCache:
     """A bounded LRU of packed status records by application id.
 
-    Once the feed reader has loaded the whole status table into it (and kept
-    it whole), the cache is a *complete replica*: an id it does not hold is
-    not in the table, and is answered UNKNOWN_APPLICATION with no Redis read.
+    Freshness is per feed shard, proven from the feed (see
+    :mod:`lcic_guard.sidecar.follower`): a shard is *vouched* while the feed
+    is read, the shard is loaded (``synced_since``) and its sequence has been
+    applied with no gap up to a progress mark or change confirmed within
+    ``max_age``. A held record is fresh while its shard is vouched and it was
+    fetched since that shard was last loaded; nothing is re-read in the
+    background.
+
+    Once the feed reader has loaded every shard (and nothing was evicted),
+    the cache is a *complete replica*: an id it does not hold is not in the
+    table, and is answered UNKNOWN_APPLICATION with no Redis read while its
+    shard is vouched.
 
     Checks read it from the serving threads while the change feed writes it
     on the event loop's thread. Single dict operations are atomic; what is
@@ -195,11 +101,12 @@ class StatusCache:
         self._absent: dict[str, Millis] = {}
         # Ids whose stored status does not decode: never answered as absent.
         self._corrupt: set[str] = set()
-        # Set by the feed reader: while healthy, entries fetched after
-        # ``synced_since`` are known current as of ``confirmed_at``.
+        # Set by the feed reader: while it reads the feed, a shard loaded at
+        # ``_synced_since[s]`` (None: not loaded, or being repaired) is
+        # current as of ``_confirmed[s]``.
         self.feed_healthy = False
-        self.synced_since: Millis | None = None
-        self.confirmed_at: Millis = 0
+        self._synced_since: list[Millis | None] = [None] * FEED_SHARDS
+        self._confirmed: list[Millis] = [0] * FEED_SHARDS
         # True while the whole status table is held (loaded, nothing evicted).
         self.complete = False
         self.hits = 0
@@ -215,6 +122,50 @@ class StatusCache:
     @property
     def absent_count(self) -> int:
         return len(self._absent)
+
+    # -- feed shards: what the feed reader proves -----------------------------
+
+    def shard_loaded(self, shard: int, since: Millis) -> None:
+        """The shard was loaded from a read that began at ``since``: records
+        fetched since then are current as of then."""
+        self._synced_since[shard] = since
+        self._confirmed[shard] = max(self._confirmed[shard], since)
+
+    def shard_unsynced(self, shard: int) -> None:
+        """The shard cannot be vouched for (a gap, a reload): its records are
+        read from Redis until it is loaded again."""
+        self._synced_since[shard] = None
+
+    def confirm(self, shard: int, at: Millis) -> None:
+        """Every change of the shard up to a mark made at ``at`` is applied."""
+        if at > self._confirmed[shard]:
+            self._confirmed[shard] = at
+
+    def vouched(self, shard: int, now: Millis) -> bool:
+        return (
+            self.feed_healthy
+            and self._synced_since[shard] is not None
+            and now - self._confirmed[shard] <= self.max_age_ms
+        )
+
+    def shard_state(self, shard: int) -> tuple[Millis | None, Millis]:
+        """``(loaded since or None, confirmed as of)`` of a shard."""
+        return self._synced_since[shard], self._confirmed[shard]
+
+    @property
+    def synced(self) -> bool:
+        """Every shard is loaded (none being repaired)."""
+        return all(s is not None for s in self._synced_since)
+
+    @property
+    def confirmed_at(self) -> Millis:
+        """Up to when the whole replica is known current: its oldest shard's
+        confirmation (0 while a shard is not loaded)."""
+        if not self.synced:
+            return 0
+        return min(self._confirmed)
+
+    # -- reads ----------------------------------------------------------------
 
     def lookup(self, app_id: str) -> bytes | None:
         """The packed record, marked as just used (while the whole table is
@@ -240,25 +191,40 @@ class StatusCache:
         rec = self.lookup(app_id)
         if rec is None:
             return None
-        version, fetched_at, known, count = _HEAD.unpack_from(rec)
-        if not self.fresh_at(fetched_at, now):
+        version, fetched_at, known, count, shard = HEAD.unpack_from(rec)
+        synced = self._synced_since[shard]
+        if (
+            synced is None
+            or fetched_at < synced
+            or now - self._confirmed[shard] > self.max_age_ms
+            or not self.feed_healthy
+        ):
             return STALE
         if not known:
             return UNKNOWN_HELD
         offset, _ = segment_span(rec, count, now)
         return version, rec[offset:]
 
-    def fresh_at(self, fetched_at: Millis, now: Millis) -> bool:
+    def _fresh(self, app_id: str, fetched_at: Millis, now: Millis) -> bool:
+        synced = self._synced_since[feed_shard(app_id)]
+        return synced is not None and fetched_at >= synced and self.vouched(feed_shard(app_id), now)
+
+    def absent_fresh(self, app_id: str, now: Millis) -> bool:
+        """Redis said it does not know ``app_id``, and that still holds."""
+        seen = self._absent.get(app_id)
+        return seen is not None and self._fresh(app_id, seen, now)
+
+    def replica_answers_absent(self, app_id: str, now: Millis) -> bool:
+        """``app_id`` is not held, and that says it is not in the table: the
+        replica is whole and its shard vouched for."""
         return (
-            now - fetched_at <= self.max_age_ms
-            and self.feed_healthy
-            and self.synced_since is not None
-            and fetched_at >= self.synced_since
+            self.complete and app_id not in self._corrupt and self.vouched(feed_shard(app_id), now)
         )
 
-    def replica_answers_absent(self) -> bool:
-        """An id not held is not in the table: the replica is whole and current."""
-        return self.complete and self.feed_healthy and self.synced_since is not None
+    @property
+    def whole(self) -> bool:
+        """The replica holds the whole table, every shard loaded and followed."""
+        return self.complete and self.feed_healthy and self.synced
 
     def mark_corrupt(self, app_id: str) -> None:
         if len(self._corrupt) >= NEGATIVE_CAPACITY:
@@ -279,16 +245,53 @@ class StatusCache:
             seen = self._absent.get(app_id)
             if seen is not None:
                 return Entry(None, seen)
-            if self.complete and self.synced_since is not None and app_id not in self._corrupt:
+            shard = feed_shard(app_id)
+            if (
+                self.complete
+                and self._synced_since[shard] is not None
+                and app_id not in self._corrupt
+            ):
                 # Not in the whole table as last confirmed (R13: a last-seen
                 # "not in the table" counts as a status).
-                return Entry(None, self.confirmed_at)
+                return Entry(None, self._confirmed[shard])
             return None
         status, fetched_at = unpack(app_id, rec)
         return Entry(status, fetched_at, self._rooms.get(app_id))
 
+    def last_confirmed(self, app_id: str, entry: Entry) -> Millis:
+        """Up to when the entry is known to have been current (for R13)."""
+        shard = feed_shard(app_id)
+        synced = self._synced_since[shard]
+        if synced is not None and entry.fetched_at >= synced:
+            return max(entry.fetched_at, self._confirmed[shard])
+        return entry.fetched_at
+
     def rooms_of(self, app_id: str) -> dict[str, Room | None] | None:
         return self._rooms.get(app_id)
+
+    def held_version(self, app_id: str) -> int | None:
+        rec = self._records.get(app_id)
+        if rec is None:
+            return None
+        version, _, known, _, _ = HEAD.unpack_from(rec)
+        return int(version) if known else None
+
+    def transitions(self, app_id: str, after: Millis, until: Millis) -> list[Millis]:
+        """The instants in (after, until] at which the held status changes."""
+        rec = self._records.get(app_id)
+        if rec is None:
+            return []
+        return [int(t) for t in segment_starts(rec) if after < t <= until]
+
+    def app_ids(self) -> list[str]:
+        return list(self._records)
+
+    def shard_app_ids(self, shard: int) -> list[str]:
+        """The ids held (or remembered as absent) in one feed shard."""
+        out = [a for a, rec in list(self._records.items()) if rec[HEAD.size - 1] == shard]
+        return out + [a for a in list(self._absent) if feed_shard(a) == shard]
+
+    # -- writes -----------------------------------------------------------------
 
     def _drop_rooms_of(self, app_id: str) -> None:
         rooms = self._rooms.pop(app_id, None)
@@ -303,9 +306,11 @@ class StatusCache:
             else:
                 records.pop(app_id, None)
                 records[app_id] = rec
-        self._absent.pop(app_id, None)
-        self._corrupt.discard(app_id)
-        if len(self._records) > self.capacity:
+        if self._absent:
+            self._absent.pop(app_id, None)
+        if self._corrupt:
+            self._corrupt.discard(app_id)
+        if len(records) > self.capacity:
             if self.complete:
                 # The table outgrew --cache-size: ids not held are read again
                 # (said before the eviction, which a check may see at once).
@@ -315,9 +320,9 @@ class StatusCache:
                     "from Redis",
                     self.capacity,
                 )
-            oldest = next(iter(self._records))
+            oldest = next(iter(records))
             with self._lock:
-                del self._records[oldest]
+                del records[oldest]
             self._drop_rooms_of(oldest)
             self.evictions += 1
 
@@ -333,32 +338,27 @@ class StatusCache:
     def put(
         self, app_id: str, status: AppStatus | None, now: Millis, *, replace: bool = False
     ) -> None:
+        """Hold what Redis said of ``app_id`` at ``now``. Without ``replace``,
+        a newer record held (it came on the feed meanwhile) is kept."""
         old = self._records.get(app_id)
         if not replace and old is not None:
-            old_version, _, known, _ = _HEAD.unpack_from(old)
+            old_version, _, known, _, _ = HEAD.unpack_from(old)
             if known and (status is None or status.version < old_version):
                 # A slower read raced a newer feed entry: keep the newer record.
                 # (A known app never becomes unknown, short of Redis losing its
-                # data, which the feed reader detects and resyncs with `replace`.)
-                self._store(app_id, self._touched(old, now))
+                # data, which the feed reader detects and reloads with `replace`.)
                 return
         if status is None:
-            if self.replica_answers_absent() and old is None:
+            if old is None and self.replica_answers_absent(app_id, now):
                 return  # the replica already answers it: nothing to remember
             self._store_absent(app_id, now)
             return
-        self._store(app_id, pack(status, now))
+        self._store(app_id, pack(status, now, feed_shard(app_id)))
 
-    def touch(self, app_id: str, now: Millis) -> None:
-        """The held record was found current in Redis at ``now``."""
-        old = self._records.get(app_id)
-        if old is not None:
-            self._records[app_id] = self._touched(old, now)  # in place, as apply()
-
-    @staticmethod
-    def _touched(rec: bytes, now: Millis) -> bytes:
-        version, fetched_at, known, count = _HEAD.unpack_from(rec)
-        return _HEAD.pack(version, max(fetched_at, now), known, count) + rec[_HEAD.size :]
+    def put_packed(self, app_id: str, rec: bytes) -> None:
+        """Hold a packed record as loaded from a shard's snapshot (its
+        fetched_at already set), replacing what is held."""
+        self._store(app_id, rec)
 
     def put_room(self, app_id: str, room_id: str, room: Room | None, now: Millis = 0) -> None:
         if app_id not in self._records:
@@ -380,39 +380,17 @@ class StatusCache:
             self.room_evictions += 1
 
     def apply(self, app_id: str, status: AppStatus, now: Millis) -> bool:
-        """Apply a record from the feed; True if it changed what is held.
+        """Apply a record from the feed; True if it changed what is held
+        (an older or equal version, e.g. replayed after a snapshot, does not).
 
         An application not held is inserted: the replica stays whole."""
         old = self._records.get(app_id)
         if old is not None:
-            version, _, known, _ = _HEAD.unpack_from(old)
+            version, _, known, _, _ = HEAD.unpack_from(old)
             if known and version >= status.version:
-                self._records[app_id] = self._touched(old, now)
                 return False
-        self._store(app_id, pack(status, now))
+        self._store(app_id, pack(status, now, feed_shard(app_id)))
         return True
-
-    def transitions(self, app_id: str, after: Millis, until: Millis) -> list[Millis]:
-        """The instants in (after, until] at which the held status changes."""
-        rec = self._records.get(app_id)
-        if rec is None:
-            return []
-        _, _, known, count = _HEAD.unpack_from(rec)
-        if not known:
-            return []
-        out = []
-        for offset in _spans(rec, count):
-            start = _SEG.unpack_from(rec, offset)[0]
-            if after < start <= until:
-                out.append(int(start))
-        return out
-
-    def held_version(self, app_id: str) -> int | None:
-        rec = self._records.get(app_id)
-        if rec is None:
-            return None
-        version, _, known, _ = _HEAD.unpack_from(rec)
-        return int(version) if known else None
 
     def forget_room(self, app_id: str, room_id: str) -> None:
         rooms = self._rooms.get(app_id)
@@ -423,27 +401,17 @@ class StatusCache:
         self._drop_rooms_of(app_id)
 
     def clear(self) -> None:
-        """Forget everything (the data set Redis holds was replaced)."""
+        """Forget everything (tests, and a process that must start over)."""
         # Not whole first: a check meanwhile must not answer an id missing
         # from a half-cleared table as unknown.
         self.complete = False
-        self.synced_since = None
+        for shard in range(FEED_SHARDS):
+            self._synced_since[shard] = None
         self._records.clear()
         self._rooms.clear()
         self._absent.clear()
         self._corrupt.clear()
         self.room_count = 0
-        self.complete = False
-        self.synced_since = None
-
-    def last_confirmed(self, entry: Entry) -> Millis:
-        """Up to when the entry is known to have been current (for R13)."""
-        if self.synced_since is not None and entry.fetched_at >= self.synced_since:
-            return max(entry.fetched_at, self.confirmed_at)
-        return entry.fetched_at
-
-    def app_ids(self) -> list[str]:
-        return list(self._records)
 
 
 _MISSING: Final[Room] = Room(-1)

@@ -36,9 +36,8 @@ from lcic_guard.sidecar.cache import (
     CircuitBreaker,
     Entry,
     StatusCache,
-    segment_of,
-    timeline_of,
 )
+from lcic_guard.store.packed import segment_of, timeline_of
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +178,10 @@ class Checker:
         cache = self.cache
         held = cache.in_force(req.app_id, now)
         if held is None:
-            if not (cache.replica_answers_absent() and not cache.is_corrupt(req.app_id)):
-                seen = cache.absent_since(req.app_id)
-                if seen is None or not cache.fresh_at(seen, now):
-                    return None
+            if not (
+                cache.replica_answers_absent(req.app_id, now) or cache.absent_fresh(req.app_id, now)
+            ):
+                return None
             held = UNKNOWN_HELD  # R12, from a whole and current replica or a fresh "absent"
         elif held is STALE:
             return None
@@ -403,7 +402,7 @@ class Checker:
         entry: Entry | None = self.cache.get(req.app_id)
         if entry is None:
             return self._failure_mode(req, now, None)
-        seen_at = self.cache.last_confirmed(entry)
+        seen_at = self.cache.last_confirmed(req.app_id, entry)
         if now - seen_at > self.cfg.stale_bound_ms:
             return self._failure_mode(req, now, entry.status)
         if entry.status is None:

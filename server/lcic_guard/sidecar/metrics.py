@@ -23,6 +23,7 @@ from lcic_guard.domain.policy import Check, Reason
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.follower import DISCONTINUITIES, ChangeFeedReader
 from lcic_guard.sidecar.watchers import Watchers
+from lcic_guard.store.keys import FEED_SHARDS
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class _CheckerCollector(Collector):
             "lcic_guard_cache_complete",
             "1 while the cache holds the whole status table (absent ids answer "
             "UNKNOWN_APPLICATION with no Redis read).",
-            1.0 if cache.replica_answers_absent() else 0.0,
+            1.0 if cache.whole else 0.0,
         )
         yield GaugeMetricFamily(
             "lcic_guard_cache_rooms", "Classroom reports held in the cache.", cache.room_count
@@ -118,8 +119,8 @@ class _CheckerCollector(Collector):
                 "lcic_guard_table_loads",
                 "Loads of the whole status table, by cause (start, generation: Redis holds a "
                 "new data set, restart: Redis restarted or failed over, rollback: a version "
-                "or the change feed went backwards, gap: the change feed was trimmed past "
-                "this reader).",
+                "or a feed shard's number went backwards), and of one feed shard (gap: its "
+                "numbers jumped).",
                 labels=("cause",),
             )
             for cause in ("start", "generation", "restart", "rollback", "gap"):
@@ -136,8 +137,15 @@ class _CheckerCollector(Collector):
             yield gone_back
             yield GaugeMetricFamily(
                 "lcic_guard_table_loaded",
-                "1 while the whole status table is loaded and followed.",
+                "1 once the whole status table was loaded and while the feed is followed "
+                "(a reload of some feed shards leaves it at 1: the sidecar serves meanwhile).",
                 1.0 if self.feed.in_sync else 0.0,
+            )
+            yield GaugeMetricFamily(
+                "lcic_guard_feed_shards_vouched",
+                "Feed shards loaded, followed and confirmed by a progress mark within "
+                "--cache-max-age (16 when every answer can come from memory).",
+                sum(cache.vouched(s, checker.clock()) for s in range(FEED_SHARDS)),
             )
         if self.watchers is not None:
             w = self.watchers
@@ -182,7 +190,8 @@ class _CheckerCollector(Collector):
             staleness = max(0, checker.clock() - cache.confirmed_at) / 1000
         yield GaugeMetricFamily(
             "lcic_guard_status_staleness_seconds",
-            "Now minus the time the cache was last confirmed current by the change feed.",
+            "Now minus the time the least recently confirmed feed shard was last proven "
+            "current by a progress mark or change (NaN while a shard is not loaded).",
             staleness,
         )
         yield CounterMetricFamily(

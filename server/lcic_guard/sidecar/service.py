@@ -98,13 +98,8 @@ class EnforcementServicer:
             )
         if not known:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"app_id: unknown application {app_id}")
+        # Other sidecars learn of it from the feed entry the report made.
         self.checker.remember_room(app_id, room_id)
-        try:
-            await asyncio.wait_for(self.store.publish_room(app_id, room_id), self.store_timeout)
-        except Exception as exc:
-            # Recorded; other sidecars re-read the room when their cache
-            # entry ages out (--cache-max-age).
-            log.warning("could not announce classroom report %s/%s: %s", app_id, room_id, exc)
 
     async def ReportClassroomStarted(
         self, request: pb.ReportClassroomStartedRequest, context: grpc.aio.ServicerContext

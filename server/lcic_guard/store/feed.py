@@ -1,27 +1,40 @@
-"""The streams lcic-guard writes: the change feed every sidecar follows (a
-new status travels with its notice, so applying it needs no read), the
-announcements on ``lcic:guard:events``, and the dead letters.
+"""The streams lcic-guard writes: the change feed every sidecar follows, in
+feed shards (a new status travels with its notice and its shard sequence
+number, so applying it needs no read and a gap shows), with each shard's
+packed snapshot; the announcements on ``lcic:guard:events``; and the dead
+letters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import RedisCluster
 
 from lcic_guard.domain.policy import AppStatus
-from lcic_guard.store.codec import decode_segments, encode_segments, text
+from lcic_guard.domain.time import Millis
+from lcic_guard.store.codec import decode_segments, text
 from lcic_guard.store.connect import RedisClient
 from lcic_guard.store.keys import (
-    CHANGES_MAXLEN,
-    CHANGES_STREAM,
     DEAD_LETTER_STREAM,
     DEADLETTER_MAXLEN,
+    FEED_MAXLEN,
+    FEED_SHARDS,
     GUARD_STREAM,
     MAX_EVENT_BYTES,
+    SNAPSHOT_CHUNKS,
+    feed_key,
+    feed_seq_key,
+    snapshot_key,
 )
+from lcic_guard.store.packed import FETCHED_AT
+from lcic_guard.store.scripts import script
+
+_STAMP: Final = struct.Struct("<q")
 
 
 def stream_id_order(entry_id: str) -> tuple[int, int]:
@@ -31,92 +44,114 @@ def stream_id_order(entry_id: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True, slots=True)
-class Change:
-    """One entry of the change feed: a new status, or a room report."""
+class FeedEntry:
+    """One entry of a feed shard: a new status, a room report, or a progress
+    mark (neither), with the shard's sequence number after it."""
 
+    shard: int
     entry_id: str
+    seq: int
     app_id: str
     status: AppStatus | None
     room_id: str | None
 
+    @property
+    def is_mark(self) -> bool:
+        return not self.app_id
+
+
+def _entry(shard: int, entry_id: Any, fields: dict[Any, Any]) -> FeedEntry:
+    f = {text(k): v for k, v in fields.items()}
+    app_id = text(f.get("a")) or ""
+    data = f.get("d")
+    status = None
+    if app_id and data is not None:
+        status = AppStatus(
+            app_id,
+            text(f.get("acct")) or "",
+            decode_segments(data),
+            int(f.get("v") or 0),
+            int(f.get("u") or 0),
+        )
+    return FeedEntry(
+        shard, text(entry_id) or "", int(f.get("s") or 0), app_id, status, text(f.get("r"))
+    )
+
 
 class Feeds:
-    """The change feed, announcements and dead letters (part of the Store)."""
+    """The change feed's shards and snapshots, announcements and dead
+    letters (part of the Store)."""
 
     def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
+        self._feed_mark = redis.register_script(script("feed_append") + script("feed_mark"))
+        self._feed_head = redis.register_script(script("feed_head"))
 
-    async def publish_change(self, status: AppStatus) -> None:
-        """Tell every sidecar that an application's status changed (the new
-        record travels with the notice, so no read is needed to apply it)."""
-        await self.redis.xadd(
-            CHANGES_STREAM,
-            {
-                "app": status.app_id,
-                "v": status.version,
-                "account": status.account_id,
-                "data": encode_segments(status.segments),
-                "updated_at": status.updated_at,
-            },
-            maxlen=CHANGES_MAXLEN,
-            approximate=True,
+    @property
+    def clustered(self) -> bool:
+        """A Redis Cluster: one read may name the streams of one slot only."""
+        return isinstance(self.redis, RedisCluster)
+
+    async def mark_progress(self) -> None:
+        """A progress mark on every feed shard (the reconciler, every second)."""
+        await asyncio.gather(
+            *(
+                self._feed_mark(keys=[feed_key(s), feed_seq_key(s)], args=[FEED_MAXLEN])
+                for s in range(FEED_SHARDS)
+            )
         )
 
-    async def publish_room(self, app_id: str, room_id: str) -> None:
-        """Tell every sidecar that a classroom report changed a room."""
-        await self.redis.xadd(
-            CHANGES_STREAM,
-            {"app": app_id, "room": room_id},
-            maxlen=CHANGES_MAXLEN,
-            approximate=True,
+    async def feed_head(self, shard: int) -> tuple[int, str]:
+        """``(sequence, last entry id)`` of a shard at one instant: a reader
+        positioned there applies numbers after that sequence."""
+        seq, last = await self._feed_head(keys=[feed_key(shard), feed_seq_key(shard)])
+        return int(seq), text(last) or "0-0"
+
+    async def read_feeds(
+        self, positions: dict[int, str], block_ms: int, count: int = 1000
+    ) -> list[FeedEntry]:
+        """Entries after each shard's position, waiting up to ``block_ms``
+        for the first (shards of one slot only on a cluster)."""
+        rows: Any = await self.redis.xread(
+            {feed_key(s): after for s, after in positions.items()}, count=count, block=block_ms
         )
-
-    async def changes_tail(self) -> str:
-        """The id of the newest change, where a new reader starts."""
-        rows: Any = await self.redis.xrevrange(CHANGES_STREAM, count=1)
-        return (text(rows[0][0]) or "0-0") if rows else "0-0"
-
-    async def read_changes(self, after: str, block_ms: int, count: int = 1000) -> list[Change]:
-        """Changes after ``after``, waiting up to ``block_ms`` for the first."""
-        rows: Any = await self.redis.xread({CHANGES_STREAM: after}, count=count, block=block_ms)
-        entries = rows[0][1] if rows else []
+        if not rows:
+            return []
+        shard_of = {feed_key(s): s for s in positions}
         out = []
-        for entry_id, fields in entries:
-            f = {text(k): v for k, v in fields.items()}
-            app_id = text(f.get("app")) or ""
-            room = text(f.get("room"))
-            status = None
-            if room is None and f.get("data") is not None:
-                status = AppStatus(
-                    app_id,
-                    text(f.get("account")) or "",
-                    decode_segments(f["data"]),
-                    int(f.get("v") or 0),
-                    int(f.get("updated_at") or 0),
-                )
-            out.append(Change(text(entry_id) or "", app_id, status, room))
+        for stream, entries in rows:
+            shard = shard_of[text(stream) or ""]
+            out += [_entry(shard, entry_id, fields) for entry_id, fields in entries]
         return out
 
-    async def feed_gap(self, after: str) -> bool:
-        """True if changes newer than ``after`` were trimmed from the feed
-        (a reader resuming from ``after`` would miss them)."""
-        try:
-            info: Any = await self.redis.xinfo_stream(CHANGES_STREAM)
-        except ResponseError:
-            # No feed: nothing was missed, unless we had read from one, in
-            # which case Redis lost it (restarted without its data).
-            return stream_id_order(after) > (0, 0)
-        # Trimming removes the oldest entries: if the entry we stopped at is
-        # gone, newer ones may be gone too, so count that as a gap.
-        deleted = text(info.get("max-deleted-entry-id")) or "0-0"
-        first = info.get("first-entry")
-        first_id = text(first[0]) if first else None
-        trimmed = first_id is not None and stream_id_order(first_id) > stream_id_order(after)
-        # A feed that ends before where we stopped was rolled back (Redis
-        # restarted from an older snapshot): what we applied may be gone.
-        last = text(info.get("last-generated-id")) or "0-0"
-        rolled_back = stream_id_order(last) < stream_id_order(after)
-        return trimmed or rolled_back or stream_id_order(deleted) > stream_id_order(after)
+    async def load_snapshot(self, shard: int, fetched_at: Millis) -> list[tuple[str, bytes]]:
+        """The packed records of a shard's snapshot, each stamped as fetched
+        at ``fetched_at`` (a copy of bytes per record: no decoding)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for chunk in range(SNAPSHOT_CHUNKS):
+                pipe.hgetall(snapshot_key(shard, chunk))
+            chunks = await pipe.execute()
+        stamp = _STAMP.pack(fetched_at)
+        head = FETCHED_AT.start
+        tail = FETCHED_AT.stop
+        out: list[tuple[str, bytes]] = []
+        for records in chunks:
+            out += [
+                (app.decode(), b"".join((rec[:head], stamp, rec[tail:])))
+                for app, rec in records.items()
+            ]
+        return out
+
+    async def snapshot_bytes(self) -> int:
+        """What the packed snapshot takes (ids and records), for sizing."""
+        total = 0
+        for shard in range(FEED_SHARDS):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for chunk in range(SNAPSHOT_CHUNKS):
+                    pipe.hgetall(snapshot_key(shard, chunk))
+                for records in await pipe.execute():
+                    total += sum(len(k) + len(v) for k, v in records.items())
+        return total
 
     async def announce(
         self, event: dict[str, Any], stream: str = GUARD_STREAM, *, keep_ms: int = 0

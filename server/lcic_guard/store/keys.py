@@ -17,10 +17,19 @@ from lcic_guard.domain.facts import (
 BILLING_STREAM: Final = "lcic:billing:events"
 GUARD_STREAM: Final = "lcic:guard:events"
 DEAD_LETTER_STREAM: Final = "lcic:guard:deadletter"
-CHANGES_STREAM: Final = "lcic:guard:changes"
-# The change feed keeps about this many entries; a sidecar that falls
-# further behind re-reads everything it caches.
-CHANGES_MAXLEN: Final = 100_000
+# The status table and its change feed are split into this many feed shards
+# by a stable hash of the application id. A shard is one hash slot: its
+# applications' status keys, its feed stream, its sequence counter and its
+# packed snapshot, so that a status write, its snapshot entry and its feed
+# entry are one script (atomic, and runnable on Redis Cluster). Changing the
+# number moves every key: it is part of the data layout, not a setting.
+FEED_SHARDS: Final = 16
+# Each shard's packed snapshot is split into this many hashes, so that no key
+# grows past a few hundred kB even at a million applications.
+SNAPSHOT_CHUNKS: Final = 64
+# Each shard's feed keeps about this many entries; a sidecar that falls
+# further behind sees a gap in the sequence and reloads that shard.
+FEED_MAXLEN: Final = 20_000
 # Default bound of the dead-letter stream (approximate MAXLEN).
 DEADLETTER_MAXLEN: Final = 100_000
 # An event longer than this is dead-lettered without being parsed.
@@ -35,7 +44,11 @@ HEARTBEAT: Final = "lcic:guard:heartbeat"
 # data, before a snapshot is loaded again). A different id means whatever a
 # process holds from Redis describes data that is gone.
 GENERATION: Final = "lcic:guard:generation"
-STATUS_PATTERN: Final = "lcic:app:{*}:status"
+STATUS_PATTERN: Final = "lcic:app:{f*}:*:status"
+# Set once the keys of the layout before feed shards have been carried over.
+LAYOUT: Final = "lcic:guard:layout"
+# Status and parked keys of the layout before feed shards (``{APP}`` tag).
+LEGACY_APP_PATTERN: Final = "lcic:app:{*}:*"
 # What the reconciler last saw of the store (run ids, generation, stream
 # tops), to tell that it went back in time (R10).
 CONTINUITY: Final = "lcic:guard:{continuity}"
@@ -43,12 +56,48 @@ CONTINUITY: Final = "lcic:guard:{continuity}"
 RELEASE_PAUSE: Final = "lcic:guard:{continuity}:release-pause"
 
 
+def feed_shard(app_id: str) -> int:
+    """The feed shard of an application: a stable hash every process agrees on."""
+    return zlib.crc32(app_id.encode()) % FEED_SHARDS
+
+
+def _shard_tag(shard: int) -> str:
+    return f"{{f{shard:02d}}}"
+
+
 def status_key(app_id: str) -> str:
-    return f"lcic:app:{{{app_id}}}:status"
+    return f"lcic:app:{_shard_tag(feed_shard(app_id))}:{app_id}:status"
 
 
 def parked_key(app_id: str) -> str:
-    return f"lcic:app:{{{app_id}}}:parked"
+    return f"lcic:app:{_shard_tag(feed_shard(app_id))}:{app_id}:parked"
+
+
+def feed_key(shard: int) -> str:
+    """A feed shard's stream: every status write and room report of its
+    applications, and the reconciler's progress marks, each with its
+    shard sequence number."""
+    return f"lcic:feed:{_shard_tag(shard)}"
+
+
+def feed_seq_key(shard: int) -> str:
+    """A feed shard's sequence: the number of the last entry that changed something."""
+    return f"lcic:feed:{_shard_tag(shard)}:seq"
+
+
+def snapshot_key(shard: int, chunk: int) -> str:
+    """One chunk of a feed shard's packed snapshot: app id -> packed status."""
+    return f"lcic:snap:{_shard_tag(shard)}:{chunk:02d}"
+
+
+def snapshot_key_of(app_id: str) -> str:
+    crc = zlib.crc32(app_id.encode())
+    return snapshot_key(crc % FEED_SHARDS, (crc // FEED_SHARDS) % SNAPSHOT_CHUNKS)
+
+
+def legacy_app_key(app_id: str, kind: str) -> str:
+    """An application's ``status`` or ``parked`` key in the layout before feed shards."""
+    return f"lcic:app:{{{app_id}}}:{kind}"
 
 
 def facts_key(account_id: str) -> str:
@@ -85,12 +134,30 @@ def event_digest(fact: Fact) -> str:
 ROOM_FIELD_PREFIX: Final = "room:"
 
 
+_SHARDED_PREFIX_LEN: Final = len("lcic:app:{f00}:")
+
+
 def status_key_app(key: str | bytes) -> str | None:
     """The application id of a status key, None for any other key."""
     name = key.decode() if isinstance(key, bytes) else key
-    if not (name.startswith("lcic:app:{") and name.endswith("}:status")):
+    if not (name.startswith("lcic:app:{f") and name.endswith(":status")):
         return None
-    return name[len("lcic:app:{") : -len("}:status")]
+    app_id = name[_SHARDED_PREFIX_LEN : -len(":status")]
+    return app_id if app_id and status_key(app_id) == name else None
+
+
+def legacy_app_key_parts(key: str | bytes) -> tuple[str, str] | None:
+    """``(app id, kind)`` of a key of the layout before feed shards, else None."""
+    name = key.decode() if isinstance(key, bytes) else key
+    if not name.startswith("lcic:app:{"):
+        return None
+    for kind in ("status", "parked"):
+        suffix = "}:" + kind
+        if name.endswith(suffix):
+            app_id = name[len("lcic:app:{") : -len(suffix)]
+            if app_id and legacy_app_key(app_id, kind) == name and "}" not in app_id:
+                return app_id, kind
+    return None
 
 
 LEADER: Final = "lcic:guard:{leader}"

@@ -2,12 +2,14 @@
 
 Key layout (``{...}`` is the Redis Cluster hash tag):
 
-``lcic:app:{APP}:status``
+``lcic:app:{fNN}:APP:status``
     Hash, one per application, the only key a check reads: ``version``,
     ``data`` (the status timeline, JSON), ``account``, ``updated_at``, and one
-    ``room:ROOM`` field per reported classroom (R6). Tagged by application
-    because a check knows only the application id.
-``lcic:app:{APP}:parked``
+    ``room:ROOM`` field per reported classroom (R6). Tagged by the app's feed
+    shard (a stable hash of its id, which is all a check knows), so that a
+    write, the shard's feed entry and its packed snapshot entry are one
+    script (see :mod:`lcic_guard.store.feed`).
+``lcic:app:{fNN}:APP:parked``
     Hash of facts about an application not (yet) registered, applied when its
     registration arrives (event order must not matter).
 ``lcic:acct:{ACCOUNT}:facts`` and ``lcic:acct:{ACCOUNT}:meta``
@@ -34,6 +36,7 @@ from typing import Any, Final
 
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ResponseError
 
 from lcic_guard.domain.facts import (
     ApplicationRegistered,
@@ -54,21 +57,34 @@ from lcic_guard.store.codec import (
 from lcic_guard.store.connect import RedisClient, redis_time
 from lcic_guard.store.feed import Feeds
 from lcic_guard.store.keys import (
+    FEED_MAXLEN,
     GENERATION,
+    LAYOUT,
+    LEGACY_APP_PATTERN,
     ROOM_FIELD_PREFIX,
     STATUS_PATTERN,
     event_digest,
     event_index_key,
     facts_key,
+    feed_key,
+    feed_seq_key,
+    feed_shard,
+    legacy_app_key,
+    legacy_app_key_parts,
     meta_key,
     parked_key,
     recorded_key,
+    snapshot_key_of,
     status_key,
     status_key_app,
 )
+from lcic_guard.store.packed import pack
 from lcic_guard.store.scripts import script
 
 ROOM_PRUNE_THRESHOLD: Final = 64
+# How long keys of the layout before feed shards are kept after they were
+# carried over: processes of the previous version may still read them.
+LEGACY_KEEP_S: Final = 86_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +132,15 @@ class Store(Feeds):
 
     def __init__(self, redis: RedisClient) -> None:
         super().__init__(redis)
-        self._write_status = redis.register_script(script("write_status"))
+        self._write_status = redis.register_script(script("feed_append") + script("write_status"))
+        self._publish_status = redis.register_script(
+            script("feed_append") + script("publish_status")
+        )
         self._add_facts = redis.register_script(script("now_or_arg") + script("add_facts"))
         self._load_account = redis.register_script(script("load_account"))
         self._register_owner = redis.register_script(script("register_owner"))
         self._route_app_fact = redis.register_script(script("route_app_fact"))
-        self._report_room = redis.register_script(script("report_room"))
+        self._report_room = redis.register_script(script("feed_append") + script("report_room"))
         self._move_done = redis.register_script(script("move_done"))
         self._remove_facts = redis.register_script(script("remove_facts"))
 
@@ -163,16 +182,6 @@ class Store(Feeds):
             except Exception as exc:
                 out.append(exc)
         return out
-
-    async def read_versions(self, app_ids: Sequence[str]) -> list[int | None]:
-        """The stored status versions of many applications in one round trip
-        (None: no status). A version is assigned by the store on every write,
-        so an equal one tells a held record is current without reading it."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for app_id in app_ids:
-                pipe.hget(status_key(app_id), "version")
-            res = await pipe.execute()
-        return [None if v is None else int(v) for v in res]
 
     async def scan_app_ids(self, count: int = 1000) -> AsyncIterator[list[str]]:
         """Every application id in the status table, in chunks (SCAN, so a
@@ -217,14 +226,25 @@ class Store(Feeds):
         """Write a status computed from its account's facts at sequence
         ``status.version``, unless the account no longer owns the app or a
         status from the same or newer facts of that account is stored. The
-        stored version (the store's own, see lua/write_status.lua) is returned."""
+        stored version (the store's own, see lua/write_status.lua) is
+        returned. A write that is accepted is on the app's feed shard, with
+        its packed snapshot entry, in the same step."""
+        shard = feed_shard(status.app_id)
         code, old_data, old_version, stored = await self._write_status(
-            keys=[status_key(status.app_id)],
+            keys=[
+                status_key(status.app_id),
+                feed_key(shard),
+                feed_seq_key(shard),
+                snapshot_key_of(status.app_id),
+            ],
             args=[
                 status.account_id,
                 status.version,
                 encode_segments(status.segments),
                 status.updated_at,
+                pack(status, 0, shard),
+                status.app_id,
+                FEED_MAXLEN,
             ],
         )
         previous = None
@@ -245,13 +265,15 @@ class Store(Feeds):
         scheduled_end: Millis | None = None,
         ended_at: Millis | None = None,
     ) -> bool:
-        """Record a classroom's start or end (R6). False if the app is unknown."""
+        """Record a classroom's start or end (R6), and put it on the app's
+        feed shard in the same step. False if the app is unknown."""
 
         def arg(v: Millis | None) -> str:
             return "" if v is None else str(v)
 
+        shard = feed_shard(app_id)
         done = await self._report_room(
-            keys=[status_key(app_id)],
+            keys=[status_key(app_id), feed_key(shard), feed_seq_key(shard)],
             args=[
                 ROOM_FIELD_PREFIX + room_id,
                 arg(started_at),
@@ -260,6 +282,8 @@ class Store(Feeds):
                 until,
                 now,
                 ROOM_PRUNE_THRESHOLD,
+                app_id,
+                FEED_MAXLEN,
             ],
         )
         return bool(done)
@@ -379,3 +403,68 @@ class Store(Feeds):
     async def server_time(self) -> Millis:
         """Redis's own clock, in ms: the reference for feed watermarks."""
         return await redis_time(self.redis)
+
+    # -- the layout before feed shards --------------------------------------
+
+    async def migrate_legacy_layout(self, batch: int = 500) -> int:
+        """Carry the status and parked keys of the layout before feed shards
+        (``lcic:app:{APP}:...``) over to their shard, and put each status in
+        its shard's snapshot and feed. Idempotent, and skipped once a pass
+        has finished (``lcic:guard:layout``). The old keys are left to expire
+        a day later, so that processes of the previous version still running
+        during an upgrade keep answering meanwhile. Returns the keys carried over."""
+        if await self.redis.get(LAYOUT) is not None:
+            return 0
+        kwargs: dict[str, Any] = {"match": LEGACY_APP_PATTERN, "count": 1000}
+        if isinstance(self.redis, RedisCluster):
+            kwargs["target_nodes"] = RedisCluster.PRIMARIES
+        moved = 0
+        pending: list[tuple[str, str]] = []
+        async for key in self.redis.scan_iter(**kwargs):
+            parts = legacy_app_key_parts(key)
+            if parts is not None:
+                pending.append(parts)
+            if len(pending) >= batch:
+                moved += await self._carry_over(pending)
+                pending = []
+        moved += await self._carry_over(pending)
+        await self.redis.set(LAYOUT, "feed-shards")
+        return moved
+
+    async def _carry_over(self, keys: list[tuple[str, str]]) -> int:
+        moved = 0
+        for app_id, kind in keys:
+            old = legacy_app_key(app_id, kind)
+            new = status_key(app_id) if kind == "status" else parked_key(app_id)
+            dump = await self.redis.dump(old)
+            if dump is None:
+                continue
+            ttl = int(await self.redis.pttl(old))
+            if not await self.redis.exists(new):
+                # RESTORE keeps the hash as it was, field for field; a key the
+                # new layout wrote meanwhile is newer and stays.
+                try:
+                    await self.redis.restore(new, max(ttl, 0), dump)
+                    moved += 1
+                except ResponseError as exc:
+                    if "BUSYKEY" not in str(exc):
+                        raise
+            await self.redis.expire(old, LEGACY_KEEP_S)
+            if kind == "status":
+                await self._publish_carried(app_id)
+        return moved
+
+    async def _publish_carried(self, app_id: str) -> None:
+        status, _ = await self.read_status(app_id)
+        if status is None:
+            return
+        shard = feed_shard(app_id)
+        await self._publish_status(
+            keys=[
+                status_key(app_id),
+                feed_key(shard),
+                feed_seq_key(shard),
+                snapshot_key_of(app_id),
+            ],
+            args=[status.version, pack(status, 0, shard), app_id, FEED_MAXLEN],
+        )

@@ -1,12 +1,14 @@
--- KEYS[1] status. ARGV: field, started_at or '', scheduled_end or '',
--- ended_at or '', until, now, prune_threshold.
+-- KEYS[1] status, KEYS[2] feed shard stream, KEYS[3] its sequence.
+-- ARGV: field, started_at or '', scheduled_end or '', ended_at or '', until,
+-- now, prune_threshold, app id, feed maxlen.
 -- Merges a start or end report into the room's record as
 -- lcic_guard.domain.rooms.merge_report defines it (earliest start, earliest
 -- end, first scheduled end, latest until), atomically; refuses unknown
 -- applications (returns 0). Once the hash holds many rooms, forgets the
 -- others whose protection window has passed (rooms.forgettable). The
 -- domain functions are the rule; a property test checks this script
--- against them.
+-- against them. The report goes on the feed in the same step, so that every
+-- sidecar forgets what it held of the room.
 if not redis.call('HGET', KEYS[1], 'account') then return 0 end
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local room = {}
@@ -36,4 +38,5 @@ if n > tonumber(ARGV[7]) then
     end
   end
 end
+feed_append(KEYS[2], KEYS[3], ARGV[9], true, {'a', ARGV[8], 'r', string.sub(ARGV[1], 6)})
 return 1
