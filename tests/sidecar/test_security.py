@@ -97,6 +97,8 @@ async def start_sidecar(
         settings = sidecar_settings(redis_timeout_ms=2000, policy=policy, **kw)
         sidecar = await build_sidecar(settings, store, clock=clock)
         started.append(sidecar)
+        # Health says SERVING once the table is loaded: what the tests read.
+        await asyncio.wait_for(sidecar.feed.synced.wait(), 10)
         return sidecar
 
     yield start

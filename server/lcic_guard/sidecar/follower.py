@@ -106,7 +106,7 @@ class FeedStore(Protocol):
         self, positions: dict[int, str], block_ms: int, count: int = 1000
     ) -> list[FeedEntry]: ...
 
-    async def load_snapshot(self, shard: int, fetched_at: Millis) -> list[tuple[str, bytes]]: ...
+    async def load_snapshot(self, shard: int) -> list[dict[bytes, bytes]]: ...
 
     async def read_rows(
         self, requests: Sequence[tuple[str, str | None]]
@@ -195,29 +195,31 @@ class ChangeFeedReader:
 
     # -- loading ------------------------------------------------------------
 
-    async def _load_shard(self, shard: int) -> int:
+    async def _load_shard(self, shard: int, held: list[str] | None = None) -> int:
         """Load one shard from its snapshot and position its feed where the
-        snapshot's number was read. Returns the records loaded."""
+        snapshot's number was read; ``held`` is what the cache holds of the
+        shard (looked up if not given; nothing at the first load). Returns
+        the records loaded."""
         cache = self.cache
         cache.shard_unsynced(shard)
         self.applied[shard] = None
         start = self.clock()
         seq, last = await self.store.feed_head(shard)
-        records = await self.store.load_snapshot(shard, start)
-        before = set(cache.shard_app_ids(shard))
+        chunks = await self.store.load_snapshot(shard)
         # Watch streams are told of what a reload changed: the feed entries
         # that made those changes may be before `last`, never to be read.
-        notify = self.in_sync and self.on_change is not None
+        if held is None:
+            held = cache.shard_app_ids(shard) if self.in_sync else []
+        before = {a: cache.held_version(a) for a in held}
+        # Replace even a newer version: what Redis holds now is the truth
+        # (anything newer than this read is on the feed after `last`).
+        loaded = cache.put_loaded(chunks)
         changed: list[tuple[str, bytes]] = []
-        for app_id, rec in records:
-            if notify and cache.held_version(app_id) != HEAD.unpack_from(rec)[0]:
-                changed.append((app_id, rec))
-            # Replace even a newer version: what Redis holds now is the truth
-            # (anything newer than this read is on the feed after `last`).
-            cache.put_packed(app_id, rec)
-            cache.drop_rooms(app_id)  # rooms are read again on demand
-            before.discard(app_id)
-        for app_id in before:
+        if before and self.in_sync and self.on_change is not None:
+            changed = [
+                (a, rec) for a, rec in loaded.items() if before.get(a) != HEAD.unpack_from(rec)[0]
+            ]
+        for app_id in before.keys() - loaded.keys():
             if not cache.is_corrupt(app_id):
                 cache.put(app_id, None, start, replace=True)  # no longer in the table
         self.applied[shard] = seq
@@ -225,7 +227,7 @@ class ChangeFeedReader:
         cache.shard_loaded(shard, start)
         for app_id, rec in changed:
             await self._changed(app_id, unpack(app_id, rec)[0])
-        return len(records)
+        return len(loaded)
 
     async def _changed(self, app_id: str, status: AppStatus | None) -> None:
         if self.on_change is not None:
@@ -249,9 +251,10 @@ class ChangeFeedReader:
         cache.complete = False
         order = list(range(FEED_SHARDS))
         random.shuffle(order)
+        held = cache.app_ids_by_shard() if self.in_sync else [[] for _ in order]
         loaded = 0
         for shard in order:
-            loaded += await self._load_shard(shard)
+            loaded += await self._load_shard(shard, held[shard])
         cache.complete = cache.evictions == evictions and len(cache) <= cache.capacity
         if not cache.complete:
             log.warning(

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
 from lcic_guard.domain.policy import AppStatus
-from lcic_guard.domain.time import Millis
 from lcic_guard.store.codec import decode_segments, text
 from lcic_guard.store.connect import RedisClient
 from lcic_guard.store.keys import (
@@ -31,10 +29,7 @@ from lcic_guard.store.keys import (
     feed_seq_key,
     snapshot_key,
 )
-from lcic_guard.store.packed import FETCHED_AT
 from lcic_guard.store.scripts import script
-
-_STAMP: Final = struct.Struct("<q")
 
 
 def stream_id_order(entry_id: str) -> tuple[int, int]:
@@ -124,23 +119,14 @@ class Feeds:
             out += [_entry(shard, entry_id, fields) for entry_id, fields in entries]
         return out
 
-    async def load_snapshot(self, shard: int, fetched_at: Millis) -> list[tuple[str, bytes]]:
-        """The packed records of a shard's snapshot, each stamped as fetched
-        at ``fetched_at`` (a copy of bytes per record: no decoding)."""
+    async def load_snapshot(self, shard: int) -> list[dict[bytes, bytes]]:
+        """The chunks of a shard's packed snapshot as read (app id -> packed
+        record, its fetched_at 0): one pipelined read, no decoding."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for chunk in range(SNAPSHOT_CHUNKS):
                 pipe.hgetall(snapshot_key(shard, chunk))
-            chunks = await pipe.execute()
-        stamp = _STAMP.pack(fetched_at)
-        head = FETCHED_AT.start
-        tail = FETCHED_AT.stop
-        out: list[tuple[str, bytes]] = []
-        for records in chunks:
-            out += [
-                (app.decode(), b"".join((rec[:head], stamp, rec[tail:])))
-                for app, rec in records.items()
-            ]
-        return out
+            chunks: list[dict[bytes, bytes]] = await pipe.execute()
+        return chunks
 
     async def snapshot_bytes(self) -> int:
         """What the packed snapshot takes (ids and records), for sizing."""

@@ -18,7 +18,6 @@ from lcic_guard.domain.time import Millis
 # (grace end, suspension start, release, and the suspension's effective time
 # only where it differs from its start).
 HEAD: Final = struct.Struct("<qqBBB")
-FETCHED_AT: Final = slice(8, 16)  # where fetched_at lies in a record
 _SEG: Final = struct.Struct("<qHB")  # starts_at, reason bits, optional-time flags
 _TIME: Final = struct.Struct("<q")
 _REASON_BITS: Final = {r: 1 << i for i, r in enumerate(Reason)}
