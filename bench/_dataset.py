@@ -137,7 +137,7 @@ def hset_commands(first: int, count: int, now: Millis) -> Iterator[tuple[int, by
                     b"HSET",
                     b"lcic:snap:{f%02d}:%02d" % (shard, (crc // FEED_SHARDS) % SNAPSHOT_CHUNKS),
                     app,
-                    packed[t][shard],
+                    app + b"\0" + packed[t][shard],
                 )
             )
         yield 2 * (end - start), b"".join(parts)

@@ -169,14 +169,14 @@ def sent_bytes(r: sync_redis.Redis) -> int:
 
 
 def packed_size(r: sync_redis.Redis) -> int:
-    """What the packed snapshot holds (ids and records), as HGETALL sends it."""
+    """What the packed snapshot holds: each app's id and packed record."""
     total = 0
     for shard in range(FEED_SHARDS):
         pipe = r.pipeline(transaction=False)
         for chunk in range(SNAPSHOT_CHUNKS):
-            pipe.hgetall(snapshot_key(shard, chunk))
-        for records in pipe.execute():
-            total += sum(len(k) + len(v) for k, v in records.items())
+            pipe.hvals(snapshot_key(shard, chunk))
+        for values in pipe.execute():
+            total += sum(len(v) - 1 for v in values)  # id and record, not the NUL between
     return total
 
 

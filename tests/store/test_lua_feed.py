@@ -43,7 +43,9 @@ async def test_a_write_numbers_its_feed_entry_and_packs_its_snapshot_entry(store
     assert entry["s"] == "1" and entry["a"] == "app-1" and entry["v"] == "4"
     assert entry["acct"] == "acct-1"
     assert int(await store.redis.get(feed_seq_key(shard)) or 0) == 1
-    rec: Any = await store.redis.hget(snapshot_key_of("app-1"), "app-1")
+    snap: Any = await store.redis.hget(snapshot_key_of("app-1"), "app-1")
+    app, _, rec = snap.partition(b"\0")
+    assert app == b"app-1"  # the id travels with the record: a reader takes HVALS
     packed, _ = unpack("app-1", rec)
     # The version in the snapshot is the store's own, patched in by the script.
     assert packed is not None and packed.version == 4
@@ -131,8 +133,8 @@ async def test_publish_status_puts_a_carried_over_status_on_the_feed_once(store:
     assert 0 < await store.redis.ttl(legacy_app_key("app-2", "status")) <= 86_400
     shard = feed_shard("app-2")
     assert [e["a"] for e in await entries(store, shard) if e.get("a")].count("app-2") == 1
-    rec: Any = await store.redis.hget(snapshot_key_of("app-2"), "app-2")
-    assert unpack("app-2", rec)[0] == AppStatus(
+    entry: Any = await store.redis.hget(snapshot_key_of("app-2"), "app-2")
+    assert unpack("app-2", entry.partition(b"\0")[2])[0] == AppStatus(
         "app-2", "", got.segments, 3
     )  # the cache keeps no account
     # Done once: a second pass finds the layout marked and carries nothing.

@@ -376,17 +376,18 @@ class StatusCache:
             return
         self._store(app_id, pack(status, now, feed_shard(app_id)))
 
-    def put_loaded(self, chunks: list[dict[bytes, bytes]]) -> dict[str, bytes]:
-        """Hold a feed shard's snapshot as read (app id -> packed record),
-        replacing what is held, with the rooms held of those apps. Returns
-        what it holds now, by id.
+    def put_loaded(self, chunks: list[list[bytes]]) -> dict[str, bytes]:
+        """Hold a feed shard's snapshot as read (each entry the app id, a NUL,
+        then its packed record), replacing what is held, with the rooms held
+        of those apps. Returns what it holds now, by id.
 
         The records keep the fetched_at of 0 the snapshot stores: it means
         "as of the shard's last load", which :meth:`shard_loaded` dates.
-        Only C-level dict work per record: a million load in about a second."""
+        Little but C-level work per record: a million load in about a second."""
         loaded: dict[str, bytes] = {}
         for chunk in chunks:
-            loaded.update(zip(map(bytes.decode, chunk.keys()), chunk.values(), strict=True))
+            pairs = dict(v.split(b"\0", 1) for v in chunk)
+            loaded.update(zip(map(bytes.decode, pairs.keys()), pairs.values(), strict=True))
         records = self._records
         with self._lock:
             records.update(loaded)

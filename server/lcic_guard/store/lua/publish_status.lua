@@ -8,7 +8,7 @@
 local v = redis.call('HGET', KEYS[1], 'version')
 local data = redis.call('HGET', KEYS[1], 'data')
 if not v or not data or v ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[4], ARGV[3], ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[3], ARGV[3] .. '\0' .. ARGV[2])
 feed_append(KEYS[2], KEYS[3], ARGV[4], true,
             {'a', ARGV[3], 'v', v, 'acct', redis.call('HGET', KEYS[1], 'account') or '',
              'd', data, 'u', redis.call('HGET', KEYS[1], 'updated_at') or '0'})

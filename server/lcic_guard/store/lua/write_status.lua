@@ -8,7 +8,8 @@
 -- account owns the app. A write is accepted only from the owning account (or
 -- for an application no registration owns yet) and only if its seq is
 -- newer than the last one accepted from that account (``wseq:ACCOUNT``).
--- An accepted write also replaces the app's packed snapshot entry and
+-- An accepted write also replaces the app's packed snapshot entry (the app
+-- id, a NUL, then the record: a reader takes HVALS alone) and
 -- appends the change to the feed with the shard's next sequence number, in
 -- this one step: a reader that has applied every number holds the table.
 -- Returns {code, previous data or false, previous version, stored version}:
@@ -28,7 +29,8 @@ end
 local v = math.max(cur + 1, seq)
 redis.call('HSET', KEYS[1], 'version', v, 'data', ARGV[3], 'account', ARGV[1],
            'updated_at', ARGV[4], 'wseq:' .. ARGV[1], ARGV[2], 'wacct', ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[6], struct.pack('<i8', v) .. string.sub(ARGV[5], 9))
+redis.call('HSET', KEYS[4], ARGV[6],
+           ARGV[6] .. '\0' .. struct.pack('<i8', v) .. string.sub(ARGV[5], 9))
 feed_append(KEYS[2], KEYS[3], ARGV[7], true,
             {'a', ARGV[6], 'v', v, 'acct', ARGV[1], 'd', ARGV[3], 'u', ARGV[4]})
 return {1, old, cur, v}
