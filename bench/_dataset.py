@@ -31,7 +31,7 @@ from lcic_guard.domain.facts import (
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, PolicyConfig, compute_account
 from lcic_guard.domain.time import Millis
 from lcic_guard.store.codec import decode_segments, encode_segments
-from lcic_guard.store.keys import FEED_SHARDS, SNAPSHOT_CHUNKS, status_key
+from lcic_guard.store.keys import FEED_SHARDS, LAYOUT, SNAPSHOT_CHUNKS, status_key
 from lcic_guard.store.packed import pack
 
 # Every TEMPLATE_CYCLE consecutive applications: mostly in good standing, one
@@ -151,8 +151,10 @@ def load_apps(host: str, port: int, first: int, count: int, now: Millis) -> None
     """
     if count >= 10**7 or first + count > 10**7:
         raise ValueError("application numbers have 7 digits")
-    commands = 2 * count
+    commands = 2 * count + 1
     with socket.create_connection((host, port)) as sock:
+        # Written in the feed-shard layout: nothing for a reconciler to carry over.
+        sock.sendall(_resp(b"SET", LAYOUT.encode(), b"feed-shards"))
         failure: list[BaseException] = []
 
         def send() -> None:
