@@ -385,6 +385,15 @@ class Prober:
             ch.close()
 
 
+def reloads(car: Sidecar) -> float:
+    """Whole-table loads after a discontinuity (a restart may read as a new
+    data set when the snapshot predates the generation id)."""
+    return sum(
+        car.metric("lcic_guard_table_loads_total", f'cause="{cause}"') or 0
+        for cause in ("restart", "generation", "rollback")
+    )
+
+
 # -- restart ----------------------------------------------------------------------------
 
 
@@ -418,9 +427,8 @@ def restart(apps: int, workdir: Path) -> list[Row]:
             for c in cars:
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
-                    loads = c.metric("lcic_guard_table_loads_total", 'cause="restart"') or 0
                     vouched = c.metric("lcic_guard_feed_shards_vouched") or 0
-                    if loads >= 1 and vouched == FEED_SHARDS:
+                    if reloads(c) >= 1 and vouched == FEED_SHARDS:
                         fresh_at.append(time.monotonic())
                         break
                     time.sleep(0.05)
