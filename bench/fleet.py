@@ -210,7 +210,10 @@ def idle(sizes: list[int], window: float, workdir: Path) -> list[Row]:
                 cars.append(Sidecar(server.url, workdir, 0))
                 cars[0].wait_ready(300)
                 time.sleep(2)
+                cpu_before = cpu_seconds(cars[0].proc.pid)
                 one = rate(r, window) - base
+                cpu = (cpu_seconds(cars[0].proc.pid) - cpu_before) / window
+                rss = rss_mb(cars[0].proc.pid, "VmRSS")
                 for n in range(1, 5):
                     cars.append(Sidecar(server.url, workdir, n))
                 for car in cars[1:]:
@@ -222,9 +225,15 @@ def idle(sizes: list[int], window: float, workdir: Path) -> list[Row]:
                     car.stop()
                 rec.stop()
                 r.close()
-            log(f"idle at {apps:,}: reconciler {base:.1f}/s, one {one:.1f}/s, five {five:.1f}/s")
+            log(
+                f"idle at {apps:,}: reconciler {base:.1f}/s, one {one:.1f}/s, five {five:.1f}/s; "
+                f"one sidecar {cpu:.3f} cores, {rss:.0f} MB"
+            )
             rows.append(
                 (f"idle sidecar, {apps:,} apps: Redis commands/s", f"{one:.1f}", "<= 20", one <= 20)
+            )
+            rows.append(
+                (f"  its CPU (cores) and RSS, {apps:,} apps", f"{cpu:.3f}, {rss:.0f} MB", "-", True)
             )
             rows.append(
                 (
@@ -308,12 +317,19 @@ def load_seconds(logfile: Path) -> float:
     return float("nan")
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak (VmHWM) or current (VmRSS) resident memory, in MB."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- answers against Redis ------------------------------------------------------------
