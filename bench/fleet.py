@@ -491,8 +491,9 @@ def restart(apps: int, workdir: Path) -> list[Row]:
 
 def trim(apps: int, workdir: Path, seconds: float) -> list[Row]:
     """Writes go on (as fast as one writer goes) while a sidecar loads, and
-    every feed shard is trimmed to nothing during the load: the sidecar must
-    see the gap and repair it, never answering an old status as current."""
+    every feed shard is trimmed to nothing during the load and every 2 s
+    after: the sidecar must see the gaps and repair them, never answering an
+    old status as current for longer than the marks take to show a gap."""
     import threading
 
     with private_redis() as server:
@@ -532,12 +533,15 @@ def trim(apps: int, workdir: Path, seconds: float) -> list[Row]:
             asyncio.run(go())
 
         def trimmer() -> None:
+            # Every shard's feed emptied every 2 s, the first time while the
+            # sidecar loads: whatever a reader had not read yet is gone.
+            time.sleep(0.3)
             while not stop.is_set():
                 pipe = r.pipeline(transaction=False)
                 for shard in range(FEED_SHARDS):
                     pipe.xtrim(feed_key(shard), maxlen=0)
                 pipe.execute()
-                time.sleep(0.2)
+                stop.wait(2.0)
 
         threads = [threading.Thread(target=writer), threading.Thread(target=trimmer)]
         for t in threads:

@@ -30,7 +30,7 @@ class Settings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     cache_size: int = 1_000_000
-    cache_max_age_ms: int = 60_000
+    cache_max_age_ms: int = 10_000
     workers: int = 1
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)

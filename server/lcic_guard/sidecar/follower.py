@@ -406,6 +406,9 @@ class ChangeFeedReader:
             if entry.seq < applied or (entry.seq == applied and not entry.is_mark):
                 raise _WentBack(f"feed shard {shard} went from {applied} back to {entry.seq}")
             if entry.seq > applied + (0 if entry.is_mark else 1):
+                # Not vouched for from this moment: its checks read Redis
+                # until the repair below (which may wait behind others) is done.
+                self.cache.shard_unsynced(shard)
                 gaps.add(shard)
                 continue
             self.applied[shard] = entry.seq
