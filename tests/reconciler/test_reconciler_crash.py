@@ -347,7 +347,13 @@ def assert_same_table(got: Snapshot, ref: Snapshot, data: DataSet) -> None:
         if app not in released
         and on_business_time(got.table[app]) != on_business_time(ref.table[app])
     ]
-    assert differing == [], f"{len(differing)} statuses differ, e.g. {differing[:5]}"
+    if differing:  # say how, so that a rare difference can be told from a bug
+        first = differing[0]
+        raise AssertionError(
+            f"{len(differing)} statuses differ, e.g. {differing[:5]}; {first}: "
+            f"got {decode_segments(got.table[first])}, "
+            f"reference {decode_segments(ref.table[first])}"
+        )
     for app in released:  # the release time is the run's own; the outcome is not
         for snap in (got, ref):
             last = decode_segments(snap.table[app])[-1]
