@@ -18,6 +18,14 @@ MAX_ROUNDS = 20
 # Independent store calls in flight at once during ingest (well under the
 # connection pool's size).
 CONCURRENCY = 32
+# A batch of deadlines of one set: this many of the most recently due (so
+# that one just due is not held up behind a backlog), then this many of the
+# longest due. Small, so that a just-due deadline waits one short batch.
+FRESH_LANE = 32
+BACKLOG_LANE = 96
+# Deadline work in flight at once in one process, over every set it works
+# (well under the connection pool's size).
+DEADLINE_CONCURRENCY = 64
 # Ledger records forgotten per read of an account's ledger at most, so that
 # a backlog (the first run after an upgrade) is worked off in small steps.
 LEDGER_TRIM_BATCH = 100
