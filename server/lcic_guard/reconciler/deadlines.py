@@ -34,7 +34,7 @@ from lcic_guard.logs import RateLimitedLog, describe_error
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.store.coordination import Coordination
 from lcic_guard.store.keys import DEADLINE_SHARDS, DEADLINES, shard_deadlines
-from lcic_guard.tasks import stop_task, wait_event
+from lcic_guard.tasks import stop_tasks, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -268,14 +268,18 @@ class DeadlineLanes:
 
     # -- stopping ------------------------------------------------------------------
 
+    def cancel(self) -> None:
+        """Cancel every worker now (nothing awaited); :meth:`stop` waits."""
+        for worker in self._workers.values():
+            worker.task.cancel()
+
     async def stop(self, *, resign: bool) -> None:
         """Stop every worker; with ``resign`` (a clean stop), give every
         shard up and leave the replicas alive, so the others take over at
         once rather than after a TTL. Without it, as if killed."""
-        workers = list(self._workers.values())
-        self._workers.clear()
-        for worker in workers:
-            await stop_task(worker.task)
+        self.cancel()
+        await stop_tasks([w.task for w in self._workers.values()])
+        self._workers = {k: w for k, w in self._workers.items() if not w.task.done()}
         if not resign:
             return
         for shard, lease in self.shards.items():

@@ -893,6 +893,11 @@ class Reconciler:
                         self.metrics.on_error("deadlines")
                 await wait_event(stop, self.config.tick_ms / 1000)
         finally:
+            # Cancelled at once, before anything here is awaited: a second
+            # cancellation of this task (stop_task asks again) cannot leave
+            # a worker running.
+            renewal.cancel()
+            self.lanes.cancel()
             await stop_task(renewal)
             await self.lanes.stop(resign=False)
 
