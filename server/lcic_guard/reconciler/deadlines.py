@@ -143,9 +143,13 @@ class DeadlineLanes:
         share = fair_share(live)
         mine = [s for s in self.held_shards() if not self._giving_up(shard_deadlines(s))]
         for shard in sorted(mine, reverse=True)[: max(0, len(mine) - share)]:
-            # Given up once its worker ends the batch in hand, so that the
-            # replica taking it over does not start the same members.
-            self._workers[shard_deadlines(shard)].giving_up.set()
+            worker = self._workers.get(shard_deadlines(shard))
+            if worker is None or worker.task.done():
+                await self._give_up(shard, self.shards[shard])
+            else:
+                # Given up once its worker ends the batch in hand, so that
+                # the replica taking it over does not start the same members.
+                worker.giving_up.set()
         want = share - len(mine)
         for i in range(DEADLINE_SHARDS):
             if want <= 0:
@@ -171,18 +175,24 @@ class DeadlineLanes:
         sets[DEADLINES] = (None, self.leader)
         for key, (shard, lease) in sets.items():
             worker = self._workers.get(key)
-            if lease.held() and (worker is None or worker.task.done()):
-                worker = _Worker(asyncio.Event())
-                worker.task = asyncio.create_task(
-                    self._run(key, shard, lease, worker.giving_up), name=f"deadlines {key}"
-                )
-                self._workers[key] = worker
-            elif worker is not None and worker.task.done():
+            if worker is not None and worker.task.done():
                 del self._workers[key]
+                worker = None
+            if worker is None:
+                if lease.held():
+                    worker = _Worker(asyncio.Event())
+                    worker.task = asyncio.create_task(
+                        self._run(key, shard, lease, worker.giving_up), name=f"deadlines {key}"
+                    )
+                    self._workers[key] = worker
+            elif not lease.held() and not worker.giving_up.is_set():
+                # Lost (the leader lease taken, or not renewed in time): its
+                # work stops now, not at the end of the batch.
+                worker.task.cancel()
 
     def _giving_up(self, key: str) -> bool:
         worker = self._workers.get(key)
-        return worker is not None and worker.giving_up.is_set()
+        return worker is not None and not worker.task.done() and worker.giving_up.is_set()
 
     def _lapsed(self, key: str, lease: Lease) -> None:
         """A lease not renewed in time: its worker stops now, mid-batch if
@@ -245,16 +255,22 @@ class DeadlineLanes:
             await wait_event(stop, every)
 
     async def renew(self) -> None:
-        sets = {shard_deadlines(s): (s, lease) for s, lease in self.shards.items() if lease.token}
-        sent = time.monotonic()
-        calls = [self.coord.hold_shard(s, self.name, self._ttl_ms) for s, _ in sets.values()]
-        if self.leader.token:
-            calls.append(self.coord.hold_lease(self.name, self._ttl_ms))
-        answers = await asyncio.gather(*calls, return_exceptions=True)
-        leases = [(key, lease) for key, (_, lease) in sets.items()]
+        held = [(s, lease) for s, lease in self.shards.items() if lease.token]
+        calls = [self.coord.hold_shard(s, self.name, self._ttl_ms) for s, _ in held]
+        leases = [(shard_deadlines(s), lease) for s, lease in held]
         if self.leader.token:
             leases.append((DEADLINES, self.leader))
-        for (key, lease), answer in zip(leases, answers, strict=True):
+            calls.append(self.coord.hold_lease(self.name, self._ttl_ms))
+        # Noted alive here too: a tick held up by a busy process must not
+        # make the other replicas count this one out.
+        calls.append(self.coord.register_replica(self.name, self._ttl_ms))
+        tokens = [lease.token for _, lease in leases]
+        sent = time.monotonic()
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        # The last answer is the replicas' count.
+        for (key, lease), token, answer in zip(leases, tokens, answers, strict=False):
+            if lease.token != token:
+                continue  # given up or taken again meanwhile: this answer is stale
             if isinstance(answer, BaseException):
                 self._warn.warning(
                     "deadlines:renew", "could not renew a lease (%s)", describe_error(answer)
