@@ -395,9 +395,7 @@ async def counted(
     recorder = Recorder()
     checker = Checker(store, policy, render=RENDER, read_timeout=2.0, clock=clock)
     # The sidecar's own server, with the recorder as its outermost hook.
-    running = await start_server(
-        servicer(checker, store), "127.0.0.1:0", hooks=[recorder]
-    )
+    running = await start_server(servicer(checker, store), "127.0.0.1:0", hooks=[recorder])
     yield CountedServer(f"127.0.0.1:{running.port}", recorder)
     await running.stop(grace=0)
 

@@ -25,7 +25,7 @@ from typing import Any
 from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Room
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
-from lcic_guard.reconciler.config import BACKLOG_LANE, FRESH_LANE
+from lcic_guard.reconciler.config import BACKLOG_LANE, FRESH_LANE, RECHECK_LANE
 from lcic_guard.reconciler.deadlines import Lease, fair_share
 from lcic_guard.store.connect import RedisClient, connect
 from lcic_guard.store.keys import (
@@ -41,6 +41,7 @@ from lcic_guard.store.keys import (
     shard_deadlines,
     shard_fence,
     shard_lease,
+    status_key,
 )
 from lcic_guard.store.status import Store
 from lcic_guard.tasks import stop_tasks
@@ -144,33 +145,54 @@ async def test_deadlines_an_earlier_version_left_in_the_single_set_are_moved_and
 # A deadline just due, behind a backlog
 
 
-async def test_a_deadline_just_due_is_processed_in_the_first_batch_behind_a_backlog(
+async def noted(store: Store, apps: list[str]) -> list[str]:
+    """The apps whose new state has been noted, waiting to settle."""
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for app in apps:
+            pipe.hget(status_key(app), "announced:cand")
+        rows = await pipe.execute()
+    return [app for app, cand in zip(apps, rows, strict=True) if cand is not None]
+
+
+async def test_a_transition_just_due_goes_first_behind_a_backlog_and_a_burst_of_rechecks(
     store: Store, policy: PolicyConfig, clock: FakeClock, events: Events
 ) -> None:
-    rec = Reconciler(store, policy, quick(), clock=clock, name="r1")
-    batch = FRESH_LANE + BACKLOG_LANE
-    backlog = apps_in_shard(5, 3 * batch)
-    [canary] = apps_in_shard(5, 1, prefix="canary")
-    now = T0 + 2 * HOUR
+    """A burst's first pass notes each change, and each comes back a settle
+    time later to be announced: those re-checks are due more recently than a
+    transition that fell due meanwhile (the canary), and a backlog of older
+    transitions is still waiting. The canary is in the very next batch, and
+    the backlog and the re-checks both move in it."""
+    rec = Reconciler(store, policy, quick(announce_settle_ms=10_000), clock=clock, name="r1")
+    shard = 5
+    batch = FRESH_LANE + BACKLOG_LANE + RECHECK_LANE
+    burst = apps_in_shard(shard, batch, prefix="burst")
+    backlog = apps_in_shard(shard, 2 * batch)
+    [canary] = apps_in_shard(shard, 1, prefix="canary")
+    flip = T0 + HOUR
     evs: list[dict[str, Any]] = []
-    for i, app in enumerate(backlog):  # expired an hour before now, oldest first
-        evs += events.app(f"acct-{app}", app, expires=T0 + HOUR + i)
-    evs += events.app("acct-canary", canary, expires=now - 1)
+    for app in burst:
+        evs += events.app(f"acct-{app}", app, expires=flip)
+    for i, app in enumerate(backlog):  # oldest first
+        evs += events.app(f"acct-{app}", app, expires=flip + 2_000 + i)
+    evs += events.app("acct-canary", canary, expires=flip + 5_000)
     await ingest(rec, evs)
+    await rec.run_deadlines(T0 + 10_000)  # each ACTIVE announced once settled
+    await rec.run_deadlines(flip + 1_000)  # the burst's first pass
+    assert await noted(store, burst) == burst
     assert await suspensions(store) == []
 
-    key = shard_deadlines(5)
-    assert await rec.deadline_batch(key, now) == batch
-    first = await suspensions(store)
-    assert canary in first, "the deadline just due is in the first batch"
-    assert len(first) == batch < len(backlog), "one batch of the backlog, not all of it"
-    # The backlog moves as well: its longest due are in that batch too.
-    assert set(backlog[:BACKLOG_LANE]) <= set(first)
+    # Its re-checks fall due at flip + 11 s, after the canary (flip + 5 s).
+    now = flip + 11_000
+    assert await rec.deadline_batch(shard_deadlines(shard), now) == batch
+    assert await noted(store, [canary]) == [canary], "the transition just due went first"
+    assert set(backlog[:BACKLOG_LANE]) <= set(await noted(store, backlog)), "the backlog moves"
+    announced = await suspensions(store)
+    assert len(announced) == RECHECK_LANE and set(announced) <= set(burst), "so do the re-checks"
 
-    # The rest of the backlog (and the accounts' warnings) in the next batches.
-    assert await rec.run_deadlines(now) >= len(backlog) - batch
-    done = await suspensions(store)
-    assert Counter(done) == Counter([*backlog, canary]), "each announced once"
+    # Everything else in the next batches, each announced once.
+    await rec.run_deadlines(now)
+    await rec.run_deadlines(now + 10_000)
+    assert Counter(await suspensions(store)) == Counter([*burst, *backlog, canary])
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 
+from lcic_guard.domain.policy import DAY
 from lcic_guard.store.coordination import Coordination
 from lcic_guard.store.keys import (
     DEADLINE_SHARDS,
@@ -20,10 +21,12 @@ from lcic_guard.store.keys import (
     deadline_key,
     deadline_shard,
     notice_deadline,
+    recheck_key,
     release_deadline,
     shard_deadlines,
     shard_fence,
     shard_lease,
+    shard_rechecks,
     warning_deadline,
 )
 from lcic_guard.store.status import Store
@@ -154,16 +157,36 @@ async def test_a_member_rescheduled_in_the_old_set_while_it_moved_stays_there(
 # -- the two lanes of a batch -------------------------------------------------------------
 
 
-async def test_a_batch_takes_the_most_recently_due_first_then_the_longest_due(
+async def test_a_batch_takes_the_most_recently_due_then_the_longest_due_and_rechecks(
     store: Store,
 ) -> None:
     coord = Coordination(store)
     key = shard_deadlines(0)
     await store.redis.zadd(key, {f"app:{n:03d}": T0 + n for n in range(100)})
     await store.redis.zadd(key, {"app:later": T0 + 1000})
-    got = await coord.due(key, T0 + 99, fresh=3, backlog=4)
-    assert got == ["app:099", "app:098", "app:097", "app:000", "app:001", "app:002", "app:003"]
-    # Overlapping lanes give each member once; nothing not yet due.
-    got = await coord.due(key, T0 + 4, fresh=3, backlog=10)
-    assert got == ["app:004", "app:003", "app:002", "app:000", "app:001"]
-    assert await coord.due(key, T0 - 1, fresh=3, backlog=4) == []
+    await store.redis.zadd(shard_rechecks(0), {"app:r1": T0 + 50, "app:r0": T0, "app:r9": T0 + 999})
+    got = await coord.due(
+        key, T0 + 99, fresh=3, backlog=4, rechecks_key=shard_rechecks(0), rechecks=5
+    )
+    assert got == (
+        ["app:099", "app:098", "app:097"],
+        ["app:000", "app:001", "app:002", "app:003"],
+        ["app:r0", "app:r1"],
+    )
+    assert await coord.due(key, T0 - 1, fresh=3, backlog=4) == ([], [], [])
+
+
+async def test_an_applications_rechecks_are_apart_from_its_transitions(store: Store) -> None:
+    """A state waiting to settle is looked at again from the shard's re-check
+    set: a burst's second pass does not crowd the transitions just due."""
+    coord = Coordination(store)
+    await coord.reschedule({"app:a": T0 + DAY}, rechecks={"app:a": T0 + 10})
+    assert await store.redis.zscore(deadline_key("app:a"), "app:a") == T0 + DAY
+    assert await store.redis.zscore(recheck_key("app:a"), "app:a") == T0 + 10
+    assert recheck_key("app:a") == shard_rechecks(deadline_shard("app:a"))
+    assert key_slot(recheck_key("app:a").encode()) == key_slot(deadline_key("app:a").encode())
+    await coord.recheck_earlier({"app:a": T0 + 20})
+    assert await store.redis.zscore(recheck_key("app:a"), "app:a") == T0 + 10, "never later"
+    assert await coord.scheduled("app:") == [("app:a", T0 + 10)]
+    await coord.reschedule({}, ["app:a"], rechecks={"app:a": None})
+    assert await coord.scheduled() == []

@@ -186,7 +186,7 @@ class Announcer:
         settle = self.config.announce_settle_ms
         # A writer that dies between the claim and the stream leaves the
         # outbox; this deadline makes the leader finish it.
-        await self.coord.schedule_earlier(
+        await self.coord.recheck_earlier(
             {
                 app_deadline(row.app_id): now + STALE_OUTBOX_MS
                 for _, row, _, candidate in todo

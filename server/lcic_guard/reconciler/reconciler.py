@@ -48,6 +48,7 @@ from lcic_guard.reconciler.config import (
     DEADLINE_CONCURRENCY,
     FRESH_LANE,
     MAX_ROUNDS,
+    RECHECK_LANE,
     RETRY_MS,
     ReconcilerConfig,
 )
@@ -68,6 +69,7 @@ from lcic_guard.store.keys import (
     deadline_of,
     release_deadline,
     shard_deadlines,
+    shard_rechecks,
 )
 from lcic_guard.store.status import AccountFacts, Ownership, Store
 from lcic_guard.tasks import stop_task, stop_tasks, wait_event
@@ -161,6 +163,8 @@ class Reconciler:
             idle_s=self.config.tick_ms / 1000,
             metrics=metrics,
         )
+        # Each shard's re-checks, worked with its transitions.
+        self._rechecks = {shard_deadlines(s): shard_rechecks(s) for s in range(DEADLINE_SHARDS)}
         # Deadline work in flight at once, over every set this replica works.
         self._deadline_slots = asyncio.Semaphore(DEADLINE_CONCURRENCY)
         # The leader lease's token the loop last saw, to log a change.
@@ -575,17 +579,16 @@ class Reconciler:
         again = await self.announcer.status_changes(statuses, now)
         due: dict[str, Millis] = {}
         gone: list[str] = []
+        rechecks: dict[str, Millis | None] = {}
         for status, later in zip(statuses, again, strict=True):
             upcoming = status.upcoming(now)
-            times = [
-                t for t in (upcoming[0].starts_at if upcoming else None, later) if t is not None
-            ]
             member = app_deadline(status.app_id)
-            if times:
-                due[member] = min(times)
+            if upcoming:
+                due[member] = upcoming[0].starts_at
             else:
                 gone.append(member)
-        await self.coord.reschedule(due, gone)
+            rechecks[member] = later
+        await self.coord.reschedule(due, gone, rechecks=rechecks)
 
     # -- deadlines ---------------------------------------------------------------
     # Worked in batches: the running reconciler's share by DeadlineLanes
@@ -611,11 +614,24 @@ class Reconciler:
 
     async def deadline_batch(self, key: str, now: Millis, seen: set[str] | None = None) -> int:
         """One batch of the deadline set ``key`` due at ``now``: the most
-        recently due members first, so that one just due is not held up behind
-        a backlog, then the longest due (FRESH_LANE and BACKLOG_LANE), all
-        processed together. Members in ``seen`` are skipped (and those taken
-        added). Returns how many were taken: 0 when nothing (new) is due."""
-        members = await self.coord.due(key, now, FRESH_LANE, BACKLOG_LANE)
+        recently due members, so that one just due is not held up behind a
+        backlog, the longest due, and for a shard its longest due re-checks
+        (FRESH_LANE, BACKLOG_LANE, RECHECK_LANE), all processed together.
+        Members in ``seen`` are skipped (and those taken added). Returns how
+        many were taken: 0 when nothing (new) is due."""
+        lanes = BACKLOG_LANE + RECHECK_LANE
+        newest, oldest, again = await self.coord.due(
+            key, now, FRESH_LANE, lanes, rechecks_key=self._rechecks.get(key), rechecks=lanes
+        )
+        members = list(
+            dict.fromkeys(
+                [
+                    *newest,
+                    *oldest[: BACKLOG_LANE + max(0, RECHECK_LANE - len(again))],
+                    *again[: RECHECK_LANE + max(0, BACKLOG_LANE - len(oldest))],
+                ]
+            )
+        )
         if seen is not None:
             members = [m for m in members if m not in seen]
             seen.update(members)
@@ -720,7 +736,8 @@ class Reconciler:
         for _round in range(MAX_ROUNDS):
             status, _ = await self.store.read_status(app_id)
             if status is None:
-                await self.coord.unschedule(app_deadline(app_id))
+                member = app_deadline(app_id)
+                await self.coord.reschedule({}, [member], rechecks={member: None})
                 return
             await self._announce_and_schedule(status, now)
             if await self.coord.status_version(app_id) == status.version:

@@ -33,10 +33,12 @@ from lcic_guard.store.keys import (
     facts_key,
     ledger_key,
     meta_key,
+    recheck_key,
     recorded_key,
     shard_deadlines,
     shard_fence,
     shard_lease,
+    shard_rechecks,
     status_key,
 )
 from lcic_guard.store.scripts import script
@@ -159,16 +161,39 @@ class Coordination:
     async def unschedule(self, member: str) -> None:
         await self.redis.zrem(deadline_key(member), member)
 
-    async def reschedule(self, due: Mapping[str, Millis], gone: Iterable[str] = ()) -> None:
-        """Schedule many members and unschedule others, in one round trip."""
+    async def reschedule(
+        self,
+        due: Mapping[str, Millis],
+        gone: Iterable[str] = (),
+        *,
+        rechecks: Mapping[str, Millis | None] | None = None,
+    ) -> None:
+        """Schedule many members and unschedule others, and set (or, for
+        None, clear) applications' re-checks, in one round trip."""
         gone = list(gone)
-        if not due and not gone:
+        rechecks = rechecks or {}
+        if not due and not gone and not rechecks:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for member, at in due.items():
                 pipe.zadd(deadline_key(member), {member: at})
             for member in gone:
                 pipe.zrem(deadline_key(member), member)
+            for member, again in rechecks.items():
+                if again is None:
+                    pipe.zrem(recheck_key(member), member)
+                else:
+                    pipe.zadd(recheck_key(member), {member: again})
+            await pipe.execute()
+
+    async def recheck_earlier(self, due: Mapping[str, Millis]) -> None:
+        """Bring applications' re-checks forward to these times (never
+        later), in one round trip."""
+        if not due:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member, at in due.items():
+                pipe.zadd(recheck_key(member), {member: at}, lt=True)
             await pipe.execute()
 
     async def schedule_earlier(self, due: Mapping[str, Millis]) -> None:
@@ -180,16 +205,28 @@ class Coordination:
                 pipe.zadd(deadline_key(member), {member: at}, lt=True)
             await pipe.execute()
 
-    async def due(self, key: str, now: Millis, fresh: int, backlog: int) -> list[str]:
-        """Members of one deadline set due at ``now``, in one round trip:
-        the ``fresh`` most recently due first, then the ``backlog`` longest
-        due (without repeats). The first are what keeps a deadline that has
-        just fallen due from waiting behind a backlog of older ones."""
+    async def due(
+        self,
+        key: str,
+        now: Millis,
+        fresh: int,
+        backlog: int,
+        *,
+        rechecks_key: str | None = None,
+        rechecks: int = 0,
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Members of one deadline set due at ``now``, in one round trip: the
+        ``fresh`` most recently due (what keeps a deadline just due from
+        waiting behind a backlog), the ``backlog`` longest due, and the
+        ``rechecks`` longest due of ``rechecks_key`` (a shard's re-checks)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrevrangebyscore(key, now, "-inf", start=0, num=fresh)
             pipe.zrangebyscore(key, "-inf", now, start=0, num=backlog)
-            newest, oldest = await pipe.execute()
-        return list(dict.fromkeys(text(m) or "" for m in (*newest, *oldest)))
+            if rechecks_key is not None:
+                pipe.zrangebyscore(rechecks_key, "-inf", now, start=0, num=rechecks)
+            rows = await pipe.execute()
+        newest, oldest, *again = ([text(m) or "" for m in row] for row in rows)
+        return newest, oldest, again[0] if again else []
 
     async def scores(self, key: str, members: Sequence[str]) -> list[Millis | None]:
         rows: Any = await self.redis.zmscore(key, list(members)) if members else []
@@ -202,6 +239,7 @@ class Coordination:
         keys = [DEADLINES]
         if not prefix.startswith("release:"):
             keys += [shard_deadlines(s) for s in range(DEADLINE_SHARDS)]
+            keys += [shard_rechecks(s) for s in range(DEADLINE_SHARDS)]
         found: dict[str, Millis] = {}
         for key in keys:
             rows: Any = await self.redis.zrange(key, 0, -1, withscores=True)

@@ -121,6 +121,14 @@ def shard_deadlines(shard: int) -> str:
     return f"lcic:guard:deadlines:{{d{shard:02d}}}"
 
 
+def shard_rechecks(shard: int) -> str:
+    """The sorted set of one shard's re-checks: an application to look at
+    again because a state waits to settle or an announcement is in flight.
+    Kept apart from the shard's transitions, so that a transition just due
+    is not crowded out by the re-checks of a burst noted seconds earlier."""
+    return f"{shard_deadlines(shard)}:settle"
+
+
 def shard_lease(shard: int) -> str:
     """The lease under which one replica works a deadline shard."""
     return f"{shard_deadlines(shard)}:lease"
@@ -137,6 +145,11 @@ def deadline_key(member: str) -> str:
     if deadline_of(member)[0] == "release":
         return DEADLINES
     return shard_deadlines(deadline_shard(member))
+
+
+def recheck_key(member: str) -> str:
+    """The re-check set of an application deadline's shard."""
+    return shard_rechecks(deadline_shard(member))
 
 
 # Deadline members: what is due, and for whom.
