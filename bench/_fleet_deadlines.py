@@ -397,7 +397,7 @@ def run(quick: bool) -> list[tuple[str, str, str, bool]]:
 def lead_for(apps: int) -> float:
     """Seconds from publishing to the instant: ingest and the first
     announcements of ``apps`` applications on this kind of machine, with room."""
-    return 40.0 + apps * 0.004
+    return 40.0 + apps * 0.005
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from lcic_guard.demo import EmbeddedRedis
-from lcic_guard.domain.policy import DAY, HOUR, MINUTE, AppStatus, PolicyConfig, Room
+from lcic_guard.domain.policy import DAY, HOUR, MINUTE, PolicyConfig
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.config import BACKLOG_LANE, FRESH_LANE, RECHECK_LANE
 from lcic_guard.reconciler.deadlines import Lease, fair_share
@@ -200,8 +200,9 @@ async def test_a_transition_just_due_goes_first_behind_a_backlog_and_a_burst_of_
 
 
 class SlowStore(Store):
-    """The real store; once armed, its next batch read of statuses (a batch
-    of deadlines) takes ``delay`` seconds, as a batch that is slow to work."""
+    """The real store; once armed, its next batch read of status versions (a
+    batch of deadlines checking that nothing changed under it) takes
+    ``delay`` seconds, as a batch that is slow to work."""
 
     def __init__(self, redis: RedisClient, delay: float) -> None:
         super().__init__(redis)
@@ -210,15 +211,13 @@ class SlowStore(Store):
         self.entered = asyncio.Event()
         self.finished = False  # the slow batch went on to its end (not cancelled)
 
-    async def read_rows(
-        self, requests: Sequence[tuple[str, str | None]]
-    ) -> list[tuple[AppStatus | None, Room | None] | Exception]:
+    async def read_versions(self, app_ids: Sequence[str]) -> list[int | None]:
         if self.armed:
             self.armed = False
             self.entered.set()
             await asyncio.sleep(self.delay)
             self.finished = True
-        return await super().read_rows(requests)
+        return await super().read_versions(app_ids)
 
 
 def held(*recs: Reconciler) -> list[int]:
@@ -293,7 +292,7 @@ async def test_a_slow_batch_keeps_its_lease_and_the_holder_never_changes(
         await asyncio.wait_for(slow.entered.wait(), 5)
         seen = set()
         give_up = time.monotonic() + 10
-        while await suspensions(store) == [] and time.monotonic() < give_up:
+        while not slow.finished and time.monotonic() < give_up:
             seen.add(await store.redis.get(shard_lease(shard)))
             assert shard not in r2.lanes.held_shards()
             await asyncio.sleep(0.02)

@@ -158,13 +158,19 @@ class Announcer:
         return (await self.status_changes([status], now))[0]
 
     async def status_changes(
-        self, statuses: Sequence[AppStatus], now: Millis
+        self,
+        statuses: Sequence[AppStatus],
+        now: Millis,
+        cursors: Sequence[tuple[str, Outbox | None, str | None]] | None = None,
     ) -> list[Millis | None]:
         """:meth:`status_change` for many applications at once (a batch of
         deadlines): the same steps in the same order for each, each step's
-        Redis work for all of them in one round trip."""
+        Redis work for all of them in one round trip. ``cursors``: their
+        announcement cursors, when read with the statuses."""
         again: list[Millis | None] = [None] * len(statuses)
-        cursors = await self.coord.status_cursors([s.app_id for s in statuses], ANNOUNCED_FIELD)
+        if cursors is None:
+            cursors = await self.coord.status_cursors([s.app_id for s in statuses], ANNOUNCED_FIELD)
+        settle = self.config.announce_settle_ms
         todo: list[tuple[int, SettleRow, dict[str, Any], str | None]] = []
         for i, (status, (announced, outbox, candidate)) in enumerate(
             zip(statuses, cursors, strict=True)
@@ -183,7 +189,6 @@ class Announcer:
             todo.append((i, row, event, candidate))
         if not todo:
             return again
-        settle = self.config.announce_settle_ms
         # A writer that dies between the claim and the stream leaves the
         # outbox; this deadline makes the leader finish it.
         await self.coord.recheck_earlier(

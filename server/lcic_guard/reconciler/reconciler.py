@@ -41,7 +41,7 @@ from lcic_guard.domain.policy import (
 )
 from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.logs import RateLimitedLog, describe_error
-from lcic_guard.reconciler.announce import Announcer
+from lcic_guard.reconciler.announce import ANNOUNCED_FIELD, Announcer
 from lcic_guard.reconciler.config import (
     BACKLOG_LANE,
     CONCURRENCY,
@@ -58,7 +58,7 @@ from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.release import ReleasePlan, Releaser
 from lcic_guard.reconciler.sources import BillingSource, Delivery, applied_until
 from lcic_guard.reconciler.stats import IngestStats
-from lcic_guard.store.coordination import Coordination
+from lcic_guard.store.coordination import Coordination, Outbox
 from lcic_guard.store.keys import (
     DEADLINE_SHARDS,
     DEADLINES,
@@ -573,10 +573,16 @@ class Reconciler:
         an announcement in flight) must be looked at again."""
         await self._announce_and_schedule_many([status], now)
 
-    async def _announce_and_schedule_many(self, statuses: list[AppStatus], now: Millis) -> None:
+    async def _announce_and_schedule_many(
+        self,
+        statuses: list[AppStatus],
+        now: Millis,
+        cursors: list[tuple[str, Outbox | None, str | None]] | None = None,
+    ) -> None:
         """:meth:`_announce_and_schedule` for many applications, each step's
-        Redis work pipelined."""
-        again = await self.announcer.status_changes(statuses, now)
+        Redis work pipelined (``cursors``: their announcement cursors, when
+        read with the statuses)."""
+        again = await self.announcer.status_changes(statuses, now, cursors)
         due: dict[str, Millis] = {}
         gone: list[str] = []
         rechecks: dict[str, Millis | None] = {}
@@ -704,16 +710,17 @@ class Reconciler:
         whose status changed meanwhile is done again on its own, so that a
         schedule made from an older status does not replace a newer one's."""
         try:
-            rows = await self.store.read_rows([(app, None) for app in apps])
+            rows = await self.coord.statuses_and_cursors(apps, ANNOUNCED_FIELD)
             statuses: list[AppStatus] = []
+            cursors: list[tuple[str, Outbox | None, str | None]] = []
             alone: list[str] = []  # unreadable, or gone: each on its own
-            for app, row in zip(apps, rows, strict=True):
-                status = None if isinstance(row, Exception) else row[0]
-                if status is None:
+            for app, (status, cursor) in zip(apps, rows, strict=True):
+                if status is None or isinstance(status, Exception):
                     alone.append(app)
                 else:
                     statuses.append(status)
-            await self._announce_and_schedule_many(statuses, now)
+                    cursors.append(cursor)
+            await self._announce_and_schedule_many(statuses, now, cursors)
             versions = await self.store.read_versions([s.app_id for s in statuses])
             alone += [s.app_id for s, v in zip(statuses, versions, strict=True) if v != s.version]
         except asyncio.CancelledError:

@@ -16,8 +16,9 @@ from lcic_guard.domain.facts import (
     Fact,
     to_json,
 )
+from lcic_guard.domain.policy import AppStatus
 from lcic_guard.domain.time import Millis
-from lcic_guard.store.codec import text
+from lcic_guard.store.codec import check_fields, decode_check_fields, text
 from lcic_guard.store.feed import stream_id_order
 from lcic_guard.store.keys import (
     CONTINUITY,
@@ -46,6 +47,16 @@ from lcic_guard.store.status import Store
 
 # ---------------------------------------------------------------------------
 # Reconciler-only keys: leadership, deadlines, announcements, release.
+
+
+def _cursor_fields(field: str) -> list[str]:
+    return [field, f"{field}:outbox", f"{field}:outbox_at", f"{field}:cand"]
+
+
+def _cursor(values: Sequence[Any]) -> tuple[str, Outbox | None, str | None]:
+    cur, payload, at, cand = values
+    outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
+    return text(cur) or "", outbox, text(cand)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,15 +322,33 @@ class Coordination:
         self, app_ids: Sequence[str], field: str
     ) -> list[tuple[str, Outbox | None, str | None]]:
         """:meth:`status_cursor` of many applications, in one round trip."""
-        fields = [field, f"{field}:outbox", f"{field}:outbox_at", f"{field}:cand"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id in app_ids:
+                pipe.hmget(status_key(app_id), _cursor_fields(field))
+            rows: Any = await pipe.execute()
+        return [_cursor(row) for row in rows]
+
+    async def statuses_and_cursors(
+        self, app_ids: Sequence[str], field: str
+    ) -> list[tuple[AppStatus | Exception | None, tuple[str, Outbox | None, str | None]]]:
+        """Each application's status (an exception if it does not decode)
+        and its announcement cursor (:meth:`status_cursor`), one read of
+        its hash each, in one round trip: what a batch of deadlines starts
+        from."""
+        fields = [*check_fields(None), *_cursor_fields(field)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for app_id in app_ids:
                 pipe.hmget(status_key(app_id), fields)
             rows: Any = await pipe.execute()
-        out: list[tuple[str, Outbox | None, str | None]] = []
-        for cur, payload, at, cand in rows:
-            outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
-            out.append((text(cur) or "", outbox, text(cand)))
+        out: list[tuple[AppStatus | Exception | None, tuple[str, Outbox | None, str | None]]] = []
+        split = len(fields) - 4
+        for app_id, row in zip(app_ids, rows, strict=True):
+            status: AppStatus | Exception | None
+            try:
+                status = decode_check_fields(app_id, None, row[:split])[0]
+            except Exception as exc:  # one corrupt record is its own failure
+                status = exc
+            out.append((status, _cursor(row[split:])))
         return out
 
     async def settle_status(
