@@ -72,7 +72,10 @@ Reconciler metrics:
 ``lcic_guard_reconciler_status_changes_total``
     State changes announced on the reconciler's event stream.
 ``lcic_guard_reconciler_deadlines_processed_total``
-    Deadlines (state flips, releases, retries) processed by the leader.
+    Deadlines (state flips, releases, retries) processed by this replica.
+``lcic_guard_reconciler_deadline_shards``
+    Deadline shards this replica works now (its share: 16 divided by the
+    replicas alive, rounded up).
 ``lcic_guard_reconciler_releases_total``
     Accounts whose resources were released (R10).
 ``lcic_guard_reconciler_leader_changes_total``, ``lcic_guard_reconciler_is_leader``

@@ -81,12 +81,27 @@ def test_every_key_function_is_in_the_table() -> None:
 
 
 def test_every_kind_of_deadline_is_in_the_table() -> None:
-    row = next(line for line in key_table().splitlines() if f"`{keys.DEADLINES}`" in line)
+    """Each kind is listed in the row of the set that holds it: releases in
+    the leader's set, the others in the shards."""
+    rows = {
+        shape(key): line
+        for line in key_table().splitlines()
+        if (key := next(iter(re.findall(r"^\| `([^`]+)`", line)), None)) is not None
+    }
     kinds = [
-        fn("X").split(":")[0]
+        fn("X")
         for name, fn in vars(keys).items()
         if name.endswith("_deadline") and inspect.isfunction(fn)
     ]
     assert len(kinds) >= 4
-    for kind in kinds:
-        assert f"`{kind}:" in row, kind
+    for member in kinds:
+        row = rows[shape(keys.deadline_key(member))]
+        assert f"`{member.split(':')[0]}:" in row, member
+    assert "release:" in rows[keys.DEADLINES]
+    assert "release:" not in rows[shape(keys.shard_deadlines(0))]
+
+
+def test_the_number_of_deadline_shards_is_the_one_documented() -> None:
+    row = next(line for line in key_table().splitlines() if "`lcic:guard:deadlines:{dNN}`" in line)
+    assert f"{keys.DEADLINE_SHARDS} deadline shards" in row
+    assert f"`{keys.DEADLINE_SHARDS - 1:02d}`" in row

@@ -33,9 +33,9 @@ from lcic_guard.store.connect import RedisClient, connect
 from lcic_guard.store.keys import (
     BILLING_STREAM,
     DEAD_LETTER_STREAM,
-    DEADLINES,
     GUARD_STREAM,
     STATUS_PATTERN,
+    deadline_key,
     facts_key,
     meta_key,
     parked_key,
@@ -75,6 +75,12 @@ async def changes_of(store: Store, app_id: str) -> list[tuple[str | None, str]]:
         for e in await guard_events(store, "status_changed")
         if e["app_id"] == app_id
     ]
+
+
+async def due_at(store: Store, member: str) -> float | None:
+    """When a deadline member is due, wherever it lives (its shard, or the
+    leader's set for a release)."""
+    return await store.redis.zscore(deadline_key(member), member)
 
 
 async def dead_letters(store: Store) -> list[dict[str, str]]:
@@ -577,13 +583,13 @@ async def test_deadlines_hold_the_next_transition(
         )
     )
     grace_end = T0 - HOUR + GRACE
-    assert await store.redis.zscore(DEADLINES, "app:app-1") == grace_end
-    assert await store.redis.zscore(DEADLINES, "release:acct-1") == grace_end + RELEASE_AFTER
+    assert await due_at(store, "app:app-1") == grace_end
+    assert await due_at(store, "release:acct-1") == grace_end + RELEASE_AFTER
 
     # Settled in grace: the next transition is the package's expiry; no release.
     await reconciler.ingest(deliveries([events("arrears_settled", T0 - 1, account_id="acct-1")]))
-    assert await store.redis.zscore(DEADLINES, "app:app-1") == T0 + 20 * DAY
-    assert await store.redis.zscore(DEADLINES, "release:acct-1") is None
+    assert await due_at(store, "app:app-1") == T0 + 20 * DAY
+    assert await due_at(store, "release:acct-1") is None
 
 
 async def test_grace_end_is_announced_exactly_once_when_due(
@@ -619,7 +625,7 @@ async def test_grace_end_is_announced_exactly_once_when_due(
     assert last["suspended_at"] == format_time(grace_end)
     assert last["release_at"] == format_time(grace_end + RELEASE_AFTER)
     # The next deadline is the package's expiry.
-    assert await store.redis.zscore(DEADLINES, "app:app-1") == T0 + 20 * DAY
+    assert await due_at(store, "app:app-1") == T0 + 20 * DAY
 
 
 async def test_racing_replicas_announce_each_change_once(
@@ -672,8 +678,8 @@ async def test_a_paused_replica_cannot_undo_a_newer_status(
         assert (await status_of(store, "app-1")).at(T0).state is State.GRACE
         assert await changes_of(store, "app-1") == [(None, "ACTIVE"), ("ACTIVE", "GRACE")]
         grace_end = T0 - HOUR + GRACE
-        assert await store.redis.zscore(DEADLINES, "app:app-1") == grace_end
-        assert await store.redis.zscore(DEADLINES, "release:acct-1") == grace_end + RELEASE_AFTER
+        assert await due_at(store, "app:app-1") == grace_end
+        assert await due_at(store, "release:acct-1") == grace_end + RELEASE_AFTER
         # ... so the leader still announces the suspension when it falls due.
         await fast.run_deadlines(grace_end)
         assert (await changes_of(store, "app-1"))[-1] == ("GRACE", "SUSPENDED")
@@ -744,7 +750,7 @@ async def test_release_happens_once_when_due_and_never_before(
         recorded_at=alert_at,
     )
     await noticed(rec, "acct-1", alert_at + GRACE)
-    assert await store.redis.zscore(DEADLINES, "release:acct-1") == release_at
+    assert await due_at(store, "release:acct-1") == release_at
 
     clock.now = release_at - 1
     plan = await rec.try_release("acct-1", clock.now)
@@ -775,7 +781,7 @@ async def test_release_happens_once_when_due_and_never_before(
         seg = (await status_of(store, app)).at(now)
         assert seg.state is State.RELEASED and seg.reasons[0] is Reason.RESOURCES_RELEASED
         assert await changes_of(store, app) == [(None, "SUSPENDED"), ("SUSPENDED", "RELEASED")]
-    assert await store.redis.zscore(DEADLINES, "release:acct-1") is None
+    assert await due_at(store, "release:acct-1") is None
 
 
 async def test_release_is_announced_once_by_racing_reconcilers(
@@ -915,7 +921,7 @@ async def test_release_waits_for_unread_entries_and_a_late_earlier_settlement_pr
     assert await guard_events(store, "resources_released") == []
     seg = (await status_of(store, "app-1")).at(clock.now)
     assert seg.state is State.ACTIVE
-    assert await store.redis.zscore(DEADLINES, "release:acct-1") is None
+    assert await due_at(store, "release:acct-1") is None
 
 
 async def test_release_is_abandoned_when_facts_arrive_between_plan_and_commit(
@@ -1029,12 +1035,12 @@ async def test_dry_run_lists_the_release_but_does_not_perform_it(
     assert (await status_of(store, "app-1")).at(now).state is State.SUSPENDED
     # A dry run looks again in a minute, and lists it again then: once, however
     # often it looks.
-    assert await store.redis.zscore(DEADLINES, "release:acct-1") == now + MINUTE
+    assert await due_at(store, "release:acct-1") == now + MINUTE
     for minute in range(1, 4):
         await rec.run_deadlines(now + minute * MINUTE)
     [again] = rec.releases_planned
     assert again.account_id == "acct-1" and again.eligible
-    assert await store.redis.zscore(DEADLINES, "release:acct-1") == now + 4 * MINUTE
+    assert await due_at(store, "release:acct-1") == now + 4 * MINUTE
 
 
 async def test_a_settlement_after_release_restores_nothing(

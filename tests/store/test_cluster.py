@@ -36,6 +36,7 @@ from lcic_guard.store.keys import (
     GUARD_STREAM,
     HEARTBEAT,
     LEADER,
+    deadline_key,
     facts_key,
     feed_key,
     feed_seq_key,
@@ -359,7 +360,7 @@ async def test_grace_then_suspension_flips_on_time_and_is_announced(
         assert ms(d.suspended_at) == T0 + 23 * HOUR
 
     # The deadline (zset on another node than the app) announces the flip.
-    assert await cstore.redis.zscore(DEADLINES, "app:app-1") is not None
+    assert await cstore.redis.zscore(deadline_key("app:app-1"), "app:app-1") is not None
     assert await crec.run_deadlines(clock()) >= 1
     states = [
         (a["old_state"], a["new_state"])

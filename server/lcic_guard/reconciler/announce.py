@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,7 +39,7 @@ from lcic_guard.domain.time import Millis, format_time, parse_time
 from lcic_guard.domain.warnings import ScheduledSuspension, scheduled_suspensions
 from lcic_guard.reconciler.config import LEDGER_TRIM_BATCH, STALE_OUTBOX_MS, ReconcilerConfig
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
-from lcic_guard.store.coordination import Coordination, Outbox
+from lcic_guard.store.coordination import Coordination, Outbox, SettleRow
 from lcic_guard.store.keys import (
     app_deadline,
     meta_key,
@@ -59,6 +59,32 @@ WARNED_FIELD = "warned"
 
 def _state_key(seg: Segment) -> str:
     return json.dumps([seg.state.value, [r.value for r in seg.reasons]], separators=(",", ":"))
+
+
+def _status_event(
+    status: AppStatus, seg: Segment, announced: str, new: str, now: Millis
+) -> dict[str, Any]:
+    """The ``status_changed`` announcing ``seg`` (state key ``new``) after
+    the state last announced."""
+    old = json.loads(announced) if announced else [None, []]
+    at = seg.starts_at if seg.starts_at <= now else now
+    effective = seg.effective_at if seg.effective_at is not None else at
+    return {
+        "type": "status_changed",
+        "announcement_id": f"{status.app_id}:{status.version}:{at}:{new}",
+        "occurred_at": format_time(at),
+        "effective_at": format_time(max(effective, at)),
+        "app_id": status.app_id,
+        "account_id": status.account_id,
+        "old_state": old[0],
+        "old_reasons": old[1],
+        "new_state": seg.state.value,
+        "reasons": [r.value for r in seg.reasons],
+        "version": status.version,
+        "suspended_at": format_time(seg.suspended_at) if seg.suspended_at else None,
+        "grace_ends_at": format_time(seg.grace_ends_at) if seg.grace_ends_at else None,
+        "release_at": format_time(seg.release_at) if seg.release_at else None,
+    }
 
 
 def _notice_series(announcement_id: str, account_id: str) -> str:
@@ -129,69 +155,85 @@ class Announcer:
         Returns when the app must be looked at again for it (a state waiting
         to settle, an announcement in flight, a claim lost to another
         replica), or None when nothing is pending."""
-        key = status_key(status.app_id)
-        announced, outbox, candidate = await self.coord.status_cursor(
-            status.app_id, ANNOUNCED_FIELD
-        )
-        # An announcement in flight: left to its writer unless presumed dead.
-        if await self._in_flight(key, ANNOUNCED_FIELD, outbox, now):
-            return now + STALE_OUTBOX_MS
-        seg = status.at(now)
-        new = _state_key(seg)
-        if new == announced and candidate is None:
-            return None
-        old = json.loads(announced) if announced else [None, []]
-        at = seg.starts_at if seg.starts_at <= now else now
-        effective = seg.effective_at if seg.effective_at is not None else at
-        event = {
-            "type": "status_changed",
-            "announcement_id": f"{status.app_id}:{status.version}:{at}:{new}",
-            "occurred_at": format_time(at),
-            "effective_at": format_time(max(effective, at)),
-            "app_id": status.app_id,
-            "account_id": status.account_id,
-            "old_state": old[0],
-            "old_reasons": old[1],
-            "new_state": seg.state.value,
-            "reasons": [r.value for r in seg.reasons],
-            "version": status.version,
-            "suspended_at": format_time(seg.suspended_at) if seg.suspended_at else None,
-            "grace_ends_at": format_time(seg.grace_ends_at) if seg.grace_ends_at else None,
-            "release_at": format_time(seg.release_at) if seg.release_at else None,
-        }
-        payload = json.dumps(event, sort_keys=True)
+        return (await self.status_changes([status], now))[0]
+
+    async def status_changes(
+        self,
+        statuses: Sequence[AppStatus],
+        now: Millis,
+        cursors: Sequence[tuple[str, Outbox | None, str | None]] | None = None,
+    ) -> list[Millis | None]:
+        """:meth:`status_change` for many applications at once (a batch of
+        deadlines): the same steps in the same order for each, each step's
+        Redis work for all of them in one round trip. ``cursors``: their
+        announcement cursors, when read with the statuses."""
+        again: list[Millis | None] = [None] * len(statuses)
+        if cursors is None:
+            cursors = await self.coord.status_cursors([s.app_id for s in statuses], ANNOUNCED_FIELD)
         settle = self.config.announce_settle_ms
-        if candidate == new or settle == 0:
-            # A writer that dies between the claim and the stream leaves the
-            # outbox; this deadline makes the leader finish it.
-            await self.coord.schedule(
-                app_deadline(status.app_id), now + STALE_OUTBOX_MS, only_earlier=True
-            )
-        code, since = await self.coord.settle_status(
-            status.app_id, ANNOUNCED_FIELD, announced, new, payload, now, status.version, settle
+        todo: list[tuple[int, SettleRow, dict[str, Any], str | None]] = []
+        for i, (status, (announced, outbox, candidate)) in enumerate(
+            zip(statuses, cursors, strict=True)
+        ):
+            # An announcement in flight: left to its writer unless presumed dead.
+            if await self._in_flight(status_key(status.app_id), ANNOUNCED_FIELD, outbox, now):
+                again[i] = now + STALE_OUTBOX_MS
+                continue
+            seg = status.at(now)
+            new = _state_key(seg)
+            if new == announced and candidate is None:
+                continue
+            event = _status_event(status, seg, announced, new, now)
+            payload = json.dumps(event, sort_keys=True)
+            row = SettleRow(status.app_id, announced, new, payload, status.version)
+            todo.append((i, row, event, candidate))
+        if not todo:
+            return again
+        # A writer that dies between the claim and the stream leaves the
+        # outbox; this deadline makes the leader finish it.
+        await self.coord.recheck_earlier(
+            {
+                app_deadline(row.app_id): now + STALE_OUTBOX_MS
+                for _, row, _, candidate in todo
+                if candidate == row.new or settle == 0
+            }
         )
-        if code == 0:
-            return None
-        if code == 2:
-            return since + settle
-        if code == 3:
-            return now + STALE_OUTBOX_MS
-        await self._announce(event)
-        await self.coord.finish(key, ANNOUNCED_FIELD, payload)
+        codes = await self.coord.settle_statuses(
+            ANNOUNCED_FIELD, [row for _, row, _, _ in todo], now, settle
+        )
+        claimed: list[tuple[SettleRow, dict[str, Any]]] = []
+        for (i, row, event, _), (code, since) in zip(todo, codes, strict=True):
+            if code == 2:
+                again[i] = since + settle
+            elif code == 3:
+                again[i] = now + STALE_OUTBOX_MS
+            elif code == 1:
+                claimed.append((row, event))
+        if claimed:
+            await self.coord.announce_many(
+                [event for _, event in claimed], keep_ms=self.config.ledger_retention_ms
+            )
+            await self.coord.finish_many(
+                ANNOUNCED_FIELD, [(status_key(row.app_id), row.payload) for row, _ in claimed]
+            )
+            for _, event in claimed:
+                self._announced_status(event)
+        return again
+
+    def _announced_status(self, event: dict[str, Any]) -> None:
         log.info(
             "%s: %s -> %s (%s)",
-            status.app_id,
-            old[0],
-            seg.state.value,
+            event["app_id"],
+            event["old_state"],
+            event["new_state"],
             ",".join(event["reasons"]) or "OK",
             extra={
                 k: event[k] for k in ("app_id", "account_id", "old_state", "new_state", "reasons")
             }
-            | {"event": "status_changed", "status_version": status.version},
+            | {"event": "status_changed", "status_version": event["version"]},
         )
         if self.metrics is not None:
             self.metrics.on_status_change()
-        return None
 
     async def _in_flight(self, key: str, cursor: str, outbox: Outbox | None, now: Millis) -> bool:
         """Whether an announcement claimed on ``cursor`` is still in flight:

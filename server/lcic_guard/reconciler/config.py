@@ -18,6 +18,18 @@ MAX_ROUNDS = 20
 # Independent store calls in flight at once during ingest (well under the
 # connection pool's size).
 CONCURRENCY = 32
+# A batch of deadlines of one shard: this many of the most recently due
+# transitions (so that one just due is not held up behind a backlog), this
+# many of the longest due, and this many of the longest due re-checks (a
+# state waiting to settle: the second pass of a burst); a lane with too few
+# due leaves its share to the other. Small, so that a just-due deadline
+# waits one short batch.
+FRESH_LANE = 32
+BACKLOG_LANE = 48
+RECHECK_LANE = 48
+# Deadline work in flight at once in one process, over every set it works
+# (well under the connection pool's size).
+DEADLINE_CONCURRENCY = 64
 # Ledger records forgotten per read of an account's ledger at most, so that
 # a backlog (the first run after an upgrade) is worked off in small steps.
 LEDGER_TRIM_BATCH = 100

@@ -81,7 +81,7 @@ class ReconcilerMetrics:
         )
         self.deadlines = Counter(
             "lcic_guard_reconciler_deadlines_processed",
-            "Deadlines processed by the leader.",
+            "Deadlines processed by this replica.",
             registry=r,
         )
         self.releases = Counter(
@@ -96,6 +96,11 @@ class ReconcilerMetrics:
         )
         self.is_leader = Gauge(
             "lcic_guard_reconciler_is_leader", "1 while this replica leads.", registry=r
+        )
+        self.deadline_shards = Gauge(
+            "lcic_guard_reconciler_deadline_shards",
+            "Deadline shards this replica holds the lease of (its share of the deadline work).",
+            registry=r,
         )
         self.errors = Counter(
             "lcic_guard_reconciler_errors",
@@ -162,6 +167,9 @@ class ReconcilerMetrics:
     def on_leadership(self, leading: bool) -> None:
         self.leader_changes.inc()
         self.is_leader.set(1 if leading else 0)
+
+    def on_deadline_shards(self, held: int) -> None:
+        self.deadline_shards.set(held)
 
     def on_generation_change(self) -> None:
         self.generation_changes.inc()

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,23 +41,38 @@ from lcic_guard.domain.policy import (
 )
 from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.logs import RateLimitedLog, describe_error
-from lcic_guard.reconciler.announce import Announcer
-from lcic_guard.reconciler.config import CONCURRENCY, MAX_ROUNDS, ReconcilerConfig
+from lcic_guard.reconciler.announce import ANNOUNCED_FIELD, Announcer
+from lcic_guard.reconciler.config import (
+    BACKLOG_LANE,
+    CONCURRENCY,
+    DEADLINE_CONCURRENCY,
+    FRESH_LANE,
+    MAX_ROUNDS,
+    RECHECK_LANE,
+    RETRY_MS,
+    ReconcilerConfig,
+)
+from lcic_guard.reconciler.deadlines import DeadlineLanes
 from lcic_guard.reconciler.hooks import NO_HOOKS, ReconcilerHooks
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.release import ReleasePlan, Releaser
 from lcic_guard.reconciler.sources import BillingSource, Delivery, applied_until
 from lcic_guard.reconciler.stats import IngestStats
-from lcic_guard.store.coordination import Coordination
+from lcic_guard.store.coordination import Coordination, Outbox
 from lcic_guard.store.keys import (
+    DEADLINE_SHARDS,
+    DEADLINES,
     MAX_EVENT_BYTES,
     OVERSIZED_KEEP,
     app_deadline,
+    deadline_key,
     deadline_of,
     release_deadline,
+    shard_deadlines,
+    shard_rechecks,
 )
 from lcic_guard.store.status import AccountFacts, Ownership, Store
-from lcic_guard.tasks import stop_tasks, wait_event
+from lcic_guard.tasks import stop_task, stop_tasks, wait_event
 
 # How often every replica writes a progress mark on each feed shard.
 MARK_INTERVAL_S: Final = 1.0
@@ -139,6 +155,22 @@ class Reconciler:
             recorded_clock=recorded_clock,
             metrics=metrics,
         )
+        self.lanes = DeadlineLanes(
+            self.coord,
+            self.name,
+            leader=self.releaser.lease,
+            work=self.deadline_batch,
+            clock=clock,
+            ttl_ms=self.config.lease_ttl_ms,
+            idle_s=self.config.tick_ms / 1000,
+            metrics=metrics,
+        )
+        # Each shard's re-checks, worked with its transitions.
+        self._rechecks = {shard_deadlines(s): shard_rechecks(s) for s in range(DEADLINE_SHARDS)}
+        # Deadline work in flight at once, over every set this replica works.
+        self._deadline_slots = asyncio.Semaphore(DEADLINE_CONCURRENCY)
+        # The leader lease's token the loop last saw, to log a change.
+        self._led = 0
 
     @property
     def sources(self) -> list[BillingSource]:
@@ -538,48 +570,199 @@ class Reconciler:
         """Announce what has settled, and come back at the next moment that
         matters: the next change ahead, or when a state waiting to settle (or
         an announcement in flight) must be looked at again."""
-        again = await self.announcer.status_change(status, now)
-        upcoming = status.upcoming(now)
-        due = [t for t in (upcoming[0].starts_at if upcoming else None, again) if t is not None]
-        member = app_deadline(status.app_id)
-        if due:
-            await self.coord.schedule(member, min(due))
-        else:
-            await self.coord.unschedule(member)
+        await self._announce_and_schedule_many([status], now)
 
-    # -- deadlines (leader only) ------------------------------------------------
+    async def _announce_and_schedule_many(
+        self,
+        statuses: list[AppStatus],
+        now: Millis,
+        cursors: list[tuple[str, Outbox | None, str | None]] | None = None,
+    ) -> None:
+        """:meth:`_announce_and_schedule` for many applications, each step's
+        Redis work pipelined (``cursors``: their announcement cursors, when
+        read with the statuses)."""
+        again = await self.announcer.status_changes(statuses, now, cursors)
+        due: dict[str, Millis] = {}
+        gone: list[str] = []
+        rechecks: dict[str, Millis | None] = {}
+        for status, later in zip(statuses, again, strict=True):
+            upcoming = status.upcoming(now)
+            member = app_deadline(status.app_id)
+            if upcoming:
+                due[member] = upcoming[0].starts_at
+            else:
+                gone.append(member)
+            rechecks[member] = later
+        await self.coord.reschedule(due, gone, rechecks=rechecks)
+
+    # -- deadlines ---------------------------------------------------------------
+    # Worked in batches: the running reconciler's share by DeadlineLanes
+    # (under leases), everything at once by run_deadlines (a tool, a test).
 
     async def run_deadlines(self, now: Millis | None = None) -> int:
-        """Process every deadline due at ``now``. Returns how many were."""
+        """Process every deadline due at ``now``, each once, whatever lease
+        this replica holds (a release still needs the leader lease: it takes
+        it for the call if free). Returns how many were."""
         now = self.clock() if now is None else now
+        # The leader's set first: what an earlier version left there moves to
+        # its shard, and is processed there below.
+        done = await self._drain(DEADLINES, now)
+        shards = [self._drain(shard_deadlines(s), now) for s in range(DEADLINE_SHARDS)]
+        return done + sum(await asyncio.gather(*shards))
+
+    async def _drain(self, key: str, now: Millis) -> int:
+        seen: set[str] = set()
         done = 0
-        for member, _due in await self.coord.due(now):
+        while taken := await self.deadline_batch(key, now, seen):
+            done += taken
+        return done
+
+    async def deadline_batch(self, key: str, now: Millis, seen: set[str] | None = None) -> int:
+        """One batch of the deadline set ``key`` due at ``now``: the most
+        recently due members, so that one just due is not held up behind a
+        backlog, the longest due, and for a shard its longest due re-checks
+        (FRESH_LANE, BACKLOG_LANE, RECHECK_LANE), all processed together.
+        Members in ``seen`` are skipped (and those taken added). Returns how
+        many were taken: 0 when nothing (new) is due."""
+        lanes = BACKLOG_LANE + RECHECK_LANE
+        newest, oldest, again = await self.coord.due(
+            key, now, FRESH_LANE, lanes, rechecks_key=self._rechecks.get(key), rechecks=lanes
+        )
+        members = list(
+            dict.fromkeys(
+                [
+                    *newest,
+                    *oldest[: BACKLOG_LANE + max(0, RECHECK_LANE - len(again))],
+                    *again[: RECHECK_LANE + max(0, BACKLOG_LANE - len(oldest))],
+                ]
+            )
+        )
+        if seen is not None:
+            members = [m for m in members if m not in seen]
+            seen.update(members)
+        if not members:
+            return 0
+        mine = [m for m in members if deadline_key(m) == key]
+        if len(mine) < len(members):  # left in the leader's set by an earlier version
+            strays = [m for m in members if deadline_key(m) != key]
+            scores = await self.coord.scores(key, strays)
+            await self.coord.move_to_shards(
+                [(m, at) for m, at in zip(strays, scores, strict=True) if at is not None]
+            )
+        await self._process_deadlines(mine, now)
+        if self.metrics is not None:
+            self.metrics.on_deadlines(len(mine))
+        return len(members)
+
+    async def _process_deadlines(self, members: list[str], now: Millis) -> None:
+        apps: list[str] = []
+        calls: list[tuple[str, Awaitable[object]]] = []
+        releases: list[str] = []
+        for member in members:
             kind, ident = deadline_of(member)
             if kind == "app":
-                # Redone if the status changed meanwhile, so that a schedule
-                # made from an older status does not replace a newer one's.
-                for _round in range(MAX_ROUNDS):
-                    status, _ = await self.store.read_status(ident)
-                    if status is None:
-                        await self.coord.unschedule(member)
-                        break
-                    await self._announce_and_schedule(status, now)
-                    if await self.coord.status_version(ident) == status.version:
-                        break
+                apps.append(ident)
             elif kind == "release":
-                await self.try_release(ident, now)
-            elif kind == "notice":
-                loaded = await self.store.load_account_facts(ident)
-                await self.announcer.release_notices(ident, loaded, self._compute(loaded), now)
-            elif kind == "warn":
-                loaded = await self.store.load_account_facts(ident)
-                await self.announcer.warnings(ident, loaded, self._compute(loaded), now)
+                releases.append(ident)
+            elif kind in ("notice", "warn"):
+                calls.append((member, self._account_deadline(kind, ident, now)))
             else:
                 await self.coord.unschedule(member)
-            done += 1
-        if self.metrics is not None:
-            self.metrics.on_deadlines(done)
-        return done
+        await asyncio.gather(
+            *(self._guarded(member, call, now) for member, call in calls),
+            *([self._app_deadlines(apps, now)] if apps else []),
+        )
+        # Rare, and each under the lease: one at a time, as before.
+        for account in releases:
+            await self._guarded(release_deadline(account), self.try_release(account, now), now)
+
+    async def _guarded(self, member: str, call: Awaitable[object], now: Millis) -> None:
+        """Run one deadline's work, at most DEADLINE_CONCURRENCY at once in
+        this process; a failure is logged and the deadline tried again after
+        RETRY_MS, so it neither stops the rest of its batch nor comes back at
+        once."""
+        async with self._deadline_slots:
+            try:
+                await call
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._warn.warning(
+                    "deadline", "deadline %s failed (%s); retried", member, describe_error(exc)
+                )
+                if self.metrics is not None:
+                    self.metrics.on_error("deadlines")
+                with contextlib.suppress(Exception):
+                    await self.coord.schedule(member, now + RETRY_MS)
+
+    async def _account_deadline(self, kind: str, account_id: str, now: Millis) -> None:
+        loaded = await self.store.load_account_facts(account_id)
+        if kind == "notice":
+            await self.announcer.release_notices(account_id, loaded, self._compute(loaded), now)
+        else:
+            await self.announcer.warnings(account_id, loaded, self._compute(loaded), now)
+
+    async def _app_deadlines(self, apps: list[str], now: Millis) -> None:
+        """Applications whose deadline is due, together: their statuses read
+        in one round trip, announced and rescheduled step by step for all
+        (pipelined), then their versions read again in one round trip; one
+        whose status changed meanwhile is done again on its own, so that a
+        schedule made from an older status does not replace a newer one's."""
+        try:
+            rows = await self.coord.statuses_and_cursors(apps, ANNOUNCED_FIELD)
+            statuses: list[AppStatus] = []
+            cursors: list[tuple[str, Outbox | None, str | None]] = []
+            alone: list[str] = []  # unreadable, or gone: each on its own
+            for app, (status, cursor) in zip(apps, rows, strict=True):
+                if status is None or isinstance(status, Exception):
+                    alone.append(app)
+                else:
+                    statuses.append(status)
+                    cursors.append(cursor)
+            await self._announce_and_schedule_many(statuses, now, cursors)
+            versions = await self.store.read_versions([s.app_id for s in statuses])
+            alone += [s.app_id for s, v in zip(statuses, versions, strict=True) if v != s.version]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # One at a time then, so that whatever failed holds up only itself.
+            self._warn.warning(
+                "deadline:apps",
+                "a batch of deadlines failed (%s); done one by one",
+                describe_error(exc),
+            )
+            alone = apps
+        await asyncio.gather(
+            *(self._guarded(app_deadline(a), self._app_deadline(a, now), now) for a in alone)
+        )
+
+    async def _app_deadline(self, app_id: str, now: Millis) -> None:
+        # Redone if the status changed meanwhile, so that a schedule made
+        # from an older status does not replace a newer one's.
+        for _round in range(MAX_ROUNDS):
+            status, _ = await self.store.read_status(app_id)
+            if status is None:
+                member = app_deadline(app_id)
+                await self.coord.reschedule({}, [member], rechecks={member: None})
+                return
+            await self._announce_and_schedule(status, now)
+            if await self.coord.status_version(app_id) == status.version:
+                return
+
+    async def migrate_deadlines(self) -> int:
+        """Move every deadline an earlier version left in the leader's set
+        to its shard (ADR 0033); how many were. Those not moved here (Redis
+        away at start, an earlier version still running and adding more) are
+        moved by the leader as they fall due."""
+        cursor, moved = 0, 0
+        while True:
+            cursor, page = await self.coord.legacy_deadlines(cursor, 1000)
+            moved += await self.coord.move_to_shards(page)
+            if cursor == 0:
+                break
+        if moved:
+            log.info("moved %d deadlines of an earlier version to their shards", moved)
+        return moved
 
     async def dead_letter_length(self) -> int:
         return await self.store.dead_letter_length()
@@ -708,31 +891,51 @@ class Reconciler:
                 await asyncio.sleep(1.0)
 
     async def _leader_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                now = self.clock()
-                await self.check_generation()
-                await self.check_continuity(now)
-                await self.coord.heartbeat(now)
-                token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
-                if token and token != self.token:
-                    log.info("%s is now the leader (token %d)", self.name, token)
-                elif not token and self.token:
-                    log.info("%s lost the lead", self.name)
-                if token != self.token and self.metrics is not None:
-                    self.metrics.on_leadership(bool(token))
-                self.token = token
-                if token:
-                    await self.run_deadlines(now)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._warn.warning(
-                    "deadlines", "deadline work failed (%s); retrying", describe_error(exc)
-                )
-                if self.metrics is not None:
-                    self.metrics.on_error("deadlines")
-            await wait_event(stop, self.config.tick_ms / 1000)
+        """Every tick: look at the store, take or keep the leader lease, and
+        hold this replica's share of the deadline shards; the deadlines
+        themselves are worked by the lanes' own tasks, and the leases renewed
+        by a task of their own, so that no batch, however long, delays a
+        renewal. Cancelled (a kill), it stops its tasks without resigning."""
+        renewal = asyncio.create_task(self.lanes.renew_forever(stop), name="lease renewal")
+        try:
+            while not stop.is_set():
+                try:
+                    now = self.clock()
+                    await self.check_generation()
+                    await self.check_continuity(now)
+                    await self.coord.heartbeat(now)
+                    await self._hold_leader_lease()
+                    await self.lanes.tick()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._warn.warning(
+                        "deadlines", "deadline work failed (%s); retrying", describe_error(exc)
+                    )
+                    if self.metrics is not None:
+                        self.metrics.on_error("deadlines")
+                await wait_event(stop, self.config.tick_ms / 1000)
+        finally:
+            # Cancelled at once, before anything here is awaited: a second
+            # cancellation of this task (stop_task asks again) cannot leave
+            # a worker running.
+            renewal.cancel()
+            self.lanes.cancel()
+            await stop_task(renewal)
+            await self.lanes.stop(resign=False)
+
+    async def _hold_leader_lease(self) -> None:
+        before = self._led
+        sent = time.monotonic()
+        token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
+        self.releaser.lease.note(token, sent, self.config.lease_ttl_ms)
+        self._led = token
+        if token and token != before:
+            log.info("%s is now the leader (token %d)", self.name, token)
+        elif not token and before:
+            log.info("%s lost the lead", self.name)
+        if token != before and self.metrics is not None:
+            self.metrics.on_leadership(bool(token))
 
     async def _progress_loop(self, stop: asyncio.Event) -> None:
         """A progress mark on every feed shard each second, by every replica:
@@ -766,11 +969,24 @@ class Reconciler:
             # are recomputed meanwhile.
             log.warning("cannot carry keys over to the feed-shard layout (%s)", exc)
         tasks = [asyncio.create_task(self._source_loop(s, stop)) for s in self.sources]
+        tasks.append(asyncio.create_task(self._migrate_once()))
         tasks.append(asyncio.create_task(self._leader_loop(stop)))
         tasks.append(asyncio.create_task(self._progress_loop(stop)))
         try:
             await stop.wait()
         finally:
             await stop_tasks(tasks)
+            # Given up at once, so that the other replicas take over now
+            # rather than a lease's TTL later.
+            with contextlib.suppress(Exception):
+                await self.lanes.stop(resign=True)
             with contextlib.suppress(Exception):
                 await self.coord.resign(self.name)
+
+    async def _migrate_once(self) -> None:
+        try:
+            await self.migrate_deadlines()
+        except Exception as exc:  # the leader moves the rest as they fall due
+            log.warning(
+                "could not move the deadlines of an earlier version (%s)", describe_error(exc)
+            )

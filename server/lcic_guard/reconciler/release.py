@@ -13,6 +13,7 @@ decision and the commit makes it decide again.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from lcic_guard.domain.time import Millis, format_time
 from lcic_guard.reconciler.announce import Announcer
 from lcic_guard.reconciler.config import MAX_ROUNDS, RETRY_MS, STALE_OUTBOX_MS, ReconcilerConfig
 from lcic_guard.reconciler.continuity import StoreContinuity
+from lcic_guard.reconciler.deadlines import Lease
 from lcic_guard.reconciler.metrics import ReconcilerMetrics
 from lcic_guard.reconciler.sources import BillingSource, applied_until
 from lcic_guard.store.coordination import Coordination
@@ -107,7 +109,9 @@ class Releaser:
         self.continuity = StoreContinuity(
             store, coord, policy.release_notice_ms, metrics, name=name
         )
-        self.token = 0
+        # The leader lease, whose fencing token a release needs: taken and
+        # renewed by the reconciler's loop (or for one call, below).
+        self.lease = Lease()
         # The data set in Redis this replica works on (see the store's
         # generation); after it changes, releases wait until every source
         # was read empty.
@@ -117,6 +121,17 @@ class Releaser:
         # The latest dry-run plan per account: looked at again every minute,
         # so a list would grow by one entry a minute for each due account.
         self.releases_planned: dict[str, ReleasePlan] = {}
+
+    @property
+    def token(self) -> int:
+        """The leader lease's fencing token while it is held, else 0: a lease
+        not renewed in time counts as lost before Redis can give it to
+        another replica."""
+        return self.lease.token if self.lease.held() else 0
+
+    @token.setter
+    def token(self, value: int) -> None:
+        self.lease.keep(value)
 
     def _compute(self, loaded: AccountFacts) -> dict[str, AppStatus]:
         return compute_account(
@@ -249,13 +264,15 @@ class Releaser:
         if self.token:
             yield
             return
-        self.token = await self.coord.hold_lease(self.name, self.config.lease_ttl_ms)
+        sent = time.monotonic()
+        ttl = self.config.lease_ttl_ms
+        self.lease.note(await self.coord.hold_lease(self.name, ttl), sent, ttl)
         try:
             yield
         finally:
-            if self.token:
+            if self.lease.token:
                 await self.coord.resign(self.name)
-            self.token = 0
+            self.lease.lose()
 
     async def release_if_due(self, account_id: str, now: Millis) -> ReleasePlan:
         """R10: commit the account's release if, on the facts as they are now
@@ -271,7 +288,8 @@ class Releaser:
         if self.resyncing:
             plan, _ = await self.plan(account_id, now)
             return replace(plan, eligible=False, why=RESYNCING)
-        if self.token and not await self.coord.fence_account(account_id, self.token):
+        token = self.token
+        if token and not await self.coord.fence_account(account_id, token):
             log.warning("not releasing %s: a newer leader has fenced it", account_id)
             return ReleasePlan(account_id, (), 0, False, FENCED)
         plan, seq = await self.plan(account_id, now)
@@ -305,18 +323,9 @@ class Releaser:
                 self.releases_planned[account_id] = plan
                 await self.coord.schedule(member, now + 60_000)
                 return plan
-            if not self.token or await self.coord.lease_token(self.name) != self.token:
-                log.warning("not releasing %s: %s does not hold the lease", account_id, self.name)
-                return replace(plan, eligible=False, why=NOT_LEADER)
-            fact = ResourcesReleased(
-                event_id=f"lcic-guard:release:{account_id}:{plan.release_at}",
-                occurred_at=now,
-                account_id=account_id,
-                release_at=plan.release_at,
-            )
-            res = await self.coord.record_release(
-                account_id, self.token, seq, fact, await self._recorded_clock()
-            )
+            res = await self._commit(plan, seq, now)
+            if isinstance(res, ReleasePlan):
+                return res
             if res == -1:
                 log.warning("release of %s refused: a newer leader holds the lease", account_id)
                 return replace(plan, eligible=False, why=FENCED)
@@ -339,6 +348,28 @@ class Releaser:
             return replace(plan, released=True)
         await self.coord.schedule(member, now + RETRY_MS)
         return plan
+
+    async def _commit(self, plan: ReleasePlan, seq: int, now: Millis) -> ReleasePlan | int:
+        """Record the release fact under the leader lease: the script's
+        answer (lua/release.lua), or the plan refused for want of the lease."""
+        account_id = plan.account_id
+        token = self.token
+        if not token or await self.coord.lease_token(self.name) != token:
+            log.warning("not releasing %s: %s does not hold the lease", account_id, self.name)
+            return replace(plan, eligible=False, why=NOT_LEADER)
+        fact = ResourcesReleased(
+            event_id=f"lcic-guard:release:{account_id}:{plan.release_at}",
+            occurred_at=now,
+            account_id=account_id,
+            release_at=plan.release_at,
+        )
+        recorded = await self._recorded_clock()
+        # Looked at again with nothing awaited before the commit: a lease
+        # that lapsed (or passed to another) meanwhile is not used.
+        if self.token != token:
+            log.warning("not releasing %s: the lease lapsed before the commit", account_id)
+            return replace(plan, eligible=False, why=NOT_LEADER)
+        return await self.coord.record_release(account_id, token, seq, fact, recorded)
 
     async def _announce_evidence(
         self, plan: ReleasePlan, pause: Pause | None, now: Millis

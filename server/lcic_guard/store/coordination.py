@@ -5,29 +5,41 @@ announcement cursors and outboxes, and the release record.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from lcic_guard.domain.facts import (
     Fact,
     to_json,
 )
+from lcic_guard.domain.policy import AppStatus
 from lcic_guard.domain.time import Millis
-from lcic_guard.store.codec import text
+from lcic_guard.store.codec import check_fields, decode_check_fields, text
+from lcic_guard.store.feed import stream_id_order
 from lcic_guard.store.keys import (
     CONTINUITY,
+    DEADLINE_SHARDS,
     DEADLINES,
     FENCE,
     GUARD_STREAM,
     HEARTBEAT,
     LEADER,
     RELEASE_PAUSE,
+    REPLICAS,
+    deadline_key,
     facts_key,
     ledger_key,
     meta_key,
+    recheck_key,
     recorded_key,
+    shard_deadlines,
+    shard_fence,
+    shard_lease,
+    shard_rechecks,
     status_key,
 )
 from lcic_guard.store.scripts import script
@@ -37,10 +49,31 @@ from lcic_guard.store.status import Store
 # Reconciler-only keys: leadership, deadlines, announcements, release.
 
 
+def _cursor_fields(field: str) -> list[str]:
+    return [field, f"{field}:outbox", f"{field}:outbox_at", f"{field}:cand"]
+
+
+def _cursor(values: Sequence[Any]) -> tuple[str, Outbox | None, str | None]:
+    cur, payload, at, cand = values
+    outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
+    return text(cur) or "", outbox, text(cand)
+
+
 @dataclass(frozen=True, slots=True)
 class Outbox:
     payload: str
     at: Millis
+
+
+@dataclass(frozen=True, slots=True)
+class SettleRow:
+    """One application's state to note or claim (lua/settle_status_announcement.lua)."""
+
+    app_id: str
+    expected: str
+    new: str
+    payload: str
+    version: int
 
 
 class Coordination:
@@ -59,9 +92,30 @@ class Coordination:
         self._ledger_claim = redis.register_script(script("ledger_claim"))
         self._ledger_trim = redis.register_script(script("ledger_trim"))
         self._discontinuity = redis.register_script(script("note_discontinuity"))
+        self._register_replica = redis.register_script(script("register_replica"))
+        self._forget_moved = redis.register_script(script("forget_moved_deadlines"))
 
     async def hold_lease(self, holder: str, ttl_ms: int) -> int:
         return int(await self._lease(keys=[LEADER, FENCE], args=[holder, ttl_ms]))
+
+    async def hold_shard(self, shard: int, holder: str, ttl_ms: int) -> int:
+        """Take or renew a deadline shard's lease (lua/lease.lua on the
+        shard's keys): its token, 0 if another replica holds it."""
+        return int(
+            await self._lease(keys=[shard_lease(shard), shard_fence(shard)], args=[holder, ttl_ms])
+        )
+
+    async def resign_shard(self, shard: int, holder: str) -> None:
+        await self._resign(keys=[shard_lease(shard)], args=[holder])
+
+    async def register_replica(self, holder: str, ttl_ms: int) -> int:
+        """Note this replica alive for ``ttl_ms`` more; how many are alive
+        (see lua/register_replica.lua)."""
+        return int(await self._register_replica(keys=[REPLICAS], args=[holder, ttl_ms]))
+
+    async def forget_replica(self, holder: str) -> None:
+        """A replica stopping: the others take its share at once."""
+        await self.redis.zrem(REPLICAS, holder)
 
     async def lease_token(self, holder: str) -> int:
         """The fencing token ``holder`` holds the lease with now, 0 if it does not."""
@@ -109,22 +163,124 @@ class Coordination:
         )
 
     # -- deadlines ----------------------------------------------------------
+    # A member lives in the set deadline_key() names: a release in the
+    # leader's set, any other kind in its shard.
 
     async def schedule(self, member: str, due: Millis, *, only_earlier: bool = False) -> None:
-        await self.redis.zadd(DEADLINES, {member: due}, lt=only_earlier)
+        await self.redis.zadd(deadline_key(member), {member: due}, lt=only_earlier)
 
     async def unschedule(self, member: str) -> None:
-        await self.redis.zrem(DEADLINES, member)
+        await self.redis.zrem(deadline_key(member), member)
 
-    async def due(self, now: Millis, limit: int = 500) -> list[tuple[str, Millis]]:
-        rows: Any = await self.redis.zrangebyscore(
-            DEADLINES, "-inf", now, start=0, num=limit, withscores=True
-        )
-        return [(text(m) or "", int(score)) for m, score in rows]
+    async def reschedule(
+        self,
+        due: Mapping[str, Millis],
+        gone: Iterable[str] = (),
+        *,
+        rechecks: Mapping[str, Millis | None] | None = None,
+    ) -> None:
+        """Schedule many members and unschedule others, and set (or, for
+        None, clear) applications' re-checks, in one round trip."""
+        gone = list(gone)
+        rechecks = rechecks or {}
+        if not due and not gone and not rechecks:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member, at in due.items():
+                pipe.zadd(deadline_key(member), {member: at})
+            for member in gone:
+                pipe.zrem(deadline_key(member), member)
+            for member, again in rechecks.items():
+                if again is None:
+                    pipe.zrem(recheck_key(member), member)
+                else:
+                    pipe.zadd(recheck_key(member), {member: again})
+            await pipe.execute()
+
+    async def recheck_earlier(self, due: Mapping[str, Millis]) -> None:
+        """Bring applications' re-checks forward to these times (never
+        later), in one round trip."""
+        if not due:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member, at in due.items():
+                pipe.zadd(recheck_key(member), {member: at}, lt=True)
+            await pipe.execute()
+
+    async def schedule_earlier(self, due: Mapping[str, Millis]) -> None:
+        """Bring each member forward to its time (never later), in one round trip."""
+        if not due:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member, at in due.items():
+                pipe.zadd(deadline_key(member), {member: at}, lt=True)
+            await pipe.execute()
+
+    async def due(
+        self,
+        key: str,
+        now: Millis,
+        fresh: int,
+        backlog: int,
+        *,
+        rechecks_key: str | None = None,
+        rechecks: int = 0,
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Members of one deadline set due at ``now``, in one round trip: the
+        ``fresh`` most recently due (what keeps a deadline just due from
+        waiting behind a backlog), the ``backlog`` longest due, and the
+        ``rechecks`` longest due of ``rechecks_key`` (a shard's re-checks)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrevrangebyscore(key, now, "-inf", start=0, num=fresh)
+            pipe.zrangebyscore(key, "-inf", now, start=0, num=backlog)
+            if rechecks_key is not None:
+                pipe.zrangebyscore(rechecks_key, "-inf", now, start=0, num=rechecks)
+            rows = await pipe.execute()
+        newest, oldest, *again = ([text(m) or "" for m in row] for row in rows)
+        return newest, oldest, again[0] if again else []
+
+    async def scores(self, key: str, members: Sequence[str]) -> list[Millis | None]:
+        rows: Any = await self.redis.zmscore(key, list(members)) if members else []
+        return [None if v is None else int(v) for v in rows]
 
     async def scheduled(self, prefix: str = "") -> list[tuple[str, Millis]]:
-        rows: Any = await self.redis.zrange(DEADLINES, 0, -1, withscores=True)
-        return [(m, int(score)) for raw, score in rows if (m := text(raw) or "").startswith(prefix)]
+        """Every member starting with ``prefix`` and its time, from every set
+        that may hold it (the earliest time, should a member an earlier
+        version left in the leader's set not be moved yet)."""
+        keys = [DEADLINES]
+        if not prefix.startswith("release:"):
+            keys += [shard_deadlines(s) for s in range(DEADLINE_SHARDS)]
+            keys += [shard_rechecks(s) for s in range(DEADLINE_SHARDS)]
+        found: dict[str, Millis] = {}
+        for key in keys:
+            rows: Any = await self.redis.zrange(key, 0, -1, withscores=True)
+            for raw, score in rows:
+                member = text(raw) or ""
+                if member.startswith(prefix):
+                    found[member] = min(int(score), found.get(member, int(score)))
+        return sorted(found.items(), key=lambda row: (row[1], row[0]))
+
+    async def legacy_deadlines(
+        self, cursor: int, count: int
+    ) -> tuple[int, list[tuple[str, Millis]]]:
+        """One page of the leader's set (ZSCAN): the next cursor, and the
+        members of other kinds than release an earlier version left there."""
+        page: Any = await self.redis.zscan(DEADLINES, cursor, count=count)
+        nxt, rows = page
+        members = [(text(m) or "", int(score)) for m, score in rows]
+        return int(nxt), [(m, at) for m, at in members if deadline_key(m) != DEADLINES]
+
+    async def move_to_shards(self, members: Sequence[tuple[str, Millis]]) -> int:
+        """Move members an earlier version left in the leader's set to their
+        shards. Each is added first, never later than it is there already,
+        then removed from the old set only if still at the time read: a crash
+        in between leaves it in both (processed early at worst, never lost).
+        How many left the old set."""
+        if not members:
+            return 0
+        await self.schedule_earlier(dict(members))
+        args = [part for member, at in members for part in (member, at)]
+        return int(await self._forget_moved(keys=[DEADLINES], args=args))
 
     # -- announcements (outbox) ---------------------------------------------
 
@@ -160,11 +316,40 @@ class Coordination:
     async def status_cursor(self, app_id: str, field: str) -> tuple[str, Outbox | None, str | None]:
         """The state last announced for an application, the announcement in
         flight (if any) and the candidate state waiting to settle (if any)."""
-        cur, payload, at, cand = await self.redis.hmget(
-            status_key(app_id), [field, f"{field}:outbox", f"{field}:outbox_at", f"{field}:cand"]
-        )
-        outbox = Outbox(text(payload) or "", int(at or 0)) if payload is not None else None
-        return text(cur) or "", outbox, text(cand)
+        return (await self.status_cursors([app_id], field))[0]
+
+    async def status_cursors(
+        self, app_ids: Sequence[str], field: str
+    ) -> list[tuple[str, Outbox | None, str | None]]:
+        """:meth:`status_cursor` of many applications, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id in app_ids:
+                pipe.hmget(status_key(app_id), _cursor_fields(field))
+            rows: Any = await pipe.execute()
+        return [_cursor(row) for row in rows]
+
+    async def statuses_and_cursors(
+        self, app_ids: Sequence[str], field: str
+    ) -> list[tuple[AppStatus | Exception | None, tuple[str, Outbox | None, str | None]]]:
+        """Each application's status (an exception if it does not decode)
+        and its announcement cursor (:meth:`status_cursor`), one read of
+        its hash each, in one round trip: what a batch of deadlines starts
+        from."""
+        fields = [*check_fields(None), *_cursor_fields(field)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id in app_ids:
+                pipe.hmget(status_key(app_id), fields)
+            rows: Any = await pipe.execute()
+        out: list[tuple[AppStatus | Exception | None, tuple[str, Outbox | None, str | None]]] = []
+        split = len(fields) - 4
+        for app_id, row in zip(app_ids, rows, strict=True):
+            status: AppStatus | Exception | None
+            try:
+                status = decode_check_fields(app_id, None, row[:split])[0]
+            except Exception as exc:  # one corrupt record is its own failure
+                status = exc
+            out.append((status, _cursor(row[split:])))
+        return out
 
     async def settle_status(
         self,
@@ -186,8 +371,63 @@ class Coordination:
         )
         return int(code), int(since)
 
+    async def settle_statuses(
+        self, field: str, rows: Sequence[SettleRow], now: Millis, settle_ms: int
+    ) -> list[tuple[int, Millis]]:
+        """:meth:`settle_status` for many applications, in one round trip."""
+        calls = [
+            (
+                [status_key(r.app_id)],
+                [field, r.expected, r.new, r.payload, now, r.version, settle_ms],
+            )
+            for r in rows
+        ]
+        return [
+            (int(code), int(since)) for code, since in await self._each(self._settle_status, calls)
+        ]
+
     async def finish(self, key: str, field: str, payload: str) -> None:
         await self._finish(keys=[key], args=[field, payload])
+
+    async def finish_many(self, field: str, done: Sequence[tuple[str, str]]) -> None:
+        """:meth:`finish` for many (hash key, payload), in one round trip."""
+        await self._each(self._finish, [([key], [field, payload]) for key, payload in done])
+
+    async def announce_many(
+        self, events: Sequence[dict[str, Any]], *, keep_ms: int = 0, stream: str = GUARD_STREAM
+    ) -> None:
+        """Add announcements in order in one round trip, as the store's
+        ``announce`` adds one (the same entry), trimmed once for them all."""
+        if not events:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event in events:
+                pipe.xadd(stream, {"event": json.dumps(event, sort_keys=True)})
+            ids: Any = await pipe.execute()
+        last = text(ids[-1]) or ""
+        if keep_ms > 0 and last:
+            added = stream_id_order(last)[0]
+            await self.redis.xtrim(stream, minid=f"{added - keep_ms}-0", approximate=True)
+
+    async def _each(self, scr: Any, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One script run for each (keys, args), pipelined: one round trip.
+        A server that does not know the script yet (a cluster node it never
+        ran on: a cluster pipeline does not load scripts) gets it by a call
+        of its own, which loads it."""
+        if not calls:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await scr(keys=keys, args=args, client=pipe)
+            res: Any = await pipe.execute(raise_on_error=False)
+        out: list[Any] = []
+        for (keys, args), r in zip(calls, res, strict=True):
+            if isinstance(r, NoScriptError):
+                r = await scr(keys=keys, args=args)
+            elif isinstance(r, Exception):
+                raise r
+            out.append(r)
+        return out
 
     # -- the announcement ledger ------------------------------------------------
 

@@ -37,7 +37,19 @@ MAX_EVENT_BYTES: Final = 65_536
 # What is kept of such an event in its dead letter.
 OVERSIZED_KEEP: Final = 4_096
 EVENT_INDEX_BUCKETS: Final = 1024
+# Release deadlines (R10): one sorted set, worked only by the holder of the
+# leader lease, whose fencing token a release needs (ADR 0033). A member of
+# another kind found here was written by an earlier version, which kept
+# every deadline in this one set: it is moved to its shard.
 DEADLINES: Final = "lcic:guard:deadlines"
+# Every other deadline (app, notice, warn) lives in one of this many sorted
+# sets, each worked under a lease of its own, so that replicas share the
+# work and a backlog in one shard does not hold up the others. Changing it
+# strands the members of the shards that disappear: it is fixed.
+DEADLINE_SHARDS: Final = 16
+# The reconcilers alive now (name -> until when, Redis's clock), so that
+# each takes its fair share of the deadline shards.
+REPLICAS: Final = "lcic:guard:replicas"
 HEARTBEAT: Final = "lcic:guard:heartbeat"
 # A random id naming the data set Redis holds: created when a process first
 # finds none (a new table, or one emptied by FLUSHALL or a restart without
@@ -164,7 +176,50 @@ LEADER: Final = "lcic:guard:{leader}"
 FENCE: Final = "lcic:guard:{leader}:fence"
 
 
-# Members of the DEADLINES sorted set: what is due, and for whom.
+def deadline_shard(member: str) -> int:
+    """The shard of a deadline member: a stable hash (the same in every
+    process and version), so a member is always in one place."""
+    return zlib.crc32(member.encode()) % DEADLINE_SHARDS
+
+
+def shard_deadlines(shard: int) -> str:
+    """The sorted set of one deadline shard; its number is the hash tag, so
+    the shard, its lease and its lease counter share a slot."""
+    return f"lcic:guard:deadlines:{{d{shard:02d}}}"
+
+
+def shard_rechecks(shard: int) -> str:
+    """The sorted set of one shard's re-checks: an application to look at
+    again because a state waits to settle or an announcement is in flight.
+    Kept apart from the shard's transitions, so that a transition just due
+    is not crowded out by the re-checks of a burst noted seconds earlier."""
+    return f"{shard_deadlines(shard)}:settle"
+
+
+def shard_lease(shard: int) -> str:
+    """The lease under which one replica works a deadline shard."""
+    return f"{shard_deadlines(shard)}:lease"
+
+
+def shard_fence(shard: int) -> str:
+    """The counter of a shard's lease: each new holder's token is higher."""
+    return f"{shard_deadlines(shard)}:fence"
+
+
+def deadline_key(member: str) -> str:
+    """The sorted set holding a deadline member: a release's is the single
+    set of the leader, any other kind's its shard."""
+    if deadline_of(member)[0] == "release":
+        return DEADLINES
+    return shard_deadlines(deadline_shard(member))
+
+
+def recheck_key(member: str) -> str:
+    """The re-check set of an application deadline's shard."""
+    return shard_rechecks(deadline_shard(member))
+
+
+# Deadline members: what is due, and for whom.
 def app_deadline(app_id: str) -> str:
     """An application's next transition or settle time."""
     return f"app:{app_id}"

@@ -1,4 +1,5 @@
--- KEYS[1] leader, KEYS[2] fence. ARGV: holder id, ttl ms.
+-- KEYS[1] a lease (the leader's, or a deadline shard's), KEYS[2] its counter.
+-- ARGV: holder id, ttl ms.
 -- Returns the fencing token held (a new one on acquisition), 0 if another
 -- holder has the lease.
 local cur = redis.call('GET', KEYS[1])
