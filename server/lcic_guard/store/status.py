@@ -30,7 +30,7 @@ a write whose version is not newer than the stored one is refused.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -62,7 +62,6 @@ from lcic_guard.store.keys import (
     LAYOUT,
     LEGACY_APP_PATTERN,
     ROOM_FIELD_PREFIX,
-    STATUS_PATTERN,
     event_digest,
     event_index_key,
     facts_key,
@@ -76,7 +75,6 @@ from lcic_guard.store.keys import (
     recorded_key,
     snapshot_key_of,
     status_key,
-    status_key_app,
 )
 from lcic_guard.store.packed import pack
 from lcic_guard.store.scripts import script
@@ -183,22 +181,15 @@ class Store(Feeds):
                 out.append(exc)
         return out
 
-    async def scan_app_ids(self, count: int = 1000) -> AsyncIterator[list[str]]:
-        """Every application id in the status table, in chunks (SCAN, so a
-        large table never blocks Redis; on Redis Cluster, every master)."""
-        kwargs: dict[str, Any] = {"match": STATUS_PATTERN, "count": count}
-        if isinstance(self.redis, RedisCluster):
-            kwargs["target_nodes"] = RedisCluster.PRIMARIES
-        chunk: list[str] = []
-        async for key in self.redis.scan_iter(**kwargs):
-            app_id = status_key_app(key)
-            if app_id is not None:
-                chunk.append(app_id)
-            if len(chunk) >= count:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+    async def read_versions(self, app_ids: Sequence[str]) -> list[int | None]:
+        """The stored status versions of many applications in one round trip
+        (None: no status). A version is assigned by the store on every write,
+        so an equal one tells a status did not change meanwhile."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for app_id in app_ids:
+                pipe.hget(status_key(app_id), "version")
+            res = await pipe.execute()
+        return [None if v is None else int(v) for v in res]
 
     async def generation(self) -> str | None:
         return text(await self.redis.get(GENERATION))
