@@ -153,8 +153,12 @@ async def test_redis_restarted_from_an_older_snapshot_is_told_to_every_watch_str
         assert told.detected_at.ToMilliseconds() >= int(before * 1000)
         assert sidecar.feed.discontinuities == {"run_id_changed": 1}
         assert counted(sidecar, "run_id_changed") == 1.0
-        # The table was loaded again: checks answer what Redis holds now.
-        await eventually(lambda: _true(sidecar.feed.in_sync))
+        # Served throughout (ADR 0035): checks read Redis while the shards
+        # load again, then answer what Redis holds now from memory.
+        assert sidecar.server.serving
+        assert await version_of(stub, "app-a") == (1, False)
+        await eventually(lambda: _true(sidecar.checker.cache.synced))
+        assert sidecar.server.serving and sidecar.feed.in_sync
         assert await version_of(stub, "app-a") == (1, False)
         # Statuses after the discontinuity follow it on the stream.
         await write(writer, status("app-a", 3, suspended=False))
