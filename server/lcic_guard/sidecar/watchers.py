@@ -14,11 +14,20 @@ many streams are open and however many changes arrive, fan-out never takes
 more than a bounded share of the GIL and the gRPC server's completion thread
 from the checks. Streams wait their turn, coalescing meanwhile.
 
-An outbox keeps one message per application (the newest: a watch message
-carries the whole status and its schedule, so a newer one of an application
-supersedes an older one unsent), feed changes ahead of time-driven
-transitions. A stream with more than :data:`MAX_PENDING` applications'
-changes unsent fell behind: it is cut with RESOURCE_EXHAUSTED and counted.
+What a stream has to send keeps one message per application (the newest: a
+watch message carries the whole status and its schedule, so a newer one of
+an application supersedes an older one unsent), feed changes ahead of
+time-driven transitions. A stream of named applications has an outbox of
+its own (at most one message per application it names); the watch-all
+streams share two logs (changes, transitions), each read from its own
+cursor, where a newer message of an application blanks its older one, so
+that a change costs the same whatever their number and a burst of changes
+costs no memory per stream.
+
+A stream more than :data:`MAX_PENDING` changes behind whose client has not
+taken what it was last sent for :data:`STALL_S` does not read: it is cut
+with RESOURCE_EXHAUSTED ("fell behind ... watch again") and counted. So is
+any stream more than :data:`MAX_BEHIND` changes behind, reading or not.
 
 Time-driven transitions (a grace ending, a package expiring, a release
 falling due) change no record, so nothing comes on the feed for them: the
@@ -53,9 +62,10 @@ from lcic_guard.sidecar.cache import STALE, StatusCache
 
 log = logging.getLogger(__name__)
 
-# Watch messages sent a second, all streams together: at ~40 µs of the
-# server's CPU each, about a fifth of a core.
-SEND_RATE: Final = 5_000.0
+# Watch messages sent a second, all streams together (heartbeats aside):
+# gRPC's threaded server spends 80-100 µs of CPU on each (the stream's
+# thread and its completion thread), so this is about a fifth of a core.
+SEND_RATE: Final = 2_000.0
 # Streams sending at once: each send wakes the stream's thread and gRPC's
 # completion thread, which also takes in every check; few at once keep the
 # checks' wait for the GIL short.
@@ -65,14 +75,21 @@ GRANT: Final = 64
 # A grant not done within this is a stream blocked by its client (flow
 # control): it no longer counts as sending.
 GRANT_STALL_S: Final = 0.1
-# Applications whose changes one stream may hold unsent (coalesced: one
-# message per application) before it is cut. A stream watching named
-# applications watches at most wire.MAX_WATCH_IDS (1,000) of them, so only a
-# watch-all stream can overflow.
+# Changes a stream may be behind while its client takes nothing: beyond,
+# once its last send has waited STALL_S for the client, it is cut. A stream
+# of named applications holds at most one message for each of the
+# wire.MAX_WATCH_IDS (1,000) it may name, so only a watch-all stream can be
+# cut for this.
 MAX_PENDING: Final = 1_000
-# Time-driven transitions a watch-all stream may be behind (they are shared,
-# and its client has them in the schedules it got): beyond, it is cut.
+STALL_S: Final = 5.0
+# Changes a watch-all stream may be behind, reading or not: the shared log
+# keeps them for it (a burst of a whole feed shard reloaded fits).
+MAX_BEHIND: Final = 200_000
+# Time-driven transitions a watch-all stream may be behind (its client has
+# them in the schedules it got already): beyond, it is cut.
 MAX_TICKS_BEHIND: Final = 1_000_000
+# How often streams are looked at for being cut, and the shared logs trimmed.
+SWEEP_S: Final = 0.5
 # The watch thread works at most this long before it lets other threads run
 # (and as long again when there is more to do).
 SLICE_S: Final = 0.002
@@ -124,6 +141,52 @@ class Msg:
     version: int  # of the status record (0: a store discontinuity)
 
 
+class SharedLog:
+    """Messages for every watch-all stream, each read from its own cursor
+    (an absolute position). A newer message of an application blanks its
+    older one, which a stream not past it then skips: coalescing for every
+    stream at once, at no cost per stream."""
+
+    def __init__(self) -> None:
+        self.entries: list[Msg | None] = []
+        self.base = 0  # position of entries[0]
+        self._at: dict[str, int] = {}  # app id -> position of its newest message
+
+    @property
+    def head(self) -> int:
+        return self.base + len(self.entries)
+
+    def append(self, msg: Msg) -> None:
+        self.blank(msg.app_id)
+        self._at[msg.app_id] = self.head
+        self.entries.append(msg)
+
+    def blank(self, app_id: str) -> None:
+        at = self._at.pop(app_id, None)
+        if at is not None and at >= self.base:
+            self.entries[at - self.base] = None
+
+    def read(self, cursor: int, n: int, out: list[bytes]) -> int:
+        """Append up to ``n`` payloads from ``cursor`` to ``out``; the new cursor."""
+        entries, base, head = self.entries, self.base, self.head
+        pos = max(cursor, base)
+        while pos < head and n > 0:
+            msg = entries[pos - base]
+            pos += 1
+            if msg is not None:
+                out.append(msg.payload)
+                n -= 1
+        return pos
+
+    def trim(self, low: int) -> None:
+        """Forget what every reader is past (``low``), when that is worth it."""
+        drop = low - self.base
+        if drop > 0 and (2 * drop >= len(self.entries) or drop == len(self.entries)):
+            del self.entries[:drop]
+            self.base = low
+            self._at = {a: i for a, i in self._at.items() if i >= low}
+
+
 class Subscription:
     """One WatchApplicationStatus stream: its outbox (the watch thread's
     alone) and what it shares with the stream's own thread (plain attribute
@@ -132,10 +195,13 @@ class Subscription:
     def __init__(self, ids: frozenset[str] | None, context: Any = None) -> None:
         self.ids = ids
         self.context = context
-        # The outbox, by application: changes are sent before transitions.
+        # A stream of named applications: its outbox, by application
+        # (changes are sent before transitions).
         self.changes: dict[str, Msg] = {}
-        self.ticks: dict[str, Msg] = {}  # watch-all streams read the shared log instead
-        self.cursor = 0  # a watch-all stream's position in the shared log of transitions
+        self.ticks: dict[str, Msg] = {}
+        # A watch-all stream: its positions in the shared logs.
+        self.change_cursor = 0
+        self.tick_cursor = 0
         self.notice: Msg | None = None  # a store discontinuity, sent before anything else
         # Versions of the statuses it started with: an older change is not sent.
         self.floor: dict[str, int] = {}
@@ -194,6 +260,8 @@ class Watchers:
         horizon_ms: int = 10 * 60_000,
         send_rate: float = SEND_RATE,
         max_pending: int = MAX_PENDING,
+        stall_s: float = STALL_S,
+        max_behind: int = MAX_BEHIND,
         max_ticks_behind: int = MAX_TICKS_BEHIND,
         render: Callable[[AppStatus, Millis], bytes] | None = None,
         render_discontinuity: Callable[[str, Millis], bytes] | None = None,
@@ -211,6 +279,8 @@ class Watchers:
         self.horizon_ms = horizon_ms
         self.send_rate = send_rate
         self.max_pending = max_pending
+        self.stall_s = stall_s
+        self.max_behind = max_behind
         self.max_ticks_behind = max_ticks_behind
         self.render = render
         self.render_discontinuity = render_discontinuity
@@ -230,14 +300,11 @@ class Watchers:
         self._all: set[Subscription] = set()  # watch-all streams
         self._index: dict[str, set[Subscription]] = {}  # app id -> streams naming it
         self._seq = 0
-        # The transitions sent to every watch-all stream: a log each reads
-        # from its cursor; an entry superseded by a newer message of its
-        # application is blanked (None).
-        self._ticks: list[Msg | None] = []
-        self._ticks_base = 0
-        self._tick_at: dict[str, int] = {}
+        # What every watch-all stream is sent.
+        self._changes = SharedLog()
+        self._ticks = SharedLog()
         self._ticks_added = False
-        self._trim_at = 0.0
+        self._sweep_at = 0.0
         # Pacing.
         self._ready: collections.deque[Subscription] = collections.deque()
         self._sending: dict[Subscription, float] = {}  # holding a grant: since when
@@ -434,24 +501,18 @@ class Watchers:
         msg = self._render(self._with_owner(status), now)
         if msg is None:
             return
-        self._blank_tick(app_id)
-        for sub in self._all:
-            self._add_change(sub, msg)
+        self._ticks.blank(app_id)  # older than this change
+        if self._all:
+            self._changes.append(msg)
+            for sub in self._all:
+                self._ready_up(sub)
         for sub in self._index.get(app_id, ()):
             if msg.version >= sub.floor.get(app_id, 0):
                 sub.ticks.pop(app_id, None)
                 self._add_change(sub, msg)
 
-    def _add_change(self, sub: Subscription, msg: Msg, *, bounded: bool = True) -> None:
+    def _add_change(self, sub: Subscription, msg: Msg) -> None:
         sub.changes[msg.app_id] = msg  # an application's place is kept, its message replaced
-        if bounded and len(sub.changes) > self.max_pending:
-            self._cut(
-                sub,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"watch stream fell behind: more than {self.max_pending} applications' "
-                "changes unsent; watch again",
-            )
-            return
         self._ready_up(sub)
 
     def _on_first(self, sub: Subscription, statuses: list[AppStatus], now: Millis) -> None:
@@ -467,18 +528,17 @@ class Watchers:
             msg = self._render(status, now)
             if msg is not None:
                 sub.ticks.pop(app, None)
-                self._add_change(sub, msg, bounded=False)
+                self._add_change(sub, msg)
 
     def _on_discontinuity(self, cause: str, now: Millis) -> None:
         if not self._subs or self.render_discontinuity is None:
             return
         self._seq += 1
         msg = Msg(EVERY_STREAM, self.render_discontinuity(cause, now), self._seq, 0)
-        head = self._ticks_base + len(self._ticks)
         for sub in self._subs:
             sub.changes.clear()
             sub.ticks.clear()
-            sub.cursor = head
+            sub.change_cursor, sub.tick_cursor = self._changes.head, self._ticks.head
             sub.notice = msg
             self._ready_up(sub)
         self.discontinuities_sent += len(self._subs)
@@ -488,12 +548,14 @@ class Watchers:
     def _on_subscribe(self, sub: Subscription) -> None:
         if sub.ended is not None:
             return
-        if not self._subs:
-            self._fill_at = 0.0  # the first stream: look for transitions now
+        if not self._subs or (sub.ids is None and not self._all):
+            # The first stream, or the first of every application: look for
+            # the transitions of what it watches now.
+            self._fill, self._fill_at = None, 0.0
         self._subs.add(sub)
         if sub.ids is None:
             self._all.add(sub)
-            sub.cursor = self._ticks_base + len(self._ticks)
+            sub.change_cursor, sub.tick_cursor = self._changes.head, self._ticks.head
         else:
             for app in sub.ids:
                 self._index.setdefault(app, set()).add(sub)
@@ -518,13 +580,17 @@ class Watchers:
     def _on_unsubscribe(self, sub: Subscription) -> None:
         self._forget(sub)
 
-    def _cut(self, sub: Subscription, code: grpc.StatusCode, message: str) -> None:
+    def _cut(self, sub: Subscription, why: str) -> None:
+        """A stream fell behind: cut and counted."""
+        self.slow_cuts += 1
+        message = f"watch stream fell behind ({why}); watch again"
+        self._end(sub, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def _end(self, sub: Subscription, code: grpc.StatusCode, message: str) -> None:
         """End a stream from here: woken if it waits, ended by gRPC if it is
         blocked in a send its client does not read."""
         if sub.ended is not None:
             return
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            self.slow_cuts += 1
         sending = sub in self._sending
         self._forget(sub)
         sub.end(WatchCut(code, message))
@@ -533,7 +599,7 @@ class Watchers:
 
     def _on_close(self) -> None:
         for sub in list(self._subs):
-            self._cut(sub, grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again")
+            self._end(sub, grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again")
         with self._lock:
             stragglers = list(self._open)
         for sub in stragglers:
@@ -545,7 +611,9 @@ class Watchers:
     def _has_pending(self, sub: Subscription) -> bool:
         if sub.notice is not None or sub.changes or sub.ticks:
             return True
-        return sub.ids is None and sub.cursor < self._ticks_base + len(self._ticks)
+        return sub.ids is None and (
+            sub.change_cursor < self._changes.head or sub.tick_cursor < self._ticks.head
+        )
 
     def _ready_up(self, sub: Subscription) -> None:
         if not sub.queued:
@@ -607,18 +675,13 @@ class Watchers:
         if sub.notice is not None:
             out.append(sub.notice.payload)
             sub.notice = None
+        if sub.ids is None:
+            sub.change_cursor = self._changes.read(sub.change_cursor, n - len(out), out)
+            sub.tick_cursor = self._ticks.read(sub.tick_cursor, n - len(out), out)
+            return out
         for box in (sub.changes, sub.ticks):
             while box and len(out) < n:
                 out.append(box.pop(next(iter(box))).payload)
-        if sub.ids is None:
-            pos, base, ticks = sub.cursor, self._ticks_base, self._ticks
-            head = base + len(ticks)
-            while pos < head and len(out) < n:
-                msg = ticks[pos - base]
-                pos += 1
-                if msg is not None:
-                    out.append(msg.payload)
-            sub.cursor = pos
         return out
 
     # -- time-driven transitions -------------------------------------------------------
@@ -647,7 +710,7 @@ class Watchers:
         self._push_due(deadline)
         self._retry_deferred(deadline)
         self._fill_due(deadline)
-        self._trim_ticks()
+        self._sweep()
 
     def _push_due(self, deadline: float) -> None:
         while self._backlog and time.perf_counter() < deadline:
@@ -705,8 +768,6 @@ class Watchers:
     def _tick(self, msg: Msg) -> None:
         app = msg.app_id
         if self._all:
-            self._blank_tick(app)
-            self._tick_at[app] = self._ticks_base + len(self._ticks)
             self._ticks.append(msg)
             self._ticks_added = True
         for sub in self._index.get(app, ()):
@@ -715,11 +776,6 @@ class Watchers:
             else:
                 sub.ticks[app] = msg
             self._ready_up(sub)
-
-    def _blank_tick(self, app_id: str) -> None:
-        at = self._tick_at.pop(app_id, None)
-        if at is not None and at >= self._ticks_base:
-            self._ticks[at - self._ticks_base] = None
 
     def _ready_all(self) -> None:
         if self._ticks_added:
@@ -825,25 +881,26 @@ class Watchers:
             due = {app for _, app in self._due_set}
             self._owners = {a: o for a, o in self._owners.items() if a in due}
 
-    def _trim_ticks(self) -> None:
-        """Drop the transitions every watch-all stream has read; cut one
-        more than ``max_ticks_behind`` behind."""
+    def _behind(self, sub: Subscription) -> tuple[int, int]:
+        """(changes, transitions) ``sub`` has yet to send."""
+        if sub.ids is None:
+            return self._changes.head - sub.change_cursor, self._ticks.head - sub.tick_cursor
+        return len(sub.changes), len(sub.ticks)
+
+    def _sweep(self) -> None:
+        """Cut the streams that fell behind; forget what every watch-all
+        stream has read."""
         mono = time.monotonic()
-        if not self._ticks or mono < self._trim_at:
+        if mono < self._sweep_at:
             return
-        self._trim_at = mono + 1.0
-        head = self._ticks_base + len(self._ticks)
-        for sub in list(self._all):
-            if head - sub.cursor > self.max_ticks_behind:
-                self._cut(
-                    sub,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"watch stream fell behind: more than {self.max_ticks_behind} "
-                    "transitions unsent; watch again",
-                )
-        low = min((sub.cursor for sub in self._all), default=head)
-        drop = low - self._ticks_base
-        if drop > 0 and (drop >= len(self._ticks) // 2 or drop == len(self._ticks)):
-            del self._ticks[:drop]
-            self._ticks_base = low
-            self._tick_at = {a: i for a, i in self._tick_at.items() if i >= low}
+        self._sweep_at = mono + SWEEP_S
+        for sub in list(self._subs):
+            changes, ticks = self._behind(sub)
+            since = self._sending.get(sub)
+            stalled = since is not None and mono - since >= self.stall_s
+            if (changes > self.max_pending and stalled) or changes > self.max_behind:
+                self._cut(sub, f"more than {self.max_pending} changes unsent")
+            elif ticks > self.max_ticks_behind:
+                self._cut(sub, f"more than {self.max_ticks_behind} transitions unsent")
+        self._changes.trim(min((s.change_cursor for s in self._all), default=self._changes.head))
+        self._ticks.trim(min((s.tick_cursor for s in self._all), default=self._ticks.head))
