@@ -24,10 +24,13 @@ cursor, where a newer message of an application blanks its older one, so
 that a change costs the same whatever their number and a burst of changes
 costs no memory per stream.
 
-A stream more than :data:`MAX_PENDING` changes behind whose client has not
-taken what it was last sent for :data:`STALL_S` does not read: it is cut
-with RESOURCE_EXHAUSTED ("fell behind ... watch again") and counted. So is
-any stream more than :data:`MAX_BEHIND` changes behind, reading or not.
+A stream that stays more than :data:`MAX_PENDING` changes behind for
+:data:`LAG_S` does not keep up (its client does not read, or reads too
+slowly for the changes it asked for): it is cut with RESOURCE_EXHAUSTED
+("fell behind ... watch again") and counted, so that its client stops
+trusting what it kept (SPEC R15) rather than trust a stream minutes late.
+So is any stream more than :data:`MAX_BEHIND` changes behind. A burst of
+changes that a stream takes within LAG_S cuts nothing.
 
 Time-driven transitions (a grace ending, a package expiring, a release
 falling due) change no record, so nothing comes on the feed for them: the
@@ -75,13 +78,12 @@ GRANT: Final = 64
 # A grant not done within this is a stream blocked by its client (flow
 # control): it no longer counts as sending.
 GRANT_STALL_S: Final = 0.1
-# Changes a stream may be behind while its client takes nothing: beyond,
-# once its last send has waited STALL_S for the client, it is cut. A stream
+# Changes a stream may stay behind for LAG_S: beyond, it is cut. A stream
 # of named applications holds at most one message for each of the
 # wire.MAX_WATCH_IDS (1,000) it may name, so only a watch-all stream can be
 # cut for this.
 MAX_PENDING: Final = 1_000
-STALL_S: Final = 5.0
+LAG_S: Final = 5.0
 # Changes a watch-all stream may be behind, reading or not: the shared log
 # keeps them for it (a burst of a whole feed shard reloaded fits).
 MAX_BEHIND: Final = 200_000
@@ -203,8 +205,11 @@ class Subscription:
         self.change_cursor = 0
         self.tick_cursor = 0
         self.notice: Msg | None = None  # a store discontinuity, sent before anything else
-        # Versions of the statuses it started with: an older change is not sent.
+        # Versions of the statuses it started with (read from Redis, which the
+        # cache may not have caught up with): nothing older is sent after them,
+        # as a client takes a version going back for a store discontinuity.
         self.floor: dict[str, int] = {}
+        self.behind_since: float | None = None  # more than MAX_PENDING behind since
         # Shared with the stream's thread.
         self.queued = False  # has something to send (waiting for, or holding, a grant)
         self.granted: list[bytes] | None = None
@@ -260,7 +265,7 @@ class Watchers:
         horizon_ms: int = 10 * 60_000,
         send_rate: float = SEND_RATE,
         max_pending: int = MAX_PENDING,
-        stall_s: float = STALL_S,
+        lag_s: float = LAG_S,
         max_behind: int = MAX_BEHIND,
         max_ticks_behind: int = MAX_TICKS_BEHIND,
         render: Callable[[AppStatus, Millis], bytes] | None = None,
@@ -279,7 +284,7 @@ class Watchers:
         self.horizon_ms = horizon_ms
         self.send_rate = send_rate
         self.max_pending = max_pending
-        self.stall_s = stall_s
+        self.lag_s = lag_s
         self.max_behind = max_behind
         self.max_ticks_behind = max_ticks_behind
         self.render = render
@@ -771,6 +776,8 @@ class Watchers:
             self._ticks.append(msg)
             self._ticks_added = True
         for sub in self._index.get(app, ()):
+            if msg.version < sub.floor.get(app, 0):
+                continue  # the cache had not caught up with what it started with
             if app in sub.changes:
                 sub.changes[app] = msg  # newer, and keeps its place ahead
             else:
@@ -896,9 +903,12 @@ class Watchers:
         self._sweep_at = mono + SWEEP_S
         for sub in list(self._subs):
             changes, ticks = self._behind(sub)
-            since = self._sending.get(sub)
-            stalled = since is not None and mono - since >= self.stall_s
-            if (changes > self.max_pending and stalled) or changes > self.max_behind:
+            if changes <= self.max_pending:
+                sub.behind_since = None
+            elif sub.behind_since is None:
+                sub.behind_since = mono
+            lagging = sub.behind_since is not None and mono - sub.behind_since >= self.lag_s
+            if lagging or changes > self.max_behind:
                 self._cut(sub, f"more than {self.max_pending} changes unsent")
             elif ticks > self.max_ticks_behind:
                 self._cut(sub, f"more than {self.max_ticks_behind} transitions unsent")
