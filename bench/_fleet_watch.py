@@ -17,6 +17,11 @@ process holding the streams. Three phases, each with its own figures:
   nothing; the sidecar must cut them (RESOURCE_EXHAUSTED, counted in
   ``lcic_guard_watch_slow_cuts_total``) without the checks noticing.
 
+Then, on a table of its own (100,000 applications; 10,000 with
+``--quick``), every package expires at the same instant: every transition
+must be pushed, from the statuses the sidecar holds, to a stream watching
+every application, while the checks (and the churn) go on.
+
 Alone::
 
     .venv/bin/python bench/_fleet_watch.py            # 1,000 streams
@@ -110,7 +115,7 @@ async def checks(cfg: dict[str, Any]) -> dict[str, Any]:
         while loop.time() < t_end:
             await due.wait()
             due.clear()
-            n = rng.randrange(APPS)
+            n = int(cfg.get("churn_from", 0)) + rng.randrange(APPS)
             # Above every version an earlier phase wrote: an older one is refused.
             version = versions.get(n, int(cfg["versions_from"])) + 1
             versions[n] = version
@@ -214,6 +219,156 @@ async def watchers(cfg: dict[str, Any]) -> None:
         await ch.close()
 
 
+async def instant_reader(cfg: dict[str, Any]) -> None:
+    """One watch-all stream, read: when did it hold a suspension of every
+    application (wall clock, ms)?"""
+    import grpc
+    from lcic.guard.v1 import enforcement_pb2 as pb
+    from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
+    from lcic_guard.domain.time import wall_clock
+
+    from bench._dataset import app_id
+
+    want = int(cfg["apps"])
+    expiring = {app_id(n) for n in range(want)}
+    seen: set[str] = set()
+    done_at = 0
+    async with grpc.aio.insecure_channel(cfg["target"]) as channel:
+        call = pb_grpc.EnforcementServiceStub(channel).WatchApplicationStatus(
+            pb.WatchApplicationStatusRequest()
+        )
+        print("OPEN", flush=True)
+        try:
+            async with asyncio.timeout(float(cfg["timeout"])):
+                async for msg in call:
+                    app = msg.status.app_id
+                    if msg.status.state == pb.APPLICATION_STATE_SUSPENDED and app in expiring:
+                        seen.add(app)
+                        if len(seen) == want:
+                            done_at = wall_clock()
+                            break
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            print(f"reader stopped: {exc!r}", file=sys.stderr, flush=True)
+        call.cancel()
+    print("RESULT " + json.dumps({"seen": len(seen), "done_at": done_at}), flush=True)
+
+
+def write_expiring(port: int, apps: int, at: int) -> None:
+    """Write ``apps`` statuses (status hash and snapshot entry, as
+    lua/write_status.lua does) whose package expires at ``at``."""
+    import socket
+
+    from lcic_guard.domain.policy import DAY, AppStatus, Reason, Segment
+    from lcic_guard.domain.time import wall_clock
+    from lcic_guard.store.codec import encode_segments
+    from lcic_guard.store.keys import feed_shard, snapshot_key_of, status_key
+    from lcic_guard.store.packed import pack
+
+    from bench._dataset import _resp, account_id, app_id
+
+    now = wall_clock()
+    segments = (
+        Segment(now - 10 * DAY),
+        Segment(at, (Reason.PACKAGE_EXPIRED,), suspended_at=at),
+    )
+    data = encode_segments(segments).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for start in range(0, apps, 5000):
+            parts = []
+            for n in range(start, min(apps, start + 5000)):
+                app = app_id(n)
+                status = AppStatus(app, account_id(n), segments, 1, now)
+                parts.append(
+                    _resp(
+                        b"HSET",
+                        status_key(app).encode(),
+                        b"version",
+                        b"1",
+                        b"data",
+                        data,
+                        b"account",
+                        account_id(n).encode(),
+                        b"updated_at",
+                        str(now).encode(),
+                    )
+                )
+                parts.append(
+                    _resp(
+                        b"HSET",
+                        snapshot_key_of(app).encode(),
+                        app.encode(),
+                        pack(status, 0, feed_shard(app)),
+                    )
+                )
+            sock.sendall(b"".join(parts))
+            want, got = len(parts), b""
+            while got.count(b"\r\n") < want:
+                chunk = sock.recv(1 << 16)
+                if not chunk or chunk.startswith(b"-"):
+                    raise RuntimeError(f"HSET failed: {chunk[:200]!r}")
+                got += chunk
+
+
+def instant(quick: bool, workdir: Path) -> list[Row]:
+    """Every package expires at the same instant."""
+    from lcic_guard.domain.time import wall_clock
+
+    from bench.fleet import Sidecar, private_redis, reconciler
+
+    apps = 10_000 if quick else 100_000
+    lead_s = 25.0 if quick else 50.0  # start, load, owners read ahead
+    with private_redis() as server:
+        at = wall_clock() + int(lead_s * 1000)
+        write_expiring(server.port, apps, at)
+        rec = reconciler(server.url, workdir)
+        car = Sidecar(server.url, workdir, 1)
+        try:
+            car.wait_ready(120)
+            target = f"127.0.0.1:{car.port}"
+            cfg = {"target": target, "apps": apps, "timeout": lead_s + 600}
+            reader = role("instant_reader", cfg, stdout=subprocess.PIPE)
+            assert reader.stdout is not None
+            if reader.stdout.readline().strip() != "OPEN":
+                raise RuntimeError("the reader did not start")
+            # The checks are measured from the instant on, while the pushes go out.
+            warmup = max(0.0, (at - wall_clock()) / 1000)
+            checks_cfg = {
+                "redis_url": server.url,
+                "target": target,
+                "seconds": 30.0 if quick else 60.0,
+                "warmup": warmup,
+                "concurrency": CONCURRENCY,
+                "versions_from": 100_000,
+                "churn_from": 1_000_000,  # applications of their own: new ones
+            }
+            load_proc = role("checks", checks_cfg, stdout=subprocess.PIPE)
+            seen = result(reader)
+            during = result(load_proc)
+            pushed = car.metric("lcic_guard_watch_transitions_pushed_total") or 0.0
+            not_fresh = car.metric("lcic_guard_watch_transitions_not_fresh_total") or 0.0
+        finally:
+            car.stop()
+            rec.stop()
+    took = (seen["done_at"] - at) / 1000 if seen["done_at"] else float("nan")
+    log(f"instant: {seen} pushed {pushed:.0f} not fresh {not_fresh:.0f}; checks {during}")
+    return [
+        (
+            f"{apps:,} packages expiring at one instant: pushed",
+            f"{pushed:,.0f} pushed, {not_fresh:.0f} not fresh; a watch-all reader had all "
+            f"{seen['seen']:,} after {took:.1f} s",
+            f"all {apps:,}",
+            pushed == apps and seen["seen"] == apps,
+        ),
+        (
+            "  checks meanwhile",
+            f"p50 {during['p50_ms']:.2f} ms, p99 {during['p99_ms']:.1f} ms, "
+            f"{during['checks_per_s']:.0f}/s",
+            "p99 <= 50 ms",
+            during["p99_ms"] <= 50,
+        ),
+    ]
+
+
 # -- the driver ------------------------------------------------------------------------------
 
 
@@ -300,7 +455,7 @@ def run(quick: bool) -> list[Row]:
             log(f"watch: {streams} non-reading streams")
             # Long enough for each stream to be offered more changes than it may
             # hold unsent, beyond what its connection's windows take in.
-            idle, idle_w, idle_cuts = phase(car, server.url, streams, False, 3 * seconds + 30)
+            idle, idle_w, idle_cuts = phase(car, server.url, streams, False, 90.0)
             log(f"watch: non-reading: {idle} {idle_w} cut {idle_cuts:.0f}")
             rendered = car.metric("lcic_guard_watch_messages_rendered_total")
         finally:
@@ -308,7 +463,8 @@ def run(quick: bool) -> list[Row]:
             rec.stop()
             client(server).close()
     log(f"watch: messages rendered in all: {rendered}")
-    return rows(streams, alone, (read, read_w, read_cuts), (idle, idle_w, idle_cuts))
+    out = rows(streams, alone, (read, read_w, read_cuts), (idle, idle_w, idle_cuts))
+    return out + instant(quick, workdir)
 
 
 def rows(
@@ -362,12 +518,14 @@ def rows(
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] in ("checks", "watchers"):
+    if len(sys.argv) > 2 and sys.argv[1] in ("checks", "watchers", "instant_reader"):
         cfg = json.loads(sys.argv[2])
         if sys.argv[1] == "checks":
             print("RESULT " + json.dumps(asyncio.run(checks(cfg))), flush=True)
-        else:
+        elif sys.argv[1] == "watchers":
             asyncio.run(watchers(cfg))
+        else:
+            asyncio.run(instant_reader(cfg))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="100 streams, shorter phases")
