@@ -54,8 +54,14 @@ Sidecar metrics:
     Ids remembered as absent from the table, and those forgotten.
 ``lcic_guard_watch_streams``, ``lcic_guard_watch_streams_refused_total``,
 ``lcic_guard_watch_slow_cuts_total``, ``lcic_guard_watch_render_errors_total``
-    Open watch streams, refusals past ``--max-watch-streams``, slow consumers
-    cut, statuses skipped because they could not be rendered.
+    Open watch streams, refusals past ``--max-watch-streams``, streams cut
+    for falling behind, statuses skipped because they could not be rendered.
+``lcic_guard_watch_messages_rendered_total``, ``lcic_guard_watch_messages_sent_total``
+    Watch messages rendered (once per change, whatever the streams) and
+    handed to streams.
+``lcic_guard_watch_transitions_pushed_total``, ``lcic_guard_watch_transitions_not_fresh_total``
+    Time-driven transitions pushed from the status held, and those not
+    pushed at their instant because it was not fresh.
 
 Reconciler metrics:
 

@@ -189,7 +189,6 @@ class RunningSidecar:
     metrics_server: MetricsServer | None = None  # when it serves its own registry
     watchers: Watchers | None = None
     readiness: Readiness | None = None
-    transitions: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -201,8 +200,9 @@ class RunningSidecar:
         if self.readiness is not None:
             await self.readiness.stop()  # it must not turn health back on
         await self.server.stop(grace, drain, self.watchers.close if self.watchers else None)
+        if self.watchers is not None:
+            await asyncio.to_thread(self.watchers.join)
         await self.feed.stop()
-        await stop_task(self.transitions)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
 
@@ -241,7 +241,7 @@ async def build_sidecar(
         render=WatchRenderer(settings.policy, observer),
         render_discontinuity=render_discontinuity,
         clock=clock,
-        refresh=StatusRefresh(store, STORE_TIMEOUT_S),
+        read_owners=StatusRefresh(store, STORE_TIMEOUT_S),
     )
     servicer = EnforcementServicer(checker, store, watchers=watchers, observer=observer)
     tls = (
@@ -287,9 +287,7 @@ async def build_sidecar(
     feed.start()
     await readiness.check_once()
     readiness.start()
-    transitions = asyncio.create_task(
-        watchers.follow_transitions(cache), name="lcic-guard-watch-transitions"
-    )
+    watchers.start(cache, asyncio.get_running_loop())
     if metrics is not None and registry is None:
         metrics_server = serve_metrics(metrics.registry, settings.metrics_listen)
         metrics_server.probes.ready = lambda: server.serving
@@ -299,9 +297,7 @@ async def build_sidecar(
             "logged and counted",
             ",".join(sorted(c.value for c in settings.shadow)),
         )
-    return RunningSidecar(
-        server, checker, feed, metrics, metrics_server, watchers, readiness, transitions
-    )
+    return RunningSidecar(server, checker, feed, metrics, metrics_server, watchers, readiness)
 
 
 def _stopping(settings: Settings) -> dict[str, float]:

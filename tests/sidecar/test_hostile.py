@@ -31,7 +31,6 @@ from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.reconciler.release import RESYNCING
 from lcic_guard.reconciler.sources import FileSource
 from lcic_guard.runner import RunningSidecar, build_sidecar
-from lcic_guard.sidecar.watchers import WatchCut, Watchers
 from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import status_key
 from lcic_guard.store.status import Store
@@ -690,25 +689,3 @@ async def test_reconciler_refuses_releases_after_flushall_until_the_feed_is_read
     assert not rec.resyncing
     plan = await rec.try_release("acct-r", wall_clock())
     assert plan.why != RESYNCING
-
-
-async def test_a_watcher_gets_each_app_once_latest_wins_and_a_slow_one_is_cut() -> None:
-    watchers = Watchers(
-        log_size=100,
-        queue_size=50,
-        flush_s=0.001,
-        render=lambda status, now: f"{status.app_id}@{status.version}".encode(),
-    )
-    sub = watchers.subscribe([])
-    for version in (1, 2, 3):
-        watchers.publish("app-a", active("app-a", version))
-    watchers.publish("app-b", active("app-b", 1))
-    assert await sub.next(1.0) == [b"app-a@3", b"app-b@1"]
-    # A client that does not read while more than the log holds goes by.
-    for n in range(101):
-        watchers.publish(f"app-{n}", active(f"app-{n}", 1))
-    with pytest.raises(WatchCut) as cut:
-        await sub.next(1.0)
-    assert cut.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "too slow" in cut.value.message
-    assert watchers.slow_cuts == 1

@@ -1,8 +1,8 @@
 """The bridge from the serving threads to the event loop.
 
-The change feed, the Redis client, the watchers and the servicer's
-coroutines (:class:`~lcic_guard.sidecar.service.EnforcementServicer`) live
-on the event loop; gRPC's threaded server calls on its own threads. A
+The change feed, the Redis client and the servicer's coroutines
+(:class:`~lcic_guard.sidecar.service.EnforcementServicer`) live on the event
+loop; gRPC's threaded server calls on its own threads. A
 serving thread hands a coroutine to the loop with :meth:`Bridge.run` and
 waits for it without counting as runnable (see
 :class:`~lcic_guard.sidecar.threads.CallPool`); a stream is a task on the
@@ -123,13 +123,20 @@ class Bridge:
         self.loop = loop
         self.pool = pool  # the serving threads' pool: a waiting thread gives its place
 
-    def run(self, coro: Coroutine[Any, Any, Any], context: grpc.ServicerContext) -> Any:
-        """Wait in this thread for ``coro`` on the loop; cancelled with the call."""
+    def run(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        context: grpc.ServicerContext,
+        *,
+        pooled: bool = True,
+    ) -> Any:
+        """Wait in this thread for ``coro`` on the loop; cancelled with the
+        call. ``pooled=False`` on a thread not of the serving pool (a stream's)."""
         future = asyncio.run_coroutine_threadsafe(
             _carried(coro, contextvars.copy_context()), self.loop
         )
         context.add_callback(future.cancel)
-        if self.pool is None:
+        if self.pool is None or not pooled:
             return future.result()
         with self.pool.waiting():
             return future.result()

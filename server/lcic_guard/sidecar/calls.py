@@ -1,7 +1,8 @@
 """The one way into an EnforcementService call, on the threaded server.
 
 Every call — the checks on their fast path (:mod:`lcic_guard.sidecar.checks`),
-the other unary calls and the streams bridged to the event loop
+the watch streams on their own threads (:mod:`lcic_guard.sidecar.watch`),
+the other unary calls and streams bridged to the event loop
 (:mod:`lcic_guard.sidecar.bridge`) — goes through :class:`Entry`: the hooks
 run around it on the serving thread (auth's scope check, the tracing span:
 synchronous, so a cache hit stays on the serving thread whatever is
@@ -22,6 +23,8 @@ from lcic_guard.sidecar.bridge import Bridge
 from lcic_guard.sidecar.checks import BATCH_METHOD, SINGLE, Checks
 from lcic_guard.sidecar.errors import Refused, end, status_of
 from lcic_guard.sidecar.service import EnforcementServicer
+from lcic_guard.sidecar.watch import METHOD as WATCH_METHOD
+from lcic_guard.sidecar.watch import WatchStream
 
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["EnforcementService"]
 PREFIX: Final = f"/{SERVICE.full_name}/"
@@ -132,8 +135,9 @@ def handlers(
     servicer: EnforcementServicer, bridge: Bridge, entry: Entry
 ) -> dict[str, grpc.RpcMethodHandler]:
     """EnforcementService's handlers on the threaded server (raw bytes in,
-    bytes out): the checks on their fast path, every other RPC as the
-    servicer's coroutine on the loop, each through ``entry``."""
+    bytes out): the checks on their fast path, the watch streams on their
+    own threads, every other RPC as the servicer's coroutine on the loop,
+    each through ``entry``."""
     checks = Checks(servicer.checker, servicer.observer, bridge)
     out: dict[str, grpc.RpcMethodHandler] = {}
     for method in SERVICE.methods:
@@ -143,6 +147,10 @@ def handlers(
             continue
         if name == BATCH_METHOD:
             out[name] = grpc.unary_unary_rpc_method_handler(entry.unary(full, checks.batch))
+            continue
+        if name == WATCH_METHOD:
+            watch = WatchStream(servicer, bridge)
+            out[name] = grpc.unary_stream_rpc_method_handler(entry.stream(full, watch))
             continue
         parse = getattr(pb, method.input_type.name).FromString
         serialize = getattr(pb, method.output_type.name).SerializeToString

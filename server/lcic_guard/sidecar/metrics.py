@@ -157,13 +157,37 @@ class _CheckerCollector(Collector):
             )
             yield CounterMetricFamily(
                 "lcic_guard_watch_slow_cuts",
-                "Watch streams cut because their client did not keep up.",
+                "Watch streams cut (RESOURCE_EXHAUSTED) because they fell behind: more "
+                "applications' changes unsent than a stream may hold.",
                 w.slow_cuts,
             )
             yield CounterMetricFamily(
                 "lcic_guard_watch_render_errors",
                 "Statuses that could not be sent to watchers (skipped).",
                 w.render_errors,
+            )
+            yield CounterMetricFamily(
+                "lcic_guard_watch_messages_rendered",
+                "Watch messages rendered: once per change or transition, shared by every "
+                "stream it goes to.",
+                w.rendered,
+            )
+            yield CounterMetricFamily(
+                "lcic_guard_watch_messages_sent",
+                "Watch messages handed to streams to send (heartbeats not counted).",
+                w.messages_sent,
+            )
+            yield CounterMetricFamily(
+                "lcic_guard_watch_transitions_pushed",
+                "Time-driven transitions (grace ending, package expiring, release due) pushed "
+                "to watchers from the status held.",
+                w.transitions_pushed,
+            )
+            yield CounterMetricFamily(
+                "lcic_guard_watch_transitions_not_fresh",
+                "Time-driven transitions not pushed at their instant because the status held "
+                "was not fresh (pushed once it is fresh again).",
+                w.transitions_not_fresh,
             )
 
     def _checker(self) -> Iterator[Metric]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
@@ -24,7 +24,7 @@ from lcic_guard.logs import describe_error
 from lcic_guard.sidecar import auth, overrides, wire
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.observe import PREVIEW_CHECKS, DecisionObserver
-from lcic_guard.sidecar.watchers import WatchCut, Watchers
+from lcic_guard.sidecar.watchers import Watchers
 from lcic_guard.sidecar.wire import BadRequest
 from lcic_guard.store.status import Store
 
@@ -66,12 +66,6 @@ class EnforcementServicer:
     @property
     def clock(self) -> Callable[[], Millis]:
         return self.checker.clock
-
-    async def _refresh(self, app_ids: list[str]) -> list[AppStatus]:
-        rows = await asyncio.wait_for(
-            self.store.read_rows([(a, None) for a in app_ids]), self.store_timeout
-        )
-        return [r[0] for r in rows if not isinstance(r, Exception) and r[0] is not None]
 
     # The checks (CanCreateClassroom, CanEnterClassroom, CanAccessRecording,
     # CheckBatch) are not coroutines of this servicer: they are served by the
@@ -214,50 +208,9 @@ class EnforcementServicer:
             self.observer.shadow_pb(check, getattr(resp, name))
         return resp
 
-    async def WatchApplicationStatus(
-        self, request: pb.WatchApplicationStatusRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchApplicationStatusResponse | bytes]:
-        ids = wire.watch_ids(request)
-        if self.watchers is None:
-            await abort(
-                context,
-                grpc.StatusCode.UNIMPLEMENTED,
-                "this sidecar does not follow the change feed",
-            )
-        watchers = self.watchers
-        try:
-            sub = watchers.subscribe(ids)
-        except WatchCut as cut:
-            await abort(context, cut.code, cut.message)
-        try:
-            if ids:
-                try:
-                    rows = await asyncio.wait_for(
-                        self.store.read_rows([(a, None) for a in ids]), self.store_timeout
-                    )
-                except Exception:
-                    await abort(context, grpc.StatusCode.UNAVAILABLE, "status store unavailable")
-                now = self.clock()
-                for row in rows:
-                    if isinstance(row, Exception) or row[0] is None:
-                        continue
-                    watchers.schedule(row[0], now)
-                    payload = watchers.payload_for(row[0], now)
-                    if payload is not None:
-                        yield payload
-            while True:
-                try:
-                    payloads = await sub.next(watchers.heartbeat_s)
-                except WatchCut as cut:
-                    await abort(context, cut.code, cut.message)
-                if payloads is None:
-                    if self.checker.cache.feed_healthy:
-                        yield pb.WatchApplicationStatusResponse()
-                    continue
-                for payload in payloads:
-                    yield payload
-        finally:
-            watchers.unsubscribe(sub)
+    # WatchApplicationStatus is not a coroutine of this servicer either: each
+    # stream is served on its own thread (lcic_guard.sidecar.watch), fed by
+    # the watchers' own thread.
 
 
 def render_discontinuity(cause: str, detected_at: Millis) -> bytes:
@@ -283,8 +236,9 @@ class WatchRenderer:
 
 @dataclass(frozen=True, slots=True)
 class StatusRefresh:
-    """The watchers' re-read of statuses at a time-driven transition,
-    bounded like every store call of the RPCs other than the checks."""
+    """A read of whole status records for the watchers, bounded like every
+    store call of the RPCs other than the checks: ahead of time-driven
+    transitions, for the owner the cache does not keep."""
 
     store: Store
     timeout: float
