@@ -172,10 +172,6 @@ class ChangeFeedReader:
         self._warn = RateLimitedLog(log)
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def applied_count(self) -> int:
-        return self.applied_changes
-
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="lcic-guard-change-feed")
 

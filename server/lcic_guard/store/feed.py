@@ -129,14 +129,6 @@ class Feeds:
             chunks: list[list[bytes]] = await pipe.execute()
         return chunks
 
-    async def snapshot_bytes(self) -> int:
-        """What the packed snapshot takes (ids and records), for sizing."""
-        total = 0
-        for shard in range(FEED_SHARDS):
-            for values in await self.load_snapshot(shard):
-                total += sum(len(v) - 1 for v in values)
-        return total
-
     async def announce(
         self, event: dict[str, Any], stream: str = GUARD_STREAM, *, keep_ms: int = 0
     ) -> str:
