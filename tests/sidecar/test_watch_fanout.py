@@ -10,8 +10,11 @@ Real redis-server, the real sidecar (runner.build_sidecar) on a socket.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import os
+import queue
 import signal
 import threading
 import time
@@ -27,7 +30,8 @@ from lcic_guard.demo import EmbeddedRedis
 from lcic_guard.domain.policy import DAY, HOUR, AppStatus, Reason, Segment
 from lcic_guard.domain.time import Millis, wall_clock
 from lcic_guard.runner import RunningSidecar, build_sidecar
-from lcic_guard.sidecar.watchers import MAX_PENDING, WatchCut, Watchers
+from lcic_guard.sidecar.calls import Entry
+from lcic_guard.sidecar.watchers import CANCELLED, HEARTBEAT, MAX_PENDING, WatchCut, Watchers
 from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 from prometheus_client import CollectorRegistry
@@ -341,71 +345,248 @@ def _render(status: AppStatus, now: Millis) -> bytes:
     return f"{status.app_id}@{status.version}".encode()
 
 
-def _next(sub: Any) -> list[bytes] | None:
-    got: list[bytes] | None = sub.next(5.0)
-    return got
+class Client:
+    """What a stream's client takes, through the send the sender threads
+    call: one message at a time, each send returning once taken; ``stop``
+    makes the next send block (a client that reads nothing, its window
+    full) until ``resume``."""
+
+    def __init__(self) -> None:
+        self.got: queue.Queue[bytes] = queue.Queue()
+        self.ended: queue.Queue[WatchCut] = queue.Queue()
+        self.statuses = 0  # sends of the call's status (its end)
+        self._open = threading.Event()
+        self._open.set()
+        self.blocked = threading.Event()  # a send is blocked
+
+    def send(self, payload: bytes | None) -> None:
+        if payload is None:
+            self.statuses += 1
+            return
+        if not self._open.is_set():
+            self.blocked.set()
+            self._open.wait()
+        self.got.put(payload)
+
+    def finish(self, cut: WatchCut) -> None:
+        self.send(None)
+        self.ended.put(cut)
+
+    def stop(self) -> None:
+        self.blocked.clear()
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    async def take(self, n: int) -> list[bytes]:
+        """The next ``n`` messages that are not heartbeats."""
+        out: list[bytes] = []
+        while len(out) < n:
+            msg = await asyncio.to_thread(self.got.get, True, 5.0)
+            if msg != HEARTBEAT:
+                out.append(msg)
+        return out
+
+    async def end(self) -> WatchCut:
+        return await asyncio.to_thread(self.ended.get, True, 10.0)
 
 
 async def test_a_stream_gets_the_newest_of_each_app_and_is_cut_when_it_stops_taking() -> None:
     watchers = Watchers(render=_render, lag_s=1.0)
     watchers.start()
+    client = Client()
     try:
-        sub = watchers.subscribe([])
+        watchers.subscribe([], send=client.send, finish=client.finish)
+        # A change comes while the client takes nothing: its send blocks.
+        client.stop()
         watchers.publish("app-0", active("app-0"))
-        assert await asyncio.to_thread(_next, sub) == [b"app-0@1"]
-        # While its thread sends that, more changes come: only the newest of
+        assert await asyncio.to_thread(client.blocked.wait, 5.0)
+        # While that send is blocked, more changes come: only the newest of
         # each application waits (a watch-all stream gets them in the order
         # of those newest).
         for version in (1, 2, 3):
             watchers.publish("app-a", active("app-a", version))
         watchers.publish("app-b", active("app-b", 1))
         watchers.publish("app-a", active("app-a", 4))
-        watchers.sent(sub)
-        assert await asyncio.to_thread(_next, sub) == [b"app-b@1", b"app-a@4"]
-        # A burst of more changes than the bound, taken by a stream that
-        # sends them: nothing is cut.
-        watchers.sent(sub)
+        await asyncio.sleep(0.2)  # the watch thread has them all
+        client.resume()
+        assert await client.take(3) == [b"app-0@1", b"app-b@1", b"app-a@4"]
+        # A burst of more changes than the bound, taken by a client that
+        # reads: nothing is cut.
         burst = [f"app-{n}" for n in range(MAX_PENDING + 1)]
         for app in burst:
             watchers.publish(app, active(app, 2))
-        got: list[bytes] = []
-        while len(got) < len(burst):
-            batch = await asyncio.to_thread(_next, sub)
-            assert batch is not None
-            got += batch
-            watchers.sent(sub)
-        assert got == [f"{app}@2".encode() for app in burst]
-        # A client that takes nothing more (its thread never asks for the
-        # next message) while more than the bound piles up: cut once it has
-        # stayed that far behind for lag_s.
+        assert await client.take(len(burst)) == [f"{app}@2".encode() for app in burst]
+        assert watchers.slow_cuts == 0
+        # A client that takes nothing more while more than the bound piles
+        # up: cut once it has stayed that far behind for lag_s.
+        client.stop()
         watchers.publish("app-last", active("app-last"))
-        assert await asyncio.to_thread(_next, sub) == [b"app-last@1"]
+        assert await asyncio.to_thread(client.blocked.wait, 5.0)
         for app in burst:
             watchers.publish(app, active(app, 3))
-        with pytest.raises(WatchCut) as cut:
-            await asyncio.to_thread(_next, sub)
-        assert cut.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "fell behind" in cut.value.message
-        assert watchers.slow_cuts == 1
+        await eventually(lambda: watchers.slow_cuts == 1)
+        # The send blocked in gRPC is ended by gRPC (the call's core object;
+        # here, the client goes on): the stream ends with why.
+        client.resume()
+        cut = await client.end()
+        assert cut.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "fell behind" in cut.message
+        assert client.statuses == 1
         assert watchers.rendered == 1 + 5 + 2 * len(burst) + 1
+        await eventually(lambda: len(watchers) == 0)
     finally:
         watchers.close()
         await asyncio.to_thread(watchers.join)
 
 
+async def test_idle_streams_get_a_heartbeat_a_second_from_a_few_threads() -> None:
+    watchers = Watchers(render=_render, heartbeat_s=0.2)
+    watchers.start()
+    clients = [Client() for _ in range(50)]
+    try:
+        before = threading.active_count()
+        for client in clients:
+            watchers.subscribe([], send=client.send, finish=client.finish)
+        await asyncio.sleep(1.1)
+        for client in clients:
+            beats = client.got.qsize()
+            assert 3 <= beats <= 7, beats  # one every 0.2 s, none early
+        # Fifty idle streams, sent to by the pool's few warm threads.
+        assert threading.active_count() - before <= 1
+        # A stream with a message waiting sends that, not a heartbeat: a
+        # client that stops taking gets nothing more until it reads again.
+        clients[0].stop()
+        watchers.publish("app-0", active("app-0"))
+        assert await asyncio.to_thread(clients[0].blocked.wait, 5.0)
+        while not clients[0].got.empty():
+            clients[0].got.get()
+        await asyncio.sleep(0.6)
+        assert clients[0].got.empty()
+        # The others go on, though a sender thread is blocked.
+        for client in clients[1:]:
+            while not client.got.empty():
+                client.got.get()
+        await asyncio.sleep(0.5)
+        assert all(c.got.qsize() >= 1 for c in clients[1:])
+        clients[0].resume()
+        assert await clients[0].take(1) == [b"app-0@1"]
+    finally:
+        watchers.close()
+        await asyncio.to_thread(watchers.join)
+    # Shutting down ends every stream with why.
+    for client in clients:
+        cut = await client.end()
+        assert cut.code == grpc.StatusCode.UNAVAILABLE
+
+
 async def test_a_store_discontinuity_goes_first_and_drops_what_was_unsent() -> None:
     watchers = Watchers(render=_render, render_discontinuity=lambda cause, at: cause.encode())
     watchers.start()
+    client = Client()
     try:
-        sub = watchers.subscribe([])
+        watchers.subscribe([], send=client.send, finish=client.finish)
+        client.stop()
         watchers.publish("app-0", active("app-0"))
-        assert await asyncio.to_thread(_next, sub) == [b"app-0@1"]
+        assert await asyncio.to_thread(client.blocked.wait, 5.0)
         watchers.publish("app-a", active("app-a"))
         watchers.discontinuity("run_id_changed", wall_clock())
         watchers.publish("app-b", active("app-b"))
-        watchers.sent(sub)
-        assert await asyncio.to_thread(_next, sub) == [b"run_id_changed", b"app-b@1"]
+        await asyncio.sleep(0.2)
+        client.resume()
+        assert await client.take(3) == [b"app-0@1", b"run_id_changed", b"app-b@1"]
         assert watchers.discontinuities_sent == 1
     finally:
         watchers.close()
+        await asyncio.to_thread(watchers.join)
+
+
+# -- a stream served without a thread --------------------------------------------------------
+
+WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who")
+
+
+class Recorder:
+    """A hook like auth's: sets a context variable on entering, resets it on
+    leaving (which raises unless in the context it was set in)."""
+
+    def __init__(self) -> None:
+        self.left: queue.Queue[grpc.StatusCode] = queue.Queue()
+        self.errors: list[BaseException] = []
+
+    def wants(self, method: str) -> bool:
+        return True
+
+    def enter(self, method: str, raw: bytes, context: grpc.ServicerContext) -> Any:
+        return WHO.set("caller")
+
+    def leave(self, state: Any, response: bytes | None, code: grpc.StatusCode) -> None:
+        try:
+            WHO.reset(state)
+        except BaseException as exc:
+            self.errors.append(exc)
+        self.left.put(code)
+
+
+async def test_an_open_stream_holds_no_thread_and_its_hooks_leave_once_with_its_status() -> None:
+    watchers = Watchers(render=_render, heartbeat_s=0.2)
+    watchers.start()
+    hook = Recorder()
+
+    def body(
+        raw: bytes,
+        context: grpc.ServicerContext,
+        send: Callable[[bytes | None], None],
+        done: Callable[[grpc.StatusCode], None],
+    ) -> None:
+        def finish(cut: WatchCut) -> None:
+            if cut is not CANCELLED:
+                context.set_code(cut.code)
+                context.set_details(cut.message)
+                send(None)
+            done(cut.code)
+
+        sub = watchers.subscribe([], context, send, finish)
+        if not context.add_callback(lambda: watchers.cancelled(sub)):
+            watchers.cancelled(sub)
+
+    method = Entry([hook]).open_stream("/t.T/Watch", body)
+    handler = grpc.unary_stream_rpc_method_handler(method)
+    # Two threads serve calls: a stream that held one would leave none for
+    # the third stream.
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("t.T", {"Watch": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = channel.unary_stream("/t.T/Watch")
+            calls = [watch(b"") for _ in range(8)]
+            for call in calls:
+                assert await asyncio.wait_for(call.read(), 5) == HEARTBEAT
+            watchers.publish("app-0", active("app-0"))
+            for call in calls:
+                got = await asyncio.wait_for(call.read(), 5)
+                while got == HEARTBEAT:
+                    got = await asyncio.wait_for(call.read(), 5)
+                assert got == b"app-0@1"
+            for call in calls[:4]:
+                call.cancel()  # the client goes: ended on gRPC's thread
+            await eventually(lambda: len(watchers) == 4)
+            watchers.close()  # the others: ended by a sender thread, with why
+            for call in calls[4:]:
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    while True:
+                        await asyncio.wait_for(call.read(), 5)
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in (ended.value.details() or "")
+        codes = [await asyncio.to_thread(hook.left.get, True, 5) for _ in range(8)]
+        assert sorted(c.value[0] for c in codes) == [1] * 4 + [14] * 4  # CANCELLED, UNAVAILABLE
+        assert hook.left.empty() and not hook.errors
+    finally:
+        watchers.close()
+        server.stop(0)
         await asyncio.to_thread(watchers.join)

@@ -1,7 +1,7 @@
 """The one way into an EnforcementService call, on the threaded server.
 
 Every call — the checks on their fast path (:mod:`lcic_guard.sidecar.checks`),
-the watch streams on their own threads (:mod:`lcic_guard.sidecar.watch`),
+the watch streams, served without a thread (:mod:`lcic_guard.sidecar.watch`),
 the other unary calls and streams bridged to the event loop
 (:mod:`lcic_guard.sidecar.bridge`) — goes through :class:`Entry`: the hooks
 run around it on the serving thread (auth's scope check, the tracing span:
@@ -12,6 +12,8 @@ says. A hook runs once per call, wherever the call is then answered.
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
@@ -31,6 +33,10 @@ PREFIX: Final = f"/{SERVICE.full_name}/"
 
 Unary = Callable[[bytes, grpc.ServicerContext], bytes]
 Streaming = Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]
+Send = Callable[[bytes | None], None]
+# Opens a stream and returns; the stream's end calls the last argument once.
+Opening = Callable[[bytes, grpc.ServicerContext, Send, Callable[[grpc.StatusCode], None]], None]
+NonBlocking = Callable[[bytes, grpc.ServicerContext, Send], None]
 
 
 class Hook(Protocol):
@@ -45,6 +51,52 @@ class Hook(Protocol):
     def enter(self, method: str, raw: bytes, context: grpc.ServicerContext) -> Any: ...
 
     def leave(self, state: Any, response: bytes | None, code: grpc.StatusCode) -> None: ...
+
+
+class _Opened:
+    """The hooks of one stream served without a thread (see :meth:`Entry.open_stream`)."""
+
+    def __init__(self, hooks: tuple[Hook, ...], context: contextvars.Context) -> None:
+        self.hooks = hooks
+        self.context = context
+        self.entered: list[tuple[Hook, Any]] = []
+        self._lock = threading.Lock()
+        self._opening = True
+        self._ended: grpc.StatusCode | None = None  # done while opening
+        self._left = False
+
+    def open(
+        self,
+        method: str,
+        raw: bytes,
+        context: grpc.ServicerContext,
+        send: Send,
+        body: Opening,
+    ) -> None:
+        for hook in self.hooks:
+            self.entered.append((hook, hook.enter(method, raw, context)))
+        body(raw, context, send, self.done)
+
+    def opened(self, failure: Exception | None) -> None:
+        with self._lock:
+            self._opening = False
+            code = status_of(failure)[0] if failure is not None else self._ended
+        if code is not None:
+            self.context.run(self._leave, code)
+
+    def done(self, code: grpc.StatusCode) -> None:
+        with self._lock:
+            if self._opening:
+                self._ended = code
+                return
+        self.context.run(self._leave, code)
+
+    def _leave(self, code: grpc.StatusCode) -> None:
+        if self._left:
+            return
+        self._left = True
+        for hook, state in reversed(self.entered):
+            hook.leave(state, None, code)
 
 
 class Entry:
@@ -117,6 +169,33 @@ class Entry:
 
         return served
 
+    def open_stream(self, method: str, body: Opening) -> NonBlocking:
+        """``body`` as a server-streaming call of ``method`` that gRPC serves
+        without a thread (a request id bound while it opens): ``body`` opens
+        the stream and returns; whoever ends it later, on whatever thread,
+        calls the ``done`` it is given, which runs the hooks' ``leave``.
+
+        The hooks set context variables (the caller, the span) that must be
+        reset in the context they were set in: they run in a context of the
+        call's own, which ``done`` enters again (after the opening thread has
+        left it, if the stream ends while it opens)."""
+        hooks = tuple(h for h in self.hooks if h.wants(method))
+
+        def served(raw: bytes, context: grpc.ServicerContext, send: Send) -> None:
+            logs.bind_call(context)
+            call = _Opened(hooks, contextvars.copy_context())
+            failure: Exception | None = None
+            try:
+                call.context.run(call.open, method, raw, context, send, body)
+            except Exception as exc:
+                failure = exc
+            call.opened(failure)
+            if failure is not None:
+                end(context, failure)
+
+        served.experimental_non_blocking = True  # type: ignore[attr-defined]
+        return served
+
 
 def _unimplemented(name: str, streaming: bool) -> Callable[..., Any]:
     """An RPC of the service the servicer does not implement (yet)."""
@@ -150,7 +229,7 @@ def handlers(
             continue
         if name == WATCH_METHOD:
             watch = WatchStream(servicer, bridge)
-            out[name] = grpc.unary_stream_rpc_method_handler(entry.stream(full, watch))
+            out[name] = grpc.unary_stream_rpc_method_handler(entry.open_stream(full, watch))
             continue
         parse = getattr(pb, method.input_type.name).FromString
         serialize = getattr(pb, method.output_type.name).SerializeToString

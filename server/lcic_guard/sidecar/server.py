@@ -131,9 +131,10 @@ async def start_server(
     SO_REUSEPORT on by default, and with it a second sidecar on a taken port
     would silently share it and half the checks would reach the wrong one.
     With ``serving=False`` health says NOT_SERVING until the caller says
-    otherwise. ``threads`` serve the unary calls; each watch stream (at most
-    ``max_streams``) holds a thread
-    of its own pool while it is open.
+    otherwise. ``threads`` serve the unary calls; a watch stream (at most
+    ``max_streams``) opens on a thread of the streams' pool and then holds
+    none (the watchers' sender threads send on it); a health watch or a
+    reflection stream holds one of that pool while it is open.
     """
     pools = threads_.Pools(threads, max_streams + 64)  # + health watches, reflection, refusals
     bridge = Bridge(asyncio.get_running_loop(), pools.calls)

@@ -146,8 +146,9 @@ STREAM_IN_POOL: Final = getattr(grpc._server, "_stream_response_in_pool", None)
 
 class Pools(concurrent.futures.Executor):
     """The threaded server's executor: unary calls on a :class:`CallPool`,
-    each stream (watches, health watches, reflection) on a thread of its own
-    pool, so that open streams never take the threads checks need."""
+    each stream (a watch while it opens, health watches, reflection) on a
+    thread of its own pool, so that streams never take the threads checks
+    need."""
 
     def __init__(self, calls: int, streams: int) -> None:
         if STREAM_IN_POOL is None:  # pragma: no cover - a grpcio the lock does not pin

@@ -1,18 +1,19 @@
-"""WatchApplicationStatus, served on the stream's own thread.
+"""WatchApplicationStatus: opening a stream.
 
-The stream's thread only sends: it opens a subscription with the watchers
+The call's thread opens a subscription with the watchers
 (:mod:`lcic_guard.sidecar.watchers`), reads the current statuses of the
 applications it names (on the event loop, through the bridge: a Redis read
-when the stream opens), hands them to the watch thread, and then sends what
-the watch thread grants it, or a heartbeat every ``heartbeat_s`` while the
-sidecar's view is current and nothing waits to be sent. Nothing here renders
-a change or touches another stream.
+when the stream opens), hands them to the watch thread, and returns: gRPC
+serves the method as a non-blocking stream (``experimental_non_blocking``),
+so an open stream holds no thread. The watchers' sender threads send what
+the watch thread grants and the heartbeats, and end the call. Nothing here
+renders a change or touches another stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
@@ -22,7 +23,7 @@ from lcic_guard.sidecar import wire
 from lcic_guard.sidecar.bridge import Bridge, parsed
 from lcic_guard.sidecar.errors import Refused
 from lcic_guard.sidecar.service import EnforcementServicer
-from lcic_guard.sidecar.watchers import CANCELLED, HEARTBEAT, WatchCut
+from lcic_guard.sidecar.watchers import CANCELLED, Send, WatchCut
 
 METHOD = "WatchApplicationStatus"
 
@@ -48,32 +49,41 @@ class WatchStream:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "status store unavailable") from None
         return [r[0] for r in rows if not isinstance(r, Exception) and r[0] is not None]
 
-    def __call__(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def __call__(
+        self,
+        raw: bytes,
+        context: grpc.ServicerContext,
+        send: Send,
+        done: Callable[[grpc.StatusCode], None],
+    ) -> None:
+        """Open the stream and return: from then on the sender threads send
+        on it (``send``), and the one that ends it calls ``done`` with the
+        status it ended with."""
         ids = wire.watch_ids(parsed(raw, pb.WatchApplicationStatusRequest.FromString))
         watchers = self.servicer.watchers
         if watchers is None:
             raise Refused(
                 grpc.StatusCode.UNIMPLEMENTED, "this sidecar does not follow the change feed"
             )
+
+        def finish(cut: WatchCut) -> None:
+            if cut is not CANCELLED:
+                context.set_code(cut.code)
+                context.set_details(cut.message)
+                send(None)  # the status (nothing is sent if the call is gone)
+            done(cut.code)
+
         try:
-            sub = watchers.subscribe(ids, context)
+            sub = watchers.subscribe(ids, context, send, finish)
         except WatchCut as cut:
             raise Refused(cut.code, cut.message) from None
-        context.add_callback(lambda: sub.end(CANCELLED))  # the client went: stop waiting
-        try:
-            if ids:
-                watchers.first(sub, self._current(ids, context), self.servicer.clock())
-            while True:
-                try:
-                    batch = sub.next(watchers.heartbeat_s)
-                except WatchCut as cut:
-                    raise Refused(cut.code, cut.message) from None
-                if batch is None:
-                    if watchers.feed_healthy:
-                        yield HEARTBEAT
-                    continue
-                yield from batch
-                # gRPC asks for the next message once the last one is sent.
-                watchers.sent(sub)
-        finally:
-            watchers.unsubscribe(sub)
+        if not context.add_callback(lambda: watchers.cancelled(sub)):  # the client went
+            watchers.cancelled(sub)
+            return
+        if ids:
+            try:
+                current = self._current(ids, context)
+            except Exception:
+                watchers.abandon(sub)  # the call ends here, with what failed
+                raise
+            watchers.first(sub, current, self.servicer.clock())

@@ -7,12 +7,18 @@ bytes every stream shares, putting it in the outbox of each stream that
 watches the application, the time-driven transitions, and deciding which
 stream may send next. The event loop only hands it changes (a queue put).
 
-Each stream's thread sends what it is granted, a few dozen messages at a
-time; grants are paced (:data:`SEND_RATE` messages a second, all streams
-together, at most :data:`SENDERS` streams sending at once), so that however
-many streams are open and however many changes arrive, fan-out never takes
-more than a bounded share of the GIL and the gRPC server's completion thread
-from the checks. Streams wait their turn, coalescing meanwhile.
+A stream holds no thread: gRPC serves WatchApplicationStatus as a
+non-blocking stream, and a few *sender threads* (:class:`SenderPool`) send
+what the watch thread grants, a few dozen messages of one stream at a time,
+and the heartbeats. Grants are paced (:data:`SEND_RATE` messages a second,
+all streams together, at most :data:`SENDERS` streams sending at once), so
+that however many streams are open and however many changes arrive,
+fan-out never takes more than a bounded share of the GIL and the gRPC
+server's completion thread from the checks. Streams wait their turn,
+coalescing meanwhile. A heartbeat goes to each stream that has sent
+nothing for a second, those due within :data:`HEARTBEAT_TICK_S` together,
+from the same warm threads: a thousand idle streams cost a thousand sends
+a second, not a thousand threads woken.
 
 What a stream has to send keeps one message per application (the newest: a
 watch message carries the whole status and its schedule, so a newer one of
@@ -69,10 +75,16 @@ log = logging.getLogger(__name__)
 # gRPC's threaded server spends 80-100 µs of CPU on each (the stream's
 # thread and its completion thread), so this is about a fifth of a core.
 SEND_RATE: Final = 2_000.0
-# Streams sending at once: each send wakes the stream's thread and gRPC's
-# completion thread, which also takes in every check; few at once keep the
-# checks' wait for the GIL short.
+# Streams sending at once, and the sender threads kept warm: each send
+# wakes a sender thread and gRPC's completion thread, which also takes in
+# every check; few at once keep the checks' wait for the GIL short.
 SENDERS: Final = 2
+# A sender thread beyond SENDERS (started for a send its client blocks)
+# leaves after this long with nothing to send.
+SENDER_IDLE_S: Final = 10.0
+# Heartbeats due within this are sent together: the watch thread wakes for
+# them at most this often, whatever the number of streams.
+HEARTBEAT_TICK_S: Final = 0.05
 # Messages granted to a stream at a time.
 GRANT: Final = 64
 # A grant not done within this is a stream blocked by its client (flow
@@ -102,6 +114,7 @@ RETRY_S: Final = 0.5
 OWNERS_CHUNK: Final = 500
 # The message of a heartbeat: an empty WatchApplicationStatusResponse.
 HEARTBEAT: Final = b""
+HEARTBEATS: Final = [HEARTBEAT]
 # The key of a store discontinuity's message (an app id is never empty).
 EVERY_STREAM: Final = ""
 
@@ -189,14 +202,31 @@ class SharedLog:
             self._at = {a: i for a, i in self._at.items() if i >= low}
 
 
+Send = Callable[[bytes | None], None]
+
+
 class Subscription:
     """One WatchApplicationStatus stream: its outbox (the watch thread's
-    alone) and what it shares with the stream's own thread (plain attribute
-    reads and writes, atomic under the GIL, and an event)."""
+    alone) and what the watch thread shares with the sender threads (plain
+    attribute reads and writes, atomic under the GIL, and a lock for who
+    ends it).
 
-    def __init__(self, ids: frozenset[str] | None, context: Any = None) -> None:
+    ``send`` is gRPC's send of the call (``None`` sends the status: the
+    call's end), taken by one sender thread at a time; ``finish(cut)``
+    ends the call once nothing sends on it any more (the status if the
+    call is still open, then what its entry owes: hooks, unsubscribing)."""
+
+    def __init__(
+        self,
+        ids: frozenset[str] | None,
+        context: Any = None,
+        send: Send | None = None,
+        finish: Callable[[WatchCut], None] | None = None,
+    ) -> None:
         self.ids = ids
         self.context = context
+        self.send = send
+        self.finish = finish
         # A stream of named applications: its outbox, by application
         # (changes are sent before transitions).
         self.changes: dict[str, Msg] = {}
@@ -210,38 +240,41 @@ class Subscription:
         # as a client takes a version going back for a store discontinuity.
         self.floor: dict[str, int] = {}
         self.behind_since: float | None = None  # more than MAX_PENDING behind since
-        # Shared with the stream's thread.
         self.queued = False  # has something to send (waiting for, or holding, a grant)
-        self.granted: list[bytes] | None = None
+        # Shared with the sender threads.
+        self.sending_since: float | None = None  # a sender thread is in a send since
         self.ended: WatchCut | None = None
-        self.wake = threading.Event()
+        self._busy = False  # a sender thread holds a job of it
+        self._finished = False
+        self._lock = threading.Lock()
 
-    def next(self, timeout: float) -> list[bytes] | None:
-        """On the stream's thread: the messages to send now, or None when
-        ``timeout`` passed with nothing to send (time for a heartbeat; none
-        while messages wait for their turn). Raises WatchCut when the
-        stream ends."""
-        while True:
-            if self.ended is not None:
-                raise self.ended
-            granted = self.granted
-            if granted is not None:
-                self.granted = None
-                return granted
-            if not self.wake.wait(timeout):
-                if self.queued:
-                    continue
-                return None
-            self.wake.clear()
+    def take(self) -> None:
+        """The watch thread hands it a job: one sender at a time."""
+        self._busy = True
 
-    def end(self, cut: WatchCut) -> None:
-        """The stream ends (any thread): its thread stops waiting."""
-        if self.ended is None:
-            self.ended = cut
-        self.wake.set()
+    def release(self) -> bool:
+        """A sender thread is done with it: True if that thread must finish it."""
+        with self._lock:
+            self._busy = False
+            return self._owes_finish()
+
+    def end(self, cut: WatchCut) -> bool:
+        """The stream ends (any thread): True if the caller must finish it
+        (nothing sends on it; otherwise the sender thread will)."""
+        with self._lock:
+            if self.ended is None:
+                self.ended = cut
+            return self._owes_finish()
+
+    def _owes_finish(self) -> bool:
+        if self.ended is None or self._busy or self._finished:
+            return False
+        self._finished = True
+        return True
 
 
 CANCELLED: Final = WatchCut(grpc.StatusCode.CANCELLED, "call cancelled")
+SHUTDOWN: Final = WatchCut(grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again")
 
 
 def _wall_clock() -> Millis:
@@ -250,6 +283,65 @@ def _wall_clock() -> Millis:
 
 def _owner(status: AppStatus) -> tuple[str, int, Millis]:
     return status.account_id, status.version, status.updated_at
+
+
+class SenderPool:
+    """The threads that send what the watch thread grants: :data:`SENDERS`
+    kept warm (a thread that sends one message after another costs far
+    less than a thread per stream woken for each), and one more for each
+    send its client blocks, so that a client that reads nothing never holds
+    up the others; one beyond those leaves after :data:`SENDER_IDLE_S`
+    with nothing to do."""
+
+    def __init__(self, base: int = SENDERS) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._base = base
+        self.threads = 0
+        self._stopping = False
+
+    def start(self) -> None:
+        for _ in range(self._base):
+            self.grow()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._jobs.put((fn, args))
+
+    def grow(self) -> None:
+        """One more thread, for a send its client blocks."""
+        with self._lock:
+            if self._stopping:
+                return
+            self.threads += 1
+            name = f"lcic-guard-watch-send-{self.threads}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def stop(self) -> None:
+        """Each thread leaves once the jobs submitted before are done."""
+        with self._lock:
+            self._stopping = True
+            n = self.threads
+        for _ in range(n):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=SENDER_IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self.threads > self._base:
+                        self.threads -= 1
+                        return
+                continue
+            if job is None:
+                with self._lock:
+                    self.threads -= 1
+                return
+            fn, args = job
+            fn(*args)
 
 
 class Watchers:
@@ -311,9 +403,17 @@ class Watchers:
         self._ticks_added = False
         self._sweep_at = 0.0
         # Pacing.
+        self._pool = SenderPool()
         self._ready: collections.deque[Subscription] = collections.deque()
-        self._sending: dict[Subscription, float] = {}  # holding a grant: since when
-        self._active: dict[Subscription, float] = {}  # of those, granted within GRANT_STALL_S
+        self._sending: dict[Subscription, float] = {}  # a job given to a sender: since when
+        self._active: dict[Subscription, float] = {}  # grants not blocked by their clients
+        self._beating: dict[Subscription, float] = {}  # heartbeats within GRANT_STALL_S
+        # Streams with nothing to send, by when they last sent (the oldest first).
+        self._idle: collections.OrderedDict[Subscription, float] = collections.OrderedDict()
+        self._heartbeat_at = 0.0  # heartbeats are not looked at before
+        # Heartbeats sent, of streams with nothing to send since: taken in
+        # whenever the thread wakes (no need to wake it for them).
+        self._beaten: collections.deque[Subscription] = collections.deque()
         self._tokens = send_rate * 0.02
         self._refilled = time.monotonic()
         # Time-driven transitions: (instant, app id), as a heap and a set.
@@ -348,6 +448,7 @@ class Watchers:
         transitions are pushed from, ``loop`` runs ``read_owners``."""
         self.cache = cache
         self._loop = loop
+        self._pool.start()
         self._thread = threading.Thread(target=self._run, name="lcic-guard-watch", daemon=True)
         self._thread.start()
 
@@ -359,7 +460,8 @@ class Watchers:
         self._inbox.put(("close",))
         if self._thread is None:
             for sub in subs:
-                sub.end(WatchCut(grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again"))
+                if sub.end(SHUTDOWN):
+                    self._finish(sub)
 
     def join(self, timeout: float = 5.0) -> None:
         if self._thread is not None:
@@ -372,10 +474,19 @@ class Watchers:
     def feed_healthy(self) -> bool:
         return self.cache is None or self.cache.feed_healthy
 
-    # -- the streams' threads -----------------------------------------------------
+    # -- the calls' threads -------------------------------------------------------
 
-    def subscribe(self, app_ids: Iterable[str], context: Any = None) -> Subscription:
-        """A new stream (on its thread): refused beyond ``max_streams``."""
+    def subscribe(
+        self,
+        app_ids: Iterable[str],
+        context: Any = None,
+        send: Send | None = None,
+        finish: Callable[[WatchCut], None] | None = None,
+    ) -> Subscription:
+        """A new stream (on the thread gRPC opened its call on): refused
+        beyond ``max_streams``. What it is granted goes to ``send``, one
+        message at a time on a sender thread, and ``finish`` is called once
+        when it ends (see :class:`Subscription`)."""
         ids = frozenset(app_ids)
         with self._lock:
             if self.closing:
@@ -387,7 +498,7 @@ class Watchers:
                     f"too many watch streams open ({self.max_streams}, --max-watch-streams); "
                     "retry later or watch through another sidecar",
                 )
-            sub = Subscription(ids or None, context)
+            sub = Subscription(ids or None, context, send, finish)
             self._open.add(sub)
         self._inbox.put(("subscribe", sub))
         return sub
@@ -398,15 +509,53 @@ class Watchers:
         that follow them."""
         self._inbox.put(("first", sub, statuses, now))
 
-    def sent(self, sub: Subscription) -> None:
-        """The stream's thread has sent what it was granted."""
-        self._inbox.put(("sent", sub))
+    def cancelled(self, sub: Subscription) -> None:
+        """The client went (gRPC's callback): ends the stream."""
+        if sub.end(CANCELLED):
+            self._finish(sub)
 
-    def unsubscribe(self, sub: Subscription) -> None:
-        with self._lock:
-            self._open.discard(sub)
-        sub.end(CANCELLED)
-        self._inbox.put(("unsubscribe", sub))
+    def abandon(self, sub: Subscription) -> None:
+        """A stream that could not open: its call ends with what failed,
+        not through ``finish``."""
+        sub.send = sub.finish = None
+        if sub.end(CANCELLED):
+            self._finish(sub)
+
+    def _finish(self, sub: Subscription) -> None:
+        """End ``sub``'s call, once nothing sends on it (any thread)."""
+        try:
+            if sub.finish is not None and sub.ended is not None:
+                sub.finish(sub.ended)
+        except Exception as exc:
+            self._warn.warning("finish", "watch fan-out: cannot end a stream: %r", exc)
+        finally:
+            with self._lock:
+                self._open.discard(sub)
+            self._inbox.put(("unsubscribe", sub))
+
+    # -- the sender threads ---------------------------------------------------------
+
+    def _send(self, sub: Subscription, batch: list[bytes]) -> None:
+        try:
+            send = sub.send
+            if send is not None:
+                for payload in batch:
+                    if sub.ended is not None:
+                        break
+                    sub.sending_since = time.monotonic()
+                    send(payload)  # returns once sent (gRPC's flow control permitting)
+        except Exception as exc:
+            self._warn.warning("send", "watch fan-out: a send failed: %r", exc)
+        finally:
+            sub.sending_since = None
+            if sub.release():
+                self._finish(sub)
+            if batch is HEARTBEATS:
+                self._beaten.append(sub)
+                if sub.queued:  # a change came meanwhile: it waits for this
+                    self._inbox.put(("wake",))
+            else:
+                self._inbox.put(("sent", sub))
 
     # -- the event loop ----------------------------------------------------------
 
@@ -433,6 +582,7 @@ class Watchers:
             "subscribe": self._on_subscribe,
             "first": self._on_first,
             "sent": self._on_sent,
+            "wake": lambda: None,
             "unsubscribe": self._on_unsubscribe,
             "owners": self._on_owners,
             "close": self._on_close,
@@ -440,6 +590,8 @@ class Watchers:
         while not self._stopped:
             item = self._get(self._wait_s())
             deadline = time.perf_counter() + SLICE_S
+            while self._beaten:
+                self._on_sent(self._beaten.popleft())
             while item is not None:
                 try:
                     handlers[item[0]](*item[1:])
@@ -456,6 +608,7 @@ class Watchers:
             if time.perf_counter() >= deadline:
                 # More to do: let the serving threads have the GIL meanwhile.
                 time.sleep(SLICE_S)
+        self._pool.stop()
 
     def _get(self, timeout: float) -> tuple[Any, ...] | None:
         try:
@@ -467,7 +620,7 @@ class Watchers:
 
     def _wait_s(self) -> float:
         """How long the thread may sleep unless something arrives."""
-        if self._backlog or self._fill is not None:
+        if self._backlog or self._fill is not None or self._beaten:
             return 0.0
         wait = 1.0
         if self._due:
@@ -476,6 +629,11 @@ class Watchers:
             wait = min(wait, RETRY_S)
         if self._ready:
             wait = min(wait, self._pacer_wait())
+        if self._idle:
+            first = next(iter(self._idle.values()))
+            mono = time.monotonic()
+            due = first + self.heartbeat_s - HEARTBEAT_TICK_S
+            wait = min(wait, max(due, self._heartbeat_at) - mono)
         return max(wait, 0.0005) if wait > 0 else 0.0
 
     # -- changes -------------------------------------------------------------------
@@ -558,6 +716,7 @@ class Watchers:
             # the transitions of what it watches now.
             self._fill, self._fill_at = None, 0.0
         self._subs.add(sub)
+        self._idle[sub] = time.monotonic()
         if sub.ids is None:
             self._all.add(sub)
             sub.change_cursor, sub.tick_cursor = self._changes.head, self._ticks.head
@@ -578,6 +737,8 @@ class Watchers:
                     del self._index[app]
         self._sending.pop(sub, None)
         self._active.pop(sub, None)
+        self._beating.pop(sub, None)
+        self._idle.pop(sub, None)
         sub.changes.clear()
         sub.ticks.clear()
         sub.notice = None
@@ -592,23 +753,26 @@ class Watchers:
         self._end(sub, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def _end(self, sub: Subscription, code: grpc.StatusCode, message: str) -> None:
-        """End a stream from here: woken if it waits, ended by gRPC if it is
-        blocked in a send its client does not read."""
+        """End a stream from here: finished by a sender thread if none is
+        sending on it, ended by gRPC if one is (it may be blocked in a send
+        its client does not read)."""
         if sub.ended is not None:
             return
         sending = sub in self._sending
         self._forget(sub)
-        sub.end(WatchCut(code, message))
-        if sending and sub.context is not None:
+        if sub.end(WatchCut(code, message)):
+            self._pool.submit(self._finish, sub)
+        elif sending and sub.context is not None:
             end_call(sub.context, code, message)
 
     def _on_close(self) -> None:
         for sub in list(self._subs):
-            self._end(sub, grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again")
+            self._end(sub, SHUTDOWN.code, SHUTDOWN.message)
         with self._lock:
             stragglers = list(self._open)
         for sub in stragglers:
-            sub.end(WatchCut(grpc.StatusCode.UNAVAILABLE, "server shutting down; watch again"))
+            if sub.end(SHUTDOWN):
+                self._pool.submit(self._finish, sub)
         self._stopped = True
 
     # -- pacing --------------------------------------------------------------------------
@@ -624,36 +788,50 @@ class Watchers:
         if not sub.queued:
             sub.queued = True
             self._ready.append(sub)
+            self._idle.pop(sub, None)  # no heartbeat while messages wait
 
     def _on_sent(self, sub: Subscription) -> None:
         self._active.pop(sub, None)
+        self._beating.pop(sub, None)
         if self._sending.pop(sub, None) is None or sub.ended is not None:
             return
         if self._has_pending(sub):
             self._ready.append(sub)
+            sub.queued = True
         else:
             sub.queued = False
+            self._idle.pop(sub, None)
+            self._idle[sub] = time.monotonic()
 
     def _senders(self, now: float) -> int:
-        """Streams sending now: granted within GRANT_STALL_S and not done (a
-        stream blocked by its client no longer counts; it holds no GIL)."""
-        active = self._active
-        for sub, since in list(active.items()):
-            if now - since >= GRANT_STALL_S or sub not in self._sending:
-                del active[sub]
-        return len(active)
+        """Streams granted and not done, but for those whose send has been
+        blocked by their client for GRANT_STALL_S: those no longer count (a
+        blocked send holds no GIL) but hold a sender thread, so one more is
+        started."""
+        for jobs in (self._active, self._beating):
+            for sub in list(jobs):
+                since = sub.sending_since
+                if sub not in self._sending:
+                    del jobs[sub]
+                elif since is not None and now - since >= GRANT_STALL_S:
+                    del jobs[sub]
+                    self._pool.grow()
+        return len(self._active)
 
     def _pacer_wait(self) -> float:
         if self._tokens < 1:
             return (1 - self._tokens) / self.send_rate
         if len(self._active) >= SENDERS:
-            return max(0.0, min(self._active.values()) + GRANT_STALL_S - time.monotonic())
+            return GRANT_STALL_S / 2  # a send done wakes the thread; a blocked one is seen then
         return 0.0
 
     def _dispatch(self) -> None:
+        now = time.monotonic()
+        if self._beating or self._idle:
+            self._senders(now)
+            self._heartbeats(now)
         if not self._ready:
             return
-        now = time.monotonic()
         cap = self.send_rate * 0.02
         self._tokens = min(cap, self._tokens + (now - self._refilled) * self.send_rate)
         self._refilled = now
@@ -670,9 +848,32 @@ class Watchers:
             self.messages_sent += len(batch)
             self._sending[sub] = now
             self._active[sub] = now
-            sub.granted = batch
-            sub.wake.set()
+            sub.take()
+            self._pool.submit(self._send, sub, batch)
             senders += 1
+
+    def _heartbeats(self, now: float) -> None:
+        """A heartbeat to each stream that has sent nothing for
+        ``heartbeat_s`` (within a tick) while the sidecar's view is current."""
+        idle = self._idle
+        if not idle or now < self._heartbeat_at:
+            return
+        self._heartbeat_at = now + HEARTBEAT_TICK_S
+        healthy = self.feed_healthy
+        due = now + HEARTBEAT_TICK_S - self.heartbeat_s
+        while idle:
+            sub, at = next(iter(idle.items()))
+            if at > due:
+                break
+            del idle[sub]
+            if sub.ended is not None or sub in self._sending:
+                continue  # its job's end puts it back
+            idle[sub] = now
+            if healthy:
+                self._sending[sub] = now
+                self._beating[sub] = now
+                sub.take()
+                self._pool.submit(self._send, sub, HEARTBEATS)
 
     def _take(self, sub: Subscription, n: int) -> list[bytes]:
         """Up to ``n`` messages out of the outbox, in the order they go."""
