@@ -300,7 +300,8 @@ def write_expiring(port: int, apps: int, at: int) -> None:
                         b"HSET",
                         snapshot_key_of(app).encode(),
                         app.encode(),
-                        pack(status, 0, feed_shard(app)),
+                        # A snapshot entry: the app id, a NUL, the packed record.
+                        app.encode() + b"\0" + pack(status, 0, feed_shard(app)),
                     )
                 )
             sock.sendall(b"".join(parts))

@@ -590,3 +590,29 @@ async def test_an_open_stream_holds_no_thread_and_its_hooks_leave_once_with_its_
         watchers.close()
         server.stop(0)
         await asyncio.to_thread(watchers.join)
+
+
+async def test_a_record_the_cache_cannot_read_is_skipped_once_not_spun_on() -> None:
+    """A snapshot entry that does not decode (here, shifted by a byte) must not stop
+    the transitions of the others, nor keep the watch thread busy on it:
+    it is marked corrupt (its checks read Redis) and skipped."""
+    from lcic_guard.sidecar.cache import StatusCache
+    from lcic_guard.store.keys import feed_shard
+    from lcic_guard.store.packed import pack
+
+    cache = StatusCache(100, 10_000)
+    flip = wall_clock() + 60_000
+    good = pack(flipping("app-good", flip), 0, feed_shard("app-good"))
+    cache.put_loaded([[b"app-good\0" + good, b"app-bad\0" + good[1:]]])
+    watchers = Watchers(render=_render)
+    watchers.start(cache)
+    try:
+        watchers.subscribe([])
+        await eventually(lambda: cache.is_corrupt("app-bad"))
+        await eventually(lambda: "app-good" in {a for _, a in watchers._due})
+        errors = watchers.render_errors
+        await asyncio.sleep(0.5)
+        assert watchers.render_errors == errors == 1
+    finally:
+        watchers.close()
+        await asyncio.to_thread(watchers.join)

@@ -1034,7 +1034,15 @@ class Watchers:
         unknown: list[str] = []
         while pos < len(ids) and time.perf_counter() < deadline:
             for app in ids[pos : pos + 500]:
-                for at in cache.transitions(app, now, until):
+                try:
+                    due = cache.transitions(app, now, until)
+                except Exception:
+                    # A record the cache cannot read: its checks read Redis;
+                    # here it is skipped, never retried in a loop.
+                    cache.mark_corrupt(app)
+                    self.render_errors += 1
+                    continue
+                for at in due:
                     self._add_due(at, app)
                     if app not in self._owners:
                         unknown.append(app)
