@@ -15,7 +15,7 @@ from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.domain.policy import DAY, HOUR, PolicyConfig
 from lcic_guard.reconciler import Reconciler
 from lcic_guard.runner import RunningSidecar, build_sidecar
-from lcic_guard.store.keys import feed_key, feed_shard
+from lcic_guard.store.keys import feed_key, feed_shard, snapshot_key_of
 from lcic_guard.store.status import Store
 from lcic_guard_client import CachedGuardClient, Decision, Reason
 
@@ -288,5 +288,41 @@ async def test_a_change_whose_feed_entry_was_lost_is_found_by_the_next_mark(
 
         await eventually(caught_up, timeout=3.0)
         assert sidecar.feed.gaps == 1
+    finally:
+        await sidecar.stop(grace=0.2)
+
+
+async def test_snapshot_entries_this_version_cannot_read_are_not_held(
+    store: Store, policy: PolicyConfig, clock: FakeClock, reconciler: Reconciler, events: Events
+) -> None:
+    """A snapshot entry that is not what the reconciler writes (here one
+    shifted by a byte, one with no id) is not held, and the replica is then
+    not whole: a check of that app reads Redis, and says what Redis holds,
+    instead of answering from a misread record or "unknown" from a table
+    that lost it."""
+    await reconciler.ingest(
+        deliveries([*events.app("acct", "app-1"), *events.app("acct", "app-2")])
+    )
+    key = snapshot_key_of("app-2")
+    good = await store.redis.hget(key, "app-2")
+    assert isinstance(good, bytes)
+    prefix = b"app-2\0"
+    assert good.startswith(prefix)
+    await store.redis.hset(key, "app-2", prefix + good[len(prefix) + 1 :])
+    await store.redis.hset(snapshot_key_of("app-1"), "junk", b"\xff\xfe no id")
+    settings = sidecar_settings(redis_timeout_ms=2000, policy=policy)
+    sidecar = await build_sidecar(settings, store, clock=clock)
+    try:
+        await asyncio.wait_for(sidecar.feed.synced.wait(), 10)
+        cache = sidecar.checker.cache
+        assert cache.refused_entries == 2
+        assert not cache.whole
+        assert cache.lookup("app-1") is not None and cache.lookup("app-2") is None
+        channel, stub = stub_for(sidecar)
+        async with channel:
+            for app in ("app-1", "app-2"):
+                req = pb.CanCreateClassroomRequest(app_id=app)
+                d = (await stub.CanCreateClassroom(req)).decision
+                assert d.allowed and d.reason == pb.DECISION_REASON_OK, (app, d)
     finally:
         await sidecar.stop(grace=0.2)

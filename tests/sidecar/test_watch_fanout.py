@@ -593,17 +593,21 @@ async def test_an_open_stream_holds_no_thread_and_its_hooks_leave_once_with_its_
 
 
 async def test_a_record_the_cache_cannot_read_is_skipped_once_not_spun_on() -> None:
-    """A snapshot entry that does not decode (here, shifted by a byte) must not stop
-    the transitions of the others, nor keep the watch thread busy on it:
-    it is marked corrupt (its checks read Redis) and skipped."""
+    """A record whose head the load accepts but whose segments do not
+    decode must not stop the transitions of the others, nor keep the watch
+    thread busy on it: it is marked corrupt (its checks read Redis) and
+    skipped."""
     from lcic_guard.sidecar.cache import StatusCache
     from lcic_guard.store.keys import feed_shard
-    from lcic_guard.store.packed import pack
+    from lcic_guard.store.packed import HEAD, pack
 
     cache = StatusCache(100, 10_000)
     flip = wall_clock() + 60_000
     good = pack(flipping("app-good", flip), 0, feed_shard("app-good"))
-    cache.put_loaded([[b"app-good\0" + good, b"app-bad\0" + good[1:]]])
+    bad = HEAD.pack(1, 0, 1, 2, feed_shard("app-bad")) + b"\xff" * 30
+    cache.put_loaded(feed_shard("app-good"), [[b"app-good\0" + good]])
+    cache.put_loaded(feed_shard("app-bad"), [[b"app-bad\0" + bad]])
+    assert cache.refused_entries == 0
     watchers = Watchers(render=_render)
     watchers.start(cache)
     try:

@@ -209,7 +209,7 @@ class ChangeFeedReader:
         before = {a: cache.held_version(a) for a in held}
         # Replace even a newer version: what Redis holds now is the truth
         # (anything newer than this read is on the feed after `last`).
-        loaded = cache.put_loaded(chunks)
+        loaded = cache.put_loaded(shard, chunks)
         changed: list[tuple[str, bytes]] = []
         if before and self.in_sync and self.on_change is not None:
             changed = [
@@ -243,7 +243,7 @@ class ChangeFeedReader:
         if jitter_s > 0:
             await asyncio.sleep(random.uniform(0, jitter_s))
         start = self.clock()
-        evictions = cache.evictions
+        evictions, refused = cache.evictions, cache.refused_entries
         cache.complete = False
         order = list(range(FEED_SHARDS))
         random.shuffle(order)
@@ -251,7 +251,11 @@ class ChangeFeedReader:
         loaded = 0
         for shard in order:
             loaded += await self._load_shard(shard, held[shard])
-        cache.complete = cache.evictions == evictions and len(cache) <= cache.capacity
+        cache.complete = (
+            cache.evictions == evictions
+            and len(cache) <= cache.capacity
+            and cache.refused_entries == refused
+        )
         if not cache.complete:
             log.warning(
                 "status table larger than --cache-size (%d): ids not held are read from Redis",

@@ -114,6 +114,12 @@ class _CheckerCollector(Collector):
             "Ids forgotten by the negative cache's bound.",
             cache.negative_evictions,
         )
+        yield CounterMetricFamily(
+            "lcic_guard_snapshot_entries_refused",
+            "Snapshot entries not held because they are not records this version reads "
+            "(the replica is then not whole: ids not held are read from Redis).",
+            cache.refused_entries,
+        )
         if self.feed is not None:
             resyncs = CounterMetricFamily(
                 "lcic_guard_table_loads",
