@@ -455,6 +455,7 @@ async def test_idle_streams_get_a_heartbeat_a_second_from_a_few_threads() -> Non
             assert 3 <= beats <= 7, beats  # one every 0.2 s, none early
         # Fifty idle streams, sent to by the pool's few warm threads.
         assert threading.active_count() - before <= 1
+        assert watchers.sender_threads == 2
         # A stream with a message waiting sends that, not a heartbeat: a
         # client that stops taking gets nothing more until it reads again.
         clients[0].stop()
@@ -470,6 +471,8 @@ async def test_idle_streams_get_a_heartbeat_a_second_from_a_few_threads() -> Non
                 client.got.get()
         await asyncio.sleep(0.5)
         assert all(c.got.qsize() >= 1 for c in clients[1:])
+        # The blocked send holds a thread: one more was started for the others.
+        assert watchers.sender_threads == 3
         clients[0].resume()
         assert await clients[0].take(1) == [b"app-0@1"]
     finally:

@@ -156,6 +156,12 @@ class _CheckerCollector(Collector):
         if self.watchers is not None:
             w = self.watchers
             yield GaugeMetricFamily("lcic_guard_watch_streams", "Open watch streams.", len(w))
+            yield GaugeMetricFamily(
+                "lcic_guard_watch_sender_threads",
+                "Threads sending watch messages: 2, and one more for each send a client "
+                "blocks by not reading.",
+                w.sender_threads,
+            )
             yield CounterMetricFamily(
                 "lcic_guard_watch_streams_refused",
                 "Watch streams refused by --max-watch-streams.",

@@ -471,6 +471,12 @@ class Watchers:
         return len(self._open)
 
     @property
+    def sender_threads(self) -> int:
+        """Threads sending watch messages: SENDERS, and one for each send
+        a client blocks (a client that reads nothing holds one)."""
+        return self._pool.threads
+
+    @property
     def feed_healthy(self) -> bool:
         return self.cache is None or self.cache.feed_healthy
 
