@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 import pytest
-import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
@@ -35,6 +34,7 @@ from lcic_guard.store.connect import connect
 from lcic_guard.store.keys import status_key
 from lcic_guard.store.status import Store
 
+from tests.support.fixtures import write_all
 from tests.support.settings import sidecar_settings
 
 R = pb.DecisionReason
@@ -70,25 +70,6 @@ def recordings(app_ids: list[str]) -> pb.CheckBatchRequest:
             for a in app_ids
         ]
     )
-
-
-async def write_all(store: Store, statuses: list[AppStatus]) -> None:
-    for i in range(0, len(statuses), 200):
-        await asyncio.gather(*(store.write_status(s) for s in statuses[i : i + 200]))
-
-
-@pytest_asyncio.fixture
-async def own_redis() -> AsyncIterator[EmbeddedRedis]:
-    server = EmbeddedRedis().start()
-    yield server
-    server.stop()
-
-
-@pytest_asyncio.fixture
-async def rstore(own_redis: EmbeddedRedis) -> AsyncIterator[Store]:
-    s = Store(connect(own_redis.url))
-    yield s
-    await s.close()
 
 
 def settings_for(redis: EmbeddedRedis, **kw: Any) -> Settings:

@@ -23,7 +23,6 @@ from typing import Any
 
 import grpc
 import pytest
-import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2 as pb
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.demo import EmbeddedRedis
@@ -36,6 +35,7 @@ from lcic_guard.store.connect import connect
 from lcic_guard.store.status import Store
 from prometheus_client import CollectorRegistry
 
+from tests.support.fixtures import write_all
 from tests.support.settings import sidecar_settings
 
 SUSPENDED = pb.APPLICATION_STATE_SUSPENDED
@@ -67,25 +67,6 @@ def flipping(app_id: str, flip: Millis) -> AppStatus:
         release_at=flip + 60 * DAY,
     )
     return AppStatus(app_id, "acct-" + app_id, (Segment(now - DAY), grace, susp), 1, now)
-
-
-async def write_all(store: Store, statuses: list[AppStatus]) -> None:
-    for i in range(0, len(statuses), 200):
-        await asyncio.gather(*(store.write_status(s) for s in statuses[i : i + 200]))
-
-
-@pytest_asyncio.fixture
-async def own_redis() -> AsyncIterator[EmbeddedRedis]:
-    server = EmbeddedRedis().start()
-    yield server
-    server.stop()
-
-
-@pytest_asyncio.fixture
-async def rstore(own_redis: EmbeddedRedis) -> AsyncIterator[Store]:
-    s = Store(connect(own_redis.url))
-    yield s
-    await s.close()
 
 
 @contextlib.asynccontextmanager

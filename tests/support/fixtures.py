@@ -4,6 +4,7 @@ conftest of a folder whose tests need Redis imports them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import pytest
 import pytest_asyncio
 from lcic.guard.v1 import enforcement_pb2_grpc as pb_grpc
 from lcic_guard.demo import EmbeddedRedis
-from lcic_guard.domain.policy import PolicyConfig
+from lcic_guard.domain.policy import AppStatus, PolicyConfig
 from lcic_guard.reconciler import Reconciler, ReconcilerConfig
 from lcic_guard.sidecar.checker import Checker
 from lcic_guard.sidecar.observe import DecisionObserver
@@ -37,6 +38,28 @@ async def store(redis_server: EmbeddedRedis) -> AsyncIterator[Store]:
     await s.redis.flushall()
     yield s
     await s.close()
+
+
+@pytest_asyncio.fixture
+async def own_redis() -> AsyncIterator[EmbeddedRedis]:
+    """A redis-server of the test's own, for tests that stop, freeze or
+    restart it."""
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def rstore(own_redis: EmbeddedRedis) -> AsyncIterator[Store]:
+    s = Store(connect(own_redis.url))
+    yield s
+    await s.close()
+
+
+async def write_all(store: Store, statuses: list[AppStatus]) -> None:
+    """Write many statuses, 200 at a time."""
+    for i in range(0, len(statuses), 200):
+        await asyncio.gather(*(store.write_status(s) for s in statuses[i : i + 200]))
 
 
 @pytest_asyncio.fixture

@@ -27,13 +27,13 @@ from lcic_guard.sidecar.errors import Refused, end, status_of
 from lcic_guard.sidecar.service import EnforcementServicer
 from lcic_guard.sidecar.watch import METHOD as WATCH_METHOD
 from lcic_guard.sidecar.watch import WatchStream
+from lcic_guard.sidecar.watchers import Send
 
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["EnforcementService"]
 PREFIX: Final = f"/{SERVICE.full_name}/"
 
 Unary = Callable[[bytes, grpc.ServicerContext], bytes]
 Streaming = Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]
-Send = Callable[[bytes | None], None]
 # Opens a stream and returns; the stream's end calls the last argument once.
 Opening = Callable[[bytes, grpc.ServicerContext, Send, Callable[[grpc.StatusCode], None]], None]
 NonBlocking = Callable[[bytes, grpc.ServicerContext, Send], None]
