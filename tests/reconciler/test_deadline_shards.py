@@ -339,8 +339,12 @@ async def test_a_lease_lost_stops_its_work_before_the_token_is_used_again(
             return other in await suspensions(store)
 
         await eventually("the other shard's deadline", other_done)
-        # The lost shard's worker has ended: nothing is left to take its batch.
-        assert shard_deadlines(shard) not in rec.lanes._workers
+        # The lost shard's worker ends (its cancellation lands on its own
+        # turn of the loop): nothing is left to take its batch.
+        await eventually(
+            "the lost shard's worker ended",
+            lambda: shard_deadlines(shard) not in rec.lanes._workers,
+        )
     finally:
         stop.set()
         await stop_tasks([task])
